@@ -1,0 +1,105 @@
+"""ONNX Runtime executor: the exported KV-cache graph run on CPU, one slot per sequence.
+
+KV storage is one array per layer and K/V, shaped [slots, kv_heads, max_seq_len, head_dim];
+a sequence of length L occupies positions [0, L) of its slot. A decode step over slots of
+different lengths feeds `past = cache[slots, :, :Lmax]` with an attention mask that zeroes each
+slot's unused positions [L, Lmax), and writes back only the new column (`present[:, :, Lmax]`)
+into position L of each slot: sequences join and leave the batch between steps without any
+re-packing, and the only per-step copy is the gather ONNX Runtime needs as a contiguous input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .executor import Executor
+
+_NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+
+
+class OrtExecutor(Executor):
+    def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
+                 threads: int = 0, providers: list[str] | None = None, **_unused):
+        import onnxruntime as ort
+
+        model_path = Path(model_path)
+        spec = json.loads((model_path.parent / "kv_spec.json").read_text())
+        self.num_layers = spec["num_layers"]
+        self.num_kv_heads = spec["num_kv_heads"]
+        self.head_dim = spec["head_dim"]
+        self.vocab_size = spec["vocab_size"]
+        self.max_slots = int(max_slots)
+        self.max_seq_len = int(max_seq_len)
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(model_path), opts,
+                                            providers=providers or ["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.kv_dtype = _NP_DTYPES.get(inputs["past_key_values.0.key"].type, np.float32)
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        shape = (self.max_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
+        # np.zeros maps pages lazily: memory is touched only as sequences grow
+        self.cache = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
+        self.lengths = np.zeros(self.max_slots, dtype=np.int64)
+
+    # -- Executor API ------------------------------------------------------------------------
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        n = len(token_ids)
+        if n + 1 > self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        feeds = {
+            "input_ids": np.asarray(token_ids, dtype=np.int64)[None, :],
+            "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None, :],
+            **{name: empty for name in self.past_names},
+        }
+        logits, *present = self.session.run(self.output_names, feeds)
+        for store, new in zip(self.cache, present):
+            store[slot, :, :n] = new[0]
+        self.lengths[slot] = n
+        return logits[0, -1].astype(np.float32, copy=False)
+
+    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        lengths = self.lengths[slots]
+        top = int(lengths.max())
+        if top + 1 > self.max_seq_len:
+            raise ValueError("a sequence reached the end of its KV cache")
+        b = len(slots)
+        mask = (np.arange(top + 1)[None, :] < lengths[:, None]).astype(np.int64)
+        mask[:, top] = 1
+        feeds = {
+            "input_ids": np.asarray(tokens, dtype=np.int64).reshape(b, 1),
+            "attention_mask": mask,
+            "position_ids": lengths.reshape(b, 1),
+        }
+        contiguous = bool(np.all(np.diff(slots) == 1))
+        for name, store in zip(self.past_names, self.cache):
+            feeds[name] = store[slots[0]:slots[0] + b, :, :top] if contiguous else store[slots, :, :top]
+        logits, *present = self.session.run(self.output_names, feeds)
+        rows = np.arange(b)
+        for store, new in zip(self.cache, present):
+            # new column for every sequence sits at index `top`; it belongs at index `length`
+            store[slots, :, lengths] = new[rows, :, top]
+        self.lengths[slots] = lengths + 1
+        return logits[:, -1].astype(np.float32, copy=False)
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        return int(self.lengths[slot])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kv_dtype": np.dtype(self.kv_dtype).name,
+                "providers": self.session.get_providers()}

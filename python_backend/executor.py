@@ -1,0 +1,56 @@
+"""The engine interface the generator's scheduler drives.
+
+An executor owns the model and the KV cache of `max_slots` sequences. A sequence lives in one
+slot from its prefill until `release`; the scheduler never copies KV data, it only names slots.
+Every call returns float32 logits on the host as a numpy array (the sampler's input).
+
+Implementations: `engine_ort.OrtExecutor` (ONNX Runtime, CPU: the embedded default),
+`engine_torch.TorchExecutor` (PyTorch, CUDA graphs) and `engine_trt.TrtExecutor` (TensorRT plan).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+
+class Executor(abc.ABC):
+    max_slots: int
+    max_seq_len: int
+    vocab_size: int
+
+    @abc.abstractmethod
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        """Run the prompt `token_ids` (int [n]) into empty `slot`; return the last logits [vocab]."""
+
+    @abc.abstractmethod
+    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """One step: append `tokens[i]` to the sequence in `slots[i]`; return logits [len(slots), vocab]."""
+
+    def release(self, slot: int) -> None:
+        """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
+
+    def length(self, slot: int) -> int:
+        """Tokens currently cached for `slot`."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"executor": type(self).__name__, "max_slots": self.max_slots, "max_seq_len": self.max_seq_len}
+
+
+def create_executor(kind: str, **kwargs) -> Executor:
+    """Build the executor a generated repository names in its `executor` parameter."""
+    if kind == "onnxruntime":
+        from .engine_ort import OrtExecutor
+
+        return OrtExecutor(**kwargs)
+    if kind == "torch":
+        from .engine_torch import TorchExecutor
+
+        return TorchExecutor(**kwargs)
+    if kind == "tensorrt":
+        from .engine_trt import TrtExecutor
+
+        return TrtExecutor(**kwargs)
+    raise ValueError(f"unknown executor {kind!r} (expected onnxruntime, torch or tensorrt)")

@@ -1,0 +1,104 @@
+"""Sub-commands of `tritonchat`. Heavy imports stay inside each function so `--help` is fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+COMMANDS = {}
+
+
+def command(name):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+@command("doctor")
+def doctor():
+    """Report what is installed: server version, backends, Python stub, perf_analyzer, GPU, TensorRT."""
+    from tritonchat.doctor import run_doctor
+
+    raise typer.Exit(run_doctor())
+
+
+@command("build")
+def build(
+    model: str = typer.Option(..., "--model", help="Local Hugging Face folder or hub id."),
+    output: Path = typer.Option(..., "--output", help="Triton model repository to write."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Build config YAML (see docs/build-config.md)."),
+    max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size"),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-weight-only"),
+    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Text file for INT8 calibration."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="onnxruntime | tensorrt | torch"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (torch engine)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch engine)"),
+    skip_gate: bool = typer.Option(False, "--skip-accuracy-gate", help="Do not run the accuracy gate."),
+):
+    """Export MODEL to ONNX with a KV cache, check parity, and write a Triton model repository."""
+    from tritonchat.build.pipeline import run_build
+    from tritonchat.build.settings import load_settings
+
+    overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                       precision=precision, engine=engine, device=device, dtype=dtype,
+                                       calibration_data=str(calibration_data) if calibration_data else None).items()
+                 if v is not None}
+    settings = load_settings(config, **overrides)
+    run_build(model, output, settings, accuracy_gate=not skip_gate)
+
+
+@command("serve")
+def serve(
+    model_repository: Path = typer.Option(..., "--model-repository"),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    log_verbose: int = typer.Option(0, "--log-verbose"),
+):
+    """Run the real tritonserver in the foreground on MODEL_REPOSITORY."""
+    from tritonchat.server import serve_foreground
+
+    raise typer.Exit(serve_foreground(model_repository, http_port=http_port, grpc_port=grpc_port,
+                                      metrics_port=metrics_port, log_verbose=log_verbose))
+
+
+@command("chat")
+def chat(
+    prompt: str = typer.Argument(..., help="What to say to the model."),
+    url: Optional[str] = typer.Option(None, "--url", help="host:port (default: 127.0.0.1:8001 gRPC, :8000 HTTP)"),
+    protocol: str = typer.Option("grpc", "--protocol", help="grpc | http"),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Wait for the whole answer."),
+    max_tokens: int = typer.Option(128, "--max-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    model_name: str = typer.Option("ensemble", "--model"),
+):
+    """Send PROMPT to a running server and print the answer as it arrives."""
+    from tritonchat.client.cli_chat import run_chat
+
+    raise typer.Exit(run_chat(prompt, url=url, protocol=protocol, stream=not no_stream, max_tokens=max_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
+                              raw=raw, model_name=model_name))
+
+
+@command("quickstart")
+def quickstart(
+    model: Optional[str] = typer.Option(None, "--model", help="Default: ../shared/models/stories260K if present, "
+                                                              "else HuggingFaceTB/SmolLM2-135M-Instruct."),
+    output: Path = typer.Option(Path("repos/default"), "--output"),
+    prompt: str = typer.Option("Once upon a time", "--prompt"),
+    keep_serving: bool = typer.Option(False, "--keep-serving", help="Leave the server running (foreground)."),
+):
+    """Build the default chatbot, serve it with tritonserver and stream one answer."""
+    from tritonchat.quickstart import run_quickstart
+
+    raise typer.Exit(run_quickstart(model, output, prompt, keep_serving))

@@ -1,0 +1,160 @@
+"""`tritonchat build`: model -> ONNX (KV cache) -> parity -> [quantize -> gate] -> [TensorRT] -> repository."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+PARITY_PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog.", "Hello"]
+EVAL_PROMPTS = ["Once upon a time", "The little dog", "One day, a girl named", "The sun was"]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder as is; otherwise a hub id, downloaded with huggingface_hub."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise BuildError(f"{p} has no config.json: not a Hugging Face model folder")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                              "*.jinja", "*.tiktoken"]))
+    except Exception as exc:
+        raise BuildError(f"{model!r} is neither a local folder nor a reachable hub id: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _step(progress: Progress, label: str):
+    task = progress.add_task(label, total=None)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        progress.update(task, total=1, completed=1,
+                        description=f"{label} [dim]({time.perf_counter() - t0:.1f}s)[/dim]")
+
+
+def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: bool = True,
+              progress_console: Console | None = None) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from tritonchat.build import export
+    from tritonchat.build.repository import template_values, write_repository
+
+    con = progress_console or console
+    engine, precision = settings["engine"], settings["precision"]
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=con, transient=False) as progress, \
+            tempfile.TemporaryDirectory(prefix="tritonchat-build-") as tmp:
+        tmp = Path(tmp)
+        with _step(progress, f"Resolve model {model_id}"):
+            src = resolve_model(model_id)
+        with _step(progress, "Load model and tokenizer"):
+            dtype = getattr(torch, settings["dtype"]) if engine == "torch" else torch.float32
+            model = export.load_model(str(src), dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(src))
+            spec = export.KVSpec.from_config(model.config)
+            try:
+                gen_cfg = GenerationConfig.from_pretrained(str(src)).to_dict()
+            except OSError:
+                gen_cfg = {"eos_token_id": tokenizer.eos_token_id}
+        max_seq_len = int(settings["max_seq_len"] or min(spec.max_position_embeddings, 2048))
+        if max_seq_len > spec.max_position_embeddings:
+            raise BuildError(f"max_seq_len {max_seq_len} exceeds the model's {spec.max_position_embeddings} positions")
+        info = {"model": model_id, "architecture": model.config.model_type, "engine": engine,
+                "precision": precision if engine != "torch" else settings["dtype"], "max_seq_len": max_seq_len,
+                "max_batch_size": settings["max_batch_size"], "kv_spec": spec.to_json()}
+        files: dict[str, Path] = {}
+
+        if engine == "torch":
+            with _step(progress, "Save weights for the torch executor"):
+                model.save_pretrained(str(tmp / "hf"))
+                (tmp / "hf" / "kv_spec.json").write_text(json.dumps(spec.to_json()))
+            files["hf"] = tmp / "hf"
+            model_file = "hf"
+        else:
+            onnx_dir = tmp / "onnx"
+            with _step(progress, "Export to ONNX with KV cache (prefill + decode)"):
+                fp32 = onnx_dir / "model.onnx"
+                export.export_onnx(model, fp32)
+                export.write_spec(spec, onnx_dir / "kv_spec.json")
+            with _step(progress, "Parity: ONNX Runtime vs PyTorch logits"):
+                from tritonchat.build.parity import check_parity
+
+                report = check_parity(model, fp32, tokenizer, PARITY_PROMPTS, settings["parity_tolerance"])
+                info["parity_max_abs_diff"] = float(report.max_abs_diff)
+            con.print(f"  parity: max |Δlogit| = {report.max_abs_diff:.2e} (tolerance {settings['parity_tolerance']:g})")
+            chosen = fp32
+            if precision != "fp32":
+                chosen = _quantize(progress, con, model, tokenizer, spec, fp32, tmp, settings, info, accuracy_gate)
+            files["model.onnx"] = chosen
+            data = chosen.with_name(chosen.name + ".data")
+            if data.exists():
+                files["model.onnx.data"] = data
+            files["kv_spec.json"] = onnx_dir / "kv_spec.json"
+            model_file = "model.onnx"
+            if engine == "tensorrt":
+                model_file = _tensorrt(progress, chosen, tmp, settings, max_seq_len, files)
+
+        values = template_values(settings, max_seq_len=max_seq_len, executor=engine, model_file=model_file)
+        with _step(progress, f"Write Triton repository {output}"):
+            write_repository(output, values, tokenizer=tokenizer, generation_config=gen_cfg,
+                             generator_files=files, info=info)
+    con.print(f"[green]Built[/green] {output}  (engine {engine}, {info['precision']}, context {max_seq_len}, "
+              f"{settings['max_batch_size']} sequences in flight)")
+    return Path(output)
+
+
+def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, settings, info, accuracy_gate) -> Path:
+    from tritonchat.build.quantize import quantize
+
+    precision = settings["precision"]
+    calib = Path(settings["calibration_data"]).read_text() if settings["calibration_data"] else None
+    out = tmp / precision / "model.onnx"
+    with _step(progress, f"Quantize to {precision}"):
+        quantize(fp32, out, precision, calibration_text=calib, tokenizer=tokenizer, spec=spec)
+    if accuracy_gate:
+        from tritonchat.build.evaluate import default_eval_text, evaluate, gate, render_report
+
+        with _step(progress, "Accuracy gate: perplexity, token agreement, size"):
+            report = evaluate(model, out, text=default_eval_text(), prompts=EVAL_PROMPTS, tokenizer=tokenizer)
+        con.print(render_report(report))
+        info["accuracy"] = report.to_json() if hasattr(report, "to_json") else str(report)
+        gate(report, precision, settings["accuracy_bounds"])
+    return out
+
+
+def _tensorrt(progress, onnx_path: Path, tmp: Path, settings, max_seq_len: int, files: dict) -> str:
+    from tritonchat.build.tensorrt import build_engine, tensorrt_available
+
+    ok, reason = tensorrt_available()
+    if not ok:
+        raise BuildError(f"--engine tensorrt needs TensorRT, which is not available here: {reason}. "
+                         "Build inside the NGC tritonserver / TensorRT container, or use --engine onnxruntime.")
+    trt = settings["tensorrt"]
+    plan = tmp / "trt" / "model.plan"
+    with _step(progress, "Compile TensorRT engine"):
+        build_engine(onnx_path, plan, precision=settings["precision"],
+                     profiles={"max_batch_size": settings["max_batch_size"], "max_seq_len": max_seq_len,
+                               "opt_batch_size": trt["opt_batch_size"], "opt_seq_len": trt["opt_seq_len"]},
+                     timing_cache_path=tmp / "trt" / "timing.cache", workspace_gb=trt["workspace_gb"])
+    files["model.plan"] = plan
+    meta = plan.with_suffix(".json")
+    if meta.exists():
+        files["model.plan.json"] = meta
+    return "model.plan"

@@ -1,0 +1,73 @@
+"""Render the Triton model repository from `model_repository/` templates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+from pathlib import Path
+
+from tritonchat.python_backend.manifest import write_manifest
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+MODELS = ("preprocessing", "generator", "postprocessing", "ensemble")
+
+
+def template_dir() -> Path:
+    if (TEMPLATES / "ensemble" / "config.pbtxt").exists():
+        return TEMPLATES
+    from importlib.resources import files  # installed (non-editable) package
+
+    return Path(str(files("tritonchat.model_repository")))
+
+
+def template_values(settings: dict, *, max_seq_len: int, executor: str, model_file: str) -> dict:
+    m = settings["models"]
+    values = {
+        "max_batch_size": settings["max_batch_size"],
+        "max_seq_len": max_seq_len,
+        "executor": executor,
+        "precision": settings["precision"] if executor != "torch" else settings["dtype"],
+        "model_file": model_file,
+        "device": settings["device"],
+        "dtype": settings["dtype"],
+        "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or executor == "tensorrt" else "KIND_CPU",
+    }
+    for model, opts in m.items():
+        for key, value in opts.items():
+            values[f"{model}_{key}"] = value
+    return values
+
+
+def write_repository(out: Path, values: dict, *, tokenizer, generation_config: dict | None,
+                     generator_files: dict[str, Path], info: dict) -> Path:
+    """Write a complete repository to `out` (replacing a previous build there).
+
+    generator_files: name inside `generator/1/` -> source path (engine files, kv_spec.json...).
+    """
+    out = Path(out)
+    if out.exists():
+        if not (out / "manifest.json").exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a tritonchat repository; choose an empty folder")
+        shutil.rmtree(out)
+    src = template_dir()
+    for model in MODELS:
+        (out / model / "1").mkdir(parents=True, exist_ok=True)
+        text = string.Template((src / model / "config.pbtxt").read_text()).substitute(values)
+        (out / model / "config.pbtxt").write_text(text)
+        code = src / model / "1" / "model.py"
+        if code.exists():
+            shutil.copy2(code, out / model / "1" / "model.py")
+    for model in ("preprocessing", "generator", "postprocessing"):
+        tokenizer.save_pretrained(str(out / model / "1" / "tokenizer"))
+    gen_dir = out / "generator" / "1"
+    for name, path in generator_files.items():
+        dst = gen_dir / name
+        if Path(path).is_dir():
+            shutil.copytree(path, dst)
+        else:
+            shutil.copy2(path, dst)
+    if generation_config:
+        (gen_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    write_manifest(out, info)
+    return out

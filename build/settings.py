@@ -1,0 +1,84 @@
+"""The build config: one YAML file, every key optional (defaults below).
+
+    max_batch_size: 16          # sequences in flight in the generator; Triton max_batch_size
+    max_seq_len: null           # context (prompt + answer); default min(model's, 2048)
+    precision: fp32             # fp32 | fp16 | int8 | int8-weight-only
+    engine: onnxruntime         # onnxruntime | tensorrt | torch
+    device: cpu                 # cpu | cuda
+    dtype: float32              # torch engine: float32 | float16 | bfloat16
+    calibration_data: null      # text file for INT8 calibration (default: built-in sample)
+    parity_tolerance: 0.001     # max |logit difference|, ONNX Runtime vs PyTorch (fp32)
+    accuracy_bounds:            # allowed relative perplexity increase per precision
+      fp16: 0.005
+      int8: 0.02
+      int8-weight-only: 0.02
+    models:                     # per-model Triton settings, visible in each config.pbtxt
+      preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
+      generator:      {instances: 1, max_queue_delay_microseconds: 0, max_queue_size: 256, threads: 0}
+      postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "max_batch_size": 16,
+    "max_seq_len": None,
+    "precision": "fp32",
+    "engine": "onnxruntime",
+    "device": "cpu",
+    "dtype": "float32",
+    "calibration_data": None,
+    "parity_tolerance": 1e-3,
+    "accuracy_bounds": {"fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02},
+    "tensorrt": {"workspace_gb": 8, "opt_batch_size": None, "opt_seq_len": 128},
+    "models": {
+        "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
+        "generator": {"instances": 1, "max_queue_delay_microseconds": 0, "max_queue_size": 256, "threads": 0},
+        "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
+    },
+}
+
+CHOICES = {
+    "precision": ("fp32", "fp16", "int8", "int8-weight-only"),
+    "engine": ("onnxruntime", "tensorrt", "torch"),
+    "device": ("cpu", "cuda"),
+    "dtype": ("float32", "float16", "bfloat16"),
+}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _merge(base: dict, over: dict, path: str = "") -> dict:
+    for k, v in over.items():
+        if k not in base:
+            raise SettingsError(f"unknown build setting '{path}{k}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, f"{path}{k}.")
+        else:
+            base[k] = v
+    return base
+
+
+def load_settings(path: Path | None = None, **overrides) -> dict:
+    s = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping at the top level")
+        _merge(s, data)
+    _merge(s, overrides)
+    for key, options in CHOICES.items():
+        if s[key] not in options:
+            raise SettingsError(f"{key} must be one of {', '.join(options)}, got {s[key]!r}")
+    if int(s["max_batch_size"]) < 1:
+        raise SettingsError("max_batch_size must be >= 1")
+    if s["engine"] == "torch" and s["precision"] != "fp32":
+        raise SettingsError("the torch engine takes --dtype, not --precision")
+    return s

@@ -1,0 +1,1 @@
+from tritonchat.python_backend.generator import TritonPythonModel  # noqa: F401

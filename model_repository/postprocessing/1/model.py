@@ -1,0 +1,1 @@
+from tritonchat.python_backend.postprocessing import TritonPythonModel  # noqa: F401

@@ -1,0 +1,1 @@
+from tritonchat.python_backend.preprocessing import TritonPythonModel  # noqa: F401

@@ -1,0 +1,118 @@
+"""Streaming detokenization that never splits a character, and stop strings on text.
+
+A stateless per-chunk decode (decode each chunk's tokens alone) drops SentencePiece word spaces
+and turns a Chinese character split over several byte-level tokens into U+FFFD pieces. Here:
+
+- The generator releases tokens only at *clean points*: positions where the decoded text does
+  not end in an incomplete UTF-8 character (U+FFFD). Until then the tokens wait.
+- Each release is described by a token window `ids[p:n]` and `read_offset = released - p`
+  (p a few tokens before the previous release). `delta(window, read_offset)` is then
+  `decode(window)[len(decode(window[:read_offset])):]`: both decodes start at the same token, so
+  start-of-text effects (the stripped leading space, a character cut at `p`) cancel, and the
+  deltas concatenate to exactly `decode(ids)`.
+
+The postprocessing model only ever calls `delta`, so it needs no state across responses; the
+generator's `TextTracker` uses the same function to keep the text for stop-string matching.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+REPLACEMENT = "\ufffd"
+WINDOW_BACK = 4  # tokens of context kept before the previous release point
+TAIL_CHECK = 8  # tokens decoded to decide whether the text ends mid-character
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+
+
+def delta(tokenizer, window, read_offset: int, trim_chars: int = 0) -> str:
+    """New text of `window[read_offset:]` in the context of `window[:read_offset]`."""
+    cur = decode(tokenizer, window)
+    prev = decode(tokenizer, window[:read_offset]) if read_offset > 0 else ""
+    new = cur[len(prev):] if cur.startswith(prev) else cur[_common_prefix(cur, prev):]
+    return new[: len(new) - trim_chars] if trim_chars > 0 else new
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclasses.dataclass
+class Release:
+    """What the generator sends to postprocessing for one response."""
+
+    window: list[int]
+    read_offset: int
+    trim_chars: int = 0
+
+
+class TextTracker:
+    """Per-sequence release bookkeeping and stop-string detection (generator side)."""
+
+    def __init__(self, tokenizer, prefix_ids=(), stop_words=()):
+        self.tok = tokenizer
+        self.ids: list[int] = list(map(int, prefix_ids))
+        self.released = 0  # ids whose text was sent
+        self.stop_words = [s for s in stop_words if s]
+        self.max_stop = max((len(s) for s in self.stop_words), default=0)
+        # text bookkeeping only needed for stop strings
+        self.text = ""  # decoded text of ids[:clean]
+        self.clean = 0
+        self.released_chars = 0
+        self.trim = 0  # chars to cut at the end once a stop string matched
+        if self.stop_words and self.ids:  # the prompt is part of the text: never match inside it
+            self.text, self.clean = decode(tokenizer, self.ids), len(self.ids)
+        self.floor = len(self.text)
+
+    def append(self, token: int) -> bool:
+        """Add a generated token; return True when a stop string now ends the text."""
+        self.ids.append(int(token))
+        if not self.stop_words or not self._is_clean(len(self.ids)):
+            return False
+        p = max(0, self.clean - WINDOW_BACK)
+        self.text += delta(self.tok, self.ids[p:], self.clean - p)
+        self.clean = len(self.ids)
+        start = max(self.floor, self.released_chars - self.max_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop_words) if i >= 0]
+        if hits:
+            self.trim = len(self.text) - min(hits)
+            return True
+        return False
+
+    def _is_clean(self, n: int) -> bool:
+        return not decode(self.tok, self.ids[max(0, n - TAIL_CHECK):n]).endswith(REPLACEMENT)
+
+    def _holds_stop_prefix(self) -> bool:
+        tail = self.text[-self.max_stop:] if self.max_stop else ""
+        return any(tail.endswith(s[:k]) for s in self.stop_words for k in range(1, len(s)))
+
+    def ready(self) -> Release | None:
+        """A release of the text that is safe to send now (streaming), or None."""
+        n = len(self.ids)
+        if n == self.released:
+            return None
+        if self.stop_words:
+            if self.clean != n or self._holds_stop_prefix():
+                return None
+        elif not self._is_clean(n):
+            return None
+        return self._release(n, 0)
+
+    def final(self) -> Release:
+        """Everything not yet sent (trimmed at a matched stop string)."""
+        return self._release(len(self.ids), self.trim)
+
+    def _release(self, n: int, trim: int) -> Release:
+        p = max(0, self.released - WINDOW_BACK)
+        rel = Release(self.ids[p:n], self.released - p, trim)
+        self.released = n
+        self.released_chars = len(self.text)
+        return rel

@@ -1,0 +1,138 @@
+"""`generator`: decoupled model that runs the engine in-process with continuous batching.
+
+`execute` only parses and validates each request and hands it to the scheduler thread; the
+scheduler sends the responses (one per released piece of text when streaming, else one) through
+the request's response sender, and polls cancellation before every step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from . import triton_io as io
+from .detokenize import TextTracker
+from .executor import create_executor
+from .sampling import InvalidParameter, SamplingParams
+from .scheduler import Output, QueueFull, Scheduler, Sequence
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config, params, version_dir = io.model_setup(args)
+        self.model_name = args["model_name"]
+        self.max_seq_len = int(params["max_seq_len"])
+        self.tokenizer = io.load_fast_tokenizer(version_dir)
+        self.end_ids = _end_ids(version_dir, self.tokenizer)
+        self.executor = create_executor(
+            params.get("executor", "onnxruntime"),
+            model_path=str(version_dir / params.get("model_file", "model.onnx")),
+            max_slots=int(params.get("max_slots", config.get("max_batch_size", 16) or 16)),
+            max_seq_len=self.max_seq_len,
+            threads=int(params.get("threads", "0")),
+            device=params.get("device", "cpu"),
+            dtype=params.get("dtype", "float32"),
+        )
+        self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")))
+        pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
+                                 f"end ids {list(self.end_ids)}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                seq = self._sequence(request, sender)
+                self.scheduler.submit(seq)
+            except InvalidParameter as exc:
+                sender.send(io.error_response(str(exc)), flags=FINAL)
+            except QueueFull as exc:
+                sender.send(io.error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+        return None
+
+    def _sequence(self, request, sender) -> Sequence:
+        prompt = io.check_batch_of_one(request, "input_ids").reshape(-1).astype(np.int64)
+        if len(prompt) == 0:
+            raise InvalidParameter("the prompt has no tokens")
+        if len(prompt) + 1 > self.max_seq_len:
+            raise InvalidParameter(f"prompt is {len(prompt)} tokens; the model's context is {self.max_seq_len}")
+        s = io.scalar
+        end_ids = self.end_ids
+        end_id = s(request, "end_id", int)
+        if end_id is not None:
+            end_ids = tuple(sorted(set(end_ids) | {end_id}))
+        params = SamplingParams(
+            max_tokens=s(request, "max_tokens", int, required=True),
+            temperature=s(request, "temperature", float, 0.0),
+            top_k=s(request, "top_k", int, 0),
+            top_p=s(request, "top_p", float, 1.0),
+            repetition_penalty=s(request, "repetition_penalty", float, 1.0),
+            presence_penalty=s(request, "presence_penalty", float, 0.0),
+            frequency_penalty=s(request, "frequency_penalty", float, 0.0),
+            seed=s(request, "seed", int),
+            min_tokens=s(request, "min_tokens", int, 0),
+            end_ids=end_ids,
+            bad_words_ids=_split_words(io.optional(request, "bad_words_ids")),
+        ).validate(self.max_seq_len)
+        include_prompt = not s(request, "exclude_input_in_output", bool, True)
+        tracker = TextTracker(self.tokenizer, prompt if include_prompt else (), io.strings(request, "stop_words"))
+        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+        return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out),
+                        stream=s(request, "stream", bool, False), is_cancelled=cancelled)
+
+    def finalize(self):
+        self.scheduler.shutdown()
+
+
+def _send(sender, out: Output) -> None:
+    if out.error:
+        sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
+        return
+    rel = out.release
+    window = rel.window if rel else []
+    response = pb_utils.InferenceResponse(output_tensors=[
+        io.tensor("tokens", window, np.int32),
+        io.tensor("read_offset", [rel.read_offset if rel else len(window)], np.int32),
+        io.tensor("trim_chars", [rel.trim_chars if rel else 0], np.int32),
+        io.tensor("is_final", [out.final], np.bool_),
+        io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
+        io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
+        io.bytes_tensor("finish_reason", out.finish_reason),
+    ])
+    sender.send(response, flags=FINAL if out.final else 0)
+
+
+def _split_words(flat) -> tuple[tuple[int, ...], ...]:
+    if flat is None:
+        return ()
+    words, cur = [], []
+    for t in flat.reshape(-1).tolist():
+        if t < 0:
+            if cur:
+                words.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(int(t))
+    if cur:
+        words.append(tuple(cur))
+    return tuple(words)
+
+
+def _end_ids(version_dir, tokenizer) -> tuple[int, ...]:
+    """Every EOS id of the generation config (an int or a list), else the tokenizer's."""
+    ids = set()
+    gen = version_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    cfg = version_dir / "tokenizer" / "tokenizer_config.json"
+    if not ids and cfg.exists():
+        eos_tok = json.loads(cfg.read_text()).get("eos_token")
+        if isinstance(eos_tok, dict):
+            eos_tok = eos_tok.get("content")
+        if eos_tok and tokenizer.token_to_id(eos_tok) is not None:
+            ids.add(tokenizer.token_to_id(eos_tok))
+    return tuple(sorted(int(i) for i in ids))

@@ -1,0 +1,141 @@
+"""Per-request sampling parameters and the token sampler (numpy, host side).
+
+Semantics follow the libraries users compare against:
+- `temperature` 0 (the default) is greedy; `top_k` 0 and `top_p` 1 are off.
+- `repetition_penalty` as in transformers (prompt and output tokens: positive logits divided,
+  negative multiplied); `presence_penalty` / `frequency_penalty` as in OpenAI (output tokens).
+- `min_tokens` masks the end ids until that many tokens were generated.
+- bad words: a word's last token is masked when the output so far ends with the word's prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+class InvalidParameter(ValueError):
+    """A request value out of range; the message is sent to the client (INVALID_ARG)."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    min_tokens: int = 0
+    end_ids: tuple[int, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to adjust: the batch can take one argmax."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and self.min_tokens == 0 and not self.bad_words_ids)
+
+    def validate(self, max_seq_len: int) -> "SamplingParams":
+        def bad(msg):
+            raise InvalidParameter(msg)
+
+        if self.max_tokens <= 0:
+            bad(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.max_tokens >= max_seq_len:
+            bad(f"max_tokens {self.max_tokens} exceeds the model's context of {max_seq_len} tokens")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            bad(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and -2.0 <= v <= 2.0):
+                bad(f"{name} must be in [-2, 2], got {v}")
+        if self.min_tokens < 0:
+            bad(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            bad(f"min_tokens {self.min_tokens} is larger than max_tokens {self.max_tokens}")
+        return self
+
+
+class Sampler:
+    """Chooses the next token of one sequence; holds the sequence's RNG and token counts."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: np.ndarray, vocab_size: int):
+        self.p = params
+        self.rng = np.random.default_rng(params.seed)
+        self.vocab_size = vocab_size
+        self.output_counts = np.zeros(vocab_size, dtype=np.int32)
+        self.seen = np.zeros(vocab_size, dtype=bool)
+        self.seen[np.asarray(prompt_ids, dtype=np.int64) % vocab_size] = True
+        self.end_ids = np.array([e for e in params.end_ids if 0 <= e < vocab_size], dtype=np.int64)
+        self.generated = 0
+        self.history: list[int] = []
+
+    def observe(self, token: int) -> None:
+        self.generated += 1
+        self.history.append(token)
+        if 0 <= token < self.vocab_size:
+            self.output_counts[token] += 1
+            self.seen[token] = True
+
+    def choose(self, logits: np.ndarray) -> int:
+        p = self.p
+        if p.plain:
+            return int(np.argmax(logits))
+        logits = logits.astype(np.float32, copy=True)
+        if p.repetition_penalty != 1.0:
+            sel = logits[self.seen]
+            logits[self.seen] = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+        if p.frequency_penalty:
+            logits -= p.frequency_penalty * self.output_counts
+        if p.presence_penalty:
+            logits -= p.presence_penalty * (self.output_counts > 0)
+        if self.generated < p.min_tokens and len(self.end_ids):
+            logits[self.end_ids] = -np.inf
+        for word in p.bad_words_ids:
+            if len(word) == 1 or self.history[-(len(word) - 1):] == list(word[:-1]):
+                logits[word[-1]] = -np.inf
+        if p.greedy:
+            return int(np.argmax(logits))
+        logits /= p.temperature
+        if 0 < p.top_k < len(logits):
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            keep = cum - probs[order] < p.top_p  # smallest prefix whose mass reaches top_p
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(len(probs), p=probs))
+
+
+def sample_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int]:
+    """Next token for each row; rows whose request is plain greedy share one argmax."""
+    plain = [i for i, s in enumerate(samplers) if s.p.plain]
+    out = [0] * len(samplers)
+    if plain:
+        best = np.argmax(logits[plain], axis=-1)
+        for i, t in zip(plain, best):
+            out[i] = int(t)
+    for i, s in enumerate(samplers):
+        if not s.p.plain:
+            out[i] = s.choose(logits[i])
+    return out

@@ -1,0 +1,214 @@
+"""Continuous (in-flight) batching over an Executor.
+
+One thread owns the executor. Between two decode steps it
+  1. drops cancelled sequences (their slot is free for the next one),
+  2. admits waiting requests into free slots (prefill, first token),
+  3. runs one batched decode step over every running sequence and samples the next tokens.
+Requests join and leave the batch at step boundaries; the KV cache never leaves the executor.
+The scheduler knows nothing of Triton: each sequence carries a `sink` callable that receives
+`Output`s, and an `is_cancelled` callable.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from .detokenize import Release, TextTracker
+from .executor import Executor
+from .sampling import Sampler, SamplingParams, sample_batch
+
+log = logging.getLogger("tritonchat.scheduler")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Output:
+    release: Release | None
+    num_input_tokens: int
+    num_output_tokens: int
+    finish_reason: str = ""  # "" while streaming; stop | length | cancelled when final
+    final: bool = False
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    prompt_ids: np.ndarray
+    params: SamplingParams
+    tracker: TextTracker
+    sink: Callable[[Output], None]
+    stream: bool = False
+    is_cancelled: Callable[[], bool] = lambda: False
+    # runtime state
+    slot: int = -1
+    sampler: Sampler | None = None
+    generated: int = 0
+    last_token: int = -1
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+@dataclasses.dataclass
+class Stats:
+    steps: int = 0
+    prefills: int = 0
+    tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    batch_size_sum: int = 0
+
+
+class Scheduler:
+    def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
+                 on_step: Callable[["Scheduler"], None] | None = None):
+        self.ex = executor
+        self.max_queue_size = max_queue_size
+        self.prefill_token_budget = prefill_token_budget
+        self.on_step = on_step
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(executor.max_slots - 1, -1, -1))
+        self.stats = Stats()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="tritonchat-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- public --------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            if len(self.waiting) >= self.max_queue_size:
+                raise QueueFull(f"generator queue is full ({self.max_queue_size} waiting requests); retry later")
+            self.waiting.append(seq)
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting)
+
+    # -- loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.running:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._step()
+            except Exception as exc:  # an engine failure fails the batch, not the server
+                log.exception("generator step failed")
+                for seq in self.running:
+                    self._finish(seq, "", error=f"generator failed: {exc}")
+                self.running = []
+            if self.on_step:
+                self.on_step(self)
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, "cancelled", error="server is shutting down")
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for seq in self.running:
+            if seq.is_cancelled():
+                self.stats.cancelled += 1
+                self._finish(seq, "cancelled")
+            else:
+                keep.append(seq)
+        self.running = keep
+
+    def _admit(self) -> None:
+        budget = self.prefill_token_budget
+        while self.free_slots and budget > 0:
+            with self._cv:
+                if not self.waiting:
+                    return
+                seq = self.waiting.popleft()
+            if seq.is_cancelled():
+                self.stats.cancelled += 1
+                self._finish(seq, "cancelled")
+                continue
+            seq.slot = self.free_slots.pop()
+            seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
+            try:
+                logits = self.ex.prefill(seq.slot, seq.prompt_ids)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._finish(seq, "", error=f"prefill failed: {exc}")
+                continue
+            self.stats.prefills += 1
+            budget -= len(seq.prompt_ids)
+            self.running.append(seq)
+            if not self._advance(seq, seq.sampler.choose(logits)):
+                self.running.remove(seq)
+
+    def _step(self) -> None:
+        batch = [s for s in self.running if s.slot >= 0]
+        if not batch:
+            return
+        slots = np.array([s.slot for s in batch], dtype=np.int64)
+        order = np.argsort(slots, kind="stable")  # contiguous slots let executors avoid a gather
+        batch = [batch[i] for i in order]
+        logits = self.ex.decode(slots[order], np.array([s.last_token for s in batch], dtype=np.int64))
+        tokens = sample_batch([s.sampler for s in batch], logits)
+        self.stats.steps += 1
+        self.stats.batch_size_sum += len(batch)
+        done = {id(s) for s, t in zip(batch, tokens) if not self._advance(s, t)}
+        if done:
+            self.running = [s for s in self.running if id(s) not in done]
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Account one sampled token; return False when the sequence finished."""
+        seq.sampler.observe(token)
+        seq.generated += 1
+        seq.last_token = token
+        self.stats.tokens += 1
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        p = seq.params
+        if token in p.end_ids:  # the sampler masks end ids until min_tokens
+            self._finish(seq, "stop")
+            return False
+        if seq.tracker.append(token):
+            self._finish(seq, "stop")
+            return False
+        if seq.generated >= p.max_tokens or len(seq.prompt_ids) + seq.generated >= self.ex.max_seq_len:
+            self._finish(seq, "length")
+            return False
+        if seq.stream:
+            rel = seq.tracker.ready()
+            if rel is not None:
+                self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated))
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.slot >= 0:
+            self.ex.release(seq.slot)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        self.stats.finished += 1
+        rel = None if error else seq.tracker.final()
+        self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
+
+    def _send(self, seq: Sequence, out: Output) -> None:
+        try:
+            seq.sink(out)
+        except Exception:  # a client that went away must not stop the loop
+            log.exception("could not send a response")

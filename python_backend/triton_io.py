@@ -1,0 +1,85 @@
+"""Small helpers shared by the three Python-backend models: inputs, outputs, errors, config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .manifest import verify_model_dir
+from .sampling import InvalidParameter
+
+
+def model_setup(args: dict) -> tuple[dict, dict, Path]:
+    """(model config, string parameters, version folder); verifies the manifest first."""
+    config = json.loads(args["model_config"])
+    params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    model_dir = Path(args["model_repository"])
+    verify_model_dir(model_dir)
+    return config, params, model_dir / str(args["model_version"])
+
+
+def optional(request, name: str):
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def scalar(request, name: str, cast, default=None, required: bool = False):
+    arr = optional(request, name)
+    if arr is None or arr.size == 0:
+        if required:
+            raise InvalidParameter(f"input '{name}' is required")
+        return default
+    if arr.size != 1:
+        raise InvalidParameter(f"input '{name}' must hold one value, got shape {list(arr.shape)}")
+    v = arr.reshape(-1)[0]
+    if isinstance(v, (bytes, np.bytes_)):
+        return v.decode("utf-8")
+    return cast(v)
+
+
+def strings(request, name: str) -> list[str]:
+    arr = optional(request, name)
+    if arr is None:
+        return []
+    out = []
+    for v in arr.reshape(-1):
+        try:
+            s = v.decode("utf-8") if isinstance(v, (bytes, np.bytes_)) else str(v)
+        except UnicodeDecodeError as exc:
+            raise InvalidParameter(f"input '{name}' is not valid UTF-8: {exc}") from None
+        if s:
+            out.append(s)
+    return out
+
+
+def check_batch_of_one(request, name: str) -> np.ndarray:
+    arr = optional(request, name)
+    if arr is None:
+        raise InvalidParameter(f"input '{name}' is required")
+    if arr.shape[0] != 1:
+        raise InvalidParameter(f"send one prompt per request: '{name}' has batch size {arr.shape[0]}")
+    return arr
+
+
+def tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+    arr = np.asarray(value, dtype=dtype)
+    return pb_utils.Tensor(name, arr.reshape(1, -1) if arr.ndim <= 1 else arr)
+
+
+def bytes_tensor(name: str, text: str) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=np.object_))
+
+
+def error_response(message: str, code=None) -> "pb_utils.InferenceResponse":
+    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def load_fast_tokenizer(version_dir: Path):
+    """The raw `tokenizers.Tokenizer` (fast decode; no transformers import needed)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(version_dir / "tokenizer" / "tokenizer.json"))

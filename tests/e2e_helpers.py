@@ -1,0 +1,66 @@
+"""Shared pieces of the end-to-end tests: shared data, repositories, servers, references."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("TRITONCHAT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+STORIES = SHARED / "models" / "stories260K"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: the shared test data (../shared) is not beside this checkout")
+    return path
+
+
+def build_repo(model_dir: Path, out: Path, **overrides) -> Path:
+    from tritonchat.build.pipeline import run_build
+    from tritonchat.build.settings import load_settings
+
+    settings = load_settings(**{"max_batch_size": 16, **overrides})
+    return run_build(str(model_dir), out, settings)
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers generate(do_sample=False): the reference answer, without end ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    gen = GenerationConfig.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             generation_config=gen, pad_token_id=gen.eos_token_id if gen.eos_token_id is not None else 0)
+    new = out[0, len(prompt_ids):].tolist()
+    eos = gen.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return [t for t in new if t not in eos]
+
+
+def memorize(model_dir: Path, text: str, steps: int = 300, seed: int = 0) -> None:
+    """Train the tiny model in `model_dir` to continue `text` (repeated) greedily; save in place.
+
+    Used to make a model that *answers in Chinese and emoji*, so that streaming through byte-level
+    and byte-fallback tokens is exercised with real, deterministic outputs.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(text * 8, add_special_tokens=False)["input_ids"][:256]
+    batch = torch.tensor([ids])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(model_dir))

@@ -143,28 +143,39 @@ def export_onnx(model: nn.Module, out_path: Path, opset: int = 18) -> KVSpec:
 
 
 def _consolidate_external_data(path: Path, threshold_bytes: int = 1 << 20) -> None:
-    """Rewrite the ONNX file with its weights in one `<name>.data` file (or inline if small)."""
-    import onnx
+    """Rewrite the ONNX file with its weights in one `<name>.data` file (or inline if small).
 
-    model = onnx.load(str(path), load_external_data=True)
+    Beyond 2 GB the TorchScript exporter writes one file per initializer next to the model,
+    named after the tensor (`model.layers.0.mlp.up_proj.weight`, `onnx__MatMul_123`, ...). The
+    files to remove afterwards are exactly the external-data locations the exported graph
+    names; nothing else in the folder is touched.
+    """
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
+
+    model = onnx.load(str(path), load_external_data=False)
     data_name = path.name + ".data"
-    for f in path.parent.iterdir():
-        if f != path and f.suffix not in (".json",) and f.name != data_name and _is_stray_tensor(f):
-            f.unlink()
+    written = set()
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            written |= {e.value for e in t.external_data if e.key == "location"}
+    load_external_data_for_model(model, str(path.parent))
+    # everything is in memory now; onnx appends to an existing data file, so start afresh
+    # (a re-export into the same folder would otherwise grow it by one copy each time)
+    stale = path.parent / data_name
+    if stale.exists():
+        stale.unlink()
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > threshold_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-        stale = path.parent / data_name
-        if stale.exists():
-            stale.unlink()
-
-
-def _is_stray_tensor(f: Path) -> bool:
-    # the TorchScript exporter may write one file per initializer next to the model
-    return f.is_file() and "." not in f.name or f.name.startswith("onnx__")
+    root = path.parent.resolve()
+    for loc in written - {data_name}:
+        f = (path.parent / loc).resolve()
+        if f.parent == root and f.is_file() and f != path.resolve():
+            f.unlink()
 
 
 def write_spec(spec: KVSpec, path: Path, **extra) -> None:

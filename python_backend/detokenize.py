@@ -4,7 +4,11 @@ A stateless per-chunk decode (decode each chunk's tokens alone) drops SentencePi
 and turns a Chinese character split over several byte-level tokens into U+FFFD pieces. Here:
 
 - The generator releases tokens only at *clean points*: positions where the decoded text does
-  not end in an incomplete UTF-8 character (U+FFFD). Until then the tokens wait.
+  not end in an incomplete UTF-8 character (U+FFFD) and, for SentencePiece byte fallback, where
+  the last token is not a byte token (`<0xE4>`): the ByteFallback decoder renders a whole run of
+  byte tokens at once, as text if the run is valid UTF-8 and as one U+FFFD per byte if not, so
+  a run must never be split between two releases (a later byte could turn text already sent
+  into U+FFFD). Until then the tokens wait.
 - Each release is described by a token window `ids[p:n]` and `read_offset = released - p`
   (p a few tokens before the previous release). `delta(window, read_offset)` is then
   `decode(window)[len(decode(window[:read_offset])):]`: both decodes start at the same token, so
@@ -18,10 +22,24 @@ generator's `TextTracker` uses the same function to keep the text for stop-strin
 from __future__ import annotations
 
 import dataclasses
+import re
 
 REPLACEMENT = "\ufffd"
 WINDOW_BACK = 4  # tokens of context kept before the previous release point
 TAIL_CHECK = 8  # tokens decoded to decide whether the text ends mid-character
+
+
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_byte_ids_cache: dict[int, frozenset] = {}
+
+
+def byte_token_ids(tokenizer) -> frozenset:
+    """Ids of SentencePiece byte-fallback tokens (`<0x00>` ... `<0xFF>`); empty for byte-level BPE."""
+    key = id(tokenizer)
+    if key not in _byte_ids_cache:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _byte_ids_cache[key] = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.match(t))
+    return _byte_ids_cache[key]
 
 
 def decode(tokenizer, ids) -> str:
@@ -59,6 +77,7 @@ class TextTracker:
 
     def __init__(self, tokenizer, prefix_ids=(), stop_words=()):
         self.tok = tokenizer
+        self.byte_ids = byte_token_ids(tokenizer)
         self.ids: list[int] = list(map(int, prefix_ids))
         self.released = 0  # ids whose text was sent
         self.stop_words = [s for s in stop_words if s]
@@ -88,6 +107,8 @@ class TextTracker:
         return False
 
     def _is_clean(self, n: int) -> bool:
+        if n and self.ids[n - 1] in self.byte_ids:
+            return False
         return not decode(self.tok, self.ids[max(0, n - TAIL_CHECK):n]).endswith(REPLACEMENT)
 
     def _holds_stop_prefix(self) -> bool:

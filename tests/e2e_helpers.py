@@ -41,7 +41,7 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
     return [t for t in new if t not in eos]
 
 
-def memorize(model_dir: Path, text: str, steps: int = 300, seed: int = 0) -> None:
+def memorize(model_dir: Path, text: str, steps: int = 80, seed: int = 0) -> None:
     """Train the tiny model in `model_dir` to continue `text` (repeated) greedily; save in place.
 
     Used to make a model that *answers in Chinese and emoji*, so that streaming through byte-level
@@ -53,9 +53,9 @@ def memorize(model_dir: Path, text: str, steps: int = 300, seed: int = 0) -> Non
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = tok(text * 8, add_special_tokens=False)["input_ids"][:256]
+    ids = tok(text * 3, add_special_tokens=False)["input_ids"][:96]
     batch = torch.tensor([ids])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=batch, labels=batch).loss

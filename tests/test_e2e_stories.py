@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from e2e_helpers import STORIES, build_repo, hf_greedy, need
+from e2e_helpers import STORIES, hf_greedy
 
 PROMPTS = [
     "Once upon a time",
@@ -28,17 +28,13 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    need(STORIES)
-    return build_repo(STORIES, tmp_path_factory.mktemp("stories") / "repo")
+def repo(stories_repo):
+    return stories_repo
 
 
 @pytest.fixture(scope="module")
-def server(repo):
-    from tritonchat.server import TritonServer
-
-    with TritonServer(repo) as srv:
-        yield srv
+def server(stories_server):
+    return stories_server
 
 
 @pytest.fixture(scope="module")

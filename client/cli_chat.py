@@ -1,0 +1,126 @@
+"""``tritonchat chat``: send one prompt, print the answer as it arrives, then a one-line summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import List, Optional
+
+from .api import ChatClient
+from .errors import RequestTimeout, ServerUnavailable, TritonChatError
+from .params import GenerationParams
+
+__all__ = ["run_chat", "format_summary"]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_error(message: str) -> None:
+    from rich.text import Text
+
+    _console().print(Text(message, style="red"))
+
+
+def format_summary(finish_reason: Optional[str], n_in: Optional[int], n_out: Optional[int],
+                   t_start: float, t_first: Optional[float], t_end: float, streamed: bool) -> str:
+    """``finish=stop · 12 prompt + 34 output tokens · TTFT 0.081 s · 45.6 tok/s · 0.83 s``.
+
+    tok/s is the decode rate after the first piece when streaming ((n-1) / (end - first)),
+    otherwise output tokens over the whole request time."""
+    parts = [f"finish={finish_reason or '?'}"]
+    parts.append(f"{'?' if n_in is None else n_in} prompt + {'?' if n_out is None else n_out} output tokens")
+    total = max(t_end - t_start, 1e-9)
+    if streamed and t_first is not None:
+        parts.append(f"TTFT {t_first - t_start:.3f} s")
+        decode = t_end - t_first
+        if n_out is not None and n_out > 1 and decode > 1e-6:
+            rate = (n_out - 1) / decode
+        else:
+            rate = (n_out or 0) / total
+    else:
+        rate = (n_out or 0) / total
+    parts.append(f"{rate:.1f} tok/s")
+    parts.append(f"{total:.2f} s")
+    return " · ".join(parts)
+
+
+def run_chat(prompt: str, url: Optional[str] = None, protocol: str = "grpc", stream: bool = True,
+             max_tokens: int = 128, temperature: Optional[float] = None, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, seed: Optional[int] = None, stop: Optional[List[str]] = None,
+             raw: bool = False, model_name: str = "ensemble") -> int:
+    """Returns the exit code: 0 ok, 1 cannot reach the server (or timeout), 2 request refused /
+    other error, 130 interrupted."""
+    try:
+        client = ChatClient(url, protocol=protocol, model=model_name)
+    except ValueError as exc:
+        _print_error(f"error: {exc}")
+        return 2
+    try:
+        params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, stop=list(stop) if stop else None,
+                                  apply_chat_template=None if raw else True)
+    except TritonChatError as exc:
+        _print_error(f"error: {exc.message}")
+        return 2
+
+    out = sys.stdout
+    printed_any = False
+    last_char = "\n"
+    t_start = time.perf_counter()
+    t_first: Optional[float] = None
+    handle = None
+    try:
+        if stream:
+            handle = client.stream(prompt, params)
+            for delta in handle:
+                if delta.text:
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    out.write(delta.text)
+                    out.flush()
+                    printed_any = True
+                    last_char = delta.text[-1]
+            completion = handle.completion
+        else:
+            completion = client.generate(prompt, params)
+            if completion.text:
+                out.write(completion.text)
+                out.flush()
+                printed_any = True
+                last_char = completion.text[-1]
+        t_end = time.perf_counter()
+        if printed_any and last_char != "\n":
+            out.write("\n")
+            out.flush()
+        from rich.text import Text
+
+        _console().print(Text(format_summary(completion.finish_reason, completion.num_input_tokens,
+                                             completion.num_output_tokens, t_start, t_first, t_end, stream),
+                              style="dim"))
+        return 0
+    except KeyboardInterrupt:
+        if handle is not None:
+            handle.cancel()
+        if printed_any and last_char != "\n":
+            out.write("\n")
+            out.flush()
+        _print_error("cancelled")
+        return 130
+    except TritonChatError as exc:
+        if printed_any and last_char != "\n":
+            out.write("\n")
+            out.flush()
+        kind = type(exc).__name__
+        if isinstance(exc, (ServerUnavailable, RequestTimeout)):
+            _print_error(f"{kind}: {exc.message} (is the server running at {client.url} over {client.protocol}?)")
+            return 1
+        _print_error(f"{kind}: {exc.message}")
+        return 2
+    finally:
+        if handle is not None:
+            handle.close()
+        client.close()

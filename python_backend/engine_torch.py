@@ -1,0 +1,698 @@
+"""PyTorch executor: a compact Llama-family forward over a static slot KV cache, with CUDA graphs.
+
+KV storage is one tensor per layer and K/V, shaped [max_slots + 1, kv_heads, max_seq_len, head_dim]
+(the extra last slot is the target of padded batch rows); a sequence of length L occupies positions
+[0, L) of its slot, as in `engine_ort`. Nothing is ever re-packed: prefill writes [slot, :, :n], a
+decode step writes each new K/V column at [slot, :, L] and attends over [0, L] of that slot.
+
+Native path (model_type llama / mistral / qwen2 / qwen3, SiLU MLP, no sliding window shorter than
+`max_seq_len`): the forward is written here (RMSNorm, RoPE from the HF rotary module so every
+`rope_parameters` type HF knows is honoured, GQA attention, SwiGLU MLP, optional q/k/v/o biases,
+Qwen3's q/k norms, tied embeddings), reading the weights of the loaded HF model; q/k/v and
+gate/up projections are fused into one matrix each. Two sets of kernels implement the small ops:
+  * "triton" (CUDA default when Triton imports): fused add+RMSNorm, RoPE + KV-cache write,
+    SiLU*up, and a split-K decode attention that reads the cache in place through the slot
+    indices and per-slot lengths (flash-decoding style; no gather, no host sync), plus a combine.
+  * "torch" (CPU, or anywhere as the reference): plain PyTorch ops; decode attention gathers the
+    batch's slots up to a length bucket and runs masked `scaled_dot_product_attention`.
+Prefill runs one sequence at a time with causal SDPA over the prompt.
+
+CUDA graphs: the decode step is captured lazily, on the first use of each padded batch size (sizes
+1, 2, 4, ... up to `max_slots`, or `graph_batch_sizes`); with the "torch"/SDPA attention a graph is
+captured per (batch size, length bucket of `length_bucket` positions). `warmup()` captures all batch
+sizes up front. A batch larger than the largest captured size runs eagerly.
+
+Other architectures (gpt2, ...): a slow fallback runs the transformers model itself with one
+`DynamicCache` per slot, one sequence at a time (correct, not fast; `describe()["path"]` says which).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .executor import Executor
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+_NATIVE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+_DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (expected bfloat16, float16 or float32)") from None
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels (defined only where Triton imports; on CPU they run under TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------
+_TRITON = None
+
+
+def _triton_kernels():
+    """Return a namespace of the Triton kernels, or None where Triton is unusable."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON or None
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - no Triton: the torch ops take over
+        _TRITON = False
+        return None
+
+    @triton.jit
+    def add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        # R <- R + X (the residual stream, in place); Y <- rmsnorm(R) * W, rounded like HF's
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+            tl.store(R + row * stride_r + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / N
+        y = (xf * (1.0 / tl.sqrt(var + eps))).to(Y.dtype.element_ty)
+        w = tl.load(W + cols, mask=m, other=0.0)
+        y = (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=m)
+
+    @triton.jit
+    def rope_kv_kernel(QKV, Cos, Sin, Slots, Pos, Q, KC, VC,
+                       stride_qkv, stride_cos, stride_cs, stride_ch, stride_ct,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+        # one program per (row, head): rotate q heads into Q [rows, HQ, D]; rotate k heads and copy
+        # v heads into the cache at [slot, head, pos]
+        row = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(Pos + row)
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, DP)
+        m = d < D
+        rd = tl.where(d < HALF, d + HALF, d - HALF)
+        c = tl.load(Cos + pos * stride_cos + d, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(Sin + pos * stride_cos + d, mask=m, other=0.0).to(tl.float32)
+        base = QKV + row * stride_qkv + h * D
+        x = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
+        xr = tl.load(base + rd, mask=m, other=0.0).to(tl.float32)
+        xr = tl.where(d < HALF, -xr, xr)
+        dt = Q.dtype.element_ty
+        y = ((x * c).to(dt).to(tl.float32) + (xr * s).to(dt).to(tl.float32)).to(dt)
+        if h < HQ:
+            tl.store(Q + (row * HQ + h) * D + d, y, mask=m)
+        else:
+            kvh = h - HQ
+            slot = tl.load(Slots + row)
+            off = slot * stride_cs + kvh * stride_ch + pos * stride_ct + d
+            tl.store(KC + off, y, mask=m)
+            v = tl.load(QKV + row * stride_qkv + (HQ + HKV + kvh) * D + d, mask=m, other=0.0)
+            tl.store(VC + off, v, mask=m)
+
+    @triton.jit
+    def silu_mul_kernel(GU, O, stride_gu, stride_o, I, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < I
+        g = tl.load(GU + row * stride_gu + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_gu + I + c, mask=m, other=0.0).to(tl.float32)
+        dt = O.dtype.element_ty
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(O + row * stride_o + c, (a * u).to(dt), mask=m)
+
+    @triton.jit
+    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx,
+                          stride_cs, stride_ch, stride_ct, qk_scale,
+                          HQ: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
+                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # program (b, kv head, split): the G query heads of one kv head against positions
+        # [split * CHUNK, min((split + 1) * CHUNK, len + 1)) of slot Slots[b]; online softmax in
+        # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        slot = tl.load(Slots + b)
+        n = (tl.load(Lens + b) + 1).to(tl.int32)
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, n)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        gm = g < G
+        dm = d < D
+        heads = kvh * G + g
+        q = tl.load(Q + (b * HQ + heads)[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+        kb = KC + slot * stride_cs + kvh * stride_ch
+        vb = VC + slot * stride_cs + kvh * stride_ch
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for s0 in range(start, end, BLOCK_N):
+            t = s0 + tl.arange(0, BLOCK_N)
+            tm = t < end
+            kv_mask = tm[:, None] & dm[None, :]
+            k = tl.load(kb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(tm[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        o = (b * HQ + heads) * NS + sp
+        tl.store(Acc + o[:, None] * DP + d[None, :], acc, mask=gm[:, None])
+        tl.store(Mx + o, m_i, mask=gm)
+        tl.store(Lx + o, l_i, mask=gm)
+
+    @triton.jit
+    def attn_combine_kernel(Acc, Mx, Lx, O, HQ: tl.constexpr, NS: tl.constexpr,
+                            D: tl.constexpr, DP: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, NS)
+        d = tl.arange(0, DP)
+        base = (b * HQ + h) * NS
+        m = tl.load(Mx + base + s)
+        l = tl.load(Lx + base + s)
+        mx = tl.max(m, 0)  # split 0 always holds position 0: finite
+        w = tl.exp2(m - mx)  # empty splits: exp2(-inf) = 0
+        acc = tl.load(Acc + (base + s)[:, None] * DP + d[None, :])
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+        tl.store(O + (b * HQ + h) * D + d, out.to(O.dtype.element_ty), mask=d < D)
+
+    class _NS:
+        pass
+
+    ns = _NS()
+    ns.add_rmsnorm = add_rmsnorm_kernel
+    ns.rope_kv = rope_kv_kernel
+    ns.silu_mul = silu_mul_kernel
+    ns.attn_split = attn_split_kernel
+    ns.attn_combine = attn_combine_kernel
+    _TRITON = ns
+    return ns
+
+
+# ------------------------------------------------------------------------------------------------
+# model inspection
+# ------------------------------------------------------------------------------------------------
+def _native_blocker(model, max_seq_len: int) -> str | None:
+    """Why the native forward cannot run this model (None: it can)."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in _NATIVE_TYPES:
+        return f"model_type {mt!r} has no native forward (native: {sorted(_NATIVE_TYPES)})"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (native forward is SwiGLU only)"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj") \
+            or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "gate_proj") \
+            or getattr(inner, "rotary_emb", None) is None:
+        return "module layout is not the Llama one"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    orig = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
+        or getattr(cfg, "max_position_embeddings", max_seq_len)
+    if rope_type in ("dynamic", "longrope") and max_seq_len > orig:
+        return f"rope_type {rope_type!r} changes with the sequence length beyond {orig}"
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        sliding = any(t == "sliding_attention" for t in layer_types)
+    else:
+        sliding = window is not None and getattr(cfg, "use_sliding_window", True) is not False
+    if sliding and window is not None and window < max_seq_len:
+        return f"sliding window {window} < max_seq_len {max_seq_len}"
+    return None
+
+
+class _Layer:
+    __slots__ = ("in_norm", "wqkv", "bqkv", "wo", "bo", "post_norm", "wgu", "bgu", "wd", "bd",
+                 "q_norm", "k_norm", "kc", "vc")
+
+
+def _t(x, device, dtype):
+    return None if x is None else x.detach().to(device=device, dtype=dtype)
+
+
+def _fused(mods, device, dtype):
+    w = torch.cat([m.weight.detach().to(device=device, dtype=dtype) for m in mods], 0).contiguous()
+    biases = [getattr(m, "bias", None) for m in mods]
+    if all(b is None for b in biases):
+        return w, None
+    b = torch.cat([(torch.zeros(m.weight.shape[0], device=device, dtype=dtype) if bb is None
+                    else bb.detach().to(device=device, dtype=dtype)) for m, bb in zip(mods, biases)], 0)
+    return w, b.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# fallback: transformers itself, one DynamicCache per slot
+# ------------------------------------------------------------------------------------------------
+class _HFSlots:
+    def __init__(self, model, max_slots: int, device):
+        self.model = model
+        self.device = device
+        self.caches: list = [None] * max_slots
+
+    def _run(self, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if self.caches[slot] is None:
+            self.caches[slot] = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids.view(1, -1), past_key_values=self.caches[slot], use_cache=True)
+        self.caches[slot] = out.past_key_values
+        return out.logits[0, -1]
+
+    def prefill(self, slot, ids):
+        self.caches[slot] = None
+        return self._run(slot, ids).float()[None]
+
+    def decode(self, slots, tokens):
+        return torch.stack([self._run(int(s), t.view(1)) for s, t in zip(slots.tolist(), tokens)]).float()
+
+    def release(self, slot):
+        self.caches[slot] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# the executor
+# ------------------------------------------------------------------------------------------------
+class TorchExecutor(Executor):
+    def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
+                 max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
+                 cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
+                 model=None, kernels: str = "auto", attention: str = "auto",
+                 length_bucket: int = 256, **_unused):
+        """`model_path`: a Hugging Face model folder; or pass an already built transformers
+        `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
+        are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
+        "triton" (in-place split-K decode attention) | "sdpa" (gather + masked SDPA); "auto" picks
+        Triton on CUDA when it imports. `length_bucket`: SDPA attention length granularity in graphs."""
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("TorchExecutor(device='cuda') but torch sees no CUDA device")
+        self.dtype = _as_dtype(dtype)
+        self.max_slots = int(max_slots)
+        self.max_seq_len = int(max_seq_len)
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.length_bucket = max(1, int(length_bucket))
+        self._lengths = np.zeros(self.max_slots, dtype=np.int64)
+
+        owned = model is None
+        if model is None:
+            if model_path is None:
+                raise ValueError("TorchExecutor needs model_path or model=")
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
+        model.eval()
+        self.config = model.config
+        self.blocker = _native_blocker(model, self.max_seq_len)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+        if self.blocker is not None:
+            warnings.warn(f"TorchExecutor: no native forward ({self.blocker}); using the slow "
+                          "transformers fallback (one DynamicCache per slot, one sequence at a time)")
+            self.path = "hf-fallback"
+            self.cuda_graphs = False
+            self.kernels = self.attention = "hf"
+            self._hf = _HFSlots(model.to(device=self.device, dtype=self.dtype), self.max_slots, self.device)
+            return
+        self.path = "native"
+        self._hf = None
+
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")
+        tk = _triton_kernels() if kernels in ("auto", "triton") or attention == "triton" else None
+        if kernels == "triton" and tk is None:
+            raise RuntimeError("kernels='triton' but Triton does not import")
+        use_triton = tk is not None and (kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"))
+        self.kernels = "triton" if use_triton else "torch"
+        if attention == "auto":
+            attention = "triton" if tk is not None and self.device.type == "cuda" else "sdpa"
+        if attention == "triton" and tk is None:
+            raise RuntimeError("attention='triton' but Triton does not import")
+        if attention not in ("triton", "sdpa"):
+            raise ValueError(f"attention must be auto, triton or sdpa, not {attention!r}")
+        self.attention = attention
+        self._tk = tk
+        self._load_native(model)
+        if owned:
+            del model
+
+        sizes = sorted({int(s) for s in (graph_batch_sizes or
+                                          [s for s in _DEFAULT_GRAPH_SIZES if s < self.max_slots]
+                                          + [self.max_slots]) if int(s) > 0})
+        self.graph_batch_sizes = sizes
+        self._graphs: dict = {}
+        self._pool = None
+        if self.cuda_graphs:
+            top = sizes[-1]
+            self._in = torch.zeros((3, top), dtype=torch.int64, device=self.device)
+            self._in_host = torch.zeros((3, top), dtype=torch.int64).pin_memory()
+            self._in_np = self._in_host.numpy()
+        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.device.type == "cuda" else 8)
+
+    # -- weights -----------------------------------------------------------------------------
+    def _load_native(self, model):
+        cfg, dev, dt = model.config, self.device, self.dtype
+        inner = model.model
+        self.num_layers = len(inner.layers)
+        attn0 = inner.layers[0].self_attn
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.intermediate = int(inner.layers[0].mlp.gate_proj.weight.shape[0])
+
+        with torch.no_grad():
+            self.embed = _t(inner.embed_tokens.weight, dev, dt)
+            lm = model.get_output_embeddings().weight
+            self.lm_head = self.embed if lm is inner.embed_tokens.weight else _t(lm, dev, dt)
+            self.norm = _t(inner.norm.weight, dev, dt)
+            shape = (self.max_slots + 1, self.num_kv_heads, self.max_seq_len, self.head_dim)
+            self.layers = []
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                L = _Layer()
+                L.in_norm = _t(layer.input_layernorm.weight, dev, dt)
+                L.post_norm = _t(layer.post_attention_layernorm.weight, dev, dt)
+                L.wqkv, L.bqkv = _fused([a.q_proj, a.k_proj, a.v_proj], dev, dt)
+                L.wo, L.bo = _t(a.o_proj.weight, dev, dt), _t(getattr(a.o_proj, "bias", None), dev, dt)
+                L.wgu, L.bgu = _fused([m.gate_proj, m.up_proj], dev, dt)
+                L.wd, L.bd = _t(m.down_proj.weight, dev, dt), _t(getattr(m.down_proj, "bias", None), dev, dt)
+                qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+                L.q_norm = None if qn is None else _t(qn.weight, dev, dt)
+                L.k_norm = None if kn is None else _t(kn.weight, dev, dt)
+                # zeros, not empty: SDPA multiplies masked positions by 0, and 0 * NaN is NaN
+                L.kc = torch.zeros(shape, device=dev, dtype=dt)
+                L.vc = torch.zeros(shape, device=dev, dtype=dt)
+                self.layers.append(L)
+            # cos / sin exactly as HF computes them (float32, then cast to the model dtype)
+            rot = inner.rotary_emb
+            ref_dev = rot.inv_freq.device
+            pos = torch.arange(self.max_seq_len, device=ref_dev)[None]
+            cos, sin = rot(torch.zeros(1, device=ref_dev, dtype=dt), pos)
+            self.cos = cos[0].to(dev).contiguous()
+            self.sin = sin[0].to(dev).contiguous()
+            self._arange = torch.arange(self.max_seq_len, device=dev)
+        self.dummy_slot = self.max_slots
+
+    # -- small ops ---------------------------------------------------------------------------
+    def _rms(self, x, w):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    def _add_norm(self, x, res, w):
+        """(rmsnorm(res + x) * w, res + x); with the Triton kernel `res` is updated in place."""
+        if self.kernels == "triton":
+            rows, n = x.shape
+            y = torch.empty_like(x)
+            blk = _next_pow2(n)
+            r = x if res is None else res
+            self._tk.add_rmsnorm[(rows,)](x, r, w, y, x.stride(0), r.stride(0), y.stride(0), n, self.eps,
+                                          HAS_RES=res is not None, BLOCK=blk,
+                                          num_warps=8 if blk >= 2048 else 4)
+            return y, r
+        res = x if res is None else res + x
+        return self._rms(res, w), res
+
+    def _qk_norm(self, qkv, L):
+        n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self._rms(qkv[:, :hq * d].reshape(n, hq, d), L.q_norm).reshape(n, hq * d)
+        k = self._rms(qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d), L.k_norm).reshape(n, hkv * d)
+        return torch.cat([q, k, qkv[:, (hq + hkv) * d:]], 1)
+
+    def _rope_write(self, qkv, slots, pos, L):
+        """Rotate q and k of rows `qkv` at positions `pos`; store k, v at [slots, :, pos]; return q [rows, Hq, D]."""
+        n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if L.q_norm is not None:
+            qkv = self._qk_norm(qkv, L)
+        if self.kernels == "triton":
+            q = torch.empty((n, hq, d), device=qkv.device, dtype=qkv.dtype)
+            kc = L.kc
+            self._tk.rope_kv[(n, hq + hkv)](qkv, self.cos, self.sin, slots, pos, q, kc, L.vc,
+                                            qkv.stride(0), self.cos.stride(0),
+                                            kc.stride(0), kc.stride(1), kc.stride(2),
+                                            HQ=hq, HKV=hkv, D=d, DP=max(16, _next_pow2(d)), num_warps=1)
+            return q
+        q = qkv[:, :hq * d].view(n, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+        c, s = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        half = d // 2
+
+        def rot(x):
+            return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+
+        q, k = rot(q), rot(k)
+        L.kc[slots, :, pos] = k
+        L.vc[slots, :, pos] = v
+        return q
+
+    def _silu_mul(self, gu):
+        if self.kernels == "triton":
+            rows, i = gu.shape[0], gu.shape[1] // 2
+            out = torch.empty((rows, i), device=gu.device, dtype=gu.dtype)
+            blk = 1024
+            self._tk.silu_mul[(rows, triton_cdiv(i, blk))](gu, out, gu.stride(0), out.stride(0), i, BLOCK=blk,
+                                                          num_warps=4)
+            return out
+        g, u = gu.chunk(2, -1)
+        return F.silu(g) * u
+
+    # -- attention ---------------------------------------------------------------------------
+    def _attn_prefill(self, q, L, slot: int, n: int):
+        qq = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        k = L.kc[slot, :, :n].unsqueeze(0)
+        v = L.vc[slot, :, :n].unsqueeze(0)
+        try:
+            out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        except (TypeError, RuntimeError):
+            k = k.repeat_interleave(self.group, 1)
+            v = v.repeat_interleave(self.group, 1)
+            out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale)
+        return out[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+
+    def _splits(self, b: int) -> int:
+        blocks = max(1, triton_cdiv(self.max_seq_len, 64))
+        want = _next_pow2(max(1, triton_cdiv(2 * self._sms, b * self.num_kv_heads)))
+        return max(2, min(want, _next_pow2(blocks)))
+
+    def _attn_decode(self, q, L, slots, pos, tb):
+        b, hq, hkv, d, g = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        if self.attention == "triton":
+            ns = self._splits(b)
+            block_n = 64 if d <= 128 else 32
+            chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
+            dp = max(16, _next_pow2(d))
+            acc = torch.empty((b, hq, ns, dp), device=q.device, dtype=torch.float32)
+            mx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+            lx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+            kc = L.kc
+            self._tk.attn_split[(b, hkv, ns)](
+                q, kc, L.vc, slots, pos, acc, mx, lx, kc.stride(0), kc.stride(1), kc.stride(2),
+                self.scale * 1.4426950408889634, HQ=hq, NS=ns, CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)),
+                D=d, DP=dp, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4)
+            out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
+            self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
+            return out
+        # gather the batch's slots up to `tb` positions, mask each row past its own length
+        k = L.kc[:, :, :tb].index_select(0, slots)  # [b, Hkv, tb, D]
+        v = L.vc[:, :, :tb].index_select(0, slots)
+        mask = (self._arange[:tb][None, :] <= pos[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask, scale=self.scale)
+        return out.reshape(b, hq * d)
+
+    # -- forward -----------------------------------------------------------------------------
+    def _forward(self, tok, slots, pos, attn, last_only=False):
+        x = F.embedding(tok, self.embed)
+        res = None
+        for L in self.layers:
+            h, res = self._add_norm(x, res, L.in_norm)
+            qkv = F.linear(h, L.wqkv, L.bqkv)
+            q = self._rope_write(qkv, slots, pos, L)
+            o = F.linear(attn(q, L), L.wo, L.bo)
+            h, res = self._add_norm(o, res, L.post_norm)
+            x = F.linear(self._silu_mul(F.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
+        if last_only:
+            x, res = x[-1:], res[-1:]
+        h, _ = self._add_norm(x, res, self.norm)
+        return h
+
+    def _decode_body(self, tok, slots, pos, tb):
+        h = self._forward(tok, slots, pos, lambda q, L: self._attn_decode(q, L, slots, pos, tb))
+        return F.linear(h, self.lm_head).float()
+
+    # -- CUDA graphs -------------------------------------------------------------------------
+    def _graph_size(self, n: int) -> int | None:
+        for s in self.graph_batch_sizes:
+            if s >= n:
+                return s
+        return None
+
+    def _len_bucket(self, top: int) -> int | None:
+        if self.attention == "triton":
+            return None
+        return min(self.max_seq_len, triton_cdiv(top, self.length_bucket) * self.length_bucket)
+
+    def _capture(self, b: int, tb):
+        """Capture the decode step for padded batch `b` (and SDPA length bucket `tb`)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        self._in[0].zero_()
+        self._in[1].fill_(self.dummy_slot)  # warm-up and capture touch the dummy slot only
+        self._in[2].zero_()
+        tok, slots, pos = self._in[0, :b], self._in[1, :b], self._in[2, :b]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compiles the Triton kernels, settles cuBLAS workspaces
+                self._decode_body(tok, slots, pos, tb)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode_body(tok, slots, pos, tb)
+        self._graphs[(b, tb)] = (graph, out)
+
+    def warmup(self) -> None:
+        """Capture the decode graphs of every batch size now (SDPA attention: the first length bucket)."""
+        if not self.cuda_graphs:
+            return
+        with torch.no_grad():
+            for b in self.graph_batch_sizes:
+                key = (b, self._len_bucket(1))
+                if key not in self._graphs:
+                    self._capture(*key)
+        torch.cuda.synchronize(self.device)
+
+    # -- Executor API ------------------------------------------------------------------------
+    def _to_host(self, out: torch.Tensor, n: int) -> np.ndarray:
+        if out.device.type == "cpu":
+            return out[:n].numpy()
+        host = torch.empty((n, out.shape[1]), dtype=torch.float32, pin_memory=True)
+        host.copy_(out[:n], non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy()
+
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        n = len(ids)
+        slot = int(slot)
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+        if n == 0:
+            raise ValueError("empty prompt")
+        if n + 1 > self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+        with torch.no_grad():
+            tok = torch.from_numpy(ids).to(self.device, non_blocking=True)
+            if self._hf is not None:
+                logits = self._hf.prefill(slot, tok)
+            else:
+                pos = self._arange[:n]
+                slots = torch.full((n,), slot, dtype=torch.int64, device=self.device)
+                h = self._forward(tok, slots, pos, lambda q, L: self._attn_prefill(q, L, slot, n), last_only=True)
+                logits = F.linear(h, self.lm_head).float()
+            out = self._to_host(logits, 1)[0]
+        self._lengths[slot] = n
+        return out
+
+    def _launch(self, slots: np.ndarray, tokens: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """Run one decode step on the device; return the device logits (rows beyond len(slots) are padding)."""
+        n = len(slots)
+        tb = self._len_bucket(int(pos.max()) + 1)
+        b = self._graph_size(n) if self.cuda_graphs else None
+        if b is None:
+            inp = torch.from_numpy(np.stack([tokens, slots, pos])).to(self.device, non_blocking=True)
+            if tb is not None:
+                tb = int(pos.max()) + 1  # eager: the exact length, no bucket
+            return self._decode_body(inp[0], inp[1], inp[2], tb)
+        if (b, tb) not in self._graphs:
+            self._capture(b, tb)
+        a = self._in_np
+        a[0, :n], a[1, :n], a[2, :n] = tokens, slots, pos
+        a[0, n:], a[1, n:], a[2, n:] = 0, self.dummy_slot, 0
+        self._in.copy_(self._in_host, non_blocking=True)
+        graph, out = self._graphs[(b, tb)]
+        graph.replay()
+        return out
+
+    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(slots)
+        if n == 0:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
+        if len(tokens) != n:
+            raise ValueError("slots and tokens differ in length")
+        if slots.min() < 0 or slots.max() >= self.max_slots or len(set(slots.tolist())) != n:
+            raise ValueError(f"slots must be distinct and in [0, {self.max_slots})")
+        pos = self._lengths[slots]
+        if int(pos.max()) + 1 > self.max_seq_len:
+            raise ValueError("a sequence reached the end of its KV cache")
+        with torch.no_grad():
+            if self._hf is not None:
+                out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
+            else:
+                out = self._launch(slots, tokens, pos)
+            logits = self._to_host(out, n)
+        self._lengths[slots] = pos + 1
+        return logits
+
+    def release(self, slot: int) -> None:
+        self._lengths[int(slot)] = 0
+        if self._hf is not None:
+            self._hf.release(int(slot))
+
+    def length(self, slot: int) -> int:
+        return int(self._lengths[int(slot)])
+
+    def describe(self) -> dict:
+        d = {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+             "path": self.path, "kernels": self.kernels, "attention": self.attention,
+             "cuda_graphs": self.cuda_graphs}
+        if self.path == "native":
+            d["graph_batch_sizes"] = self.graph_batch_sizes
+            d["graphs_captured"] = sorted(self._graphs, key=lambda k: (k[0], k[1] or 0))
+        else:
+            d["fallback_reason"] = self.blocker
+        return d
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

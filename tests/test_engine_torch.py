@@ -1,0 +1,199 @@
+"""TorchExecutor on CPU (float32, no CUDA graphs) against transformers itself.
+
+Greedy generation through the executor, with sequences joining at different steps over 3 slots and
+a released slot reused, must equal `generate(do_sample=False)` token for token; every logits row the
+executor returns must be close to the HF forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tritonchat.python_backend.engine_torch import TorchExecutor
+
+STORIES = Path(os.environ.get("TRITONCHAT_SHARED", "/work/shared")) / "models" / "stories260K"
+N_NEW = 12
+# (prompt length, step at which it joins); the 4th prompt takes the slot the 1st one leaves
+PLAN = [(5, 0), (9, 2), (3, 5), (7, 14)]
+
+
+def _prompts(vocab: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).astype(np.int64) for n, _ in PLAN]
+
+
+def _run_staggered(ex: TorchExecutor, prompts):
+    """Greedy decode the prompts through `ex`; returns tokens and logits rows for each prompt."""
+    joins = {step: i for i, (_, step) in enumerate(PLAN)}
+    free = list(range(ex.max_slots))
+    slot_of, toks, rows = {}, {i: [] for i in range(len(prompts))}, {i: [] for i in range(len(prompts))}
+    step = 0
+    while step < 100 and (len(slot_of) or step <= max(joins)):
+        if step in joins:
+            i = joins[step]
+            slot_of[i] = free.pop(0)
+            logits = ex.prefill(slot_of[i], prompts[i])
+            assert ex.length(slot_of[i]) == len(prompts[i])
+            rows[i].append(logits)
+            toks[i].append(int(np.argmax(logits)))
+        live = [i for i in slot_of if len(toks[i]) < N_NEW]
+        if live:
+            logits = ex.decode(np.array([slot_of[i] for i in live]), np.array([toks[i][-1] for i in live]))
+            assert logits.shape == (len(live), ex.vocab_size) and logits.dtype == np.float32
+            for r, i in enumerate(live):
+                rows[i].append(logits[r])
+                toks[i].append(int(np.argmax(logits[r])))
+        for i in [i for i in slot_of if len(toks[i]) >= N_NEW]:
+            ex.release(slot_of[i])
+            assert ex.length(slot_of[i]) == 0
+            free.append(slot_of.pop(i))
+        step += 1
+    return toks, rows
+
+
+def _check_against_hf(model, ex, vocab):
+    prompts = _prompts(vocab)
+    toks, rows = _run_staggered(ex, prompts)
+    model.generation_config.eos_token_id = None
+    worst = 0.0
+    for i, p in enumerate(prompts):
+        ids = torch.from_numpy(p)[None]
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=N_NEW, min_new_tokens=0, pad_token_id=0)
+        ref_new = ref[0, len(p):].tolist()
+        assert toks[i] == ref_new, f"prompt {i}: executor {toks[i]} != HF {ref_new}"
+        # logits rows against one HF forward over prompt + generated tokens
+        with torch.no_grad():
+            full = model(ref[:, : len(p) + N_NEW - 1]).logits[0, len(p) - 1:].float().numpy()
+        got = np.stack(rows[i])
+        assert got.shape == full.shape
+        worst = max(worst, float(np.abs(got - full).max()))
+    print(f"max |logits - HF| = {worst:.2e}")
+    assert worst < 2e-4, f"max |logits - HF| = {worst}"
+    return worst
+
+
+def _executor(path, **kw):
+    return TorchExecutor(str(path), max_slots=3, max_seq_len=64, device="cpu", dtype="float32",
+                         cuda_graphs=False, **kw)
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="stories260K not present")
+def test_stories260k_matches_hf_generate():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
+    ex = _executor(STORIES)
+    assert ex.describe()["path"] == "native" and ex.kernels == "torch"
+    _check_against_hf(model, ex, model.config.vocab_size)
+
+
+def _random_model(tmp_path: Path, arch: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "qwen2":
+        cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif arch == "llama-rope-scaled":
+        cfg = tf.LlamaConfig(**common, attention_bias=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # HF zero-initialises biases and norms: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        # sharper distributions than the 0.02 init, so greedy choices are not near-ties
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.eval()
+    model.save_pretrained(tmp_path / arch)
+    return model, tmp_path / arch
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama-rope-scaled"])
+def test_random_model_matches_hf_generate(tmp_path, arch):
+    model, path = _random_model(tmp_path, arch)
+    ex = _executor(path)
+    assert ex.describe()["path"] == "native"
+    if arch == "qwen2":
+        assert ex.layers[0].bqkv is not None  # q/k/v biases are read
+    _check_against_hf(model, ex, 512)
+
+
+def test_gpt2_uses_hf_fallback(tmp_path):
+    model, path = _random_model(tmp_path, "gpt2")
+    with pytest.warns(UserWarning, match="fallback"):
+        ex = _executor(path)
+    assert ex.describe()["path"] == "hf-fallback"
+    _check_against_hf(model, ex, 512)
+
+
+def test_prefill_and_decode_errors(tmp_path):
+    model, path = _random_model(tmp_path, "qwen2")
+    ex = TorchExecutor(str(path), max_slots=2, max_seq_len=8, device="cpu", dtype="float32", cuda_graphs=False)
+    with pytest.raises(ValueError):
+        ex.prefill(0, np.arange(8))  # n + 1 > max_seq_len
+    with pytest.raises(ValueError):
+        ex.prefill(2, np.arange(3))  # no such slot
+    ex.prefill(0, np.arange(6))
+    ex.decode(np.array([0]), np.array([1]))  # writes position 6
+    ex.decode(np.array([0]), np.array([1]))  # writes position 7, the last
+    assert ex.length(0) == 8
+    with pytest.raises(ValueError):
+        ex.decode(np.array([0]), np.array([1]))  # cache full
+    with pytest.raises(ValueError):
+        ex.decode(np.array([1, 1]), np.array([1, 2]))  # duplicate slots
+    assert ex.decode(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).shape == (0, 512)
+
+
+_INTERPRETED = r"""
+import sys, numpy as np, torch
+from tritonchat.python_backend.engine_torch import TorchExecutor
+path, = sys.argv[1:]
+kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False)
+ref = TorchExecutor(path, kernels="torch", attention="sdpa", **kw)
+tri = TorchExecutor(path, kernels="triton", attention="triton", **kw)
+rng = np.random.default_rng(1)
+worst = 0.0
+for slot, n in enumerate([5, 70, 33]):
+    p = rng.integers(0, 512, n)
+    worst = max(worst, np.abs(ref.prefill(slot, p) - tri.prefill(slot, p)).max())
+for _ in range(3):
+    slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
+    worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
+print("WORST", worst)
+assert worst < 1e-4, worst
+"""
+
+
+def test_triton_kernels_interpreted(tmp_path):
+    """The Triton kernels, run by Triton's CPU interpreter, agree with the torch ops (skipped without Triton)."""
+    pytest.importorskip("triton")
+    _, path = _random_model(tmp_path, "qwen2")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = _INTERPRETED
+    r = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    print(r.stdout.strip().splitlines()[-1])

@@ -32,12 +32,15 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     gen = GenerationConfig.from_pretrained(str(model_dir))
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             generation_config=gen, pad_token_id=gen.eos_token_id if gen.eos_token_id is not None else 0)
-    new = out[0, len(prompt_ids):].tolist()
     eos = gen.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos if isinstance(eos, list) else [eos]
+    gen.max_new_tokens, gen.do_sample = max_new_tokens, False
+    if gen.pad_token_id is None:
+        gen.pad_token_id = eos[0] if eos[0] is not None else 0
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), generation_config=gen)
+    new = out[0, len(prompt_ids):].tolist()
+    eos = set(eos)
     return [t for t in new if t not in eos]
 
 

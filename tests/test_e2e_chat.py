@@ -1,0 +1,57 @@
+"""A seeded random-init Qwen2 with a ChatML chat template, served by the real tritonserver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2e_helpers import SHARED, build_repo, hf_greedy, need
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from tritonchat.build.synthetic import make_random_model
+    from tritonchat.client import ChatClient
+    from tritonchat.server import TritonServer
+
+    need(SHARED / "tokenizers" / "gpt2")
+    root = tmp_path_factory.mktemp("qwen2")
+    model = make_random_model("qwen2", root / "hf", tokenizer="gpt2", seed=3)
+    repo = build_repo(model, root / "repo", max_batch_size=8)
+    with TritonServer(repo) as srv, ChatClient(srv.grpc_url) as client:
+        yield model, repo, client
+
+
+def test_end_ids_come_from_the_generation_config(qwen):
+    model, repo, _ = qwen
+    gen = json.loads((repo / "generator" / "1" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [50256, 50258]
+
+
+def test_plain_prompt_greedy_equals_transformers(qwen):
+    from transformers import AutoTokenizer
+
+    model, _, client = qwen
+    tok = AutoTokenizer.from_pretrained(str(model))
+    for prompt in ["Hello there", "The capital of France is"]:
+        out = client.generate(prompt, max_tokens=24)
+        assert out.output_ids == hf_greedy(model, tok(prompt)["input_ids"], 24)
+
+
+@pytest.mark.parametrize("messages", [
+    "What is the weather like?",
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}],
+])
+def test_chat_template_is_applied_like_transformers(qwen, messages):
+    from transformers import AutoTokenizer
+
+    model, _, client = qwen
+    tok = AutoTokenizer.from_pretrained(str(model))
+    msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    out = client.generate(messages, max_tokens=20, apply_chat_template=True)
+    assert out.num_input_tokens == len(ids)
+    assert out.output_ids == hf_greedy(model, list(ids), 20)
+    streamed = list(client.stream(messages, max_tokens=20, apply_chat_template=True))
+    assert "".join(d.text for d in streamed) == out.text

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 from . import triton_io as io
 from .detokenize import TextTracker
 from .executor import create_executor
+from .metrics import GeneratorMetrics
 from .sampling import InvalidParameter, SamplingParams
 from .scheduler import Output, QueueFull, Scheduler, Sequence
 
@@ -37,7 +38,8 @@ class TritonPythonModel:
             device=params.get("device", "cpu"),
             dtype=params.get("dtype", "float32"),
         )
-        self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")))
+        self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
+                                   metrics=GeneratorMetrics(self.model_name))
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
                                  f"end ids {list(self.end_ids)}")
 

@@ -70,11 +70,13 @@ class Stats:
 
 class Scheduler:
     def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
-                 on_step: Callable[["Scheduler"], None] | None = None):
+                 metrics=None):
+        """`metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
+        `finished(reason, seconds)` (see metrics.GeneratorMetrics)."""
         self.ex = executor
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
-        self.on_step = on_step
+        self.metrics = metrics
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(executor.max_slots - 1, -1, -1))
@@ -110,6 +112,7 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
+            tokens_before = self.stats.tokens
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -119,8 +122,8 @@ class Scheduler:
                 for seq in self.running:
                     self._finish(seq, "", error=f"generator failed: {exc}")
                 self.running = []
-            if self.on_step:
-                self.on_step(self)
+            if self.metrics:
+                self.metrics.step(len(self.running), len(self.waiting), self.stats.tokens - tokens_before)
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "cancelled", error="server is shutting down")
 
@@ -182,6 +185,8 @@ class Scheduler:
         self.stats.tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
+            if self.metrics:
+                self.metrics.first_token(seq.first_token_at - seq.arrived)
         p = seq.params
         if token in p.end_ids:  # the sampler masks end ids until min_tokens
             self._finish(seq, "stop")
@@ -204,6 +209,8 @@ class Scheduler:
             self.free_slots.append(seq.slot)
             seq.slot = -1
         self.stats.finished += 1
+        if self.metrics:
+            self.metrics.finished(reason, time.perf_counter() - seq.arrived)
         rel = None if error else seq.tracker.final()
         self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
 

@@ -272,3 +272,15 @@ def test_tampered_artifact_is_refused_naming_the_file(repo, tmp_path):
         with TritonServer(bad, startup_timeout=90):
             pass
     assert "generator/1/model.onnx" in str(err.value)
+
+
+def test_generator_metrics_on_the_prometheus_endpoint(server, grpc):
+    import urllib.request
+
+    grpc.generate("Once upon a time", max_tokens=10)
+    text = urllib.request.urlopen(f"http://{server.metrics_url}/metrics").read().decode()
+    assert 'tritonchat_requests_total{model="generator",reason="length"}' in text
+    tokens = [line for line in text.splitlines() if line.startswith("tritonchat_generated_tokens_total")]
+    assert tokens and float(tokens[0].split()[-1]) >= 10
+    assert "tritonchat_time_to_first_token_seconds_bucket" in text
+    assert 'nv_inference_request_success{model="ensemble"' in text

@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""TorchExecutor on a GPU: correctness against transformers and decode/prefill timings.
+
+Builds a seeded random-init Llama with TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 heads,
+4 KV heads, intermediate 5632, vocab 32000) directly on the GPU in bf16 (no files), then
+  1. checks the executor against HF: prefill logits (bf16 and an fp32 reference) and greedy tokens
+     over a batch of 4 prompts of different lengths, for each kernel/attention/graph variant;
+  2. times one decode step at batch 1, 16, 64, 128 (context 128) with and without CUDA graphs,
+     prefill of 128 tokens, and HF `generate` (bf16, DynamicCache) at batch 1 and 64;
+  3. prints a table with the memory-bandwidth bound (weights [+ KV read] / measured copy bandwidth).
+
+Run from the repository root:  PYTHONUNBUFFERED=1 python3 benchmarks/torch_executor_gpu.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+try:
+    from tritonchat.python_backend.engine_torch import TorchExecutor  # installed package
+except ImportError:
+    from python_backend.engine_torch import TorchExecutor  # plain checkout (the device machine)
+
+CTX = 128  # context length the decode timings run at
+MAX_SEQ = 1024
+MAX_SLOTS = 128
+BATCHES = (1, 16, 64, 128)
+VARIANTS = {
+    # name: (kernels, attention, cuda_graphs, length_bucket)
+    "triton+graphs": ("triton", "triton", True, 256),
+    "triton eager": ("triton", "triton", False, 256),
+    "torch-sdpa+graphs": ("torch", "sdpa", True, 256),
+    "torch-sdpa+graphs T=1024": ("torch", "sdpa", True, MAX_SEQ),
+    "torch-sdpa eager": ("torch", "sdpa", False, 256),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def cuda_median_ms(fn, reps: int, warm: int = 3) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def wall_median_ms(fn, reps: int, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    ms = cuda_median_ms(lambda: y.copy_(x), 20)
+    del x, y
+    return 2 * 512 * 2**20 / (ms * 1e-3)
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def make_executor(model, variant, **kw):
+    kernels, attention, graphs, bucket = VARIANTS[variant]
+    args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
+                cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
+    return TorchExecutor(**{**args, **kw})
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check_correctness(model, ref32, res):
+    """Prefill + 7 batched greedy decode steps over 4 prompts of different lengths, per variant.
+
+    Every logits row the executor returns is compared (teacher-forced on the executor's own tokens)
+    with an fp32 HF forward; HF's own bf16 forward over the same tokens gives the yardstick. The
+    greedy tokens are compared with HF `generate` in the same dtype; where they part, the HF top-2
+    margin at that step is reported (bf16 near-ties flip). A float32 executor (Triton kernels,
+    IEEE dots, CUDA graphs) must match HF fp32 token for token.
+    """
+    rng = np.random.default_rng(0)
+    lens = [37, 64, 100, 128]
+    prompts = [rng.integers(3, 32000, n) for n in lens]
+    steps = 8
+    hf_tok = {}
+    with torch.no_grad():
+        for name, m in (("bf16", model), ("fp32", ref32)):
+            hf_tok[name] = []
+            for p in prompts:
+                ids = torch.from_numpy(p)[None].cuda()
+                g = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=steps, min_new_tokens=steps)
+                hf_tok[name].append(g[0, len(p):].tolist())
+    cases = [(v, {}) for v in VARIANTS if "T=1024" not in v] + [("triton+graphs", {"dtype": "float32"})]
+    for variant, kw in cases:
+        label = variant + (" fp32" if kw else "")
+        try:
+            ex = make_executor(ref32 if kw else model, variant, **kw)
+            ours, rows = [[] for _ in prompts], [[] for _ in prompts]
+            for s, p in enumerate(prompts):
+                lg = ex.prefill(s, p)
+                rows[s].append(lg)
+                ours[s].append(int(lg.argmax()))
+            slots = np.arange(len(prompts))
+            for _ in range(steps - 1):
+                lg = ex.decode(slots, np.array([o[-1] for o in ours]))
+                for s in slots:
+                    rows[s].append(lg[s])
+                    ours[s].append(int(lg[s].argmax()))
+            rel_ref, rel_hf, margins = [], [], []
+            with torch.no_grad():
+                for p, o, r in zip(prompts, ours, rows):
+                    seq = torch.from_numpy(np.concatenate([p, np.asarray(o[:-1], dtype=np.int64)]))[None].cuda()
+                    ref = ref32(seq).logits[0, len(p) - 1:].float().cpu().numpy()
+                    hfb = model(seq).logits[0, len(p) - 1:].float().cpu().numpy()
+                    r = np.stack(r)
+                    rel_ref.append(max(rel(r[i], ref[i]) for i in range(steps)))
+                    rel_hf.append(max(rel(hfb[i], ref[i]) for i in range(steps)))
+            want = hf_tok["fp32" if kw else "bf16"]
+            match = [sum(1 for _ in iter_prefix(o, h)) for o, h in zip(ours, want)]
+            with torch.no_grad():
+                for p, h, n in zip(prompts, want, match):
+                    if n < steps:
+                        seq = torch.from_numpy(np.concatenate([p, np.asarray(h[:n], dtype=np.int64)]))[None].cuda()
+                        top2 = (ref32 if kw else model)(seq).logits[0, -1].float().topk(2).values
+                        margins.append(round(float(top2[0] - top2[1]), 5))
+            out = {"rows_rel_vs_fp32": max(rel_ref), "hf_bf16_rows_rel_vs_fp32": max(rel_hf),
+                   "greedy_match": f"{sum(match)}/{steps * len(prompts)}", "margin_at_divergence": margins}
+            res.setdefault("correctness", {})[label] = out
+            log(f"[{label}] all 32 logits rows (prefill + decode) max rel vs fp32 HF {out['rows_rel_vs_fp32']:.2e} "
+                f"(HF bf16 on the same tokens: {out['hf_bf16_rows_rel_vs_fp32']:.2e}); greedy = HF generate "
+                f"{out['greedy_match']} tokens; HF top-2 margin where they part: {margins}")
+            del ex
+        except Exception:  # noqa: BLE001
+            log(f"[{label}] correctness FAILED\n{traceback.format_exc()}")
+            res.setdefault("errors", []).append(f"correctness {label}: {traceback.format_exc()}")
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def profile_step(model, res, batches=(1, 64)):
+    """Kernel-time breakdown of one graph-captured decode step (torch.profiler over graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ex = make_executor(model, "triton+graphs")
+    ex._lengths[:] = CTX
+    out = res.setdefault("profile", {})
+    for b in batches:
+        slots = np.arange(b, dtype=np.int64)
+        toks = np.full(b, 5, dtype=np.int64)
+        pos = np.full(b, CTX, dtype=np.int64)
+        with torch.no_grad():
+            for _ in range(3):
+                ex._launch(slots, toks, pos)
+            torch.cuda.synchronize()
+            reps = 20
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    ex._launch(slots, toks, pos)
+                torch.cuda.synchronize()
+        groups: dict = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            name = ev.key
+            if t <= 0 or name.startswith("cudaGraph") or "Memcpy" in name and "HtoD" not in name:
+                continue
+            k = ("gemm (cuBLAS)" if any(x in name.lower() for x in ("gemm", "gemv", "sm90", "cutlass", "nvjet"))
+                 else "attn_split" if "attn_split" in name else "attn_combine" if "attn_combine" in name
+                 else "add_rmsnorm" if "rmsnorm" in name else "rope_kv" if "rope" in name
+                 else "silu_mul" if "silu" in name else name[:40])
+            g = groups.setdefault(k, [0.0, 0])
+            g[0] += t / reps / 1e3
+            g[1] += ev.count // reps
+        out[f"b{b}"] = {k: {"ms": round(v[0], 4), "kernels": v[1]} for k, v in
+                        sorted(groups.items(), key=lambda kv: -kv[1][0])}
+        tot = sum(v[0] for v in groups.values())
+        log(f"[profile triton+graphs b={b}] kernel time {tot:.3f} ms/step in "
+            f"{sum(v[1] for v in groups.values())} kernels: " +
+            ", ".join(f"{k} {v[0]:.3f} ms/{v[1]}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])[:8]))
+    del ex
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def iter_prefix(a, b):
+    for x, y in zip(a, b):
+        if x != y:
+            return
+        yield x
+
+
+def time_variant(model, variant, res, long_ctx=False):
+    ex = make_executor(model, variant)
+    out = res.setdefault("timings", {}).setdefault(variant, {})
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 32000, CTX)
+    # prefill 128 tokens (eager for every variant)
+    out["prefill128_ms"] = wall_median_ms(lambda: ex.prefill(0, prompt), 10)
+    # every slot holds the same 128-token context
+    for L in ex.layers:
+        L.kc[:MAX_SLOTS] = L.kc[0]
+        L.vc[:MAX_SLOTS] = L.vc[0]
+    ctx = CTX
+    if long_ctx:  # context 896: pretend the first 896 positions are filled
+        ctx = 896
+    ex._lengths[:] = ctx
+    graphs = ex.cuda_graphs
+    for b in BATCHES if not long_ctx else (64,):
+        slots = np.arange(b, dtype=np.int64)
+        toks = rng.integers(3, 32000, b)
+        pos = np.full(b, ctx, dtype=np.int64)
+        reps = 200 if graphs else 30
+        with torch.no_grad():
+            step = cuda_median_ms(lambda: ex._launch(slots, toks, pos), reps)
+
+        def call():
+            ex.decode(slots, toks)
+            ex._lengths[slots] = ctx
+
+        wall = wall_median_ms(call, reps // 2)
+        key = f"b{b}" + ("_ctx896" if long_ctx else "")
+        out[key] = {"step_ms": step, "call_ms": wall}
+        log(f"[{variant}] batch {b:3d} ctx {ctx}: step {step:.3f} ms (device), decode() {wall:.3f} ms (wall)")
+    del ex
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_hf(model, res):
+    rng = np.random.default_rng(2)
+    out = res.setdefault("hf", {})
+    with torch.no_grad():
+        ids = torch.from_numpy(rng.integers(3, 32000, (1, CTX))).cuda()
+        out["prefill128_ms"] = wall_median_ms(lambda: model(ids), 10)
+        for b in (1, 64):
+            ids = torch.from_numpy(rng.integers(3, 32000, (b, CTX))).cuda()
+            am = torch.ones_like(ids)
+
+            def gen(n):
+                return lambda: model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=n,
+                                              min_new_tokens=n)
+
+            t1 = wall_median_ms(gen(1), 3, warm=1)
+            t33 = wall_median_ms(gen(33), 3, warm=1)
+            out[f"b{b}"] = {"step_ms": (t33 - t1) / 32}
+            log(f"[HF generate] batch {b}: {out[f'b{b}']['step_ms']:.3f} ms per decode step")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--only-correctness", action="store_true")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
+    try:
+        import transformers
+        import triton
+
+        res["transformers"], res["triton"] = transformers.__version__, triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    log(json.dumps(res))
+    t0 = time.time()
+    bw = copy_bandwidth()
+    res["copy_bw_GBps"] = bw / 1e9
+    model = build_model()
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res["weight_GB"] = wbytes / 1e9
+    res["bound_b1_ms"] = wbytes / bw * 1e3
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; batch-1 bound "
+        f"{res['bound_b1_ms']:.3f} ms; model built at {time.time() - t0:.1f} s")
+
+    ref32 = copy.deepcopy(model).float()
+    check_correctness(model, ref32, res)
+    del ref32
+    gc.collect()
+    torch.cuda.empty_cache()
+    log(f"correctness done at {time.time() - t0:.1f} s")
+    if args.only_correctness:
+        (out_dir / "results.json").write_text(json.dumps(res, indent=1))
+        return
+
+    for variant in VARIANTS:
+        try:
+            time_variant(model, variant, res)
+        except Exception:  # noqa: BLE001
+            log(f"[{variant}] timing FAILED\n{traceback.format_exc()}")
+            res.setdefault("errors", []).append(f"timing {variant}: {traceback.format_exc()}")
+        (out_dir / "results.json").write_text(json.dumps(res, indent=1))
+    for variant in ("triton+graphs", "torch-sdpa+graphs"):
+        try:
+            time_variant(model, variant, res, long_ctx=True)
+        except Exception:  # noqa: BLE001
+            log(f"[{variant}] long-context timing FAILED\n{traceback.format_exc()}")
+    try:
+        profile_step(model, res)
+    except Exception:  # noqa: BLE001
+        log(f"[profile] FAILED\n{traceback.format_exc()}")
+    if not args.skip_hf:
+        try:
+            time_hf(model, res)
+        except Exception:  # noqa: BLE001
+            log(f"[HF] timing FAILED\n{traceback.format_exc()}")
+    res["wall_s"] = time.time() - t0
+    (out_dir / "results.json").write_text(json.dumps(res, indent=1))
+    table(res)
+
+
+def table(res):
+    kv_row = 22 * 2 * 4 * 64 * 2  # KV bytes per cached position (all layers, K and V, bf16)
+    bw = res["copy_bw_GBps"] * 1e9
+    lines = [f"device {res['device']}, torch {res['torch']}, copy bw {res['copy_bw_GBps']:.0f} GB/s, "
+             f"weights {res['weight_GB']:.2f} GB; decode at context {CTX} (times in ms)",
+             f"{'variant':26s} {'batch':>5s} {'step':>8s} {'decode()':>9s} {'bound':>7s} {'x bound':>7s} "
+             f"{'tok/s':>8s} {'vs HF':>6s}"]
+    hf = res.get("hf", {})
+    for variant, t in res.get("timings", {}).items():
+        for key, v in t.items():
+            if not key.startswith("b"):
+                continue
+            b = int(key[1:].split("_")[0])
+            ctx = 896 if "ctx896" in key else CTX
+            bound = (res["weight_GB"] * 1e9 + b * (ctx + 1) * kv_row) / bw * 1e3
+            vs = hf.get(f"b{b}", {}).get("step_ms")
+            ratio = f"{vs / v['step_ms']:.1f}x" if vs and ctx == CTX else ""
+            star = "*" if ctx != CTX else " "
+            lines.append(f"{variant:26s} {b:5d}{star}{v['step_ms']:8.3f} {v['call_ms']:9.3f} "
+                         f"{bound:7.3f} {v['step_ms'] / bound:7.2f} {b / v['step_ms'] * 1e3:8.0f} {ratio:>6s}")
+    for b in (1, 64):
+        if f"b{b}" in hf:
+            lines.append(f"{'HF generate (bf16)':26s} {b:5d} {hf[f'b{b}']['step_ms']:8.3f}")
+    lines.append("prefill 128 tokens (ms): " + ", ".join(
+        f"{k} {v['prefill128_ms']:.2f}" for k, v in res.get("timings", {}).items() if "prefill128_ms" in v)
+        + (f", HF forward {hf['prefill128_ms']:.2f}" if "prefill128_ms" in hf else ""))
+    lines.append("* = context 896")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+if __name__ == "__main__":
+    main()

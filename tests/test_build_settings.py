@@ -1,0 +1,51 @@
+"""The build config file: defaults, overrides, errors, and what lands in each config.pbtxt."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+
+from tritonchat.build.repository import MODELS, template_dir, template_values
+from tritonchat.build.settings import SettingsError, load_settings
+
+
+def render(settings):
+    values = template_values(settings, max_seq_len=256, executor=settings["engine"], model_file="model.onnx")
+    return {m: string.Template((template_dir() / m / "config.pbtxt").read_text()).substitute(values) for m in MODELS}
+
+
+def test_yaml_settings_reach_every_config(tmp_path):
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("max_batch_size: 32\nmodels:\n  generator: {max_queue_size: 7}\n"
+                   "  preprocessing: {instances: 3, max_queue_delay_microseconds: 1234}\n")
+    s = load_settings(cfg, precision="int8")
+    assert s["models"]["postprocessing"]["instances"] == 2  # untouched default
+    out = render(s)
+    assert all("max_batch_size: 32" in text for text in out.values())
+    assert "max_queue_size: 7" in out["generator"] and 'key: "max_waiting", value: { string_value: "7" }' in out["generator"]
+    assert "count: 3, kind: KIND_CPU" in out["preprocessing"]
+    assert "max_queue_delay_microseconds: 1234" in out["preprocessing"]
+    assert 'string_value: "int8"' in out["generator"]
+
+
+def test_gpu_engines_get_gpu_instances():
+    out = render(load_settings(engine="torch", device="cuda", dtype="bfloat16"))
+    assert "kind: KIND_GPU" in out["generator"] and 'string_value: "bfloat16"' in out["generator"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"precision": "int4"}, "precision must be one of"),
+    ({"engine": "vllm"}, "engine must be one of"),
+    ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+])
+def test_bad_values_are_refused(bad, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(**bad)
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("models:\n  generator: {instance: 2}\n")
+    with pytest.raises(SettingsError, match="unknown build setting 'models.generator.instance'"):
+        load_settings(cfg)

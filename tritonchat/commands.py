@@ -102,3 +102,51 @@ def quickstart(
     from tritonchat.quickstart import run_quickstart
 
     raise typer.Exit(run_quickstart(model, output, prompt, keep_serving))
+
+
+@command("eval")
+def evaluate(
+    model_repository: Path = typer.Option(..., "--model-repository"),
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out text for perplexity (default: built-in)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="FP32 reference: HF folder, hub id or repository."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Greedy tokens compared per prompt."),
+):
+    """Accuracy of a repository's engine: perplexity, greedy token agreement, size on disk."""
+    from tritonchat.build.evaluate import eval_repository, render_report
+
+    report = eval_repository(model_repository, text, reference, new_tokens=new_tokens)
+    render_report(report)
+
+
+@command("bench")
+def bench(
+    mode: str = typer.Argument("sweep", help="sweep (default) | perf-analyzer | locust"),
+    url: Optional[str] = typer.Option(None, "--url", help="host:port of a running server (loopback only)."),
+    model_repository: Optional[Path] = typer.Option(None, "--model-repository",
+                                                    help="Start tritonserver on this repository (stopped after)."),
+    http_url: Optional[str] = typer.Option(None, "--http-url", help="HTTP host:port for Triton's statistics API."),
+    concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Levels, e.g. 1,4,16,64 (the default)."),
+    prompt_len: int = typer.Option(32, "--prompt-len", help="Prompt tokens (exact, with the repo's tokenizer)."),
+    output_len: int = typer.Option(128, "--output-len", help="Output tokens per request (min_tokens = max_tokens)."),
+    requests_per_level: Optional[int] = typer.Option(None, "--requests-per-level",
+                                                     help="Requests per level (default max(2C, 8))."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json / bench.md / bench.png."),
+    protocol: str = typer.Option("grpc", "--protocol", help="grpc | http"),
+    peers: Optional[str] = typer.Option(None, "--peers", help="Comma list: transformers,llama.cpp"),
+    model: Optional[str] = typer.Option(None, "--model", help="HF folder for the peers (default: the repo's model)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (with --url alone)."),
+    max_seconds_per_level: float = typer.Option(300.0, "--max-seconds-per-level", help="No new requests after this."),
+    streaming_overhead: int = typer.Option(0, "--streaming-overhead",
+                                           help="N pairs of the same request streamed vs not (cost per token)."),
+    run_time: str = typer.Option("30s", "--run-time", help="locust mode: run time."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report."),
+):
+    """Measure the server: a concurrency sweep with peers (TTFT, ITL, tokens/s), perf_analyzer, or locust."""
+    from tritonchat.loadtest.cli import run_bench_command
+
+    raise typer.Exit(run_bench_command(mode, url=url, model_repository=model_repository, http_url=http_url,
+                                       concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
+                                       requests_per_level=requests_per_level, out=out, protocol=protocol,
+                                       peers=peers, model=model, tokenizer=tokenizer,
+                                       max_seconds_per_level=max_seconds_per_level,
+                                       streaming_overhead=streaming_overhead, run_time=run_time, label=label))

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 import torch
 
 from tritonchat.python_backend.engine_torch import TorchExecutor
 
-STORIES = Path(os.environ.get("TRITONCHAT_SHARED", "/work/shared")) / "models" / "stories260K"
+STORIES = SHARED / "models" / "stories260K"
 N_NEW = 12
 # (prompt length, step at which it joins); the 4th prompt takes the slot the 1st one leaves
 PLAN = [(5, 0), (9, 2), (3, 5), (7, 14)]

@@ -70,6 +70,12 @@ class Release:
     window: list[int]
     read_offset: int
     trim_chars: int = 0
+    start: int = 0  # absolute index of window[0] in the sequence's text ids
+
+    def merge(self, later: "Release") -> "Release":
+        """One release covering this one and the `later` one (for a stream that fell behind)."""
+        head = self.window[: later.start - self.start]
+        return Release(head + later.window, self.read_offset, later.trim_chars, self.start)
 
 
 class TextTracker:
@@ -133,7 +139,7 @@ class TextTracker:
 
     def _release(self, n: int, trim: int) -> Release:
         p = max(0, self.released - WINDOW_BACK)
-        rel = Release(self.ids[p:n], self.released - p, trim)
+        rel = Release(self.ids[p:n], self.released - p, trim, p)
         self.released = n
         self.released_chars = len(self.text)
         return rel

@@ -7,6 +7,12 @@ One thread owns the executor. Between two decode steps it
 Requests join and leave the batch at step boundaries; the KV cache never leaves the executor.
 The scheduler knows nothing of Triton: each sequence carries a `sink` callable that receives
 `Output`s, and an `is_cancelled` callable.
+
+Sending a response and asking whether a request was cancelled are messages to the server
+process. A second thread, the courier, does both, so the decode loop never waits on them: it
+sends each sequence's outputs in order (merging a stream's queued pieces into one response when
+it falls behind: fewer, larger deltas under load instead of a slower loop) and polls
+cancellation, raising a flag that the loop reads before every step.
 """
 
 from __future__ import annotations
@@ -56,6 +62,83 @@ class Sequence:
     last_token: int = -1
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    cancelled: bool = False  # raised by the courier
+
+
+class Courier:
+    """Sends outputs (merging a stream's backlog) and polls cancellation, off the decode loop."""
+
+    def __init__(self, poll_interval: float = 0.02):
+        self.poll_interval = poll_interval
+        self.outbox: collections.deque[tuple[Sequence, Output]] = collections.deque()
+        self.watched: set[Sequence] = set()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="tritonchat-courier", daemon=True)
+        self._thread.start()
+
+    def post(self, seq: Sequence, out: Output) -> None:
+        with self._cv:
+            self.outbox.append((seq, out))
+            self._cv.notify()
+
+    def watch(self, seq: Sequence) -> None:
+        with self._cv:
+            self.watched.add(seq)
+            self._cv.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        last_poll = 0.0
+        while True:
+            with self._cv:
+                if not self.outbox and not self._stop:
+                    self._cv.wait(self.poll_interval if self.watched else None)
+                batch, self.outbox = self.outbox, collections.deque()
+                stopping = self._stop and not batch
+            for seq, out in _coalesce(batch):
+                if out.final:
+                    with self._cv:
+                        self.watched.discard(seq)
+                try:
+                    seq.sink(out)
+                except Exception:  # a client that went away must not stop the courier
+                    log.exception("could not send a response")
+            if stopping:
+                return
+            now = time.perf_counter()
+            if now - last_poll >= self.poll_interval:
+                last_poll = now
+                with self._cv:
+                    watched = list(self.watched)
+                for seq in watched:
+                    if not seq.cancelled and seq.is_cancelled():
+                        seq.cancelled = True
+
+
+def _coalesce(batch):
+    """Merge consecutive streamed outputs of one sequence; order per sequence is kept."""
+    merged: dict[int, tuple[Sequence, Output]] = {}
+    order: list[int] = []
+    for seq, out in batch:
+        key = id(seq)
+        prev = merged.get(key)
+        if prev is None or prev[1].error or out.error or prev[1].release is None or out.release is None:
+            if prev is not None:  # cannot merge: flush what we hold first
+                yield prev
+                order.remove(key)
+            merged[key] = (seq, out)
+            order.append(key)
+            continue
+        joined = dataclasses.replace(out, release=prev[1].release.merge(out.release))
+        merged[key] = (seq, joined)
+    for key in order:
+        yield merged[key]
 
 
 @dataclasses.dataclass
@@ -81,6 +164,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots = list(range(executor.max_slots - 1, -1, -1))
         self.stats = Stats()
+        self.courier = Courier()
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tritonchat-scheduler", daemon=True)
@@ -93,12 +177,14 @@ class Scheduler:
                 raise QueueFull(f"generator queue is full ({self.max_queue_size} waiting requests); retry later")
             self.waiting.append(seq)
             self._cv.notify()
+        self.courier.watch(seq)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout)
+        self.courier.shutdown(timeout)
 
     @property
     def load(self) -> tuple[int, int]:
@@ -130,7 +216,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         keep = []
         for seq in self.running:
-            if seq.is_cancelled():
+            if seq.cancelled:
                 self.stats.cancelled += 1
                 self._finish(seq, "cancelled")
             else:
@@ -144,7 +230,7 @@ class Scheduler:
                 if not self.waiting:
                     return
                 seq = self.waiting.popleft()
-            if seq.is_cancelled():
+            if seq.cancelled:
                 self.stats.cancelled += 1
                 self._finish(seq, "cancelled")
                 continue
@@ -215,7 +301,4 @@ class Scheduler:
         self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
 
     def _send(self, seq: Sequence, out: Output) -> None:
-        try:
-            seq.sink(out)
-        except Exception:  # a client that went away must not stop the loop
-            log.exception("could not send a response")
+        self.courier.post(seq, out)

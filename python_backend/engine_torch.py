@@ -653,11 +653,18 @@ class TorchExecutor(Executor):
         return out
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return self._decode(slots, tokens, greedy=False)
+
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Argmax on the device: copies len(slots) ids back instead of len(slots) x vocab logits."""
+        return self._decode(slots, tokens, greedy=True)
+
+    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = len(slots)
         if n == 0:
-            return np.zeros((0, self.vocab_size), dtype=np.float32)
+            return np.zeros((0,) if greedy else (0, self.vocab_size), dtype=np.int64 if greedy else np.float32)
         if len(tokens) != n:
             raise ValueError("slots and tokens differ in length")
         if slots.min() < 0 or slots.max() >= self.max_slots or len(set(slots.tolist())) != n:
@@ -670,9 +677,9 @@ class TorchExecutor(Executor):
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
                 out = self._launch(slots, tokens, pos)
-            logits = self._to_host(out, n)
+            result = out[:n].argmax(dim=-1).cpu().numpy() if greedy else self._to_host(out, n)
         self._lengths[slots] = pos + 1
-        return logits
+        return result
 
     def release(self, slot: int) -> None:
         self._lengths[int(slot)] = 0

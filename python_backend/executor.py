@@ -28,6 +28,13 @@ class Executor(abc.ABC):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """One step: append `tokens[i]` to the sequence in `slots[i]`; return logits [len(slots), vocab]."""
 
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """`decode` followed by argmax: the next token of each slot (int64 [len(slots)]).
+
+        Executors on a device override this to take the argmax there and copy back only the ids.
+        """
+        return self.decode(slots, tokens).argmax(axis=-1)
+
     def release(self, slot: int) -> None:
         """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
 

@@ -255,8 +255,12 @@ class Scheduler:
         slots = np.array([s.slot for s in batch], dtype=np.int64)
         order = np.argsort(slots, kind="stable")  # contiguous slots let executors avoid a gather
         batch = [batch[i] for i in order]
-        logits = self.ex.decode(slots[order], np.array([s.last_token for s in batch], dtype=np.int64))
-        tokens = sample_batch([s.sampler for s in batch], logits)
+        last = np.array([s.last_token for s in batch], dtype=np.int64)
+        samplers = [s.sampler for s in batch]
+        if all(s.p.plain for s in samplers):  # greedy batch: the executor may argmax on its device
+            tokens = self.ex.decode_greedy(slots[order], last).tolist()
+        else:
+            tokens = sample_batch(samplers, self.ex.decode(slots[order], last))
         self.stats.steps += 1
         self.stats.batch_size_sum += len(batch)
         done = {id(s) for s, t in zip(batch, tokens) if not self._advance(s, t)}

@@ -1,0 +1,223 @@
+"""Peers of `tritonchat bench`: the same prompts and lengths on the same model, without a server.
+
+* ``transformers``: ``model.generate`` on a batch of C prompts (left padding, greedy,
+  ``min_new_tokens = max_new_tokens = output_len``) at each concurrency C, on the device the
+  repository's generator runs on. This is the best a plain script does without a server: one static
+  batch, every sequence the same length. TTFT is a separate ``generate(max_new_tokens=1)`` of the
+  same batch; ITL = (batch time - TTFT) / (output_len - 1).
+* ``llama.cpp`` (CPU): llama-cpp-python on a GGUF written by ``loadtest/gguf_convert.py``. Its
+  ``Llama`` object runs one sequence at a time, so it is measured sequentially (C = 1) and that rate
+  is the reference at every C. Skipped, with the reason, when llama-cpp-python is not installed or the
+  model cannot be converted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .stats import mean, percentile
+
+PEERS = ("transformers", "llama.cpp")
+ALIASES = {"hf": "transformers", "transformers": "transformers", "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp",
+           "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
+
+
+def normalize_peers(names: List[str]) -> List[str]:
+    out = []
+    for n in names:
+        key = ALIASES.get(n.strip().lower())
+        if key is None:
+            raise ValueError(f"unknown peer {n!r} (known: {', '.join(PEERS)})")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _pcts(values, qs=(50, 90, 99)):
+    d = {f"p{q}": percentile(values, q) for q in qs}
+    d["mean"] = mean(values)
+    return d
+
+
+def generator_device(repo: Optional[Path]) -> str:
+    """'cuda' when the repository's generator runs on a GPU (and torch sees one), else 'cpu'."""
+    if repo is not None:
+        try:
+            text = (Path(repo) / "generator" / "config.pbtxt").read_text()
+        except OSError:
+            text = ""
+        if "KIND_GPU" in text:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    return "cuda"
+            except Exception:  # noqa: BLE001
+                pass
+    return "cpu"
+
+
+def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, progress, console) -> Dict[str, Any]:
+    results: Dict[str, Any] = {}
+    for name in normalize_peers(cfg.peers):
+        if model_dir is None or not Path(model_dir).is_dir():
+            results[name] = {"skipped": "no Hugging Face model folder: pass --model HF_DIR"}
+            continue
+        try:
+            if name == "transformers":
+                results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress)
+            else:
+                results[name] = llama_cpp_peer(cfg, Path(model_dir), prompts, progress)
+        except Exception as exc:  # noqa: BLE001 - a peer failing must not lose the server's figures
+            results[name] = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
+            console.print(f"[yellow]peer {name} failed:[/] {exc}")
+    return results
+
+
+# -------------------------------------------------------------------------------------------- transformers
+
+
+def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = generator_device(cfg.model_repository)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    # the GPU peer runs in bf16, as the issue's reference figures do; CPU in fp32
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    M = cfg.output_len
+    gen_kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def generate(enc, n):
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **gen_kw)
+        sync()
+        return out
+
+    levels = []
+    for c in cfg.concurrency:
+        n_req = cfg.requests_for(c)
+        n_batches = max(1, math.ceil(n_req / c))
+        task = progress.add_task(f"transformers B={c:<3}", total=n_batches)
+        batch = [prompts[i % len(prompts)] for i in range(c)]
+        enc = tok(batch, return_tensors="pt", padding=True).to(device)
+        generate(enc, 2)  # warm-up at this batch size
+        t = time.perf_counter()
+        generate(enc, 1)
+        ttft = (time.perf_counter() - t) * 1e3
+        times, capped, start = [], False, time.perf_counter()
+        new_tokens = None
+        for _ in range(n_batches):
+            if time.perf_counter() - start > cfg.max_seconds_per_level:
+                capped = True
+                break
+            t = time.perf_counter()
+            out = generate(enc, M)
+            times.append(time.perf_counter() - t)
+            new_tokens = out.shape[1] - enc["input_ids"].shape[1]
+            progress.advance(task)
+        progress.update(task, completed=n_batches)
+        total = sum(times)
+        done = len(times) * c
+        e2e = [x * 1e3 for x in times]
+        itl = [(x * 1e3 - ttft) / (M - 1) for x in times] if M > 1 else []
+        levels.append({
+            "concurrency": c, "requests": done, "errors": 0, "time_capped": capped, "wall_s": total,
+            "output_tokens": done * (new_tokens or M), "tokens_per_request": new_tokens,
+            "prompt_tokens": float(enc["input_ids"].shape[1]),
+            "output_tokens_per_s": done * (new_tokens or M) / total if total else None,
+            "requests_per_s": done / total if total else None,
+            "ttft_ms": {"p50": ttft, "p90": None, "p99": None, "mean": ttft},
+            "itl_ms": _pcts(itl), "e2e_ms": _pcts(e2e),
+        })
+    return {"mode": f"generate, batch = C, {device}", "device": device, "levels": levels,
+            "torch_threads": torch.get_num_threads()}
+
+
+# -------------------------------------------------------------------------------------------- llama.cpp
+
+
+def llama_cpp_available() -> Optional[str]:
+    """None when llama-cpp-python imports, else why not."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return (f"llama-cpp-python is not installed ({type(exc).__name__}: {str(exc)[:80]}); "
+                "pip install llama-cpp-python (builds llama.cpp from source)")
+    return None
+
+
+def llama_cpp_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dict[str, Any]:
+    reason = llama_cpp_available()
+    if reason:
+        return {"skipped": reason}
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return {"skipped": "the gguf package is not installed (pip install gguf): cannot convert the model"}
+    import llama_cpp
+
+    from .gguf_convert import ConvertError, convert
+
+    cache = Path(cfg.out) if cfg.out else Path(tempfile.gettempdir())
+    gguf_path = cache / f"{model_dir.name}.f32.gguf"
+    try:
+        convert(model_dir, gguf_path)
+    except ConvertError as exc:
+        return {"skipped": f"GGUF conversion not possible: {exc}"}
+    M = cfg.output_len
+    threads = os.cpu_count() or 1
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=cfg.prompt_len + M + 16, n_threads=threads,
+                          n_threads_batch=threads, n_batch=max(32, cfg.prompt_len + 1), verbose=False)
+    n_req = min(cfg.requests_for(1), 8)
+    task = progress.add_task("llama.cpp  C=1  ", total=n_req + 1)
+    records = []
+
+    def one(prompt: str):
+        ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        llm.reset()
+        t0 = time.perf_counter()
+        stamps = []
+        for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) >= M:
+                break
+        return t0, stamps, len(ids)
+
+    one(prompts[0])  # warm-up
+    progress.advance(task)
+    start = time.perf_counter()
+    capped = False
+    for i in range(n_req):
+        if time.perf_counter() - start > cfg.max_seconds_per_level:
+            capped = True
+            break
+        records.append(one(prompts[i % len(prompts)]))
+        progress.advance(task)
+    progress.update(task, completed=n_req + 1)
+    wall = sum(r[1][-1] - r[0] for r in records)
+    tokens = sum(len(r[1]) for r in records)
+    ttft = [(r[1][0] - r[0]) * 1e3 for r in records]
+    gaps = [(b - a) * 1e3 for r in records for a, b in zip(r[1], r[1][1:])]
+    e2e = [(r[1][-1] - r[0]) * 1e3 for r in records]
+    level = {"concurrency": 1, "requests": len(records), "errors": 0, "time_capped": capped, "wall_s": wall,
+             "output_tokens": tokens, "tokens_per_request": tokens / len(records) if records else None,
+             "prompt_tokens": mean(r[2] for r in records),
+             "output_tokens_per_s": tokens / wall if wall else None,
+             "requests_per_s": len(records) / wall if wall else None,
+             "ttft_ms": _pcts(ttft), "itl_ms": _pcts(gaps), "e2e_ms": _pcts(e2e)}
+    return {"mode": f"1 sequence at a time, {threads} threads", "levels": [level], "applies_to_all": True,
+            "gguf": str(gguf_path), "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}

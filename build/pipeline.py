@@ -106,7 +106,7 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             data = chosen.with_name(chosen.name + ".data")
             if data.exists():
                 files["model.onnx.data"] = data
-            files["kv_spec.json"] = onnx_dir / "kv_spec.json"
+            files["kv_spec.json"] = chosen.parent / "kv_spec.json"  # the quantized one records its precision
             model_file = "model.onnx"
             if engine == "tensorrt":
                 model_file = _tensorrt(progress, chosen, tmp, settings, max_seq_len, files)
@@ -129,18 +129,18 @@ def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, sett
     with _step(progress, f"Quantize to {precision}"):
         quantize(fp32, out, precision, calibration_text=calib, tokenizer=tokenizer, spec=spec)
     if accuracy_gate:
-        from tritonchat.build.evaluate import default_eval_text, evaluate, gate, render_report
+        from tritonchat.build.evaluate import evaluate, gate, render_report
 
         with _step(progress, "Accuracy gate: perplexity, token agreement, size"):
-            report = evaluate(model, out, text=default_eval_text(), prompts=EVAL_PROMPTS, tokenizer=tokenizer)
-        con.print(render_report(report))
-        info["accuracy"] = report.to_json() if hasattr(report, "to_json") else str(report)
+            report = evaluate(model, out, prompts=EVAL_PROMPTS, tokenizer=tokenizer)
+        render_report(report, console=con)
+        info["accuracy"] = report.to_dict()
         gate(report, precision, settings["accuracy_bounds"])
     return out
 
 
 def _tensorrt(progress, onnx_path: Path, tmp: Path, settings, max_seq_len: int, files: dict) -> str:
-    from tritonchat.build.tensorrt import build_engine, tensorrt_available
+    from tritonchat.build.tensorrt import build_engine, plan_meta_path, tensorrt_available
 
     ok, reason = tensorrt_available()
     if not ok:
@@ -154,7 +154,5 @@ def _tensorrt(progress, onnx_path: Path, tmp: Path, settings, max_seq_len: int, 
                                "opt_batch_size": trt["opt_batch_size"], "opt_seq_len": trt["opt_seq_len"]},
                      timing_cache_path=tmp / "trt" / "timing.cache", workspace_gb=trt["workspace_gb"])
     files["model.plan"] = plan
-    meta = plan.with_suffix(".json")
-    if meta.exists():
-        files["model.plan.json"] = meta
+    files["model.plan.json"] = plan_meta_path(plan)
     return "model.plan"

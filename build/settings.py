@@ -79,6 +79,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
             raise SettingsError(f"{key} must be one of {', '.join(options)}, got {s[key]!r}")
     if int(s["max_batch_size"]) < 1:
         raise SettingsError("max_batch_size must be >= 1")
+    if s["engine"] == "tensorrt":
+        s["device"] = "cuda"  # a TensorRT plan runs on the GPU it was built for
     if s["engine"] == "torch" and s["precision"] != "fp32":
         raise SettingsError("the torch engine takes --dtype, not --precision")
     return s

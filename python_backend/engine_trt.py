@@ -160,6 +160,13 @@ class TrtExecutor(Executor):
         return logits
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return self._decode(slots, tokens, greedy=False)
+
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Argmax on the GPU: only the token ids cross PCIe."""
+        return self._decode(slots, tokens, greedy=True)
+
+    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool) -> np.ndarray:
         torch = self.torch
         slots = np.asarray(slots, dtype=np.int64)
         lengths = self.lengths[slots]
@@ -185,9 +192,10 @@ class TrtExecutor(Executor):
             for store, name in zip(self.cache, self.present_names):
                 # the new column of every sequence sits at index `top`; it belongs at index `length`
                 store[slot_t, :, len_t] = out[name][rows, :, top]
-            logits = out["logits"][:, -1].float().cpu().numpy()
+            last = out["logits"][:, -1]
+            result = last.argmax(-1).cpu().numpy() if greedy else last.float().cpu().numpy()  # waits for the stream
         self.lengths[slots] = lengths + 1
-        return logits
+        return result
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0

@@ -114,4 +114,17 @@ fi
 say "preparing the Triton backend directory"
 "$VPY" -m tritonchat.server --install || die "the Triton server set-up failed (see above); 'tritonchat doctor' shows what is missing"
 
+# --- 5. perf_analyzer (optional) --------------------------------------------------------------------------
+# >>> perf_analyzer: .tools/bin/perf_analyzer (wheel + newer glibc loader where needed); never fatal
+# Idempotent (a working install is kept). PERF_ANALYZER=0 skips it.
+if [ "${PERF_ANALYZER:-1}" != 0 ]; then
+  say "perf_analyzer (.tools/, git-ignored)"
+  if "$VPY" -m tritonchat.loadtest.install_perf_analyzer; then
+    ok "perf_analyzer: $ROOT/.tools/bin/perf_analyzer"
+  else
+    printf '%swarning:%s perf_analyzer was not installed (see above); everything else works without it.\n' "$R" "$N" >&2
+  fi
+fi
+# <<< perf_analyzer
+
 ok "done. Next: source .venv/bin/activate && tritonchat doctor && tritonchat quickstart"

@@ -62,7 +62,8 @@ def generator_device(repo: Optional[Path]) -> str:
     return "cpu"
 
 
-def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, progress, console) -> Dict[str, Any]:
+def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, progress, console,
+              tag: str = "") -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     for name in normalize_peers(cfg.peers):
         if model_dir is None or not Path(model_dir).is_dir():
@@ -70,9 +71,9 @@ def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, pro
             continue
         try:
             if name == "transformers":
-                results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress)
+                results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress, tag)
             else:
-                results[name] = llama_cpp_peer(cfg, Path(model_dir), prompts, progress)
+                results[name] = llama_cpp_peer(cfg, Path(model_dir), prompts, progress, tag)
         except Exception as exc:  # noqa: BLE001 - a peer failing must not lose the server's figures
             results[name] = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
             console.print(f"[yellow]peer {name} failed:[/] {exc}")
@@ -82,7 +83,7 @@ def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, pro
 # -------------------------------------------------------------------------------------------- transformers
 
 
-def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dict[str, Any]:
+def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: str = "") -> Dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,7 +112,7 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dic
     for c in cfg.concurrency:
         n_req = cfg.requests_for(c)
         n_batches = max(1, math.ceil(n_req / c))
-        task = progress.add_task(f"transformers B={c:<3}", total=n_batches)
+        task = progress.add_task(f"{tag}transformers B={c:<3}", total=n_batches)
         batch = [prompts[i % len(prompts)] for i in range(c)]
         enc = tok(batch, return_tensors="pt", padding=True).to(device)
         generate(enc, 2)  # warm-up at this batch size
@@ -160,7 +161,7 @@ def llama_cpp_available() -> Optional[str]:
     return None
 
 
-def llama_cpp_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dict[str, Any]:
+def llama_cpp_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: str = "") -> Dict[str, Any]:
     reason = llama_cpp_available()
     if reason:
         return {"skipped": reason}
@@ -183,7 +184,7 @@ def llama_cpp_peer(cfg, model_dir: Path, prompts: List[str], progress) -> Dict[s
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=cfg.prompt_len + M + 16, n_threads=threads,
                           n_threads_batch=threads, n_batch=max(32, cfg.prompt_len + 1), verbose=False)
     n_req = min(cfg.requests_for(1), 8)
-    task = progress.add_task("llama.cpp  C=1  ", total=n_req + 1)
+    task = progress.add_task(f"{tag}llama.cpp  C=1  ", total=n_req + 1)
     records = []
 
     def one(prompt: str):

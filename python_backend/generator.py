@@ -8,6 +8,8 @@ the request's response sender, and polls cancellation before every step.
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -24,6 +26,11 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        if os.environ.get("TRITONCHAT_FAULTHANDLER"):  # a file for the Python stacks of a crashing stub
+            import faulthandler
+
+            self._fault_file = open(os.environ["TRITONCHAT_FAULTHANDLER"], "a")
+            faulthandler.enable(self._fault_file, all_threads=True)
         config, params, version_dir = io.model_setup(args)
         self.model_name = args["model_name"]
         self.max_seq_len = int(params["max_seq_len"])
@@ -37,9 +44,14 @@ class TritonPythonModel:
             threads=int(params.get("threads", "0")),
             device=params.get("device", "cpu"),
             dtype=params.get("dtype", "float32"),
+            **_executor_options(params),
         )
+        # Responses, cancellation polls and metric updates are all messages to the server, sent from
+        # the courier, the scheduler and the main thread; the stub crashes (SIGSEGV) when two of
+        # them send at once, so every such call holds this lock.
+        self.ipc = threading.Lock()
         self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
-                                   metrics=GeneratorMetrics(self.model_name))
+                                   metrics=_SerialMetrics(GeneratorMetrics(self.model_name), self.ipc))
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
                                  f"end ids {list(self.end_ids)}")
 
@@ -50,9 +62,11 @@ class TritonPythonModel:
                 seq = self._sequence(request, sender)
                 self.scheduler.submit(seq)
             except InvalidParameter as exc:
-                sender.send(io.error_response(str(exc)), flags=FINAL)
+                with self.ipc:
+                    sender.send(io.error_response(str(exc)), flags=FINAL)
             except QueueFull as exc:
-                sender.send(io.error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+                with self.ipc:
+                    sender.send(io.error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
         return None
 
     def _sequence(self, request, sender) -> Sequence:
@@ -81,17 +95,24 @@ class TritonPythonModel:
         ).validate(self.max_seq_len)
         include_prompt = not s(request, "exclude_input_in_output", bool, True)
         tracker = TextTracker(self.tokenizer, prompt if include_prompt else (), io.strings(request, "stop_words"))
-        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
-        return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out),
+        poll = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+        ipc = self.ipc
+
+        def cancelled() -> bool:
+            with ipc:
+                return poll()
+
+        return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out, ipc),
                         stream=s(request, "stream", bool, False), is_cancelled=cancelled)
 
     def finalize(self):
         self.scheduler.shutdown()
 
 
-def _send(sender, out: Output) -> None:
+def _send(sender, out: Output, ipc: threading.Lock) -> None:
     if out.error:
-        sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
+        with ipc:
+            sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
         return
     rel = out.release
     window = rel.window if rel else []
@@ -104,7 +125,59 @@ def _send(sender, out: Output) -> None:
         io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
         io.bytes_tensor("finish_reason", out.finish_reason),
     ])
-    sender.send(response, flags=FINAL if out.final else 0)
+    with ipc:
+        sender.send(response, flags=FINAL if out.final else 0)
+
+
+class _SerialMetrics:
+    """The scheduler's metric hooks, sent under the IPC lock without making the decode loop wait.
+
+    While another thread holds the lock (the courier sending responses) the updates are kept and
+    go with a later step: gauges keep the last value, counters add up, observations queue. When the
+    scheduler goes idle (nothing running or waiting) it waits for the lock so nothing is left behind.
+    """
+
+    def __init__(self, metrics: GeneratorMetrics, lock: threading.Lock):
+        self.m, self.lock = metrics, lock
+        self.load: tuple[int, int] | None = None
+        self.tokens = self.steps = 0
+        self.events: list[tuple] = []
+
+    def step(self, running: int, waiting: int, new_tokens: int) -> None:
+        self.load = (running, waiting)
+        if new_tokens:
+            self.tokens += new_tokens
+            self.steps += 1
+        self._flush(block=not running and not waiting)
+
+    def first_token(self, seconds: float) -> None:
+        self.events.append((self.m.first_token, seconds))
+
+    def finished(self, reason: str, seconds: float) -> None:
+        self.events.append((self.m.finished, reason, seconds))
+
+    def _flush(self, block: bool) -> None:
+        if not self.lock.acquire(blocking=block):
+            return
+        try:
+            events, self.events = self.events, []
+            for fn, *args in events:
+                fn(*args)
+            if self.load is not None:
+                self.m.step(*self.load, self.tokens)  # sends only what changed; counts one step
+                if self.steps > 1:
+                    self.m.steps.increment(self.steps - 1)
+                self.tokens = self.steps = 0
+        finally:
+            self.lock.release()
+
+
+def _executor_options(params: dict) -> dict:
+    """Optional executor knobs a repository may set as parameters (absent: the executor's defaults)."""
+    opts = {k: params[k] for k in ("kernels", "attention") if params.get(k)}
+    if params.get("cuda_graphs"):
+        opts["cuda_graphs"] = params["cuda_graphs"].strip().lower() in ("1", "true", "yes", "on")
+    return opts
 
 
 def _split_words(flat) -> tuple[tuple[int, ...], ...]:

@@ -140,6 +140,7 @@ def bench(
                                            help="N pairs of the same request streamed vs not (cost per token)."),
     run_time: str = typer.Option("30s", "--run-time", help="locust mode: run time."),
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report."),
+    rounds: int = typer.Option(1, "--rounds", help="Alternate server and peers N times; keep each one's best."),
 ):
     """Measure the server: a concurrency sweep with peers (TTFT, ITL, tokens/s), perf_analyzer, or locust."""
     from tritonchat.loadtest.cli import run_bench_command
@@ -149,4 +150,5 @@ def bench(
                                        requests_per_level=requests_per_level, out=out, protocol=protocol,
                                        peers=peers, model=model, tokenizer=tokenizer,
                                        max_seconds_per_level=max_seconds_per_level,
-                                       streaming_overhead=streaming_overhead, run_time=run_time, label=label))
+                                       streaming_overhead=streaming_overhead, run_time=run_time, label=label,
+                                       rounds=rounds))

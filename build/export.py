@@ -160,22 +160,34 @@ def _consolidate_external_data(path: Path, threshold_bytes: int = 1 << 20) -> No
         if t.data_location == onnx.TensorProto.EXTERNAL:
             written |= {e.value for e in t.external_data if e.key == "location"}
     load_external_data_for_model(model, str(path.parent))
-    # everything is in memory now; onnx appends to an existing data file, so start afresh
-    # (a re-export into the same folder would otherwise grow it by one copy each time)
+    save_onnx(model, path, threshold_bytes)
+    root = path.parent.resolve()
+    for loc in written - {data_name}:
+        f = (path.parent / loc).resolve()
+        if f.parent == root and f.is_file() and f != path.resolve():
+            f.unlink()
+
+
+def save_onnx(model, path: Path, threshold_bytes: int = 1 << 20) -> None:
+    """Save with all weights in one `<name>.data` beside `path` when they exceed `threshold_bytes`.
+
+    onnx appends to an existing data file, so a stale one is removed first (a re-export into the
+    same folder would otherwise grow it by one copy each time). Saving with external data empties
+    the in-memory tensors: do not use `model` afterwards.
+    """
+    import onnx
+
+    path = Path(path)
+    data_name = path.name + ".data"
     stale = path.parent / data_name
     if stale.exists():
         stale.unlink()
     size = sum(t.ByteSize() for t in model.graph.initializer)
     if size > threshold_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+                        location=data_name, size_threshold=1024, convert_attribute=False)
     else:
         onnx.save_model(model, str(path))
-    root = path.parent.resolve()
-    for loc in written - {data_name}:
-        f = (path.parent / loc).resolve()
-        if f.parent == root and f.is_file() and f != path.resolve():
-            f.unlink()
 
 
 def write_spec(spec: KVSpec, path: Path, **extra) -> None:

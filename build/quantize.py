@@ -185,26 +185,11 @@ def artifact_size(onnx_path: Path) -> int:
 
 
 def save_model(model, path: Path, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD) -> None:
-    """Save with all weights in one `<name>.data` beside `path` when they exceed `threshold_bytes`.
-    (Saving with external data empties the in-memory tensors: do not use `model` afterwards.)"""
-    import onnx
+    from .export import save_onnx
 
-    path = Path(path)
-    data_name = path.name + ".data"
-    stale = path.parent / data_name
-    if stale.exists():
-        stale.unlink()
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > threshold_bytes:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024, convert_attribute=False)
-    else:
-        onnx.save_model(model, str(path))
+    save_onnx(model, path, threshold_bytes)
 
 
-# ----------------------------------------------------------------------------------------------
-# FP16
-# ----------------------------------------------------------------------------------------------
 def fp16_node_block_list(model) -> list[str]:
     return [n.name for n in model.graph.node if n.name and FP16_NODE_BLOCK_PATTERN.search(n.name)]
 

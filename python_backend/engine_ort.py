@@ -21,6 +21,17 @@ from .executor import Executor
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
+def decode_layout(lengths: np.ndarray, max_seq_len: int) -> tuple[int, np.ndarray]:
+    """(Lmax, attention mask [B, Lmax+1]) for one decode step over slots of these lengths:
+    ones over each slot's own positions and the new token's column, zeros over the holes."""
+    top = int(lengths.max())
+    if top + 1 > max_seq_len:
+        raise ValueError("a sequence reached the end of its KV cache")
+    mask = (np.arange(top + 1)[None, :] < lengths[:, None]).astype(np.int64)
+    mask[:, top] = 1
+    return top, mask
+
+
 class OrtExecutor(Executor):
     def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
                  threads: int = 0, providers: list[str] | None = None, **_unused):
@@ -72,12 +83,8 @@ class OrtExecutor(Executor):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)
         lengths = self.lengths[slots]
-        top = int(lengths.max())
-        if top + 1 > self.max_seq_len:
-            raise ValueError("a sequence reached the end of its KV cache")
+        top, mask = decode_layout(lengths, self.max_seq_len)
         b = len(slots)
-        mask = (np.arange(top + 1)[None, :] < lengths[:, None]).astype(np.int64)
-        mask[:, top] = 1
         feeds = {
             "input_ids": np.asarray(tokens, dtype=np.int64).reshape(b, 1),
             "attention_mask": mask,

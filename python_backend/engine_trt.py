@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine_ort import decode_layout
 from .executor import Executor
 
 
@@ -170,12 +171,8 @@ class TrtExecutor(Executor):
         torch = self.torch
         slots = np.asarray(slots, dtype=np.int64)
         lengths = self.lengths[slots]
-        top = int(lengths.max())
-        if top + 1 > self.max_seq_len:
-            raise ValueError("a sequence reached the end of its KV cache")
+        top, mask = decode_layout(lengths, self.max_seq_len)
         b = len(slots)
-        mask = (np.arange(top + 1)[None, :] < lengths[:, None]).astype(np.int64)
-        mask[:, top] = 1
         with torch.cuda.stream(self.stream):
             slot_t = self._tensor(slots, torch.int64)
             len_t = self._tensor(lengths, torch.int64)

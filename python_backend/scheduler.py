@@ -71,6 +71,7 @@ class Courier:
     def __init__(self, poll_interval: float = 0.02):
         self.poll_interval = poll_interval
         self.outbox: collections.deque[tuple[Sequence, Output]] = collections.deque()
+        self.tasks: collections.deque[Callable[[], None]] = collections.deque()
         self.watched: set[Sequence] = set()
         self._cv = threading.Condition()
         self._stop = False
@@ -80,6 +81,12 @@ class Courier:
     def post(self, seq: Sequence, out: Output) -> None:
         with self._cv:
             self.outbox.append((seq, out))
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the courier thread (metrics: every call into the server stays on one thread)."""
+        with self._cv:
+            self.tasks.append(fn)
             self._cv.notify()
 
     def watch(self, seq: Sequence) -> None:
@@ -97,10 +104,16 @@ class Courier:
         last_poll = 0.0
         while True:
             with self._cv:
-                if not self.outbox and not self._stop:
+                if not self.outbox and not self.tasks and not self._stop:
                     self._cv.wait(self.poll_interval if self.watched else None)
                 batch, self.outbox = self.outbox, collections.deque()
-                stopping = self._stop and not batch
+                tasks, self.tasks = self.tasks, collections.deque()
+                stopping = self._stop and not batch and not tasks
+            for fn in tasks:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("courier task failed")
             for seq, out in _coalesce(batch):
                 if out.final:
                     with self._cv:
@@ -209,7 +222,8 @@ class Scheduler:
                     self._finish(seq, "", error=f"generator failed: {exc}")
                 self.running = []
             if self.metrics:
-                self.metrics.step(len(self.running), len(self.waiting), self.stats.tokens - tokens_before)
+                load, new = (len(self.running), len(self.waiting)), self.stats.tokens - tokens_before
+                self.courier.call(lambda load=load, new=new: self.metrics.step(*load, new))
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "cancelled", error="server is shutting down")
 
@@ -276,7 +290,8 @@ class Scheduler:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             if self.metrics:
-                self.metrics.first_token(seq.first_token_at - seq.arrived)
+                ttft = seq.first_token_at - seq.arrived
+                self.courier.call(lambda: self.metrics.first_token(ttft))
         p = seq.params
         if token in p.end_ids:  # the sampler masks end ids until min_tokens
             self._finish(seq, "stop")
@@ -300,7 +315,8 @@ class Scheduler:
             seq.slot = -1
         self.stats.finished += 1
         if self.metrics:
-            self.metrics.finished(reason, time.perf_counter() - seq.arrived)
+            e2e = time.perf_counter() - seq.arrived
+            self.courier.call(lambda: self.metrics.finished(reason, e2e))
         rel = None if error else seq.tracker.final()
         self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
 

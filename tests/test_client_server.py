@@ -20,7 +20,7 @@ def test_async_client_generate_stream_and_cancel(stories_server, protocol):
             await c.wait_ready(timeout=30)
             whole = await c.generate("Once upon a time", max_tokens=30)
             pieces = [d.text async for d in c.stream("Once upon a time", max_tokens=30)]
-            assert "".join(pieces) == whole.text and len(pieces) > 5
+            assert "".join(pieces) == whole.text
             # leave a long stream early; the server must still answer the next ones
             async with c.stream("Once upon a time", max_tokens=400, min_tokens=400) as s:
                 async for i, _ in _aenumerate(s):

@@ -84,7 +84,7 @@ def test_http_generate_and_generate_stream(http, grpc):
     assert whole.text == grpc.generate("Once upon a time", max_tokens=24).text
     deltas = list(http.stream("Once upon a time", max_tokens=24))
     assert "".join(d.text for d in deltas) == whole.text
-    assert deltas[-1].finish_reason == "length" and len(deltas) > 5
+    assert deltas[-1].finish_reason == "length"
 
 
 def test_stream_concatenation_is_the_whole_answer(grpc):

@@ -116,8 +116,9 @@ def test_streamed_deltas_are_the_whole_answer_without_replacement_chars(served, 
     if "\ufffd" not in whole.text:
         assert not any("\ufffd" in d for d in deltas)
     if prompt.startswith("你好"):  # the model answers in Chinese, split over several tokens each
+        # (how many responses carry it depends on load: a lagging stream's pieces are merged; the
+        # token-by-token release is pinned down by the tests at the top of this file)
         assert any("\u4e00" <= c <= "\u9fff" for c in whole.text)
-        assert len(deltas) > 3
 
 
 def test_byte_fallback_run_is_never_split_between_releases():

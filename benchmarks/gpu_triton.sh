@@ -17,6 +17,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 [ -f .whl/pytriton-min.tar.xz ] && tar -xJf .whl/pytriton-min.tar.xz -C "$SITE"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+# Python stacks of a crashing generator stub (python_backend/generator.py reads it). One entry with
+# "<no Python frame>" per server stop is the stub's teardown, after every response went out.
+export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
 cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
 python3 -m tritonchat.server --install
 MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -46,12 +45,8 @@ class TritonPythonModel:
             dtype=params.get("dtype", "float32"),
             **_executor_options(params),
         )
-        # Responses, cancellation polls and metric updates are all messages to the server, sent from
-        # the courier, the scheduler and the main thread; the stub crashes (SIGSEGV) when two of
-        # them send at once, so every such call holds this lock.
-        self.ipc = threading.Lock()
         self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
-                                   metrics=_SerialMetrics(GeneratorMetrics(self.model_name), self.ipc))
+                                   metrics=GeneratorMetrics(self.model_name))
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
                                  f"end ids {list(self.end_ids)}")
 
@@ -62,11 +57,9 @@ class TritonPythonModel:
                 seq = self._sequence(request, sender)
                 self.scheduler.submit(seq)
             except InvalidParameter as exc:
-                with self.ipc:
-                    sender.send(io.error_response(str(exc)), flags=FINAL)
+                sender.send(io.error_response(str(exc)), flags=FINAL)
             except QueueFull as exc:
-                with self.ipc:
-                    sender.send(io.error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+                sender.send(io.error_response(str(exc), pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
         return None
 
     def _sequence(self, request, sender) -> Sequence:
@@ -95,28 +88,27 @@ class TritonPythonModel:
         ).validate(self.max_seq_len)
         include_prompt = not s(request, "exclude_input_in_output", bool, True)
         tracker = TextTracker(self.tokenizer, prompt if include_prompt else (), io.strings(request, "stop_words"))
-        poll = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
-        ipc = self.ipc
-
-        def cancelled() -> bool:
-            with ipc:
-                return poll()
-
-        return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out, ipc),
+        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+        return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out),
                         stream=s(request, "stream", bool, False), is_cancelled=cancelled)
 
     def finalize(self):
         self.scheduler.shutdown()
 
 
-def _send(sender, out: Output, ipc: threading.Lock) -> None:
+def _send(sender, out: Output) -> None:
     if out.error:
-        with ipc:
-            sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
+        sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
         return
     rel = out.release
     window = rel.window if rel else []
-    response = pb_utils.InferenceResponse(output_tensors=[
+    # `tensors` must outlive `send`: the 24.10 stub's ResponseSender.send releases the GIL and then
+    # drops the outputs the downstream model did not request (the ensemble never asks for
+    # `is_final`). If the response held the last reference to such a Tensor, its numpy array is
+    # freed without the GIL, which corrupts the interpreter's heap: the stub then dies with SIGSEGV
+    # in whichever thread runs next (every time on the GPU, where the first request hung; now and
+    # then on CPU). Holding the list here keeps that last reference on this side, freed with the GIL.
+    tensors = [
         io.tensor("tokens", window, np.int32),
         io.tensor("read_offset", [rel.read_offset if rel else len(window)], np.int32),
         io.tensor("trim_chars", [rel.trim_chars if rel else 0], np.int32),
@@ -124,52 +116,9 @@ def _send(sender, out: Output, ipc: threading.Lock) -> None:
         io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
         io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
         io.bytes_tensor("finish_reason", out.finish_reason),
-    ])
-    with ipc:
-        sender.send(response, flags=FINAL if out.final else 0)
-
-
-class _SerialMetrics:
-    """The scheduler's metric hooks, sent under the IPC lock without making the decode loop wait.
-
-    While another thread holds the lock (the courier sending responses) the updates are kept and
-    go with a later step: gauges keep the last value, counters add up, observations queue. When the
-    scheduler goes idle (nothing running or waiting) it waits for the lock so nothing is left behind.
-    """
-
-    def __init__(self, metrics: GeneratorMetrics, lock: threading.Lock):
-        self.m, self.lock = metrics, lock
-        self.load: tuple[int, int] | None = None
-        self.tokens = self.steps = 0
-        self.events: list[tuple] = []
-
-    def step(self, running: int, waiting: int, new_tokens: int) -> None:
-        self.load = (running, waiting)
-        if new_tokens:
-            self.tokens += new_tokens
-            self.steps += 1
-        self._flush(block=not running and not waiting)
-
-    def first_token(self, seconds: float) -> None:
-        self.events.append((self.m.first_token, seconds))
-
-    def finished(self, reason: str, seconds: float) -> None:
-        self.events.append((self.m.finished, reason, seconds))
-
-    def _flush(self, block: bool) -> None:
-        if not self.lock.acquire(blocking=block):
-            return
-        try:
-            events, self.events = self.events, []
-            for fn, *args in events:
-                fn(*args)
-            if self.load is not None:
-                self.m.step(*self.load, self.tokens)  # sends only what changed; counts one step
-                if self.steps > 1:
-                    self.m.steps.increment(self.steps - 1)
-                self.tokens = self.steps = 0
-        finally:
-            self.lock.release()
+    ]
+    sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.final else 0)
+    del tensors  # only now, with the GIL held
 
 
 def _executor_options(params: dict) -> dict:

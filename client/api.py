@@ -212,7 +212,20 @@ class DeltaStream:
             pass
 
 
-class ChatClient:
+class _ClientSettings:
+    """Where and how to connect: what the sync and the asyncio client share."""
+
+    def __init__(self, url: Optional[str], protocol: str, model: str, timeout: Optional[float],
+                 connect_timeout: float, verbose: bool):
+        self.protocol = _check_protocol(protocol)
+        self.url = normalize_url(url, self.protocol)
+        self.model = model
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.verbose = verbose
+
+
+class ChatClient(_ClientSettings):
     """Synchronous client.  Thread-safe: concurrent requests from several threads each get their
     own gRPC stream (connections are pooled) or HTTP connection.
 
@@ -222,12 +235,7 @@ class ChatClient:
 
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model: str = "ensemble",
                  timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False):
-        self.protocol = _check_protocol(protocol)
-        self.url = normalize_url(url, self.protocol)
-        self.model = model
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.verbose = verbose
+        _ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose)
         self._pool: List[Any] = []  # idle tritonclient.grpc clients
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -509,19 +517,14 @@ class AsyncDeltaStream:
         await self.aclose()
 
 
-class AsyncChatClient:
+class AsyncChatClient(_ClientSettings):
     """asyncio client with the same API as :class:`ChatClient` (``await`` its methods; ``stream``
     returns an :class:`AsyncDeltaStream`).  Create it anywhere; connections are opened inside the
     running loop on first use.  Close with ``await client.close()`` or ``async with``."""
 
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model: str = "ensemble",
                  timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False):
-        self.protocol = _check_protocol(protocol)
-        self.url = normalize_url(url, self.protocol)
-        self.model = model
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.verbose = verbose
+        _ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose)
         self._grpc = None
         self._session = None
 

@@ -32,7 +32,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import urllib.request
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 
 def percentile(values: Sequence[float], q: float) -> Optional[float]:

@@ -103,8 +103,8 @@ def _send(sender, out: Output) -> None:
     rel = out.release
     window = rel.window if rel else []
     # `tensors` must outlive `send`: the 24.10 stub's ResponseSender.send releases the GIL and then
-    # drops the outputs the downstream model did not request (the ensemble never asks for
-    # `is_final`). If the response held the last reference to such a Tensor, its numpy array is
+    # drops the outputs the requester did not ask for (a client calling the generator directly may
+    # ask for a subset). If the response held the last reference to such a Tensor, its numpy array is
     # freed without the GIL, which corrupts the interpreter's heap: the stub then dies with SIGSEGV
     # in whichever thread runs next (every time on the GPU, where the first request hung; now and
     # then on CPU). Holding the list here keeps that last reference on this side, freed with the GIL.
@@ -112,7 +112,6 @@ def _send(sender, out: Output) -> None:
         io.tensor("tokens", window, np.int32),
         io.tensor("read_offset", [rel.read_offset if rel else len(window)], np.int32),
         io.tensor("trim_chars", [rel.trim_chars if rel else 0], np.int32),
-        io.tensor("is_final", [out.final], np.bool_),
         io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
         io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
         io.bytes_tensor("finish_reason", out.finish_reason),

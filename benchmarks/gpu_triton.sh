@@ -25,7 +25,14 @@ python3 -m tritonchat.server --install
 MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama
 [ -f $MODEL/config.json ] || python3 -m tritonchat.build.synthetic --arch llama --tokenizer llama2 --out $MODEL \
     --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
+# postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
+printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
 [ -f $REPO/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $REPO --engine torch \
-    --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512}
+    --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml
+if [ -n "${PROFILE:-}" ]; then  # py-spy of the generator stub for 10 s, $PROFILE seconds into the bench
+  ( sleep "$PROFILE"; pid=$(pgrep -f 'generator/1/model.py' | head -1)
+    [ -n "$pid" ] && py-spy record -p "$pid" -d 10 -r 100 -f raw --threads --nonblocking -o "$OUT/generator-profile.txt" \
+      > "$OUT/py-spy.log" 2>&1 ) &
+fi
 python3 -m tritonchat.cli bench --model-repository $REPO --concurrency ${LEVELS:-1,16,64,128} \
     --prompt-len 128 --output-len 128 --peers transformers --model $MODEL --out "$OUT/bench" "$@"

@@ -14,7 +14,13 @@
       int8-weight-only: 0.02
     models:                     # per-model Triton settings, visible in each config.pbtxt
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
-      generator:      {instances: 1, max_queue_delay_microseconds: 0, max_queue_size: 256, threads: 0}
+      generator:      {instances: 1, max_queue_delay_microseconds: 0, max_queue_size: 256, threads: 0,
+                       stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048}
+                      # stream_interval_ms: a stream's tokens after the first are sent at most this
+                      #   often, as one delta (fewer responses for postprocessing under load)
+                      # stream_responses_per_s: all streams together get at most this many responses
+                      #   per second (n streams: one each n / rate seconds); auto: 200 per CPU core
+                      # prefill_token_budget: prompt tokens prefilled together between decode steps
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
 """
 
@@ -38,7 +44,8 @@ DEFAULTS: dict = {
     "tensorrt": {"workspace_gb": 8, "opt_batch_size": None, "opt_seq_len": 128},
     "models": {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
-        "generator": {"instances": 1, "max_queue_delay_microseconds": 0, "max_queue_size": 256, "threads": 0},
+        "generator": {"instances": 1, "max_queue_delay_microseconds": 0, "max_queue_size": 256, "threads": 0,
+                      "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
     },
 }

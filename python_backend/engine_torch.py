@@ -15,7 +15,8 @@ gate/up projections are fused into one matrix each. Two sets of kernels implemen
     indices and per-slot lengths (flash-decoding style; no gather, no host sync), plus a combine.
   * "torch" (CPU, or anywhere as the reference): plain PyTorch ops; decode attention gathers the
     batch's slots up to a length bucket and runs masked `scaled_dot_product_attention`.
-Prefill runs one sequence at a time with causal SDPA over the prompt.
+Prefill runs every admitted prompt in one forward (packed tokens; causal SDPA per prompt over
+the right-padded batch).
 
 CUDA graphs: the decode step is captured lazily, on the first use of each padded batch size (sizes
 1, 2, 4, ... up to `max_slots`, or `graph_batch_sizes`); with the "torch"/SDPA attention a graph is
@@ -496,17 +497,23 @@ class TorchExecutor(Executor):
         return F.silu(g) * u
 
     # -- attention ---------------------------------------------------------------------------
-    def _attn_prefill(self, q, L, slot: int, n: int):
-        qq = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        k = L.kc[slot, :, :n].unsqueeze(0)
-        v = L.vc[slot, :, :n].unsqueeze(0)
+    def _attn_prefill(self, q, L, pack):
+        """Causal attention of packed prompts: each prompt is right-padded to the longest, its keys
+        read from its own slot [0, longest); a query at position i < n sees keys 0..i, all its own,
+        so padding never leaks into a real row."""
+        slots, rows, valid, width = pack
+        b, hq, d = len(slots), self.num_heads, self.head_dim
+        qq = q.view(-1, hq, d)[rows].transpose(1, 2)  # [b, Hq, width, D]
+        k = L.kc[slots, :, :width]
+        v = L.vc[slots, :, :width]
         try:
             out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         except (TypeError, RuntimeError):
             k = k.repeat_interleave(self.group, 1)
             v = v.repeat_interleave(self.group, 1)
             out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale)
-        return out[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(b * width, hq * d)
+        return out[valid]
 
     def _splits(self, b: int) -> int:
         blocks = max(1, triton_cdiv(self.max_seq_len, 64))
@@ -539,7 +546,7 @@ class TorchExecutor(Executor):
         return out.reshape(b, hq * d)
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, tok, slots, pos, attn, last_only=False):
+    def _forward(self, tok, slots, pos, attn, last=None):
         x = F.embedding(tok, self.embed)
         res = None
         for L in self.layers:
@@ -549,8 +556,8 @@ class TorchExecutor(Executor):
             o = F.linear(attn(q, L), L.wo, L.bo)
             h, res = self._add_norm(o, res, L.post_norm)
             x = F.linear(self._silu_mul(F.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
-        if last_only:
-            x, res = x[-1:], res[-1:]
+        if last is not None:  # prefill: only the last row of each prompt goes on to the head
+            x, res = x[last], res[last]
         h, _ = self._add_norm(x, res, self.norm)
         return h
 
@@ -610,26 +617,43 @@ class TorchExecutor(Executor):
         return host.numpy()
 
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        n = len(ids)
-        slot = int(slot)
-        if not 0 <= slot < self.max_slots:
-            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
-        if n == 0:
-            raise ValueError("empty prompt")
-        if n + 1 > self.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+        return self.prefill_batch([slot], [token_ids])[0]
+
+    def prefill_batch(self, slots, prompts) -> np.ndarray:
+        """All prompts in one forward: projections and MLP over the packed tokens, attention per
+        prompt on the right-padded batch (see `_attn_prefill`)."""
+        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        slots = [int(s) for s in slots]
+        if len(set(slots)) != len(slots) or len(slots) != len(ids):
+            raise ValueError("prefill_batch needs one distinct slot per prompt")
+        for slot, p in zip(slots, ids):
+            if not 0 <= slot < self.max_slots:
+                raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+            if len(p) == 0:
+                raise ValueError("empty prompt")
+            if len(p) + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
+        lens = np.array([len(p) for p in ids])
         with torch.no_grad():
-            tok = torch.from_numpy(ids).to(self.device, non_blocking=True)
             if self._hf is not None:
-                logits = self._hf.prefill(slot, tok)
+                logits = torch.cat([self._hf.prefill(s, torch.from_numpy(p).to(self.device))
+                                    for s, p in zip(slots, ids)])
             else:
-                pos = self._arange[:n]
-                slots = torch.full((n,), slot, dtype=torch.int64, device=self.device)
-                h = self._forward(tok, slots, pos, lambda q, L: self._attn_prefill(q, L, slot, n), last_only=True)
+                width = int(lens.max())
+                starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+                grid = np.arange(width)[None, :]
+                real = (grid < lens[:, None]).reshape(-1)
+                rows = np.where(real, (starts[:, None] + grid).reshape(-1), 0)  # packed row of cell [b, t]
+                t, b = int(lens.sum()), len(slots)
+                parts = [np.concatenate(ids), np.repeat(slots, lens), np.concatenate([np.arange(n) for n in lens]),
+                         rows, np.flatnonzero(real), starts + lens - 1, slots]
+                dev = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+                tok, slot_of, pos, rows_t, valid, last, slot_t = torch.split(dev, [len(x) for x in parts])
+                pack = (slot_t, rows_t.view(b, width), valid, width)
+                h = self._forward(tok, slot_of, pos, lambda q, L: self._attn_prefill(q, L, pack), last=last)
                 logits = F.linear(h, self.lm_head).float()
-            out = self._to_host(logits, 1)[0]
-        self._lengths[slot] = n
+            out = self._to_host(logits, len(slots))
+        self._lengths[slots] = lens
         return out
 
     def _launch(self, slots: np.ndarray, tokens: np.ndarray, pos: np.ndarray) -> torch.Tensor:
@@ -655,11 +679,11 @@ class TorchExecutor(Executor):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         return self._decode(slots, tokens, greedy=False)
 
-    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban=None) -> np.ndarray:
         """Argmax on the device: copies len(slots) ids back instead of len(slots) x vocab logits."""
-        return self._decode(slots, tokens, greedy=True)
+        return self._decode(slots, tokens, greedy=True, ban=ban)
 
-    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool) -> np.ndarray:
+    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool, ban=None) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = len(slots)
@@ -677,7 +701,15 @@ class TorchExecutor(Executor):
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
                 out = self._launch(slots, tokens, pos)
-            result = out[:n].argmax(dim=-1).cpu().numpy() if greedy else self._to_host(out, n)
+            if greedy:
+                out = out[:n]
+                if ban is not None:  # `out` is scratch (the graph's output buffer or an eager result)
+                    rows = torch.from_numpy(np.asarray(ban.rows, dtype=np.int64)).to(self.device)
+                    ids = torch.from_numpy(np.asarray(ban.ids, dtype=np.int64)).to(self.device)
+                    out[rows[:, None], ids[None, :]] = float("-inf")
+                result = out.argmax(dim=-1).cpu().numpy()
+            else:
+                result = self._to_host(out, n)
         self._lengths[slots] = pos + 1
         return result
 

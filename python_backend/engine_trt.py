@@ -163,11 +163,11 @@ class TrtExecutor(Executor):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         return self._decode(slots, tokens, greedy=False)
 
-    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban=None) -> np.ndarray:
         """Argmax on the GPU: only the token ids cross PCIe."""
-        return self._decode(slots, tokens, greedy=True)
+        return self._decode(slots, tokens, greedy=True, ban=ban)
 
-    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool) -> np.ndarray:
+    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool, ban=None) -> np.ndarray:
         torch = self.torch
         slots = np.asarray(slots, dtype=np.int64)
         lengths = self.lengths[slots]
@@ -190,6 +190,9 @@ class TrtExecutor(Executor):
                 # the new column of every sequence sits at index `top`; it belongs at index `length`
                 store[slot_t, :, len_t] = out[name][rows, :, top]
             last = out["logits"][:, -1]
+            if greedy and ban is not None:
+                last = last.clone()
+                last[self._tensor(ban.rows, torch.int64)[:, None], self._tensor(ban.ids, torch.int64)[None, :]] = float("-inf")
             result = last.argmax(-1).cpu().numpy() if greedy else last.float().cpu().numpy()  # waits for the stream
         self.lengths[slots] = lengths + 1
         return result

@@ -11,8 +11,17 @@ Implementations: `engine_ort.OrtExecutor` (ONNX Runtime, CPU: the embedded defau
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Ban:
+    """Token ids (`ids`) masked out of the rows `rows` (indices into the step's batch) before argmax."""
+
+    rows: np.ndarray
+    ids: np.ndarray
 
 
 class Executor(abc.ABC):
@@ -28,12 +37,24 @@ class Executor(abc.ABC):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """One step: append `tokens[i]` to the sequence in `slots[i]`; return logits [len(slots), vocab]."""
 
-    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def prefill_batch(self, slots, prompts) -> np.ndarray:
+        """Prefill several empty slots (`prompts[i]` into `slots[i]`); return the last logits [n, vocab].
+
+        Executors that can run prompts of different lengths in one forward override this.
+        """
+        return np.stack([self.prefill(int(s), p) for s, p in zip(slots, prompts)])
+
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban: Ban | None = None) -> np.ndarray:
         """`decode` followed by argmax: the next token of each slot (int64 [len(slots)]).
 
-        Executors on a device override this to take the argmax there and copy back only the ids.
+        `ban`: token ids that must not be chosen in some rows (a request's end ids before its
+        `min_tokens`). Executors on a device override this to take the argmax there and copy back
+        only the ids.
         """
-        return self.decode(slots, tokens).argmax(axis=-1)
+        logits = self.decode(slots, tokens)
+        if ban is not None:
+            logits[np.ix_(ban.rows, ban.ids)] = -np.inf
+        return logits.argmax(axis=-1)
 
     def release(self, slot: int) -> None:
         """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""

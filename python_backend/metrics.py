@@ -33,15 +33,16 @@ class GeneratorMetrics:
         self._by_reason = {}
         self._load = (-1, -1)
 
-    def step(self, running: int, waiting: int, new_tokens: int) -> None:
-        # each call is a message to the server process: only send what changed
+    def step(self, running: int, waiting: int, new_tokens: int, steps: int = 1) -> None:
+        # each call is a message to the server process: only send what changed (the scheduler
+        # also sums several decode steps into one call)
         if (running, waiting) != self._load:
             self._load = (running, waiting)
             self.running.set(running)
             self.waiting.set(waiting)
         if new_tokens:
             self.tokens.increment(new_tokens)
-            self.steps.increment(1)
+            self.steps.increment(steps)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

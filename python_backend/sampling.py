@@ -43,6 +43,12 @@ class SamplingParams:
         return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
                 and self.frequency_penalty == 0.0 and self.min_tokens == 0 and not self.bad_words_ids)
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with at most `min_tokens` to honour (a ban of the end ids): no host-side logits needed."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.bad_words_ids)
+
     def validate(self, max_seq_len: int) -> "SamplingParams":
         def bad(msg):
             raise InvalidParameter(msg)
@@ -86,6 +92,8 @@ class Sampler:
 
     def observe(self, token: int) -> None:
         self.generated += 1
+        if self.p.argmax_only:  # nothing reads the history or the counts (the hot path of big batches)
+            return
         self.history.append(token)
         if 0 <= token < self.vocab_size:
             self.output_counts[token] += 1

@@ -27,10 +27,11 @@ from typing import Callable
 import numpy as np
 
 from .detokenize import Release, TextTracker
-from .executor import Executor
+from .executor import Ban, Executor
 from .sampling import Sampler, SamplingParams, sample_batch
 
 log = logging.getLogger("tritonchat.scheduler")
+METRICS_INTERVAL = 0.1  # seconds between two reports of the step metrics while sequences run
 
 
 class QueueFull(RuntimeError):
@@ -62,13 +63,14 @@ class Sequence:
     last_token: int = -1
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_sent: float = 0.0  # when the last streamed response left the loop
     cancelled: bool = False  # raised by the courier
 
 
 class Courier:
     """Sends outputs (merging a stream's backlog) and polls cancellation, off the decode loop."""
 
-    def __init__(self, poll_interval: float = 0.02):
+    def __init__(self, poll_interval: float = 0.05):
         self.poll_interval = poll_interval
         self.outbox: collections.deque[tuple[Sequence, Output]] = collections.deque()
         self.tasks: collections.deque[Callable[[], None]] = collections.deque()
@@ -154,6 +156,21 @@ def _coalesce(batch):
         yield merged[key]
 
 
+def _greedy_ban(samplers: list[Sampler]):
+    """For an all-greedy batch: None (plain argmax) or the `Ban` of end ids for rows still under
+    their `min_tokens`; False when some row needs the logits on the host."""
+    rows, ids = [], None
+    for i, s in enumerate(samplers):
+        if not s.p.argmax_only:
+            return False
+        if s.generated < s.p.min_tokens and len(s.end_ids):
+            if ids is not None and not np.array_equal(ids, s.end_ids):
+                return False  # rows ban different ids: one mask cannot serve them
+            ids = s.end_ids
+            rows.append(i)
+    return Ban(np.array(rows, dtype=np.int64), ids) if rows else None
+
+
 @dataclasses.dataclass
 class Stats:
     steps: int = 0
@@ -166,18 +183,27 @@ class Stats:
 
 class Scheduler:
     def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
-                 metrics=None):
-        """`metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
+                 stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None):
+        """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
+        steps; one prompt is always admitted whatever its length. `stream_interval`: seconds; a
+        stream's tokens are held until this long after its previous response and then go as one
+        delta (the first token and the last response are never held). 0 sends every token.
+        `metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
         `finished(reason, seconds)` (see metrics.GeneratorMetrics)."""
         self.ex = executor
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
+        self.stream_interval = float(stream_interval)
+        self.stream_rate = float(stream_rate)
+        self._interval = self.stream_interval  # the current one, load included
         self.metrics = metrics
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(executor.max_slots - 1, -1, -1))
         self.stats = Stats()
         self.courier = Courier()
+        self._now = time.perf_counter()  # time of the current decode step's tokens
+        self._unreported, self._reported_at = [0, 0], 0.0
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tritonchat-scheduler", daemon=True)
@@ -222,10 +248,22 @@ class Scheduler:
                     self._finish(seq, "", error=f"generator failed: {exc}")
                 self.running = []
             if self.metrics:
-                load, new = (len(self.running), len(self.waiting)), self.stats.tokens - tokens_before
-                self.courier.call(lambda load=load, new=new: self.metrics.step(*load, new))
+                self._report(self.stats.tokens - tokens_before)
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "cancelled", error="server is shutting down")
+
+    def _report(self, new_tokens: int) -> None:
+        """Metrics of the steps since the last report, at most every `METRICS_INTERVAL` (each metric
+        update is a message to the server process: one per step would cost more than the step)."""
+        self._unreported[0] += new_tokens
+        self._unreported[1] += 1 if new_tokens else 0
+        now = time.perf_counter()
+        if now - self._reported_at < METRICS_INTERVAL and self.running:
+            return
+        self._reported_at = now
+        load, (new, steps) = (len(self.running), len(self.waiting)), self._unreported
+        self._unreported = [0, 0]
+        self.courier.call(lambda: self.metrics.step(*load, new, steps))
 
     def _drop_cancelled(self) -> None:
         keep = []
@@ -238,28 +276,35 @@ class Scheduler:
         self.running = keep
 
     def _admit(self) -> None:
-        budget = self.prefill_token_budget
-        while self.free_slots and budget > 0:
+        """Move waiting requests into free slots, all prefilled in one executor call."""
+        budget, batch = self.prefill_token_budget, []
+        while len(batch) < len(self.free_slots):
             with self._cv:
-                if not self.waiting:
-                    return
+                if not self.waiting or (batch and len(self.waiting[0].prompt_ids) > budget):
+                    break
                 seq = self.waiting.popleft()
             if seq.cancelled:
                 self.stats.cancelled += 1
                 self._finish(seq, "cancelled")
                 continue
+            batch.append(seq)
+            budget -= len(seq.prompt_ids)
+        if not batch:
+            return
+        for seq in batch:
             seq.slot = self.free_slots.pop()
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
-            try:
-                logits = self.ex.prefill(seq.slot, seq.prompt_ids)
-            except Exception as exc:
-                log.exception("prefill failed")
+        try:
+            logits = self.ex.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
+        except Exception as exc:
+            log.exception("prefill failed")
+            for seq in batch:
                 self._finish(seq, "", error=f"prefill failed: {exc}")
-                continue
-            self.stats.prefills += 1
-            budget -= len(seq.prompt_ids)
+            return
+        self.stats.prefills += len(batch)
+        for seq, row in zip(batch, logits):
             self.running.append(seq)
-            if not self._advance(seq, seq.sampler.choose(logits)):
+            if not self._advance(seq, seq.sampler.choose(row)):
                 self.running.remove(seq)
 
     def _step(self) -> None:
@@ -271,12 +316,16 @@ class Scheduler:
         batch = [batch[i] for i in order]
         last = np.array([s.last_token for s in batch], dtype=np.int64)
         samplers = [s.sampler for s in batch]
-        if all(s.p.plain for s in samplers):  # greedy batch: the executor may argmax on its device
-            tokens = self.ex.decode_greedy(slots[order], last).tolist()
+        ban = _greedy_ban(samplers)
+        if ban is not False:  # greedy batch: the executor takes the argmax on its device
+            tokens = self.ex.decode_greedy(slots[order], last, ban).tolist()
         else:
             tokens = sample_batch(samplers, self.ex.decode(slots[order], last))
         self.stats.steps += 1
         self.stats.batch_size_sum += len(batch)
+        self._now = time.perf_counter()
+        if self.stream_rate > 0:
+            self._interval = max(self.stream_interval, sum(s.stream for s in batch) / self.stream_rate)
         done = {id(s) for s, t in zip(batch, tokens) if not self._advance(s, t)}
         if done:
             self.running = [s for s in self.running if id(s) not in done]
@@ -303,9 +352,12 @@ class Scheduler:
             self._finish(seq, "length")
             return False
         if seq.stream:
-            rel = seq.tracker.ready()
-            if rel is not None:
-                self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated))
+            now = self._now if seq.generated > 1 else time.perf_counter()
+            if seq.generated == 1 or now - seq.last_sent >= self._interval:
+                rel = seq.tracker.ready()
+                if rel is not None:
+                    seq.last_sent = now
+                    self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated))
         return True
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

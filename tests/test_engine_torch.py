@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,50 @@ def test_prefill_and_decode_errors(tmp_path):
     assert ex.decode(np.array([], dtype=np.int64), np.array([], dtype=np.int64)).shape == (0, 512)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_batched_prefill_equals_one_at_a_time(tmp_path, arch):
+    """Prompts of different lengths prefilled in one call (packed, right-padded attention) give the
+    logits and the cache of separate prefills: the decode steps after them agree too."""
+    model, path = _random_model(tmp_path, arch)
+    kw = dict(max_slots=4, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gpt2: the fallback warns
+        one, many = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 512, n) for n in (7, 1, 19, 4)]
+    slots = [2, 0, 3, 1]
+    ref = np.stack([one.prefill(s, p) for s, p in zip(slots, prompts)])
+    got = many.prefill_batch(slots, prompts)
+    assert got.shape == (4, 512)
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    assert [many.length(s) for s in slots] == [len(p) for p in prompts]
+    toks = ref.argmax(-1)
+    for _ in range(3):
+        a, b = one.decode(np.array(slots), toks), many.decode(np.array(slots), toks)
+        np.testing.assert_allclose(b, a, atol=2e-5)
+        toks = a.argmax(-1)
+    with pytest.raises(ValueError):
+        many.prefill_batch([0, 0], prompts[:2])  # one slot twice
+
+
+def test_decode_greedy_ban(tmp_path):
+    """`ban` masks the given ids in the given rows only (min_tokens on the device)."""
+    from tritonchat.python_backend.executor import Ban
+
+    _, path = _random_model(tmp_path, "qwen2")
+    kw = dict(max_slots=2, max_seq_len=32, device="cpu", dtype="float32", cuda_graphs=False)
+    a, b = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    for ex in (a, b):
+        ex.prefill_batch([0, 1], [np.arange(5), np.arange(3, 9)])
+    slots, toks = np.array([0, 1]), np.array([7, 8])
+    logits = a.decode(slots, toks)
+    top = logits.argmax(-1)
+    got = b.decode_greedy(slots, toks, ban=Ban(rows=np.array([1]), ids=np.array([top[1], 5])))
+    masked = logits[1].copy()
+    masked[[top[1], 5]] = -np.inf
+    assert got.tolist() == [top[0], masked.argmax()]
+
+
 _INTERPRETED = r"""
 import sys, numpy as np, torch
 from tritonchat.python_backend.engine_torch import TorchExecutor
@@ -183,6 +228,10 @@ for slot, n in enumerate([5, 70, 33]):
 for _ in range(3):
     slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
     worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
+ps = [rng.integers(0, 512, n) for n in (9, 40, 2)]
+for s in range(3):
+    ref.release(s); tri.release(s)
+worst = max(worst, np.abs(ref.prefill_batch([1, 2, 0], ps) - tri.prefill_batch([1, 2, 0], ps)).max())
 print("WORST", worst)
 assert worst < 1e-4, worst
 """

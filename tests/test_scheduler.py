@@ -25,13 +25,13 @@ def engine(tmp_path_factory):
     return OrtExecutor(out, max_slots=4, max_seq_len=256), Tokenizer.from_file(str(STORIES / "tokenizer.json"))
 
 
-def _run(engine, jobs, sink_delay=0.0, cancel_after=None):
+def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, **params):
     from tritonchat.python_backend.detokenize import TextTracker, delta
     from tritonchat.python_backend.sampling import SamplingParams
     from tritonchat.python_backend.scheduler import Scheduler, Sequence
 
     ex, tok = engine
-    sched = Scheduler(ex)
+    sched = Scheduler(ex, stream_interval=stream_interval)
     results, done = {}, threading.Event()
 
     def make(i, prompt, n, stream):
@@ -49,7 +49,7 @@ def _run(engine, jobs, sink_delay=0.0, cancel_after=None):
                     done.set()
 
         ids = np.array(tok.encode(prompt).ids)
-        return Sequence(ids, SamplingParams(max_tokens=n, end_ids=(2,)), TextTracker(tok), sink, stream=stream,
+        return Sequence(ids, SamplingParams(max_tokens=n, **{"end_ids": (2,), **params}), TextTracker(tok), sink, stream=stream,
                         is_cancelled=lambda: flag["cancel"])
 
     for i, job in enumerate(jobs):
@@ -81,3 +81,29 @@ def test_cancellation_frees_the_slot(engine):
     results, _ = _run(engine, [("Once upon a time", 200, True)] * 4 + [("The cat", 10, False)], cancel_after=3)
     reasons = sorted(outs[-1].finish_reason for outs in results.values())
     assert reasons.count("cancelled") == 4 and results[4][-1].finish_reason == "length"
+
+
+def test_stream_interval_sends_fewer_larger_deltas(engine):
+    """With an interval, the first token still goes at once, later ones go together; same text."""
+    every, every_text = _run(engine, [("Once upon a time", 80, True)])
+    held, held_text = _run(engine, [("Once upon a time", 80, True)], stream_interval=0.5)
+    assert held_text == every_text
+    assert held[0][0].num_output_tokens == 1  # the first token is never held
+    assert len(held[0]) < len(every[0]) / 4
+    assert held[0][-1].final and held[0][-1].num_output_tokens == 80
+
+
+def test_min_tokens_on_the_argmax_path_equals_the_host_sampler(engine):
+    """Greedy + min_tokens takes the executor's argmax with a ban of the end ids; the host sampler
+    (forced by a bad word that never matches) must choose the same tokens."""
+    job = [("Once upon a time", 60, False)]
+    natural, _ = _run(engine, job)
+    ids = natural[0][-1].release.window
+    end = next(t for i, t in enumerate(ids) if i >= 5 and t not in ids[:i])  # stories260K never says EOS:
+    stopped, stopped_texts = _run(engine, job, end_ids=(end,))  # a token it does say plays the end id
+    assert stopped[0][-1].finish_reason == "stop" and stopped[0][-1].num_output_tokens < 60
+    fast, fast_texts = _run(engine, job, end_ids=(end,), min_tokens=60)
+    slow, slow_texts = _run(engine, job, end_ids=(end,), min_tokens=60, bad_words_ids=((0, 0, 0, 0),))
+    fast_text, slow_text, stopped_text = fast_texts[0], slow_texts[0], stopped_texts[0]
+    assert fast_text == slow_text and fast_text.startswith(stopped_text) and len(fast_text) > len(stopped_text)
+    assert fast[0][-1].finish_reason == "length" and fast[0][-1].num_output_tokens == 60

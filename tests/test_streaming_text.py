@@ -83,7 +83,9 @@ def _memorized_repo(tmp_path_factory, arch, tokenizer):
     root = tmp_path_factory.mktemp(f"{arch}-{tokenizer}")
     model = make_random_model(arch, root / "hf", tokenizer=tokenizer, seed=1)
     memorize(model, MEMO)
-    return model, build_repo(model, root / "repo")
+    # every token its own response (no stream interval), so multi-token characters meet response edges
+    every_token = {"generator": {"stream_interval_ms": 0, "stream_responses_per_s": 0}}
+    return model, build_repo(model, root / "repo", models=every_token)
 
 
 @pytest.fixture(scope="module", params=[("gpt2", "gpt2"), ("llama", "llama2")], ids=["gpt2-bpe", "llama2-spm"])

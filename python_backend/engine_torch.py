@@ -327,6 +327,7 @@ class TorchExecutor(Executor):
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
+        self._bans: dict = {}
 
         owned = model is None
         if model is None:
@@ -350,6 +351,7 @@ class TorchExecutor(Executor):
             return
         self.path = "native"
         self._hf = None
+        self.can_chain = True  # decode_greedy_begin(chain=...) launches without waiting
 
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")
@@ -379,8 +381,10 @@ class TorchExecutor(Executor):
         if self.cuda_graphs:
             top = sizes[-1]
             self._in = torch.zeros((3, top), dtype=torch.int64, device=self.device)
-            self._in_host = torch.zeros((3, top), dtype=torch.int64).pin_memory()
-            self._in_np = self._in_host.numpy()
+            # two pinned staging buffers, used in turn: with a step in flight, the copy of the
+            # previous one may not have run yet when the next step's inputs are written
+            self._in_host = [torch.zeros((3, top), dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._turn = 0
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 8)
 
@@ -597,9 +601,14 @@ class TorchExecutor(Executor):
         self._graphs[(b, tb)] = (graph, out)
 
     def warmup(self) -> None:
-        """Capture the decode graphs of every batch size now (SDPA attention: the first length bucket)."""
+        """Capture the decode graphs of every batch size now (SDPA attention: the first length
+        bucket) and run one small batched prefill (kernel selection, allocator pools)."""
         if not self.cuda_graphs:
             return
+        n = min(4, self.max_slots)
+        self.prefill_batch(list(range(n)), [np.ones(min(16, self.max_seq_len - 1), dtype=np.int64)] * n)
+        for slot in range(n):
+            self.release(slot)
         with torch.no_grad():
             for b in self.graph_batch_sizes:
                 key = (b, self._len_bucket(1))
@@ -656,60 +665,114 @@ class TorchExecutor(Executor):
         self._lengths[slots] = lens
         return out
 
-    def _launch(self, slots: np.ndarray, tokens: np.ndarray, pos: np.ndarray) -> torch.Tensor:
-        """Run one decode step on the device; return the device logits (rows beyond len(slots) are padding)."""
+    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, tok_dev=None) -> torch.Tensor:
+        """Run one decode step on the device; return the device logits (rows beyond len(slots) are
+        padding). `tok_dev`: the step's tokens as a device tensor (a chained step) instead of `tokens`."""
         n = len(slots)
         tb = self._len_bucket(int(pos.max()) + 1)
         b = self._graph_size(n) if self.cuda_graphs else None
         if b is None:
-            inp = torch.from_numpy(np.stack([tokens, slots, pos])).to(self.device, non_blocking=True)
+            toks = tokens if tok_dev is None else np.zeros(n, dtype=np.int64)
+            inp = torch.from_numpy(np.stack([toks, slots, pos])).to(self.device, non_blocking=True)
+            if tok_dev is not None:
+                inp[0] = tok_dev
             if tb is not None:
                 tb = int(pos.max()) + 1  # eager: the exact length, no bucket
             return self._decode_body(inp[0], inp[1], inp[2], tb)
         if (b, tb) not in self._graphs:
             self._capture(b, tb)
-        a = self._in_np
-        a[0, :n], a[1, :n], a[2, :n] = tokens, slots, pos
+        host = self._in_host[self._turn]
+        self._turn ^= 1
+        a = host.numpy()
+        a[0, :n] = 0 if tokens is None else tokens
+        a[1, :n], a[2, :n] = slots, pos
         a[0, n:], a[1, n:], a[2, n:] = 0, self.dummy_slot, 0
-        self._in.copy_(self._in_host, non_blocking=True)
+        self._in.copy_(host, non_blocking=True)
+        if tok_dev is not None:
+            self._in[0, :n].copy_(tok_dev)
         graph, out = self._graphs[(b, tb)]
         graph.replay()
         return out
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        return self._decode(slots, tokens, greedy=False)
+        return self._decode(slots, tokens)
 
     def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban=None) -> np.ndarray:
         """Argmax on the device: copies len(slots) ids back instead of len(slots) x vocab logits."""
-        return self._decode(slots, tokens, greedy=True, ban=ban)
+        return self.decode_greedy_begin(slots, tokens, ban).result()
 
-    def _decode(self, slots: np.ndarray, tokens: np.ndarray, greedy: bool, ban=None) -> np.ndarray:
-        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    def _check(self, slots: np.ndarray, tokens) -> np.ndarray:
         n = len(slots)
-        if n == 0:
-            return np.zeros((0,) if greedy else (0, self.vocab_size), dtype=np.int64 if greedy else np.float32)
-        if len(tokens) != n:
+        if tokens is not None and len(tokens) != n:
             raise ValueError("slots and tokens differ in length")
-        if slots.min() < 0 or slots.max() >= self.max_slots or len(set(slots.tolist())) != n:
+        if n and (slots.min() < 0 or slots.max() >= self.max_slots or len(set(slots.tolist())) != n):
             raise ValueError(f"slots must be distinct and in [0, {self.max_slots})")
         pos = self._lengths[slots]
-        if int(pos.max()) + 1 > self.max_seq_len:
+        if n and int(pos.max()) + 1 > self.max_seq_len:
             raise ValueError("a sequence reached the end of its KV cache")
+        return pos
+
+    def decode_greedy_begin(self, slots, tokens=None, ban=None, chain: "_Step | None" = None) -> "_Step":
+        """Launch a greedy step and return at once; `.result()` waits for this step only.
+
+        `chain`: a step in flight over the same `slots`: its argmax, still on the device, is this
+        step's input (`tokens` None), so the host can do the previous step's bookkeeping while this
+        one runs. A slot released meanwhile just gets one stray KV column past its end, which the next
+        sequence in that slot overwrites before reading."""
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if tokens is not None:
+            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        pos = self._check(slots, tokens)
+        n = len(slots)
+        if n == 0:
+            return _Step(None, np.zeros(0, dtype=np.int64), None, 0)
+        with torch.no_grad():
+            if self._hf is not None:
+                toks = chain.result() if chain is not None else tokens
+                out = self._hf.decode(slots, torch.from_numpy(np.asarray(toks)).to(self.device))
+            else:
+                out = self._launch(slots, tokens, pos, None if chain is None else chain.ids)
+            out = out[:n]
+            if ban is not None:  # `out` is scratch (the graph's output buffer or an eager result)
+                rows, ids = self._ban_tensors(ban)
+                out[rows[:, None], ids[None, :]] = float("-inf")
+            ids = out.argmax(dim=-1)
+            if ids.device.type == "cpu":
+                step = _Step(ids, ids.numpy(), None, n)
+            else:
+                host = torch.empty(n, dtype=torch.int64, pin_memory=True)
+                host.copy_(ids, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                step = _Step(ids, host.numpy(), done, n)
+        self._lengths[slots] = pos + 1
+        return step
+
+    def _ban_tensors(self, ban):
+        """Device copies of a ban's rows and ids, kept: a batch under `min_tokens` bans the same
+        rows step after step (an upload from pageable memory would wait for the device)."""
+        rows, ids = np.asarray(ban.rows, dtype=np.int64), np.asarray(ban.ids, dtype=np.int64)
+        key = (rows.tobytes(), ids.tobytes())
+        hit = self._bans.get(key)
+        if hit is None:
+            if len(self._bans) > 256:
+                self._bans.clear()
+            hit = self._bans[key] = (torch.from_numpy(rows).to(self.device), torch.from_numpy(ids).to(self.device))
+        return hit
+
+    def _decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        pos = self._check(slots, tokens)
+        n = len(slots)
+        if n == 0:
+            return np.zeros((0, self.vocab_size), dtype=np.float32)
         with torch.no_grad():
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
                 out = self._launch(slots, tokens, pos)
-            if greedy:
-                out = out[:n]
-                if ban is not None:  # `out` is scratch (the graph's output buffer or an eager result)
-                    rows = torch.from_numpy(np.asarray(ban.rows, dtype=np.int64)).to(self.device)
-                    ids = torch.from_numpy(np.asarray(ban.ids, dtype=np.int64)).to(self.device)
-                    out[rows[:, None], ids[None, :]] = float("-inf")
-                result = out.argmax(dim=-1).cpu().numpy()
-            else:
-                result = self._to_host(out, n)
+            result = self._to_host(out, n)
         self._lengths[slots] = pos + 1
         return result
 
@@ -731,6 +794,21 @@ class TorchExecutor(Executor):
         else:
             d["fallback_reason"] = self.blocker
         return d
+
+
+class _Step:
+    """A greedy decode step in flight: `ids` on the device, `host` filled once `done` has passed."""
+
+    __slots__ = ("ids", "host", "done", "n")
+
+    def __init__(self, ids, host, done, n):
+        self.ids, self.host, self.done, self.n = ids, host, done, n
+
+    def result(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+        return self.host[: self.n]
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -56,6 +56,17 @@ class Executor(abc.ABC):
             logits[np.ix_(ban.rows, ban.ids)] = -np.inf
         return logits.argmax(axis=-1)
 
+    #: True where `decode_greedy_begin(..., chain=step)` launches without waiting for `step`
+    can_chain = False
+
+    def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None):
+        """Start a greedy step; `.result()` gives its tokens. Here it runs at once; executors on a
+        device return while it runs, and with `chain` (the previous step, same slots) take its
+        tokens on the device (see `engine_torch.TorchExecutor.decode_greedy_begin`)."""
+        if chain is not None:
+            tokens = chain.result()
+        return _Done(self.decode_greedy(slots, tokens, ban))
+
     def release(self, slot: int) -> None:
         """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
 
@@ -65,6 +76,14 @@ class Executor(abc.ABC):
 
     def describe(self) -> dict:
         return {"executor": type(self).__name__, "max_slots": self.max_slots, "max_seq_len": self.max_seq_len}
+
+
+class _Done:
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens
+
+    def result(self) -> np.ndarray:
+        return self.tokens
 
 
 def create_executor(kind: str, **kwargs) -> Executor:

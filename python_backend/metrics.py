@@ -42,6 +42,7 @@ class GeneratorMetrics:
             self.waiting.set(waiting)
         if new_tokens:
             self.tokens.increment(new_tokens)
+        if steps:
             self.steps.increment(steps)
 
     def first_token(self, seconds: float) -> None:

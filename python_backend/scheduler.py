@@ -156,14 +156,14 @@ def _coalesce(batch):
         yield merged[key]
 
 
-def _greedy_ban(samplers: list[Sampler]):
+def _greedy_ban(samplers: list[Sampler], ahead: int = 0):
     """For an all-greedy batch: None (plain argmax) or the `Ban` of end ids for rows still under
-    their `min_tokens`; False when some row needs the logits on the host."""
+    their `min_tokens` (`ahead` steps from now); False when some row needs the logits on the host."""
     rows, ids = [], None
     for i, s in enumerate(samplers):
         if not s.p.argmax_only:
             return False
-        if s.generated < s.p.min_tokens and len(s.end_ids):
+        if s.generated + ahead < s.p.min_tokens and len(s.end_ids):
             if ids is not None and not np.array_equal(ids, s.end_ids):
                 return False  # rows ban different ids: one mask cannot serve them
             ids = s.end_ids
@@ -179,6 +179,7 @@ class Stats:
     finished: int = 0
     cancelled: int = 0
     batch_size_sum: int = 0
+    chained: int = 0  # steps launched before the host had the previous step's tokens
 
 
 class Scheduler:
@@ -237,26 +238,28 @@ class Scheduler:
                     self._cv.wait()
                 if self._stop:
                     break
-            tokens_before = self.stats.tokens
             try:
                 self._drop_cancelled()
-                self._admit()
+                admitted = self._admit()
+                if self.metrics and admitted:
+                    self._report(admitted, 0)
                 self._step()
             except Exception as exc:  # an engine failure fails the batch, not the server
                 log.exception("generator step failed")
                 for seq in self.running:
                     self._finish(seq, "", error=f"generator failed: {exc}")
                 self.running = []
-            if self.metrics:
-                self._report(self.stats.tokens - tokens_before)
+                if self.metrics:
+                    self._report(0, 0)
         for seq in list(self.running) + list(self.waiting):
             self._finish(seq, "cancelled", error="server is shutting down")
 
-    def _report(self, new_tokens: int) -> None:
-        """Metrics of the steps since the last report, at most every `METRICS_INTERVAL` (each metric
-        update is a message to the server process: one per step would cost more than the step)."""
+    def _report(self, new_tokens: int, steps: int) -> None:
+        """Metrics since the last report, sent at most every `METRICS_INTERVAL` while sequences run
+        (each metric update is a message to the server process: one per step would cost more than
+        the step)."""
         self._unreported[0] += new_tokens
-        self._unreported[1] += 1 if new_tokens else 0
+        self._unreported[1] += steps
         now = time.perf_counter()
         if now - self._reported_at < METRICS_INTERVAL and self.running:
             return
@@ -275,8 +278,8 @@ class Scheduler:
                 keep.append(seq)
         self.running = keep
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots, all prefilled in one executor call."""
+    def _admit(self) -> int:
+        """Move waiting requests into free slots, all prefilled in one executor call; return how many."""
         budget, batch = self.prefill_token_budget, []
         while len(batch) < len(self.free_slots):
             with self._cv:
@@ -290,7 +293,7 @@ class Scheduler:
             batch.append(seq)
             budget -= len(seq.prompt_ids)
         if not batch:
-            return
+            return 0
         for seq in batch:
             seq.slot = self.free_slots.pop()
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
@@ -300,27 +303,59 @@ class Scheduler:
             log.exception("prefill failed")
             for seq in batch:
                 self._finish(seq, "", error=f"prefill failed: {exc}")
-            return
+            return 0
         self.stats.prefills += len(batch)
         for seq, row in zip(batch, logits):
             self.running.append(seq)
             if not self._advance(seq, seq.sampler.choose(row)):
                 self.running.remove(seq)
+        return len(batch)
 
     def _step(self) -> None:
+        """Decode steps over the running batch. Greedy batches on an executor that can chain run
+        one step ahead: step t+1 is launched (fed by step t's tokens on the device) before the host
+        takes step t's tokens, so the bookkeeping below overlaps the device's work. The chain stops
+        where the batch may change: a request waiting for a free slot, a cancellation, a sequence at
+        its length limit, or one that ended (its token from the step ahead is dropped)."""
         batch = [s for s in self.running if s.slot >= 0]
         if not batch:
             return
         slots = np.array([s.slot for s in batch], dtype=np.int64)
         order = np.argsort(slots, kind="stable")  # contiguous slots let executors avoid a gather
         batch = [batch[i] for i in order]
+        slots = slots[order]
         last = np.array([s.last_token for s in batch], dtype=np.int64)
         samplers = [s.sampler for s in batch]
         ban = _greedy_ban(samplers)
-        if ban is not False:  # greedy batch: the executor takes the argmax on its device
-            tokens = self.ex.decode_greedy(slots[order], last, ban).tolist()
-        else:
-            tokens = sample_batch(samplers, self.ex.decode(slots[order], last))
+        if ban is False:  # some row needs the logits on the host
+            self._take(batch, sample_batch(samplers, self.ex.decode(slots, last)))
+            return
+        step = self.ex.decode_greedy_begin(slots, last, ban)
+        while True:
+            ahead = None
+            if self.ex.can_chain and self._may_chain(batch):
+                ahead = self.ex.decode_greedy_begin(slots, None, _greedy_ban(samplers, 1), chain=step)
+                self.stats.chained += 1
+            ended = self._take(batch, step.result().tolist())
+            if ahead is None:
+                return
+            if ended:
+                live = [(s, t) for s, t in zip(batch, ahead.result().tolist()) if s.slot >= 0]
+                self._take([s for s, _ in live], [t for _, t in live])
+                return
+            step = ahead
+
+    def _may_chain(self, batch: list[Sequence]) -> bool:
+        if self._stop or (self.waiting and self.free_slots):
+            return False
+        limit = self.ex.max_seq_len
+        for s in batch:  # would the token of the step in flight end it by length, or was it cancelled?
+            if s.cancelled or s.generated + 1 >= s.params.max_tokens or len(s.prompt_ids) + s.generated + 1 >= limit:
+                return False
+        return True
+
+    def _take(self, batch: list[Sequence], tokens: list[int]) -> int:
+        """Account one step's tokens; return how many sequences ended."""
         self.stats.steps += 1
         self.stats.batch_size_sum += len(batch)
         self._now = time.perf_counter()
@@ -329,6 +364,9 @@ class Scheduler:
         done = {id(s) for s, t in zip(batch, tokens) if not self._advance(s, t)}
         if done:
             self.running = [s for s in self.running if id(s) not in done]
+        if self.metrics:
+            self._report(len(batch), 1)
+        return len(done)
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Account one sampled token; return False when the sequence finished."""

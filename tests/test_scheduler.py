@@ -25,7 +25,7 @@ def engine(tmp_path_factory):
     return OrtExecutor(out, max_slots=4, max_seq_len=256), Tokenizer.from_file(str(STORIES / "tokenizer.json"))
 
 
-def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, **params):
+def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, **params):
     from tritonchat.python_backend.detokenize import TextTracker, delta
     from tritonchat.python_backend.sampling import SamplingParams
     from tritonchat.python_backend.scheduler import Scheduler, Sequence
@@ -56,6 +56,8 @@ def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, *
         sched.submit(make(i, *job))
     assert done.wait(60)
     sched.shutdown()
+    if stats is not None:
+        stats.append(sched.stats)
     texts = {i: "".join(delta(tok, o.release.window, o.release.read_offset, o.release.trim_chars)
                         for o in outs if o.release) for i, outs in results.items()}
     return results, texts
@@ -107,3 +109,29 @@ def test_min_tokens_on_the_argmax_path_equals_the_host_sampler(engine):
     fast_text, slow_text, stopped_text = fast_texts[0], slow_texts[0], stopped_texts[0]
     assert fast_text == slow_text and fast_text.startswith(stopped_text) and len(fast_text) > len(stopped_text)
     assert fast[0][-1].finish_reason == "length" and fast[0][-1].num_output_tokens == 60
+
+
+def test_chained_steps_give_the_same_answers(engine):
+    """The torch executor chains greedy steps (the next one fed by the previous one's tokens on the
+    device, launched before the host reads them). Requests of different lengths, a pile-up beyond
+    the slots, and a token playing an end id (so one sequence ends inside a chain): same answers
+    with and without chaining, and as each alone."""
+    from tritonchat.python_backend.engine_torch import TorchExecutor
+
+    _, tok = engine
+    ex = TorchExecutor(str(STORIES), max_slots=4, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    assert ex.can_chain
+    natural, _ = _run((ex, tok), [("Once upon a time", 40, False)])
+    ids = natural[0][-1].release.window
+    end = next(t for i, t in enumerate(ids) if i >= 12 and t not in ids[:i])
+    jobs = [("Once upon a time", 40, True), ("The cat", 25, False), ("A dog", 33, True), ("Tom", 15, False),
+            ("Lily", 30, True), ("The sun", 50, True)]
+    stats = []
+    chained, chained_texts = _run((ex, tok), jobs, end_ids=(end,), stats=stats)
+    assert stats[0].chained > 0.5 * stats[0].steps
+    assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
+    ex.can_chain = False
+    plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))
+    solo = {i: _run((ex, tok), [job], end_ids=(end,))[1][0] for i, job in enumerate(jobs)}
+    assert chained_texts == plain_texts == solo
+    assert [o[-1].num_output_tokens for o in chained.values()] == [o[-1].num_output_tokens for o in plain.values()]

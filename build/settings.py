@@ -73,6 +73,10 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     return base
 
 
+def _number(value, least: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= least
+
+
 def load_settings(path: Path | None = None, **overrides) -> dict:
     s = copy.deepcopy(DEFAULTS)
     if path is not None:
@@ -86,6 +90,14 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
             raise SettingsError(f"{key} must be one of {', '.join(options)}, got {s[key]!r}")
     if int(s["max_batch_size"]) < 1:
         raise SettingsError("max_batch_size must be >= 1")
+    g = s["models"]["generator"]
+    if not _number(g["stream_interval_ms"], 0):
+        raise SettingsError(f"models.generator.stream_interval_ms must be a number >= 0, got {g['stream_interval_ms']!r}")
+    if g["stream_responses_per_s"] != "auto" and not _number(g["stream_responses_per_s"], 0):
+        raise SettingsError("models.generator.stream_responses_per_s must be 'auto' or a number >= 0 "
+                            f"(0: no limit), got {g['stream_responses_per_s']!r}")
+    if not _number(g["prefill_token_budget"], 1):
+        raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     if s["engine"] == "tensorrt":
         s["device"] = "cuda"  # a TensorRT plan runs on the GPU it was built for
     if s["engine"] == "torch" and s["precision"] != "fp32":

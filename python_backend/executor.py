@@ -67,6 +67,9 @@ class Executor(abc.ABC):
             tokens = chain.result()
         return _Done(self.decode_greedy(slots, tokens, ban))
 
+    def warmup(self) -> None:
+        """Prepare for the first request (the torch executor captures its CUDA graphs); called at load."""
+
     def release(self, slot: int) -> None:
         """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
 

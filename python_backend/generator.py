@@ -45,8 +45,7 @@ class TritonPythonModel:
             dtype=params.get("dtype", "float32"),
             **_executor_options(params),
         )
-        if hasattr(self.executor, "warmup"):  # CUDA graphs of every batch size now, not on a user's request
-            self.executor.warmup()
+        self.executor.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
         self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,

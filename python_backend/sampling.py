@@ -40,8 +40,7 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Greedy with nothing to adjust: the batch can take one argmax."""
-        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and self.min_tokens == 0 and not self.bad_words_ids)
+        return self.argmax_only and self.min_tokens == 0
 
     @property
     def argmax_only(self) -> bool:
@@ -89,10 +88,11 @@ class Sampler:
         self.end_ids = np.array([e for e in params.end_ids if 0 <= e < vocab_size], dtype=np.int64)
         self.generated = 0
         self.history: list[int] = []
+        self.argmax_only = params.argmax_only  # read per token and per step: computed once
 
     def observe(self, token: int) -> None:
         self.generated += 1
-        if self.p.argmax_only:  # nothing reads the history or the counts (the hot path of big batches)
+        if self.argmax_only:  # nothing reads the history or the counts (the hot path of big batches)
             return
         self.history.append(token)
         if 0 <= token < self.vocab_size:

@@ -59,6 +59,7 @@ class Sequence:
     # runtime state
     slot: int = -1
     sampler: Sampler | None = None
+    limit: int = 0  # tokens it may generate: max_tokens, or fewer where the context ends first
     generated: int = 0
     last_token: int = -1
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
@@ -161,7 +162,7 @@ def _greedy_ban(samplers: list[Sampler], ahead: int = 0):
     their `min_tokens` (`ahead` steps from now); False when some row needs the logits on the host."""
     rows, ids = [], None
     for i, s in enumerate(samplers):
-        if not s.p.argmax_only:
+        if not s.argmax_only:
             return False
         if s.generated + ahead < s.p.min_tokens and len(s.end_ids):
             if ids is not None and not np.array_equal(ids, s.end_ids):
@@ -297,6 +298,7 @@ class Scheduler:
         for seq in batch:
             seq.slot = self.free_slots.pop()
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
+            seq.limit = min(seq.params.max_tokens, self.ex.max_seq_len - len(seq.prompt_ids))
         try:
             logits = self.ex.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
         except Exception as exc:
@@ -348,11 +350,8 @@ class Scheduler:
     def _may_chain(self, batch: list[Sequence]) -> bool:
         if self._stop or (self.waiting and self.free_slots):
             return False
-        limit = self.ex.max_seq_len
-        for s in batch:  # would the token of the step in flight end it by length, or was it cancelled?
-            if s.cancelled or s.generated + 1 >= s.params.max_tokens or len(s.prompt_ids) + s.generated + 1 >= limit:
-                return False
-        return True
+        # would the token of the step in flight end a sequence by length, or was one cancelled?
+        return not any(s.cancelled or s.generated + 1 >= s.limit for s in batch)
 
     def _take(self, batch: list[Sequence], tokens: list[int]) -> int:
         """Account one step's tokens; return how many sequences ended."""
@@ -386,7 +385,7 @@ class Scheduler:
         if seq.tracker.append(token):
             self._finish(seq, "stop")
             return False
-        if seq.generated >= p.max_tokens or len(seq.prompt_ids) + seq.generated >= self.ex.max_seq_len:
+        if seq.generated >= seq.limit:
             self._finish(seq, "length")
             return False
         if seq.stream:

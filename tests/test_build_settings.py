@@ -27,6 +27,8 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert "count: 3, kind: KIND_CPU" in out["preprocessing"]
     assert "max_queue_delay_microseconds: 1234" in out["preprocessing"]
     assert 'string_value: "int8"' in out["generator"]
+    assert 'key: "stream_interval_ms", value: { string_value: "10" }' in out["generator"]  # the defaults
+    assert 'key: "stream_responses_per_s", value: { string_value: "auto" }' in out["generator"]
 
 
 def test_gpu_engines_get_gpu_instances():
@@ -38,6 +40,9 @@ def test_gpu_engines_get_gpu_instances():
     ({"precision": "int4"}, "precision must be one of"),
     ({"engine": "vllm"}, "engine must be one of"),
     ({"max_batch_size": 0}, "max_batch_size must be >= 1"),
+    ({"models": {"generator": {"stream_interval_ms": -5}}}, r"stream_interval_ms must be a number >= 0, got -5"),
+    ({"models": {"generator": {"stream_responses_per_s": "fast"}}}, r"stream_responses_per_s must be 'auto' or a number"),
+    ({"models": {"generator": {"prefill_token_budget": 0}}}, r"prefill_token_budget must be >= 1, got 0"),
 ])
 def test_bad_values_are_refused(bad, message):
     with pytest.raises(SettingsError, match=message):

@@ -96,6 +96,18 @@ def test_stream_concatenation_is_the_whole_answer(grpc):
         assert deltas[-1].finish_reason == whole.finish_reason
 
 
+def test_stream_interval_merges_tokens_but_not_the_first(grpc):
+    """The default build holds a stream's tokens after the first for 10 ms and sends them as one
+    delta: stories260K makes a token in about a millisecond, so 200 tokens come in far fewer
+    responses, the first one at once, and the text is still the whole answer."""
+    whole = grpc.generate("Once upon a time", max_tokens=200, min_tokens=200)
+    deltas = list(grpc.stream("Once upon a time", max_tokens=200, min_tokens=200))
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.output_ids] == whole.output_ids
+    assert deltas[0].num_output_tokens == 1
+    assert deltas[-1].num_output_tokens == 200 and len(deltas) < 60, len(deltas)  # each token alone: ~130
+
+
 def test_sixteen_concurrent_streams_return_their_solo_answers(grpc, server):
     from tritonchat.client import ChatClient
 

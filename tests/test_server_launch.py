@@ -162,3 +162,21 @@ def test_serve_foreground_reports_failed_load(tmp_path, capfd):
     assert rc != 0
     assert "kaboom-4711" in captured.err and "broken" in captured.err  # the rich panel with the reason
     assert "kaboom-4711" in captured.out  # the server's own output passed through
+
+
+def test_quickstart_finds_the_shared_model_through_the_environment(tmp_path, monkeypatch):
+    """A clone outside the project folder (CI, a user's checkout) finds stories260K through
+    $TRITONCHAT_SHARED (here a copy elsewhere, so the checkout's own ../shared cannot answer)."""
+    import shutil
+
+    from conftest import SHARED
+
+    from tritonchat.quickstart import default_model
+
+    if not (SHARED / "models" / "stories260K" / "config.json").exists():
+        pytest.skip(f"stories260K not present under {SHARED}")
+    copy = tmp_path / "elsewhere" / "models" / "stories260K"
+    shutil.copytree(SHARED / "models" / "stories260K", copy)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITONCHAT_SHARED", str(tmp_path / "elsewhere"))
+    assert default_model() == str(copy.resolve())

@@ -15,9 +15,11 @@ HUB_DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def default_model() -> str:
-    """The small pretrained model shipped beside the project, else a small hub chat model."""
-    root = Path(__file__).resolve().parents[1]
-    for shared in (Path.cwd() / ".." / "shared", root.parent / "shared"):
+    """The small pretrained model of the shared folder ($TRITONCHAT_SHARED, `../shared` of the working
+    directory or of the checkout), else a small hub chat model."""
+    from tritonchat.build.synthetic import shared_dir
+
+    for shared in (shared_dir(), Path.cwd() / ".." / "shared"):
         candidate = shared / "models" / "stories260K"
         if (candidate / "config.json").exists():
             return str(candidate.resolve())

@@ -14,8 +14,10 @@
       int8-weight-only: 0.02
     models:                     # per-model Triton settings, visible in each config.pbtxt
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
-      generator:      {instances: 1, max_queue_delay_microseconds: 0, max_queue_size: 256, threads: 0,
+      generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048}
+                      # no Triton dynamic batcher (the generator batches continuously itself):
+                      #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
                       #   often, as one delta (fewer responses for postprocessing under load)
                       # stream_responses_per_s: all streams together get at most this many responses
@@ -44,7 +46,7 @@ DEFAULTS: dict = {
     "tensorrt": {"workspace_gb": 8, "opt_batch_size": None, "opt_seq_len": 128},
     "models": {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
-        "generator": {"instances": 1, "max_queue_delay_microseconds": 0, "max_queue_size": 256, "threads": 0,
+        "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
     },
@@ -62,8 +64,18 @@ class SettingsError(ValueError):
     pass
 
 
+# settings that no longer exist, with the reason (a plain "unknown setting" would not say why)
+RETIRED = {
+    "models.generator.max_queue_delay_microseconds":
+        "the generator has no Triton dynamic batcher: it batches continuously itself, and Triton's batcher "
+        "in front of it delayed requests by a missed wake-up (see model_repository/generator/config.pbtxt)",
+}
+
+
 def _merge(base: dict, over: dict, path: str = "") -> dict:
     for k, v in over.items():
+        if f"{path}{k}" in RETIRED:
+            raise SettingsError(f"build setting '{path}{k}' was removed: {RETIRED[path + k]}")
         if k not in base:
             raise SettingsError(f"unknown build setting '{path}{k}' (known: {', '.join(sorted(base))})")
         if isinstance(base[k], dict) and isinstance(v, dict):

@@ -394,6 +394,11 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
     check_loopback(cfg.url or "127.0.0.1")
     if cfg.http_url:
         check_loopback(cfg.http_url)
+    from tritonchat.python_backend.allocator import keep_freed_memory
+
+    # the same malloc settings as the server's model processes, for this process's client and peers:
+    # `generate` allocates and frees as much per step as our engine does (see allocator.py)
+    malloc_tuned = keep_freed_memory()
     prompt_info = _resolve_prompts(cfg, console)
     prompts = prompt_info["prompts"]
     manifest = _manifest(cfg.model_repository)
@@ -405,7 +410,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
                                                                         "max_seq_len", "max_batch_size")},
         "tokenizer": prompt_info["tokenizer"],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "malloc_keeps_freed_memory": malloc_tuned},
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     server = None

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from .allocator import keep_freed_memory
 from .manifest import verify_model_dir
 from .sampling import InvalidParameter
 
 
 def model_setup(args: dict) -> tuple[dict, dict, Path]:
-    """(model config, string parameters, version folder); verifies the manifest first."""
+    """(model config, string parameters, version folder); verifies the manifest first, and sets
+    this stub process's malloc to keep freed memory (see allocator.py)."""
+    keep_freed_memory()
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     model_dir = Path(args["model_repository"])

@@ -23,7 +23,8 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert s["models"]["postprocessing"]["instances"] == 2  # untouched default
     out = render(s)
     assert all("max_batch_size: 32" in text for text in out.values())
-    assert "max_queue_size: 7" in out["generator"] and 'key: "max_waiting", value: { string_value: "7" }' in out["generator"]
+    assert 'key: "max_waiting", value: { string_value: "7" }' in out["generator"]
+    assert "dynamic_batching {" not in out["generator"]  # it batches continuously itself (see its config)
     assert "count: 3, kind: KIND_CPU" in out["preprocessing"]
     assert "max_queue_delay_microseconds: 1234" in out["preprocessing"]
     assert 'string_value: "int8"' in out["generator"]
@@ -47,6 +48,14 @@ def test_gpu_engines_get_gpu_instances():
 def test_bad_values_are_refused(bad, message):
     with pytest.raises(SettingsError, match=message):
         load_settings(**bad)
+
+
+def test_retired_generator_queue_delay_says_why(tmp_path):
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("models:\n  generator: {max_queue_delay_microseconds: 100}\n")
+    with pytest.raises(SettingsError, match="'models.generator.max_queue_delay_microseconds' was removed: "
+                                            "the generator has no Triton dynamic batcher"):
+        load_settings(cfg)
 
 
 def test_unknown_keys_are_refused(tmp_path):

@@ -62,7 +62,8 @@ def tokenizer():
 
 def test_repository_shows_per_model_settings(repo):
     gen = (repo / "generator" / "config.pbtxt").read_text()
-    assert "decoupled: true" in gen and "max_queue_size: 256" in gen and 'string_value: "onnxruntime"' in gen
+    assert "decoupled: true" in gen and 'key: "max_waiting", value: { string_value: "256" }' in gen
+    assert 'string_value: "onnxruntime"' in gen and "dynamic_batching {" not in gen
     pre = (repo / "preprocessing" / "config.pbtxt").read_text()
     assert "max_queue_delay_microseconds: 500" in pre and "count: 2" in pre
     assert (repo / "manifest.json").exists()

@@ -185,9 +185,13 @@ class Stats:
 
 class Scheduler:
     def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
-                 stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None):
+                 prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
-        steps; one prompt is always admitted whatever its length. `stream_interval`: seconds; a
+        steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
+        may wait, while other sequences decode, for more requests to share its prefill (a prefill
+        stalls every running stream; on a GPU one of a few prompts costs about what one of one
+        does). It never waits on an idle engine, nor once the waiting requests fill the free slots
+        or the token budget. 0: admit at the next step. `stream_interval`: seconds; a
         stream's tokens are held until this long after its previous response and then go as one
         delta (the first token and the last response are never held). 0 sends every token.
         `metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
@@ -195,6 +199,7 @@ class Scheduler:
         self.ex = executor
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
+        self.prefill_wait = float(prefill_wait)
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
         self._interval = self.stream_interval  # the current one, load included
@@ -241,7 +246,7 @@ class Scheduler:
                     break
             try:
                 self._drop_cancelled()
-                admitted = self._admit()
+                admitted = self._admit() if self._admission_due() else 0
                 if self.metrics and admitted:
                     self._report(admitted, 0)
                 self._step()
@@ -278,6 +283,17 @@ class Scheduler:
             else:
                 keep.append(seq)
         self.running = keep
+
+    def _admission_due(self) -> bool:
+        """Prefill the waiting requests now (before the next decode step)?"""
+        waiting = self.waiting
+        if not waiting or not self.free_slots:
+            return False
+        if self.prefill_wait <= 0 or not self.running or self._stop or len(waiting) >= len(self.free_slots):
+            return True
+        if time.perf_counter() - waiting[0].arrived >= self.prefill_wait:
+            return True
+        return sum(len(s.prompt_ids) for s in list(waiting)) >= self.prefill_token_budget
 
     def _admit(self) -> int:
         """Move waiting requests into free slots, all prefilled in one executor call; return how many."""
@@ -348,7 +364,7 @@ class Scheduler:
             step = ahead
 
     def _may_chain(self, batch: list[Sequence]) -> bool:
-        if self._stop or (self.waiting and self.free_slots):
+        if self._stop or self._admission_due():
             return False
         # would the token of the step in flight end a sequence by length, or was one cancelled?
         return not any(s.cancelled or s.generated + 1 >= s.limit for s in batch)

@@ -135,3 +135,72 @@ def test_chained_steps_give_the_same_answers(engine):
     solo = {i: _run((ex, tok), [job], end_ids=(end,))[1][0] for i, job in enumerate(jobs)}
     assert chained_texts == plain_texts == solo
     assert [o[-1].num_output_tokens for o in chained.values()] == [o[-1].num_output_tokens for o in plain.values()]
+
+
+class _Recording:
+    """Wraps an executor: records each prefill_batch's group size; each decode step takes >= `step` s."""
+
+    def __init__(self, ex, step=0.003):
+        self.ex, self.step, self.groups = ex, step, []
+
+    def __getattr__(self, name):
+        return getattr(self.ex, name)
+
+    def prefill_batch(self, slots, prompts):
+        self.groups.append(len(prompts))
+        return self.ex.prefill_batch(slots, prompts)
+
+    def decode_greedy_begin(self, *a, **k):
+        time.sleep(self.step)
+        return self.ex.decode_greedy_begin(*a, **k)
+
+
+def _staggered(engine, prefill_wait, gaps, max_slots=None):
+    """Submit one long request, then one more after each gap (seconds); return (prefill group sizes,
+    seconds from each later request's arrival to its first token)."""
+    from tritonchat.python_backend.detokenize import TextTracker
+    from tritonchat.python_backend.sampling import SamplingParams
+    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+
+    ex, tok = engine
+    rec = _Recording(ex)
+    if max_slots:
+        rec.max_slots = max_slots
+    sched = Scheduler(rec, prefill_wait=prefill_wait)
+    finished, firsts = threading.Semaphore(0), {}
+
+    def make(i, n):
+        def sink(out):
+            firsts.setdefault(i, time.perf_counter())
+            if out.final:
+                finished.release()
+        return Sequence(np.array(tok.encode("Once upon a time").ids), SamplingParams(max_tokens=n, end_ids=(2,)),
+                        TextTracker(tok), sink, stream=True)
+
+    seqs = [make(0, 60)] + [make(i + 1, 5) for i in range(len(gaps))]
+    sched.submit(seqs[0])
+    for seq, gap in zip(seqs[1:], gaps):
+        time.sleep(gap)
+        sched.submit(seq)
+    for _ in seqs:
+        assert finished.acquire(timeout=60)
+    sched.shutdown()
+    return rec.groups, [firsts[i] - seqs[i].arrived for i in range(1, len(seqs))]
+
+
+def test_prefill_wait_lets_arrivals_share_one_prefill(engine):
+    """While a sequence decodes, two requests 20 ms apart: at once, two prefills; with a 200 ms
+    wait, one prefill of both, and the first waited for the second but no longer than the wait.
+    The first request of an idle engine never waits."""
+    groups, _ = _staggered(engine, 0.0, [0.02, 0.02])
+    assert groups == [1, 1, 1]
+    groups, ttft = _staggered(engine, 0.2, [0.02, 0.02])
+    assert groups == [1, 2]
+    assert 0.015 < ttft[0] < 0.2 + 0.5  # waited for the second request, within the wait (+ slack)
+    groups, ttft = _staggered(engine, 0.1, [0.02])  # nobody else comes: admitted when the wait ends
+    assert groups == [1, 1] and 0.1 <= ttft[0] < 0.1 + 0.5
+
+
+def test_prefill_wait_ends_when_the_waiting_fill_the_free_slots(engine):
+    groups, ttft = _staggered(engine, 5.0, [0.02], max_slots=2)  # 1 running + 1 waiting = every slot
+    assert groups == [1, 1] and ttft[0] < 1.0

@@ -16,7 +16,7 @@
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
-                       prefill_wait_ms: auto}
+                       prefill_wait_ms: 0}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -25,7 +25,7 @@
                       #   per second (n streams: one each n / rate seconds); auto: 200 per CPU core
                       # prefill_token_budget: prompt tokens prefilled together between decode steps
                       # prefill_wait_ms: while others decode, a request may wait this long for more
-                      #   requests to share its prefill; auto: 10 on a GPU (launch-bound prefill), 0 on CPU
+                      #   requests to share its prefill (0: admitted at the next step; see docs/benchmarks-gpu.md)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
 """
 
@@ -51,7 +51,7 @@ DEFAULTS: dict = {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
-                      "prefill_wait_ms": "auto"},
+                      "prefill_wait_ms": 0},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
     },
 }
@@ -112,8 +112,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
     if g["stream_responses_per_s"] != "auto" and not _number(g["stream_responses_per_s"], 0):
         raise SettingsError("models.generator.stream_responses_per_s must be 'auto' or a number >= 0 "
                             f"(0: no limit), got {g['stream_responses_per_s']!r}")
-    if g["prefill_wait_ms"] != "auto" and not _number(g["prefill_wait_ms"], 0):
-        raise SettingsError(f"models.generator.prefill_wait_ms must be 'auto' or a number >= 0, got {g['prefill_wait_ms']!r}")
+    if not _number(g["prefill_wait_ms"], 0):
+        raise SettingsError(f"models.generator.prefill_wait_ms must be a number >= 0, got {g['prefill_wait_ms']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     if s["engine"] == "tensorrt":

@@ -352,7 +352,6 @@ class TorchExecutor(Executor):
         self.path = "native"
         self._hf = None
         self.can_chain = True  # decode_greedy_begin(chain=...) launches without waiting
-        self.batched_prefill = True  # prefill_batch: every prompt in one forward
 
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")

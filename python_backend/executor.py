@@ -37,9 +37,6 @@ class Executor(abc.ABC):
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """One step: append `tokens[i]` to the sequence in `slots[i]`; return logits [len(slots), vocab]."""
 
-    #: True where `prefill_batch` runs the prompts in one forward (not one after another)
-    batched_prefill = False
-
     def prefill_batch(self, slots, prompts) -> np.ndarray:
         """Prefill several empty slots (`prompts[i]` into `slots[i]`); return the last logits [n, vocab].
 

@@ -48,7 +48,7 @@ class TritonPythonModel:
         self.executor.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
         self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
-                                   prefill_wait=_prefill_wait(params.get("prefill_wait_ms", "0"), self.executor),
+                                   prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    metrics=GeneratorMetrics(self.model_name))
@@ -132,16 +132,6 @@ def _stream_rate(value: str) -> float:
     if str(value).strip().lower() == "auto":
         return 200.0 * (os.cpu_count() or 1)
     return float(value or 0)
-
-
-def _prefill_wait(value: str, executor) -> float:
-    """`prefill_wait_ms` in seconds; "auto": 10 ms where the engine prefills several prompts in one
-    forward on a GPU (launch-bound there: a few prompts cost about what one does, and each prefill
-    stalls every stream), else 0 (on CPU the cost grows with the prompt tokens: nothing to share)."""
-    if str(value).strip().lower() == "auto":
-        on_gpu = str(getattr(executor, "device", "cpu")).startswith("cuda")
-        return 0.010 if on_gpu and executor.batched_prefill else 0.0
-    return float(value or 0) / 1e3
 
 
 def _executor_options(params: dict) -> dict:

@@ -22,7 +22,7 @@
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
                       #   often, as one delta (fewer responses for postprocessing under load)
                       # stream_responses_per_s: all streams together get at most this many responses
-                      #   per second (n streams: one each n / rate seconds); auto: 200 per CPU core
+                      #   per second (n streams: one each n / rate seconds); auto: 200 per CPU core, at most 800
                       # prefill_token_budget: prompt tokens prefilled together between decode steps
                       # prefill_wait_ms: while others decode, a request may wait this long for more
                       #   requests to share its prefill (0: admitted at the next step; see docs/benchmarks-gpu.md)

@@ -99,6 +99,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.scheduler.shutdown()
+        pb_utils.Logger.log_info(f"{self.model_name}: scheduler {json.dumps(self.scheduler.stats.summary())}")
 
 
 def _send(sender, out: Output) -> None:

@@ -181,6 +181,20 @@ class Stats:
     cancelled: int = 0
     batch_size_sum: int = 0
     chained: int = 0  # steps launched before the host had the previous step's tokens
+    prefill_calls: int = 0
+    # where the scheduler thread's time went (seconds): in prefill calls (prompts in, first tokens
+    # out), waiting for a decode step's tokens, in the per-token bookkeeping, idle (nothing to run)
+    prefill_s: float = 0.0
+    decode_wait_s: float = 0.0
+    bookkeeping_s: float = 0.0
+    idle_s: float = 0.0
+
+    def summary(self) -> dict:
+        """Counters and time split, for the log at shutdown."""
+        out = dataclasses.asdict(self)
+        out["avg_batch"] = round(self.batch_size_sum / self.steps, 2) if self.steps else 0.0
+        out["prompts_per_prefill"] = round(self.prefills / self.prefill_calls, 2) if self.prefill_calls else 0.0
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 class Scheduler:
@@ -240,8 +254,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                t = time.perf_counter()
                 while not self._stop and not self.waiting and not self.running:
                     self._cv.wait()
+                self.stats.idle_s += time.perf_counter() - t
                 if self._stop:
                     break
             try:
@@ -315,6 +331,7 @@ class Scheduler:
             seq.slot = self.free_slots.pop()
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
             seq.limit = min(seq.params.max_tokens, self.ex.max_seq_len - len(seq.prompt_ids))
+        t = time.perf_counter()
         try:
             logits = self.ex.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
         except Exception as exc:
@@ -323,10 +340,12 @@ class Scheduler:
                 self._finish(seq, "", error=f"prefill failed: {exc}")
             return 0
         self.stats.prefills += len(batch)
+        self.stats.prefill_calls += 1
         for seq, row in zip(batch, logits):
             self.running.append(seq)
             if not self._advance(seq, seq.sampler.choose(row)):
                 self.running.remove(seq)
+        self.stats.prefill_s += time.perf_counter() - t
         return len(batch)
 
     def _step(self) -> None:
@@ -346,7 +365,10 @@ class Scheduler:
         samplers = [s.sampler for s in batch]
         ban = _greedy_ban(samplers)
         if ban is False:  # some row needs the logits on the host
-            self._take(batch, sample_batch(samplers, self.ex.decode(slots, last)))
+            t = time.perf_counter()
+            tokens = sample_batch(samplers, self.ex.decode(slots, last))
+            self.stats.decode_wait_s += time.perf_counter() - t
+            self._take(batch, tokens)
             return
         step = self.ex.decode_greedy_begin(slots, last, ban)
         while True:
@@ -354,14 +376,20 @@ class Scheduler:
             if self.ex.can_chain and self._may_chain(batch):
                 ahead = self.ex.decode_greedy_begin(slots, None, _greedy_ban(samplers, 1), chain=step)
                 self.stats.chained += 1
-            ended = self._take(batch, step.result().tolist())
+            ended = self._take(batch, self._tokens(step))
             if ahead is None:
                 return
             if ended:
-                live = [(s, t) for s, t in zip(batch, ahead.result().tolist()) if s.slot >= 0]
+                live = [(s, t) for s, t in zip(batch, self._tokens(ahead)) if s.slot >= 0]
                 self._take([s for s, _ in live], [t for _, t in live])
                 return
             step = ahead
+
+    def _tokens(self, step) -> list[int]:
+        t = time.perf_counter()
+        tokens = step.result().tolist()
+        self.stats.decode_wait_s += time.perf_counter() - t
+        return tokens
 
     def _may_chain(self, batch: list[Sequence]) -> bool:
         if self._stop or self._admission_due():
@@ -371,6 +399,13 @@ class Scheduler:
 
     def _take(self, batch: list[Sequence], tokens: list[int]) -> int:
         """Account one step's tokens; return how many sequences ended."""
+        t = time.perf_counter()
+        try:
+            return self._account(batch, tokens)
+        finally:
+            self.stats.bookkeeping_s += time.perf_counter() - t
+
+    def _account(self, batch: list[Sequence], tokens: list[int]) -> int:
         self.stats.steps += 1
         self.stats.batch_size_sum += len(batch)
         self._now = time.perf_counter()

@@ -99,7 +99,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.scheduler.shutdown()
-        pb_utils.Logger.log_info(f"{self.model_name}: scheduler {json.dumps(self.scheduler.stats.summary())}")
+        stats = " ".join(f"{k}={v}" for k, v in self.scheduler.stats.summary().items())
+        pb_utils.Logger.log_info(f"{self.model_name}: scheduler {stats}")  # key=value: the log escapes quotes
 
 
 def _send(sender, out: Output) -> None:

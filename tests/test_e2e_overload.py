@@ -45,3 +45,15 @@ def test_a_full_waiting_line_refuses_with_unavailable_and_the_server_keeps_servi
     assert all("generator queue is full (1 waiting requests); retry later" in str(e) for e in refused), refused
     with ChatClient(url, protocol=protocol) as c:  # and it still serves
         assert c.generate("Once upon a time", max_tokens=8).text
+
+
+def test_generator_logs_its_scheduler_statistics_at_shutdown(small_server):
+    import re
+
+    small_server.stop()  # last test of the module: the fixture's own stop then has nothing to do
+    line = re.search(r"generator: scheduler (.*)", small_server.log_text())
+    assert line, "no scheduler statistics in the server log"
+    stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
+    assert stats["finished"] >= 4 and stats["steps"] > 0 and stats["prefill_calls"] >= 1
+    assert stats["avg_batch"] <= 1  # max_batch_size 1: one sequence at a time
+    assert all(stats[k] >= 0 for k in ("prefill_s", "decode_wait_s", "bookkeeping_s", "idle_s"))

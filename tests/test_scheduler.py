@@ -192,15 +192,15 @@ def _staggered(engine, prefill_wait, gaps, max_slots=None):
 
 
 def test_prefill_wait_lets_arrivals_share_one_prefill(engine):
-    """While a sequence decodes, two requests 20 ms apart: at once, two prefills; with a 200 ms
-    wait, one prefill of both, and the first waited for the second but no longer than the wait.
-    The first request of an idle engine never waits."""
-    groups, _ = _staggered(engine, 0.0, [0.02, 0.02])
+    """While a sequence decodes (60 steps of >= 3 ms), two requests 50 ms apart: at once, two
+    prefills; with a 200 ms wait, one prefill of both, and the first waited for the second but no
+    longer than the wait. The first request of an idle engine never waits."""
+    groups, _ = _staggered(engine, 0.0, [0.05, 0.05])
     assert groups == [1, 1, 1]
-    groups, ttft = _staggered(engine, 0.2, [0.02, 0.02])
+    groups, ttft = _staggered(engine, 0.2, [0.05, 0.05])
     assert groups == [1, 2]
-    assert 0.015 < ttft[0] < 0.2 + 0.5  # waited for the second request, within the wait (+ slack)
-    groups, ttft = _staggered(engine, 0.1, [0.02])  # nobody else comes: admitted when the wait ends
+    assert 0.05 < ttft[0] < 0.2 + 0.5  # waited for the second request, within the wait (+ slack)
+    groups, ttft = _staggered(engine, 0.1, [0.05])  # nobody else comes: admitted when the wait ends
     assert groups == [1, 1] and 0.1 <= ttft[0] < 0.1 + 0.5
 
 

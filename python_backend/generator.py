@@ -144,8 +144,9 @@ def _stream_rate(value: str) -> float:
 def _executor_options(params: dict) -> dict:
     """Optional executor knobs a repository may set as parameters (absent: the executor's defaults)."""
     opts = {k: params[k] for k in ("kernels", "attention") if params.get(k)}
-    if params.get("cuda_graphs"):
-        opts["cuda_graphs"] = params["cuda_graphs"].strip().lower() in ("1", "true", "yes", "on")
+    for flag in ("cuda_graphs", "prefill_graphs"):
+        if params.get(flag):
+            opts[flag] = params[flag].strip().lower() in ("1", "true", "yes", "on")
     return opts
 
 

@@ -195,6 +195,33 @@ def test_batched_prefill_equals_one_at_a_time(tmp_path, arch):
         many.prefill_batch([0, 0], prompts[:2])  # one slot twice
 
 
+def test_padded_prefill_of_the_graphs_equals_the_packed_one(tmp_path):
+    """The prefill that CUDA graphs capture runs on padded buckets (tokens, prompts, width; padding
+    written to the dummy slot). Run eagerly here, on CPU: the same logits and cache as the packed
+    prefill, nothing written outside the prompts' own slots but the dummy slot."""
+    model, path = _random_model(tmp_path, "qwen2")
+    kw = dict(max_slots=6, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
+    packed, padded = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 512, n) for n in (7, 1, 19)]
+    slots, lens = [2, 0, 4], np.array([7, 1, 19])
+    ref = packed.prefill_batch(slots, prompts)
+    key = padded._prefill_buckets(lens)
+    assert key == (64, 4, 32)  # 27 tokens -> 64, 3 prompts -> 4, longest 19 -> 32
+    buf = torch.from_numpy(padded._prefill_layout(slots, prompts, lens, key))
+    with torch.no_grad():
+        got = padded._prefill_body(buf, key)[:3].numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    padded._lengths[slots] = lens
+    for L in padded.layers:  # slots 1, 3, 5 hold nothing: no padding leaked into them
+        assert not L.kc[[1, 3, 5]].any() and not L.vc[[1, 3, 5]].any()
+    toks = ref.argmax(-1)
+    for _ in range(3):
+        a, b = packed.decode(np.array(slots), toks), padded.decode(np.array(slots), toks)
+        np.testing.assert_allclose(b, a, atol=2e-5)
+        toks = a.argmax(-1)
+
+
 def test_decode_greedy_ban(tmp_path):
     """`ban` masks the given ids in the given rows only (min_tokens on the device)."""
     from tritonchat.python_backend.executor import Ban

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from .stats import mean, model_stats, percentile, stats_delta
+from .stats import _int, mean, model_stats, pcts, percentile, stats_delta
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
@@ -173,16 +172,10 @@ def summarize(records: List[RequestRecord], concurrency: int, capped: bool = Fal
         "prompt_tokens": mean(r.prompt_tokens for r in ok if r.prompt_tokens is not None),
         "output_tokens_per_s": tokens / wall if wall > 0 else None,
         "requests_per_s": len(ok) / wall if wall > 0 else None,
-        "ttft_ms": _pcts(ttft, (50, 90, 99)),
-        "itl_ms": {**_pcts(gaps, (50, 90, 99)), "per_request_mean": mean(per_req_itl)},
-        "e2e_ms": _pcts(e2e, (50, 90, 99)),
+        "ttft_ms": pcts(ttft),
+        "itl_ms": {**pcts(gaps), "per_request_mean": mean(per_req_itl)},
+        "e2e_ms": pcts(e2e),
     }
-
-
-def _pcts(values: List[float], qs) -> Dict[str, Optional[float]]:
-    out: Dict[str, Optional[float]] = {f"p{q}": percentile(values, q) for q in qs}
-    out["mean"] = mean(values)
-    return out
 
 
 # -------------------------------------------------------------------------------------------- the sweep
@@ -268,10 +261,7 @@ async def _sweep(cfg: BenchConfig, url: str, http_url: Optional[str], grpc_url: 
                               f"Finished levels: {[lv['concurrency'] for lv in levels[:-1]]}")
         if cfg.overhead_repeats > 0 and with_overhead:
             def post_stats():
-                try:
-                    return model_stats("postprocessing", http_url=http_url, grpc_url=grpc_url)
-                except Exception:  # noqa: BLE001
-                    return None
+                return (_stats_snapshot(http_url, grpc_url, ("postprocessing",)) or {}).get("postprocessing")
 
             overhead = await streaming_overhead(client, prompts[0], params, cfg.overhead_repeats, progress,
                                                 post_stats if (http_url or grpc_url) else None, cfg.timeout)
@@ -328,12 +318,7 @@ def _ns_delta(before: Dict, after: Dict):
             st = (st or {}).get(k) or {}
         return st
 
-    def num(x):
-        try:
-            return int(x)
-        except (TypeError, ValueError):
-            return 0
-
+    num = _int
     calls = num(after.get("inference_count")) - num(before.get("inference_count"))
     success = num(get(after, "inference_stats", "success").get("ns")) - num(
         get(before, "inference_stats", "success").get("ns"))
@@ -391,7 +376,8 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
         raise BenchError("--output-len must be >= 1")
     from .net import check_loopback
 
-    check_loopback(cfg.url or "127.0.0.1")
+    if cfg.url:
+        check_loopback(cfg.url)
     if cfg.http_url:
         check_loopback(cfg.http_url)
     from tritonchat.python_backend.allocator import keep_freed_memory
@@ -431,6 +417,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
             result["url"] = url
             rounds = max(1, int(cfg.rounds))
             server_rounds, peer_rounds = [], []
+            peer_dir = peer_model_dir(cfg) if cfg.peers else None
             for r in range(rounds):
                 last = r == rounds - 1
                 tag = f"[{r + 1}/{rounds}] " if rounds > 1 else ""
@@ -442,8 +429,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
                 if cfg.peers:
                     from .peers import run_peers
 
-                    peer_rounds.append(run_peers(cfg, peer_model_dir(cfg), prompts, prompt_info.get("tok"),
-                                                 progress, console, tag=tag))
+                    peer_rounds.append(run_peers(cfg, peer_dir, prompts, progress, console, tag=tag))
             result["server"] = best_of_rounds(server_rounds)
             if cfg.peers:
                 result["peers"] = best_of_peer_rounds(peer_rounds)
@@ -489,6 +475,3 @@ def parse_levels(text: str) -> List[int]:
         raise BenchError("--concurrency is empty")
     return levels
 
-
-def isfinite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

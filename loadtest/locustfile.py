@@ -159,16 +159,5 @@ class GrpcStreamUser(_StreamUser):
     label = "gRPC"
 
 
-def summary(csv_prefix: str) -> dict:
-    """Read ``<prefix>_stats.csv`` back: {(type, name): row} (used by the tests and the docs)."""
-    import csv
-
-    rows = {}
-    with open(f"{csv_prefix}_stats.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            rows[(row["Type"], row["Name"])] = row
-    return rows
-
-
 if __name__ == "__main__":  # pragma: no cover
     print(json.dumps({"usage": __doc__.splitlines()[2:4]}, indent=2))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .stats import mean, percentile
+from .stats import mean, pcts
 
 PEERS = ("transformers", "llama.cpp")
 ALIASES = {"hf": "transformers", "transformers": "transformers", "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp",
@@ -36,12 +36,6 @@ def normalize_peers(names: List[str]) -> List[str]:
         if key not in out:
             out.append(key)
     return out
-
-
-def _pcts(values, qs=(50, 90, 99)):
-    d = {f"p{q}": percentile(values, q) for q in qs}
-    d["mean"] = mean(values)
-    return d
 
 
 def generator_device(repo: Optional[Path]) -> str:
@@ -62,7 +56,7 @@ def generator_device(repo: Optional[Path]) -> str:
     return "cpu"
 
 
-def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], tokenizer, progress, console,
+def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], progress, console,
               tag: str = "") -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     for name in normalize_peers(cfg.peers):
@@ -145,7 +139,7 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
             "output_tokens_per_s": done * (new_tokens or M) / total if total else None,
             "requests_per_s": done / total if total else None,
             "ttft_ms": {"p50": ttft, "p90": None, "p99": None, "mean": ttft},
-            "itl_ms": _pcts(itl), "e2e_ms": _pcts(e2e),
+            "itl_ms": pcts(itl), "e2e_ms": pcts(e2e),
         })
     return {"mode": f"generate, batch = C, {device}", "device": device, "levels": levels,
             "torch_threads": torch.get_num_threads()}
@@ -222,6 +216,6 @@ def llama_cpp_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: str 
              "prompt_tokens": mean(r[2] for r in records),
              "output_tokens_per_s": tokens / wall if wall else None,
              "requests_per_s": len(records) / wall if wall else None,
-             "ttft_ms": _pcts(ttft), "itl_ms": _pcts(gaps), "e2e_ms": _pcts(e2e)}
+             "ttft_ms": pcts(ttft), "itl_ms": pcts(gaps), "e2e_ms": pcts(e2e)}
     return {"mode": f"1 sequence at a time, {threads} threads", "levels": [level], "applies_to_all": True,
             "gguf": str(gguf_path), "llama_cpp_python": getattr(llama_cpp, "__version__", "?")}

@@ -7,7 +7,6 @@ tokens (BOS) is N ids long: the ``num_input_tokens`` the server reports back.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,12 +15,11 @@ FALLBACK_TEXT = ("Once upon a time, there was a little girl named Lily. She love
 
 
 def sample_text_path() -> Optional[Path]:
-    """``shared/data/tinystories_sample.txt`` ($TRITONCHAT_SHARED or ../shared beside the checkout)."""
-    env = os.environ.get("TRITONCHAT_SHARED")
-    roots = [Path(env)] if env else []
-    here = Path(__file__).resolve().parents[1]
-    roots += [here.parent / "shared", Path.cwd().parent / "shared", Path("/work/shared")]
-    for root in roots:
+    """``shared/data/tinystories_sample.txt`` ($TRITONCHAT_SHARED, ../shared beside the checkout, or
+    ../shared beside the working directory)."""
+    from tritonchat.build.synthetic import shared_dir
+
+    for root in (shared_dir(), Path.cwd().parent / "shared"):
         cand = root / "data" / "tinystories_sample.txt"
         if cand.is_file():
             return cand

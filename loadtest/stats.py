@@ -26,6 +26,13 @@ def mean(values: Iterable[float]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def pcts(values: Sequence[float], qs=(50, 90, 99)) -> Dict[str, Optional[float]]:
+    """{"p50": ..., "p90": ..., "p99": ..., "mean": ...} of `values`."""
+    out: Dict[str, Optional[float]] = {f"p{q}": percentile(values, q) for q in qs}
+    out["mean"] = mean(values)
+    return out
+
+
 # ------------------------------------------------------------------------------ Triton statistics
 
 

@@ -660,20 +660,10 @@ class TorchExecutor(Executor):
                                     for s, p in zip(slots, ids)])
             elif self.prefill_graphs and int(lens.sum()) <= self.prefill_graph_tokens:
                 logits = self._prefill_graphed(slots, ids, lens)
-            else:
-                width = int(lens.max())
-                starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-                grid = np.arange(width)[None, :]
-                real = (grid < lens[:, None]).reshape(-1)
-                rows = np.where(real, (starts[:, None] + grid).reshape(-1), 0)  # packed row of cell [b, t]
-                t, b = int(lens.sum()), len(slots)
-                parts = [np.concatenate(ids), np.repeat(slots, lens), np.concatenate([np.arange(n) for n in lens]),
-                         rows, np.flatnonzero(real), starts + lens - 1, slots]
-                dev = torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
-                tok, slot_of, pos, rows_t, valid, last, slot_t = torch.split(dev, [len(x) for x in parts])
-                pack = (slot_t, rows_t.view(b, width), valid, width)
-                h = self._forward(tok, slot_of, pos, lambda q, L: self._attn_prefill(q, L, pack), last=last)
-                logits = F.linear(h, self.lm_head).float()
+            else:  # the same forward, unpadded: exactly the prompts' tokens, prompts and longest prompt
+                key = (int(lens.sum()), len(slots), int(lens.max()))
+                layout = torch.from_numpy(self._prefill_layout(slots, ids, lens, key))
+                logits = self._prefill_body(layout.to(self.device, non_blocking=True), key)
             out = self._to_host(logits, len(slots))
         self._lengths[slots] = lens
         return out
@@ -687,9 +677,10 @@ class TorchExecutor(Executor):
         return t, b, w
 
     def _prefill_layout(self, slots, ids, lens, key) -> np.ndarray:
-        """The padded prefill's int64 inputs, in one vector: tokens, slot of each token, positions
-        [t each]; cell -> packed row [b * w]; packed row -> cell [t]; last row of each prompt,
-        slots [b each]. Padding tokens write their K/V into the dummy slot; padding prompts read it."""
+        """A prefill's int64 inputs for (tokens t, prompts b, width w) `key`, in one vector: tokens,
+        slot of each token, positions [t each]; cell -> packed row [b * w]; packed row -> cell [t];
+        last row of each prompt, slots [b each]. Where `key` is larger than the prompts (a graph's
+        bucket), padding tokens write their K/V into the dummy slot and padding prompts read it."""
         t, b, w = key
         n, k = int(lens.sum()), len(slots)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
@@ -712,7 +703,8 @@ class TorchExecutor(Executor):
         return np.concatenate([tok, slot_of, pos, rows.reshape(-1), cells, last, slot_t])
 
     def _prefill_body(self, buf: torch.Tensor, key) -> torch.Tensor:
-        """Logits [b, vocab] of a padded prefill whose inputs are `buf` (see `_prefill_layout`)."""
+        """Logits [b, vocab] of the prefill whose inputs are `buf` (see `_prefill_layout`): projections
+        and MLP over the packed tokens, attention per prompt on the right-padded batch."""
         t, b, w = key
         tok, slot_of, pos, rows, cells, last, slot_t = torch.split(buf, [t, t, t, b * w, t, b, b])
         pack = (slot_t, rows.view(b, w), cells, w)

@@ -86,6 +86,7 @@ class Sampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
         self.seen[np.asarray(prompt_ids, dtype=np.int64) % vocab_size] = True
         self.end_ids = np.array([e for e in params.end_ids if 0 <= e < vocab_size], dtype=np.int64)
+        self.end_key = tuple(self.end_ids.tolist())  # compared per row and step (scheduler._greedy_ban)
         self.generated = 0
         self.history: list[int] = []
         self.argmax_only = params.argmax_only  # read per token and per step: computed once

@@ -160,14 +160,15 @@ def _coalesce(batch):
 def _greedy_ban(samplers: list[Sampler], ahead: int = 0):
     """For an all-greedy batch: None (plain argmax) or the `Ban` of end ids for rows still under
     their `min_tokens` (`ahead` steps from now); False when some row needs the logits on the host."""
-    rows, ids = [], None
+    rows, key, ids = [], None, None
     for i, s in enumerate(samplers):
         if not s.argmax_only:
             return False
-        if s.generated + ahead < s.p.min_tokens and len(s.end_ids):
-            if ids is not None and not np.array_equal(ids, s.end_ids):
+        if s.generated + ahead < s.p.min_tokens and s.end_key:
+            if key is None:
+                key, ids = s.end_key, s.end_ids
+            elif s.end_key != key:
                 return False  # rows ban different ids: one mask cannot serve them
-            ids = s.end_ids
             rows.append(i)
     return Ban(np.array(rows, dtype=np.int64), ids) if rows else None
 

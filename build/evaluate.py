@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .quantize import artifact_size, bos_id, builtin_sample, encode, graph_precision
+from .quantize import artifact_size, bos_id, builtin_sample, encode, graph_precision, normalize_precision
 
 # max relative perplexity increase over the reference (0.02 = +2 %), as in the build config's accuracy_bounds
 DEFAULT_BOUNDS = {"fp32": 0.001, "fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02}
@@ -87,8 +87,6 @@ class EvalReport:
         d["size_ratio"] = self.size_ratio
         return d
 
-    to_json = to_dict
-
     def summary(self) -> str:
         parts = [f"perplexity {self.perplexity:.4f}"]
         if self.reference_perplexity is not None:
@@ -107,20 +105,23 @@ class EvalReport:
 # models behind one small interface: logits of a window, greedy continuation of prompts
 # ----------------------------------------------------------------------------------------------
 class _OnnxModel:
-    def __init__(self, onnx_path: Path, threads: int = 0):
-        import onnxruntime as ort
+    """An exported KV-cache graph, run through the generator's own `OrtExecutor` (one session)."""
 
+    def __init__(self, onnx_path: Path, threads: int = 0):
         self.path = Path(onnx_path)
         self.spec = json.loads((self.path.parent / "kv_spec.json").read_text())
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
         self.threads = threads
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.kv_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self._ex = None
+
+    def _executor(self, slots: int = 1):
+        """The executor, with at least `slots` KV slots of the whole context (KV memory is mapped lazily)."""
+        from tritonchat.python_backend.engine_ort import OrtExecutor
+
+        if self._ex is None or self._ex.max_slots < slots:
+            # threads 0 here: ONNX Runtime's own default (all cores); the server's default is half
+            self._ex = OrtExecutor(self.path, max_slots=slots, max_seq_len=self.max_context,
+                                   threads=self.threads or (os.cpu_count() or 1))
+        return self._ex
 
     @property
     def max_context(self) -> int:
@@ -133,19 +134,18 @@ class _OnnxModel:
         return artifact_size(self.path)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        ex = self._executor()
         n = len(ids)
-        empty = np.zeros((1, self.spec["num_kv_heads"], 0, self.spec["head_dim"]), dtype=self.kv_dtype)
+        empty = np.zeros((1, ex.num_kv_heads, 0, ex.head_dim), dtype=ex.kv_dtype)
         feeds = {"input_ids": ids[None].astype(np.int64), "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None], **{p: empty for p in self.past_names}}
-        return self.session.run(["logits"], feeds)[0][0].astype(np.float32)
+                 "position_ids": np.arange(n, dtype=np.int64)[None], **{p: empty for p in ex.past_names}}
+        return ex.session.run(["logits"], feeds)[0][0].astype(np.float32)
 
     def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         """All prompts at once through OrtExecutor: one slot each, batched decode (holes mask)."""
-        from tritonchat.python_backend.engine_ort import OrtExecutor
-
-        longest = max(len(p) for p in prompts)
-        ex = OrtExecutor(self.path, max_slots=len(prompts), max_seq_len=longest + new_tokens + 1,
-                         threads=self.threads)
+        ex = self._executor(len(prompts))
+        for s in range(len(prompts)):
+            ex.release(s)
         last = np.array([int(np.argmax(ex.prefill(s, np.asarray(p, np.int64)))) for s, p in enumerate(prompts)])
         out = [[int(t)] for t in last]
         slots = np.arange(len(prompts))
@@ -366,7 +366,6 @@ def gate(report: EvalReport, precision: str | None = None,
     for `precision`, a relative increase (0.02 = +2 %). `bounds`: one number, or a mapping
     precision -> bound merged over DEFAULT_BOUNDS (the build config's `accuracy_bounds`).
     A precision without a bound passes; a perplexity decrease passes."""
-    from .quantize import normalize_precision
 
     precision = normalize_precision(precision or report.precision or "fp32")
     if isinstance(bounds, (int, float)):

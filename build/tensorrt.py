@@ -22,14 +22,13 @@ only with the TensorRT version and GPU it was built for; TrtExecutor checks the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-INPUTS = ("input_ids", "attention_mask", "position_ids")
+from tritonchat.python_backend.manifest import sha256_file
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -114,14 +113,6 @@ def profile_shapes(profile: Mapping[str, tuple[int, int, int]], spec: Mapping) -
             for kv in ("key", "value"):
                 shapes.setdefault(f"past_key_values.{layer}.{kv}", []).append((b, h, p, d))
     return shapes
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _gpu_facts() -> dict:
@@ -238,8 +229,8 @@ def build_engine(onnx_path: Path, plan_path: Path, *, precision: str, profiles: 
         "profiles": {k: {d: list(v) for d, v in p.items()} for k, p in profiles.items()},
         "workspace_gb": workspace_gb,
         "onnx": onnx_path.name,
-        "onnx_sha256": file_sha256(onnx_path),
-        "onnx_data_sha256": file_sha256(data) if data.exists() else None,
+        "onnx_sha256": sha256_file(onnx_path),
+        "onnx_data_sha256": sha256_file(data) if data.exists() else None,
         "build_seconds": round(build_s, 1),
         "plan_bytes": plan_path.stat().st_size,
     }

@@ -48,3 +48,30 @@ def stories_server(stories_repo):
 
     with TritonServer(stories_repo) as srv:
         yield srv
+
+
+# -- fp32 / fp16 / int8 / int8-weight-only graphs of stories260K (test_quantize, test_evaluate, test_tensorrt)
+STORIES_MODEL = SHARED / "models" / "stories260K"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(STORIES_MODEL))
+
+
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory, tokenizer):
+    """{precision: model.onnx} for fp32 (exported) and the three quantized variants."""
+    from tritonchat.build.export import export_onnx, load_model, write_spec
+    from tritonchat.build.quantize import quantize
+
+    root = tmp_path_factory.mktemp("quant")
+    fp32 = root / "fp32" / "model.onnx"
+    spec = export_onnx(load_model(str(STORIES_MODEL)), fp32)
+    write_spec(spec, fp32.parent / "kv_spec.json")
+    out = {"fp32": fp32}
+    for p in ("fp16", "int8", "int8-weight-only"):
+        out[p] = quantize(fp32, root / p / "model.onnx", p, calibration_text=None, tokenizer=tokenizer, spec=spec)
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_quantize import MODEL, SHARED, graphs, tokenizer  # noqa: F401  (session fixtures)
+from conftest import SHARED, STORIES_MODEL as MODEL
 
 TEXT = SHARED / "data" / "tinystories_sample.txt"
 
@@ -93,7 +93,7 @@ def test_report_table_renders(reports):
     from tritonchat.build.evaluate import default_eval_text
 
     assert "Fox and the Grapes" in default_eval_text()
-    d = reports["int8"].to_json()
+    d = reports["int8"].to_dict()
     assert d["ppl_delta_pct"] == pytest.approx(reports["int8"].ppl_delta_pct) and d["size_ratio"] > 0
 
 

@@ -3,48 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-if not SHARED.exists():
-    SHARED = Path("/work/shared")
-MODEL = SHARED / "models" / "stories260K"
+from conftest import STORIES_MODEL as MODEL
 
 pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} not present")
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(MODEL))
-
-
-_BUILT: dict = {}  # test_evaluate imports these fixtures: build once per session, not once per module
-
-
-@pytest.fixture(scope="session")
-def graphs(tmp_path_factory, tokenizer):
-    """{precision: model.onnx} for fp32 (exported) and the three quantized variants."""
-    if "graphs" not in _BUILT:
-        _BUILT["graphs"] = _build_graphs(tmp_path_factory.mktemp("quant"), tokenizer)
-    return _BUILT["graphs"]
-
-
-def _build_graphs(root, tokenizer):
-    from tritonchat.build.export import export_onnx, load_model, write_spec
-    from tritonchat.build.quantize import quantize
-
-    fp32 = root / "fp32" / "model.onnx"
-    spec = export_onnx(load_model(str(MODEL)), fp32)
-    write_spec(spec, fp32.parent / "kv_spec.json")
-    out = {"fp32": fp32}
-    for p in ("fp16", "int8", "int8-weight-only"):
-        out[p] = quantize(fp32, root / p / "model.onnx", p, calibration_text=None, tokenizer=tokenizer, spec=spec)
-    return out
 
 
 def _greedy(model_path, prompt_ids, n=16):

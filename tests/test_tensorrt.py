@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from test_quantize import graphs, tokenizer  # noqa: F401  (session fixtures)
 
 
 def _need_tensorrt():

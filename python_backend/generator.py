@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import triton_io as io
+from .allocator import keep_freed_memory
 from .detokenize import TextTracker
 from .executor import create_executor
 from .metrics import GeneratorMetrics
@@ -53,7 +54,7 @@ class TritonPythonModel:
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    metrics=GeneratorMetrics(self.model_name))
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
-                                 f"end ids {list(self.end_ids)}")
+                                 f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
 
     def execute(self, requests):
         for request in requests:

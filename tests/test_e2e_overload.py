@@ -47,11 +47,13 @@ def test_a_full_waiting_line_refuses_with_unavailable_and_the_server_keeps_servi
         assert c.generate("Once upon a time", max_tokens=8).text
 
 
-def test_generator_logs_its_scheduler_statistics_at_shutdown(small_server):
+def test_generator_logs_its_malloc_setting_and_scheduler_statistics(small_server):
     import re
 
     small_server.stop()  # last test of the module: the fixture's own stop then has nothing to do
-    line = re.search(r"generator: scheduler (.*)", small_server.log_text())
+    log = small_server.log_text()
+    assert "malloc keeps freed memory: True" in log  # allocator.keep_freed_memory ran in the stub
+    line = re.search(r"generator: scheduler (.*)", log)
     assert line, "no scheduler statistics in the server log"
     stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
     assert stats["finished"] >= 4 and stats["steps"] > 0 and stats["prefill_calls"] >= 1

@@ -1,7 +1,8 @@
 """GPU check of the scheduler's chained steps and the batched prefill (CUDA graphs, Triton kernels).
 
 A seeded random Llama (float32, small) with the Llama-2 tokenizer: jobs of different lengths, more
-than the slots, one token playing an end id. The answers with chained steps must equal the answers
+than the slots, one token playing an end id, some jobs with `min_tokens` (the end id banned inside
+the decode graph until then). The answers with chained steps must equal the answers
 without chaining and transformers' greedy `generate` on the same GPU. Prints OK or raises.
     python benchmarks/gpu_chain_check.py [SHARED]
 """
@@ -37,8 +38,8 @@ def run(ex, tok, jobs, end):
                     done.set()
         return sink
 
-    for i, (prompt, n) in enumerate(jobs):
-        sched.submit(Sequence(np.asarray(prompt), SamplingParams(max_tokens=n, end_ids=(end,)),
+    for i, (prompt, n, m) in enumerate(jobs):
+        sched.submit(Sequence(np.asarray(prompt), SamplingParams(max_tokens=n, min_tokens=m, end_ids=(end,)),
                               TextTracker(tok), sink_for(i)))
     assert done.wait(120)
     chained = sched.stats.chained
@@ -55,22 +56,27 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: checks this script, not the GPU path
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
     rng = np.random.default_rng(0)
-    jobs = [(rng.integers(3, 32000, n).tolist(), m) for n, m in
-            [(5, 40), (130, 25), (17, 60), (64, 15), (9, 33), (200, 50), (3, 44), (77, 20), (31, 70), (12, 9)]]
-    ref = []
-    for prompt, n in jobs:
+    # (prompt, max_tokens, min_tokens): a min_tokens job bans the end id inside the decode graph
+    jobs = [(rng.integers(3, 32000, n).tolist(), m, k) for n, m, k in
+            [(5, 40, 0), (130, 25, 0), (17, 60, 0), (64, 15, 0), (9, 33, 0), (200, 50, 0), (3, 44, 0), (77, 20, 0),
+             (31, 70, 0), (12, 9, 0), (17, 60, 30), (17, 60, 59), (5, 40, 12)]]
+
+    def generate(prompt, n, m, end):
         ids = torch.tensor([prompt], device=dev)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, pad_token_id=0, eos_token_id=None)
-        ref.append(out[0, len(prompt):].tolist())
-    end = ref[2][20]  # a token the model does say, ~20 tokens into job 2, plays the end id
+                             min_new_tokens=m, pad_token_id=0, eos_token_id=end)
+        return out[0, len(prompt):].tolist()
+
+    end = generate(jobs[2][0], 60, 60, None)[20]  # a token the model does say, ~20 tokens into job 2
+    ref = [generate(prompt, n, m, end) for prompt, n, m in jobs]
     ex = TorchExecutor(model=model, max_slots=4, max_seq_len=512, device=dev, dtype="float32")
     ex.warmup()
     chained, n_chained = run(ex, tok, jobs, end)
     ex.can_chain = False
     plain, _ = run(ex, tok, jobs, end)
     assert n_chained > 0
-    for i, (prompt, n) in enumerate(jobs):
+    assert len(ref[2]) <= 21 < len(ref[10]), "the end id did not stop job 2, or min_tokens did not hold it off"
+    for i, (prompt, n, m) in enumerate(jobs):
         want = ref[i][: ref[i].index(end)] if end in ref[i] else ref[i]
         reason, count, window = chained[i]
         assert chained[i] == plain[i], (i, chained[i], plain[i])

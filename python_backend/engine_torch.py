@@ -30,7 +30,9 @@ Other architectures (gpt2, ...): a slow fallback runs the transformers model its
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import warnings
 
 import numpy as np
@@ -46,6 +48,9 @@ _DTYPES = {
 }
 _NATIVE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 _DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BAN_IDS = 8  # end ids a decode step can ban per row inside its graph (more: banned outside it)
+_IN_ROWS = 4 + BAN_IDS
+_RING = 4  # decode steps whose ids can be in flight at once
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -55,6 +60,17 @@ def _as_dtype(dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r} (expected bfloat16, float16 or float32)") from None
+
+
+def _no_cudnn_sdpa():
+    """SDPA without the cuDNN backend (flash, memory-efficient or math instead). On the H100 torch
+    picks cuDNN attention, which builds a plan for every new shape: ~70 ms on the first prefill of
+    each (prompts, width) shape, which every running stream then waits for; flash: ~0.1 ms."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: its default backends
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _next_pow2(x: int) -> int:
@@ -389,13 +405,24 @@ class TorchExecutor(Executor):
         self._prefill_graphs: dict = {}  # (tokens, prompts, width) buckets -> (graph, input, logits) or None
         self._prefill_pool = None
         self._pool = None
+        # graphs captured so far and the time it took (a capture on first use stalls every stream)
+        self.captures = {"decode": 0, "decode_s": 0.0, "prefill": 0, "prefill_s": 0.0}
+        # a decode step's int64 inputs, one row each: tokens, slots, positions, "take the token from
+        # the previous step" flags, then BAN_IDS rows of banned ids (-1: none); see `_step_body`
+        top = max(sizes[-1], self.max_slots)
+        self._last_ids = torch.zeros(top, dtype=torch.int64, device=self.device)  # previous step's argmax
+        self._last_step = None
         if self.cuda_graphs:
-            top = sizes[-1]
-            self._in = torch.zeros((3, top), dtype=torch.int64, device=self.device)
+            self._in = torch.zeros((_IN_ROWS, sizes[-1]), dtype=torch.int64, device=self.device)
             # two pinned staging buffers, used in turn: with a step in flight, the copy of the
             # previous one may not have run yet when the next step's inputs are written
-            self._in_host = [torch.zeros((3, top), dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._in_host = [torch.zeros((_IN_ROWS, sizes[-1]), dtype=torch.int64).pin_memory() for _ in range(2)]
             self._turn = 0
+            # pinned buffers and events for the steps' ids, used in turn (see `_Step`)
+            self._ids_host = [torch.zeros(top, dtype=torch.int64).pin_memory() for _ in range(_RING)]
+            self._ids_owner: list = [None] * _RING
+            self._events = [torch.cuda.Event() for _ in range(_RING)]
+            self._ring = 0
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 8)
 
@@ -521,12 +548,13 @@ class TorchExecutor(Executor):
         qq = q.view(-1, hq, d)[rows].transpose(1, 2)  # [b, Hq, width, D]
         k = L.kc[slots, :, :width]
         v = L.vc[slots, :, :width]
-        try:
-            out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
-        except (TypeError, RuntimeError):
-            k = k.repeat_interleave(self.group, 1)
-            v = v.repeat_interleave(self.group, 1)
-            out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale)
+        with _no_cudnn_sdpa():
+            try:
+                out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            except (TypeError, RuntimeError):
+                k = k.repeat_interleave(self.group, 1)
+                v = v.repeat_interleave(self.group, 1)
+                out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale)
         out = out.transpose(1, 2).reshape(b * width, hq * d)
         return out[valid]
 
@@ -580,6 +608,22 @@ class TorchExecutor(Executor):
         h = self._forward(tok, slots, pos, lambda q, L: self._attn_decode(q, L, slots, pos, tb))
         return F.linear(h, self.lm_head).float()
 
+    def _step_body(self, inp: torch.Tensor, tb):
+        """One decode step from its input rows `inp` [_IN_ROWS, b] (see `_step_inputs`): logits
+        [b, vocab] (float32; banned cells -inf) and their argmax [b], which also goes to
+        `_last_ids` for a chained step. Everything a greedy step needs happens here, so a graph
+        replay plus two copies is the whole step on the host: each extra op was a GIL release that
+        the other threads of the server process could hold on to."""
+        b = inp.shape[1]
+        tok = torch.where(inp[3] > 0, self._last_ids[:b], inp[0])
+        logits = self._decode_body(tok, inp[1], inp[2], tb)
+        ban = inp[4:].t()  # [b, BAN_IDS]; -1: nothing (its cap is +inf, which `amin` ignores)
+        cap = torch.where(ban >= 0, float("-inf"), float("inf")).to(logits.dtype)
+        logits.scatter_reduce_(1, ban.clamp(min=0), cap, reduce="amin", include_self=True)
+        ids = logits.argmax(dim=-1)
+        self._last_ids[:b].copy_(ids)
+        return logits, ids
+
     # -- CUDA graphs -------------------------------------------------------------------------
     def _graph_size(self, n: int) -> int | None:
         for s in self.graph_batch_sizes:
@@ -592,24 +636,42 @@ class TorchExecutor(Executor):
             return None
         return min(self.max_seq_len, triton_cdiv(top, self.length_bucket) * self.length_bucket)
 
+    def _record(self, fn, pool):
+        """`fn()` run twice on a side stream (Triton compiles, cuBLAS settles its workspaces), then
+        captured into a CUDA graph in `pool`; returns (graph, what `fn` returned). Not through
+        `torch.cuda.graph(...)`: its `__enter__` empties the device and pinned-host allocator
+        caches before every capture, so each capture made while the server runs (a prefill bucket
+        seen for the first time) was followed by synchronising cudaMalloc / cudaHostAlloc calls."""
+        cur = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(cur)
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=pool)
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        cur.wait_stream(stream)
+        return graph, out
+
     def _capture(self, b: int, tb):
         """Capture the decode step for padded batch `b` (and SDPA length bucket `tb`)."""
+        t0 = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        self._in[0].zero_()
+        saved = self._last_ids.clone()  # a capture between two chained steps must not lose the ids
+        self._in.zero_()
         self._in[1].fill_(self.dummy_slot)  # warm-up and capture touch the dummy slot only
-        self._in[2].zero_()
-        tok, slots, pos = self._in[0, :b], self._in[1, :b], self._in[2, :b]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compiles the Triton kernels, settles cuBLAS workspaces
-                self._decode_body(tok, slots, pos, tb)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._decode_body(tok, slots, pos, tb)
-        self._graphs[(b, tb)] = (graph, out)
+        self._in[4:].fill_(-1)
+        inp = self._in[:, :b]
+        self._graphs[(b, tb)] = self._record(lambda: self._step_body(inp, tb), self._pool)
+        self._last_ids.copy_(saved)
+        self.captures["decode"] += 1
+        self.captures["decode_s"] += time.perf_counter() - t0
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
@@ -714,7 +776,10 @@ class TorchExecutor(Executor):
     def _prefill_graphed(self, slots, ids, lens) -> torch.Tensor:
         key = self._prefill_buckets(lens)
         if key not in self._prefill_graphs:
+            t0 = time.perf_counter()
             self._prefill_graphs[key] = self._capture_prefill(key)
+            self.captures["prefill"] += 1
+            self.captures["prefill_s"] += time.perf_counter() - t0
         layout = torch.from_numpy(self._prefill_layout(slots, ids, lens, key))
         entry = self._prefill_graphs[key]
         if entry is None:  # this bucket could not be captured: the same padded forward, eagerly
@@ -731,51 +796,57 @@ class TorchExecutor(Executor):
         safe[-b:] = self.dummy_slot
         buf = torch.from_numpy(safe).to(self.device)
         try:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._prefill_body(buf, key)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._prefill_pool is None:
                 self._prefill_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._prefill_pool):
-                out = self._prefill_body(buf, key)
+            graph, out = self._record(lambda: self._prefill_body(buf, key), self._prefill_pool)
             return graph, buf, out
         except Exception as exc:  # noqa: BLE001 - a bucket that cannot be captured runs eagerly
             warnings.warn(f"TorchExecutor: prefill graph {key} not captured ({exc}); that bucket runs eagerly")
             torch.cuda.synchronize(self.device)
             return None
 
-    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, tok_dev=None) -> torch.Tensor:
-        """Run one decode step on the device; return the device logits (rows beyond len(slots) are
-        padding). `tok_dev`: the step's tokens as a device tensor (a chained step) instead of `tokens`."""
+    def _step_inputs(self, a: np.ndarray, n: int, slots, tokens, pos, chained: bool, ban) -> None:
+        """Write a step's input rows into `a` [_IN_ROWS, >= n]; columns past n are padding rows
+        (token 0 at position 0 of the dummy slot, nothing banned)."""
+        a[0, :n] = 0 if tokens is None else tokens
+        a[1, :n], a[2, :n], a[3, :n] = slots, pos, int(chained)
+        a[0, n:], a[1, n:], a[2, n:], a[3, n:] = 0, self.dummy_slot, 0, 0
+        a[4:] = -1
+        if ban is not None:
+            ids = np.asarray(ban.ids, dtype=np.int64).reshape(-1)
+            a[4:4 + len(ids), np.asarray(ban.rows, dtype=np.int64)] = ids[:, None]
+
+    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, chained: bool = False, ban=None):
+        """Run one decode step on the device; return its device (logits, greedy ids) (rows beyond
+        len(slots) are padding). `chained`: the step's tokens are the previous step's ids, still
+        on the device, instead of `tokens`. `ban`: ids masked out of some rows before the argmax."""
         n = len(slots)
         tb = self._len_bucket(int(pos.max()) + 1)
         b = self._graph_size(n) if self.cuda_graphs else None
+        late = ban is not None and len(ban.ids) > BAN_IDS  # too many for the graph: banned after it
+        inside = None if late else ban
         if b is None:
-            toks = tokens if tok_dev is None else np.zeros(n, dtype=np.int64)
-            inp = torch.from_numpy(np.stack([toks, slots, pos])).to(self.device, non_blocking=True)
-            if tok_dev is not None:
-                inp[0] = tok_dev
+            a = np.empty((_IN_ROWS, n), dtype=np.int64)
+            self._step_inputs(a, n, slots, tokens, pos, chained, inside)
             if tb is not None:
                 tb = int(pos.max()) + 1  # eager: the exact length, no bucket
-            return self._decode_body(inp[0], inp[1], inp[2], tb)
-        if (b, tb) not in self._graphs:
-            self._capture(b, tb)
-        host = self._in_host[self._turn]
-        self._turn ^= 1
-        a = host.numpy()
-        a[0, :n] = 0 if tokens is None else tokens
-        a[1, :n], a[2, :n] = slots, pos
-        a[0, n:], a[1, n:], a[2, n:] = 0, self.dummy_slot, 0
-        self._in.copy_(host, non_blocking=True)
-        if tok_dev is not None:
-            self._in[0, :n].copy_(tok_dev)
-        graph, out = self._graphs[(b, tb)]
-        graph.replay()
-        return out
+            logits, ids = self._step_body(torch.from_numpy(a).to(self.device, non_blocking=True), tb)
+        else:
+            if (b, tb) not in self._graphs:
+                self._capture(b, tb)
+            host = self._in_host[self._turn]
+            self._turn ^= 1
+            self._step_inputs(host.numpy(), n, slots, tokens, pos, chained, inside)
+            self._in.copy_(host, non_blocking=True)
+            graph, (logits, ids) = self._graphs[(b, tb)]
+            graph.replay()
+        if late:
+            rows = torch.from_numpy(np.asarray(ban.rows, dtype=np.int64)).to(self.device)
+            cols = torch.from_numpy(np.asarray(ban.ids, dtype=np.int64)).to(self.device)
+            logits[rows[:, None], cols[None, :]] = float("-inf")
+            ids = logits.argmax(dim=-1)
+            self._last_ids[: len(ids)].copy_(ids)
+        return logits, ids
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         return self._decode(slots, tokens)
@@ -809,39 +880,31 @@ class TorchExecutor(Executor):
         n = len(slots)
         if n == 0:
             return _Step(None, np.zeros(0, dtype=np.int64), None, 0)
+        if chain is not None and (self._hf is not None or chain is not self._last_step):
+            tokens, chain = chain.result(), None  # not the step just launched: its ids from the host
         with torch.no_grad():
             if self._hf is not None:
-                toks = chain.result() if chain is not None else tokens
-                out = self._hf.decode(slots, torch.from_numpy(np.asarray(toks)).to(self.device))
+                out = self._hf.decode(slots, torch.from_numpy(np.asarray(tokens)).to(self.device))
+                if ban is not None:
+                    out[torch.from_numpy(np.asarray(ban.rows))[:, None], torch.from_numpy(np.asarray(ban.ids))[None, :]] \
+                        = float("-inf")
+                ids = out.argmax(dim=-1).cpu()
+                step = _Step(ids.numpy(), None, n)
             else:
-                out = self._launch(slots, tokens, pos, None if chain is None else chain.ids)
-            out = out[:n]
-            if ban is not None:  # `out` is scratch (the graph's output buffer or an eager result)
-                rows, ids = self._ban_tensors(ban)
-                out[rows[:, None], ids[None, :]] = float("-inf")
-            ids = out.argmax(dim=-1)
-            if ids.device.type == "cpu":
-                step = _Step(ids, ids.numpy(), None, n)
-            else:
-                host = torch.empty(n, dtype=torch.int64, pin_memory=True)
-                host.copy_(ids, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(torch.cuda.current_stream(self.device))
-                step = _Step(ids, host.numpy(), done, n)
+                _, ids = self._launch(slots, tokens, pos, chain is not None, ban)
+                if ids.device.type == "cpu":
+                    step = _Step(ids[:n].numpy(), None, n)
+                else:  # the ids come back through one of _RING pinned buffers, taken in turn
+                    k = self._ring
+                    self._ring = (k + 1) % _RING
+                    host = self._ids_host[k]
+                    host[:n].copy_(ids[:n], non_blocking=True)
+                    self._events[k].record(torch.cuda.current_stream(self.device))
+                    step = _Step(host.numpy(), self._events[k], n, (self._ids_owner, k))
+                    self._ids_owner[k] = step
+        self._last_step = step
         self._lengths[slots] = pos + 1
         return step
-
-    def _ban_tensors(self, ban):
-        """Device copies of a ban's rows and ids, kept: a batch under `min_tokens` bans the same
-        rows step after step (an upload from pageable memory would wait for the device)."""
-        rows, ids = np.asarray(ban.rows, dtype=np.int64), np.asarray(ban.ids, dtype=np.int64)
-        key = (rows.tobytes(), ids.tobytes())
-        hit = self._bans.get(key)
-        if hit is None:
-            if len(self._bans) > 256:
-                self._bans.clear()
-            hit = self._bans[key] = (torch.from_numpy(rows).to(self.device), torch.from_numpy(ids).to(self.device))
-        return hit
 
     def _decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
@@ -854,7 +917,8 @@ class TorchExecutor(Executor):
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
-                out = self._launch(slots, tokens, pos)
+                out, _ = self._launch(slots, tokens, pos)
+            self._last_step = None
             result = self._to_host(out, n)
         self._lengths[slots] = pos + 1
         return result
@@ -874,23 +938,31 @@ class TorchExecutor(Executor):
         if self.path == "native":
             d["graph_batch_sizes"] = self.graph_batch_sizes
             d["graphs_captured"] = sorted(self._graphs, key=lambda k: (k[0], k[1] or 0))
+            d["captures"] = {k: round(v, 3) for k, v in self.captures.items()}
         else:
             d["fallback_reason"] = self.blocker
         return d
 
 
 class _Step:
-    """A greedy decode step in flight: `ids` on the device, `host` filled once `done` has passed."""
+    """A greedy decode step in flight: its ids land in `host` once `done` has passed. `ring`:
+    (owners, k) when `host` is the k-th of the executor's pinned buffers taken in turn: reading it
+    after _RING later steps reused it is an error, not a wrong answer."""
 
-    __slots__ = ("ids", "host", "done", "n")
+    __slots__ = ("host", "done", "n", "ring")
 
-    def __init__(self, ids, host, done, n):
-        self.ids, self.host, self.done, self.n = ids, host, done, n
+    def __init__(self, host, done, n, ring=None):
+        self.host, self.done, self.n, self.ring = host, done, n, ring
 
     def result(self) -> np.ndarray:
-        if self.done is not None:
-            self.done.synchronize()
-            self.done = None
+        if self.ring is not None:
+            owners, k = self.ring
+            if owners[k] is not self:
+                raise RuntimeError(f"decode step read after {_RING} later steps reused its buffer")
+            if self.done is not None:
+                self.done.synchronize()
+                self.done = None
+            self.host, self.ring = self.host[: self.n].copy(), None
         return self.host[: self.n]
 
 

@@ -69,38 +69,43 @@ class TritonPythonModel:
         return None
 
     def _sequence(self, request, sender) -> Sequence:
-        prompt = io.check_batch_of_one(request, "input_ids").reshape(-1).astype(np.int64)
+        inputs = io.inputs(request)
+        prompt = io.check_batch_of_one(inputs, "input_ids").reshape(-1).astype(np.int64)
         if len(prompt) == 0:
             raise InvalidParameter("the prompt has no tokens")
         if len(prompt) + 1 > self.max_seq_len:
             raise InvalidParameter(f"prompt is {len(prompt)} tokens; the model's context is {self.max_seq_len}")
         s = io.scalar
         end_ids = self.end_ids
-        end_id = s(request, "end_id", int)
+        end_id = s(inputs, "end_id", int)
         if end_id is not None:
             end_ids = tuple(sorted(set(end_ids) | {end_id}))
         params = SamplingParams(
-            max_tokens=s(request, "max_tokens", int, required=True),
-            temperature=s(request, "temperature", float, 0.0),
-            top_k=s(request, "top_k", int, 0),
-            top_p=s(request, "top_p", float, 1.0),
-            repetition_penalty=s(request, "repetition_penalty", float, 1.0),
-            presence_penalty=s(request, "presence_penalty", float, 0.0),
-            frequency_penalty=s(request, "frequency_penalty", float, 0.0),
-            seed=s(request, "seed", int),
-            min_tokens=s(request, "min_tokens", int, 0),
+            max_tokens=s(inputs, "max_tokens", int, required=True),
+            temperature=s(inputs, "temperature", float, 0.0),
+            top_k=s(inputs, "top_k", int, 0),
+            top_p=s(inputs, "top_p", float, 1.0),
+            repetition_penalty=s(inputs, "repetition_penalty", float, 1.0),
+            presence_penalty=s(inputs, "presence_penalty", float, 0.0),
+            frequency_penalty=s(inputs, "frequency_penalty", float, 0.0),
+            seed=s(inputs, "seed", int),
+            min_tokens=s(inputs, "min_tokens", int, 0),
             end_ids=end_ids,
-            bad_words_ids=_split_words(io.optional(request, "bad_words_ids")),
+            bad_words_ids=_split_words(io.optional(inputs, "bad_words_ids")),
         ).validate(self.max_seq_len)
-        include_prompt = not s(request, "exclude_input_in_output", bool, True)
-        tracker = TextTracker(self.tokenizer, prompt if include_prompt else (), io.strings(request, "stop_words"))
+        include_prompt = not s(inputs, "exclude_input_in_output", bool, True)
+        tracker = TextTracker(self.tokenizer, prompt if include_prompt else (), io.strings(inputs, "stop_words"))
         cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
         return Sequence(prompt, params, tracker, sink=lambda out: _send(sender, out),
-                        stream=s(request, "stream", bool, False), is_cancelled=cancelled)
+                        stream=s(inputs, "stream", bool, False), is_cancelled=cancelled)
 
     def finalize(self):
         self.scheduler.shutdown()
-        stats = " ".join(f"{k}={v}" for k, v in self.scheduler.stats.summary().items())
+        summary = self.scheduler.stats.summary()
+        captures = getattr(self.executor, "captures", None)  # CUDA graphs (torch executor)
+        if captures:
+            summary.update({f"graph_captures_{k}": round(v, 3) for k, v in captures.items()})
+        stats = " ".join(f"{k}={v}" for k, v in summary.items())
         pb_utils.Logger.log_info(f"{self.model_name}: scheduler {stats}")  # key=value: the log escapes quotes
 
 

@@ -184,8 +184,11 @@ class Stats:
     chained: int = 0  # steps launched before the host had the previous step's tokens
     prefill_calls: int = 0
     # where the scheduler thread's time went (seconds): in prefill calls (prompts in, first tokens
-    # out), waiting for a decode step's tokens, in the per-token bookkeeping, idle (nothing to run)
+    # out; `prefill_exec_s` of it inside the executor), launching decode steps, waiting for a decode
+    # step's tokens, in the per-token bookkeeping, idle (nothing to run)
     prefill_s: float = 0.0
+    prefill_exec_s: float = 0.0
+    launch_s: float = 0.0
     decode_wait_s: float = 0.0
     bookkeeping_s: float = 0.0
     idle_s: float = 0.0
@@ -335,6 +338,7 @@ class Scheduler:
         t = time.perf_counter()
         try:
             logits = self.ex.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
+            self.stats.prefill_exec_s += time.perf_counter() - t
         except Exception as exc:
             log.exception("prefill failed")
             for seq in batch:
@@ -371,11 +375,15 @@ class Scheduler:
             self.stats.decode_wait_s += time.perf_counter() - t
             self._take(batch, tokens)
             return
+        t = time.perf_counter()
         step = self.ex.decode_greedy_begin(slots, last, ban)
+        self.stats.launch_s += time.perf_counter() - t
         while True:
             ahead = None
             if self.ex.can_chain and self._may_chain(batch):
+                t = time.perf_counter()
                 ahead = self.ex.decode_greedy_begin(slots, None, _greedy_ban(samplers, 1), chain=step)
+                self.stats.launch_s += time.perf_counter() - t
                 self.stats.chained += 1
             ended = self._take(batch, self._tokens(step))
             if ahead is None:

@@ -58,4 +58,5 @@ def test_generator_logs_its_malloc_setting_and_scheduler_statistics(small_server
     stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
     assert stats["finished"] >= 4 and stats["steps"] > 0 and stats["prefill_calls"] >= 1
     assert stats["avg_batch"] <= 1  # max_batch_size 1: one sequence at a time
-    assert all(stats[k] >= 0 for k in ("prefill_s", "decode_wait_s", "bookkeeping_s", "idle_s"))
+    assert all(stats[k] >= 0 for k in ("prefill_s", "prefill_exec_s", "launch_s", "decode_wait_s", "bookkeeping_s",
+                                       "idle_s"))

@@ -238,6 +238,46 @@ def test_decode_greedy_ban(tmp_path):
     masked = logits[1].copy()
     masked[[top[1], 5]] = -np.inf
     assert got.tolist() == [top[0], masked.argmax()]
+    # more ids than the step's input rows hold (BAN_IDS) are banned after the step: same answer
+    from tritonchat.python_backend.engine_torch import BAN_IDS
+
+    many = np.argsort(logits[0])[::-1][: BAN_IDS + 3].copy()  # row 0's best ids
+    for ex in (a, b):
+        ex._lengths[:] = [5, 6]  # the same step again
+    got = b.decode_greedy(slots, toks, ban=Ban(rows=np.array([0]), ids=many))
+    assert got.tolist() == [np.argsort(logits[0])[::-1][BAN_IDS + 3], top[1]]
+
+
+def test_chained_steps_take_the_previous_ids_on_the_device(tmp_path):
+    """A chained greedy step reads the ids of the step launched just before it (`_last_ids`); a
+    chain to an older step falls back to that step's ids from the host. Both equal plain steps."""
+    _, path = _random_model(tmp_path, "qwen3")
+    kw = dict(max_slots=3, max_seq_len=32, device="cpu", dtype="float32", cuda_graphs=False)
+    plain, chained = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    slots = np.array([2, 0])
+    for ex in (plain, chained):
+        ex.prefill_batch([2, 0], [np.arange(4), np.arange(3, 9)])
+    want = [np.array([7, 8])]
+    for _ in range(4):
+        want.append(plain.decode_greedy(slots, want[-1]))
+    step = chained.decode_greedy_begin(slots, want[0])
+    got = []
+    for _ in range(3):
+        nxt = chained.decode_greedy_begin(slots, None, chain=step)
+        got.append(step.result().tolist())
+        step = nxt
+    got.append(step.result().tolist())
+    assert got == [w.tolist() for w in want[1:]]
+    # chain to a step that is not the last launched: its ids come from the host
+    for ex in (plain, chained):
+        for s in (0, 2):
+            ex.release(s)
+        ex.prefill_batch([2, 0], [np.arange(4), np.arange(3, 9)])
+    first = chained.decode_greedy_begin(slots, want[0])
+    chained.decode_greedy_begin(np.array([1]), np.array([3]))  # another step in between
+    chained.release(1)
+    second = chained.decode_greedy_begin(slots, None, chain=first)
+    assert second.result().tolist() == want[2].tolist()
 
 
 _INTERPRETED = r"""

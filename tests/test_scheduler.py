@@ -132,6 +132,7 @@ def test_chained_steps_give_the_same_answers(engine):
     summary = stats[0].summary()  # what the generator logs at shutdown
     assert summary["prefill_calls"] >= 1 and summary["prompts_per_prefill"] >= 1
     assert stats[0].decode_wait_s > 0 and stats[0].bookkeeping_s > 0 and stats[0].prefill_s > 0
+    assert 0 < stats[0].prefill_exec_s <= stats[0].prefill_s and stats[0].launch_s > 0
     assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
     ex.can_chain = False
     plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))

@@ -19,14 +19,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            window = io.optional(request, "tokens").reshape(-1).tolist()
-            read_offset = io.scalar(request, "read_offset", int, 0)
-            trim = io.scalar(request, "trim_chars", int, 0)
+            inputs = io.inputs(request)
+            window = io.optional(inputs, "tokens").reshape(-1).tolist()
+            read_offset = io.scalar(inputs, "read_offset", int, 0)
+            trim = io.scalar(inputs, "trim_chars", int, 0)
             text = delta(self.tokenizer, window, read_offset, trim)
             outputs = [
                 io.bytes_tensor("text_output", text),
                 io.tensor("output_ids", window[read_offset:], np.int32),
             ]
-            outputs += [pb_utils.Tensor(name, io.optional(request, name)) for name in PASS_THROUGH]
+            outputs += [pb_utils.Tensor(name, io.optional(inputs, name)) for name in PASS_THROUGH]
             responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
         return responses

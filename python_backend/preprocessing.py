@@ -22,10 +22,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
+        inputs = [io.inputs(r) for r in requests]
         plain, templated = {}, {}
-        for i, request in enumerate(requests):
+        for i, inp in enumerate(inputs):
             try:
-                text, is_templated = self._prompt(request)
+                text, is_templated = self._prompt(inp)
                 (templated if is_templated else plain)[i] = text
             except InvalidParameter as exc:
                 responses[i] = io.error_response(str(exc))
@@ -38,33 +39,33 @@ class TritonPythonModel:
                 ids.update(zip(group.keys(), enc))
         for i, token_ids in ids.items():
             try:
-                responses[i] = self._respond(requests[i], token_ids)
+                responses[i] = self._respond(inputs[i], token_ids)
             except InvalidParameter as exc:
                 responses[i] = io.error_response(str(exc))
         return responses
 
-    def _prompt(self, request) -> tuple[str, bool]:
-        raw = io.check_batch_of_one(request, "text_input").reshape(-1)[0]
+    def _prompt(self, inputs: dict) -> tuple[str, bool]:
+        raw = io.check_batch_of_one(inputs, "text_input").reshape(-1)[0]
         try:
             text = raw.decode("utf-8") if isinstance(raw, (bytes, np.bytes_)) else str(raw)
         except UnicodeDecodeError as exc:
             raise InvalidParameter(f"text_input is not valid UTF-8: {exc}") from None
         if not text.strip():
             raise InvalidParameter("text_input is empty")
-        io.strings(request, "stop_words")  # validates UTF-8 early, with a clear message
-        if not (io.scalar(request, "apply_chat_template", bool, False) and self.has_template):
+        io.strings(inputs, "stop_words")  # validates UTF-8 early, with a clear message
+        if not (io.scalar(inputs, "apply_chat_template", bool, False) and self.has_template):
             return text, False
         messages = _messages(text)
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return rendered, True
 
-    def _respond(self, request, ids):
+    def _respond(self, inputs: dict, ids):
         n = len(ids)
         if n + 1 > self.max_seq_len:
             raise InvalidParameter(f"prompt is {n} tokens; the model's context is {self.max_seq_len} tokens "
                                    "and at least one must remain for the answer")
         bad = []
-        for word in io.strings(request, "bad_words"):
+        for word in io.strings(inputs, "bad_words"):
             bad += self.tokenizer(word, add_special_tokens=False)["input_ids"] + [-1]
         return pb_utils.InferenceResponse(output_tensors=[
             io.tensor("input_ids", ids, np.int32),

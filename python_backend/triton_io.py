@@ -24,13 +24,20 @@ def model_setup(args: dict) -> tuple[dict, dict, Path]:
     return config, params, model_dir / str(args["model_version"])
 
 
-def optional(request, name: str):
-    t = pb_utils.get_input_tensor_by_name(request, name)
+def inputs(request) -> dict:
+    """A request's input tensors by name, read once: `pb_utils.get_input_tensor_by_name` builds the
+    list of every input tensor again for each name it looks up (the generator reads ~14 names per
+    request, under the GIL its decode loop needs)."""
+    return {t.name(): t for t in request.inputs()}
+
+
+def optional(inputs: dict, name: str):
+    t = inputs.get(name)
     return None if t is None else t.as_numpy()
 
 
-def scalar(request, name: str, cast, default=None, required: bool = False):
-    arr = optional(request, name)
+def scalar(inputs: dict, name: str, cast, default=None, required: bool = False):
+    arr = optional(inputs, name)
     if arr is None or arr.size == 0:
         if required:
             raise InvalidParameter(f"input '{name}' is required")
@@ -43,8 +50,8 @@ def scalar(request, name: str, cast, default=None, required: bool = False):
     return cast(v)
 
 
-def strings(request, name: str) -> list[str]:
-    arr = optional(request, name)
+def strings(inputs: dict, name: str) -> list[str]:
+    arr = optional(inputs, name)
     if arr is None:
         return []
     out = []
@@ -58,8 +65,8 @@ def strings(request, name: str) -> list[str]:
     return out
 
 
-def check_batch_of_one(request, name: str) -> np.ndarray:
-    arr = optional(request, name)
+def check_batch_of_one(inputs: dict, name: str) -> np.ndarray:
+    arr = optional(inputs, name)
     if arr is None:
         raise InvalidParameter(f"input '{name}' is required")
     if arr.shape[0] != 1:

@@ -29,10 +29,17 @@ MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
 [ -f $REPO/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $REPO --engine torch \
     --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml
-if [ -n "${PROFILE:-}" ]; then  # py-spy of the generator stub for 10 s, $PROFILE seconds into the bench
-  ( sleep "$PROFILE"; pid=$(pgrep -f 'generator/1/model.py' | head -1)
-    [ -n "$pid" ] && py-spy record -p "$pid" -d 10 -r 100 -f raw --threads --nonblocking -o "$OUT/generator-profile.txt" \
+# PROFILE=S: py-spy of the generator stub S seconds into the bench (ready: 6 s after the generator
+# is ready), for $PROFILE_SECONDS (10) s;
+# PYSPY_ARGS=--gil samples only the thread holding the GIL. PEERS= (empty): no peers.
+if [ -n "${PROFILE:-}" ]; then
+  ( if [ "$PROFILE" = ready ]; then  # 6 s after the generator said it is ready
+      until grep -qs "malloc keeps freed memory" /tmp/tritonchat-server-*/tritonserver.log; do sleep 0.5; done; sleep 6
+    else sleep "$PROFILE"; fi
+    pid=$(pgrep -f 'generator/1/model.py' | head -1)
+    [ -n "$pid" ] && py-spy record -p "$pid" -d ${PROFILE_SECONDS:-10} -r 100 -f raw --threads --nonblocking ${PYSPY_ARGS:-} \
+      -o "$OUT/generator-profile.txt" \
       > "$OUT/py-spy.log" 2>&1 ) &
 fi
 python3 -m tritonchat.cli bench --model-repository $REPO --concurrency ${LEVELS:-1,16,64,128} \
-    --prompt-len 128 --output-len 128 --peers transformers --model $MODEL --out "$OUT/bench" "$@"
+    --prompt-len 128 --output-len 128 ${PEERS---peers transformers} --model $MODEL --out "$OUT/bench" "$@"

@@ -675,7 +675,10 @@ class TorchExecutor(Executor):
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
-        bucket) and run one small batched prefill (kernel selection, allocator pools)."""
+        bucket), run one small batched prefill (kernel selection, allocator pools) and capture
+        the prefill graphs of one prompt of every width bucket: a capture on first use stalls
+        every running stream (H100: ~60 ms alone, 200-300 ms in a busy server). Buckets of
+        several prompts are still captured on first use."""
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)
@@ -687,6 +690,12 @@ class TorchExecutor(Executor):
                 key = (b, self._len_bucket(1))
                 if key not in self._graphs:
                     self._capture(*key)
+            w = 16
+            while self.prefill_graphs and w <= min(self.max_seq_len - 1, self.prefill_graph_tokens):
+                key = self._prefill_buckets(np.array([w]))
+                if key not in self._prefill_graphs:
+                    self._capture_prefill(key)
+                w *= 2
         torch.cuda.synchronize(self.device)
 
     # -- Executor API ------------------------------------------------------------------------
@@ -776,10 +785,7 @@ class TorchExecutor(Executor):
     def _prefill_graphed(self, slots, ids, lens) -> torch.Tensor:
         key = self._prefill_buckets(lens)
         if key not in self._prefill_graphs:
-            t0 = time.perf_counter()
-            self._prefill_graphs[key] = self._capture_prefill(key)
-            self.captures["prefill"] += 1
-            self.captures["prefill_s"] += time.perf_counter() - t0
+            self._capture_prefill(key)
         layout = torch.from_numpy(self._prefill_layout(slots, ids, lens, key))
         entry = self._prefill_graphs[key]
         if entry is None:  # this bucket could not be captured: the same padded forward, eagerly
@@ -789,7 +795,14 @@ class TorchExecutor(Executor):
         graph.replay()
         return out[: len(slots)]
 
-    def _capture_prefill(self, key):
+    def _capture_prefill(self, key) -> None:
+        """Capture the prefill graph of bucket `key` into `_prefill_graphs` (None: it runs eagerly)."""
+        t0 = time.perf_counter()
+        self._prefill_graphs[key] = self._prefill_entry(key)
+        self.captures["prefill"] += 1
+        self.captures["prefill_s"] += time.perf_counter() - t0
+
+    def _prefill_entry(self, key):
         t, b, w = key
         safe = np.zeros(4 * t + b * w + 2 * b, np.int64)  # every token at position 0 of the dummy slot
         safe[t:2 * t] = self.dummy_slot

@@ -30,16 +30,23 @@ except ImportError:
     from python_backend.engine_torch import TorchExecutor
 
 
-def timed(ex, prompts) -> float:
+def prefill_times(ex, prompts, reps: int = 7) -> list[float]:
+    """Wall ms of `reps` prefills of `prompts` into slots 0.. (released before each and after)."""
     times = []
-    for _ in range(7):
+    for _ in range(reps):
         for s in range(len(prompts)):
             ex.release(s)
         torch.cuda.synchronize()
         t = time.perf_counter()
         ex.prefill_batch(list(range(len(prompts))), prompts)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[2:])) * 1e3
+        times.append((time.perf_counter() - t) * 1e3)
+    for s in range(len(prompts)):
+        ex.release(s)
+    return times
+
+
+def timed(ex, prompts) -> float:
+    return float(np.median(prefill_times(ex, prompts)[2:]))
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import threading
 import time
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_executor_gpu import build_model  # noqa: E402
+from gpu_prefill import prefill_times  # noqa: E402
+from torch_executor_gpu import build_model, cuda_median_ms  # noqa: E402
 
 try:
     from tritonchat.build.synthetic import load_tokenizer
@@ -50,39 +52,38 @@ except ImportError:
     from python_backend.scheduler import Scheduler, Sequence
 
 
+@contextlib.contextmanager
+def batch_at(ex, batch: int, ctx: int):
+    """Slots 0..batch-1 holding `ctx` positions each for the block (released after it)."""
+    ex._lengths[:batch] = ctx
+    try:
+        yield np.arange(batch)
+    finally:
+        for s in range(batch):
+            ex.release(s)
+
+
+def step_graph(ex, batch: int, ctx: int):
+    """The decode graph of `batch` rows at context `ctx`, its inputs set by one real step."""
+    with batch_at(ex, batch, ctx) as slots:
+        ex.decode_greedy_begin(slots, np.ones(batch, np.int64)).result()
+    return ex._graphs[(ex._graph_size(batch), None)][0]
+
+
 def decode_step(ex, batch: int, ctx: int) -> float:
     """Median ms of one graph replay of the decode step at `batch` rows of context `ctx`."""
-    slots = np.arange(batch)
-    ex._lengths[:batch] = ctx
-    ex.decode_greedy_begin(slots, np.ones(batch, np.int64)).result()
-    graph, _ = ex._graphs[(ex._graph_size(batch), None)]
-    times = []
-    for _ in range(50):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    for s in range(batch):
-        ex.release(s)
-    return float(np.median(times))
+    return cuda_median_ms(step_graph(ex, batch, ctx).replay, 50)
 
 
 def kernel_table(ex, batch: int, ctx: int, top: int = 14) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    slots = np.arange(batch)
-    ex._lengths[:batch] = ctx
-    ex.decode_greedy_begin(slots, np.ones(batch, np.int64)).result()
-    graph, _ = ex._graphs[(ex._graph_size(batch), None)]
+    graph = step_graph(ex, batch, ctx)
     reps = 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             graph.replay()
         torch.cuda.synchronize()
-    for s in range(batch):
-        ex.release(s)
     agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type.name == "CUDA" or getattr(ev, "device_time", 0):
@@ -100,25 +101,22 @@ def host_chain(ex, batch: int, ban: bool, steps: int = 200) -> tuple[float, floa
     """Chained greedy steps as the scheduler runs them, no bookkeeping: (ms per step, ms of it in
     `decode_greedy_begin`, ms waiting in `result`). With `ban`, every row bans one end id (what
     `min_tokens` does)."""
-    slots = np.arange(batch)
-    ex._lengths[:batch] = 128
     b = Ban(np.arange(batch), np.array([2])) if ban else None
-    step = ex.decode_greedy_begin(slots, np.ones(batch, np.int64), b)
-    step.result()
     t_begin = t_wait = 0.0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        ahead = ex.decode_greedy_begin(slots, None, b, chain=step)
-        t_begin += time.perf_counter() - t
-        t = time.perf_counter()
+    with batch_at(ex, batch, 128) as slots:
+        step = ex.decode_greedy_begin(slots, np.ones(batch, np.int64), b)
         step.result()
-        t_wait += time.perf_counter() - t
-        step = ahead
-    step.result()
-    wall = time.perf_counter() - t0
-    for s in range(batch):
-        ex.release(s)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t = time.perf_counter()
+            ahead = ex.decode_greedy_begin(slots, None, b, chain=step)
+            t_begin += time.perf_counter() - t
+            t = time.perf_counter()
+            step.result()
+            t_wait += time.perf_counter() - t
+            step = ahead
+        step.result()
+        wall = time.perf_counter() - t0
     return 1e3 * wall / steps, 1e3 * t_begin / steps, 1e3 * t_wait / steps
 
 
@@ -126,21 +124,18 @@ def sync_report(ex, batch: int) -> None:
     """Which host<->device synchronisations one chained, banned step makes (torch's sync debug)."""
     import warnings
 
-    slots = np.arange(batch)
-    ex._lengths[:batch] = 128
     b = Ban(np.arange(batch), np.array([2]))
-    step = ex.decode_greedy_begin(slots, np.ones(batch, np.int64), b)
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ahead = ex.decode_greedy_begin(slots, None, b, chain=step)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    step.result()
-    ahead.result()
-    for s in range(batch):
-        ex.release(s)
+    with batch_at(ex, batch, 128) as slots:
+        step = ex.decode_greedy_begin(slots, np.ones(batch, np.int64), b)
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ahead = ex.decode_greedy_begin(slots, None, b, chain=step)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        step.result()
+        ahead.result()
     print(f"synchronising ops in one chained banned step: {len(caught)}")
     for w in caught[:5]:
         print("  ", str(w.message).splitlines()[0][:160])
@@ -148,18 +143,8 @@ def sync_report(ex, batch: int) -> None:
 
 def prefill_ms(ex, k: int, rng) -> tuple[float, float]:
     """(first call, median of the later ones) in ms: the first one captures the bucket's graph."""
-    prompts = [rng.integers(3, 30000, 128) for _ in range(k)]
-    times = []
-    for _ in range(6):
-        for s in range(k):
-            ex.release(s)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        ex.prefill_batch(list(range(k)), prompts)
-        times.append(time.perf_counter() - t)
-    for s in range(k):
-        ex.release(s)
-    return times[0] * 1e3, float(np.median(times[2:])) * 1e3
+    times = prefill_times(ex, [rng.integers(3, 30000, 128) for _ in range(k)], reps=6)
+    return times[0], float(np.median(times[2:]))
 
 
 class ClosedLoop:

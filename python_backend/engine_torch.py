@@ -350,7 +350,6 @@ class TorchExecutor(Executor):
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
-        self._bans: dict = {}
 
         owned = model is None
         if model is None:
@@ -854,12 +853,18 @@ class TorchExecutor(Executor):
             graph, (logits, ids) = self._graphs[(b, tb)]
             graph.replay()
         if late:
+            ids = self._argmax_banned(logits, ban)
+            self._last_ids[: len(ids)].copy_(ids)
+        return logits, ids
+
+    def _argmax_banned(self, logits: torch.Tensor, ban) -> torch.Tensor:
+        """Argmax of `logits` (scratch: changed in place) with `ban` applied by indexing, outside any
+        graph: the HF fallback, and bans of more than BAN_IDS ids."""
+        if ban is not None:
             rows = torch.from_numpy(np.asarray(ban.rows, dtype=np.int64)).to(self.device)
             cols = torch.from_numpy(np.asarray(ban.ids, dtype=np.int64)).to(self.device)
             logits[rows[:, None], cols[None, :]] = float("-inf")
-            ids = logits.argmax(dim=-1)
-            self._last_ids[: len(ids)].copy_(ids)
-        return logits, ids
+        return logits.argmax(dim=-1)
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         return self._decode(slots, tokens)
@@ -892,16 +897,13 @@ class TorchExecutor(Executor):
         pos = self._check(slots, tokens)
         n = len(slots)
         if n == 0:
-            return _Step(None, np.zeros(0, dtype=np.int64), None, 0)
+            return _Step(np.zeros(0, dtype=np.int64), None, 0)
         if chain is not None and (self._hf is not None or chain is not self._last_step):
             tokens, chain = chain.result(), None  # not the step just launched: its ids from the host
         with torch.no_grad():
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(np.asarray(tokens)).to(self.device))
-                if ban is not None:
-                    out[torch.from_numpy(np.asarray(ban.rows))[:, None], torch.from_numpy(np.asarray(ban.ids))[None, :]] \
-                        = float("-inf")
-                ids = out.argmax(dim=-1).cpu()
+                ids = self._argmax_banned(out, ban).cpu()
                 step = _Step(ids.numpy(), None, n)
             else:
                 _, ids = self._launch(slots, tokens, pos, chain is not None, ban)

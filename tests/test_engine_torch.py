@@ -149,6 +149,19 @@ def test_gpt2_uses_hf_fallback(tmp_path):
         ex = _executor(path)
     assert ex.describe()["path"] == "hf-fallback"
     _check_against_hf(model, ex, 512)
+    # the fallback bans by indexing too: the banned row's best id is never chosen
+    from tritonchat.python_backend.executor import Ban
+
+    for s in (0, 1):
+        ex.release(s)
+    ex.prefill_batch([0, 1], [np.arange(3, 8), np.arange(5, 9)])
+    logits = ex.decode(np.array([0, 1]), np.array([7, 8]))
+    for s in (0, 1):
+        ex.release(s)
+    ex.prefill_batch([0, 1], [np.arange(3, 8), np.arange(5, 9)])
+    got = ex.decode_greedy(np.array([0, 1]), np.array([7, 8]), ban=Ban(np.array([1]), np.array([logits[1].argmax()])))
+    second = np.argsort(logits[1])[-2]
+    assert got.tolist() == [logits[0].argmax(), second]
 
 
 def test_prefill_and_decode_errors(tmp_path):
@@ -278,6 +291,7 @@ def test_chained_steps_take_the_previous_ids_on_the_device(tmp_path):
     chained.release(1)
     second = chained.decode_greedy_begin(slots, None, chain=first)
     assert second.result().tolist() == want[2].tolist()
+    assert chained.decode_greedy_begin(np.zeros(0, np.int64)).result().tolist() == []  # an empty step
 
 
 _INTERPRETED = r"""

@@ -205,7 +205,8 @@ def closed_loop(ex, tok, streams: int, requests: int, **sched_kw) -> dict:
             "prefill calls": s["prefill_calls"], "prompts/prefill": s["prompts_per_prefill"],
             "prefill s": s["prefill_s"], "prefill exec s": s["prefill_exec_s"], "launch s": s["launch_s"],
             "decode wait s": s["decode_wait_s"],
-            "bookkeeping s": s["bookkeeping_s"], "idle s": s["idle_s"], "wall s": wall}
+            "bookkeeping s": s["bookkeeping_s"], "idle s": s["idle_s"], "queue ms": s["queue_ms_mean"],
+            "slot gap ms": s["slot_gap_ms_mean"], "wall s": wall}
 
 
 def main() -> None:

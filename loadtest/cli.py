@@ -14,7 +14,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                       concurrency: Optional[str], prompt_len: int, output_len: int,
                       requests_per_level: Optional[int], out: Optional[Path], protocol: str, peers: Optional[str],
                       model: Optional[str], tokenizer: Optional[Path], max_seconds_per_level: float,
-                      streaming_overhead: int, run_time: str, label: Optional[str], rounds: int = 1) -> int:
+                      streaming_overhead: int, run_time: str, label: Optional[str], rounds: int = 1,
+                      client_processes: int = 0) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -41,7 +42,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                           output_len=output_len, requests_per_level=requests_per_level, out=out,
                           peers=normalize_peers(peers.split(",")) if peers else [], model=model,
                           tokenizer=tokenizer, max_seconds_per_level=max_seconds_per_level,
-                          overhead_repeats=streaming_overhead, label=label, rounds=rounds)
+                          overhead_repeats=streaming_overhead, label=label, rounds=rounds,
+                          client_processes=client_processes)
         try:
             result = run_bench(cfg)
         except BenchError as exc:

@@ -192,12 +192,21 @@ class Stats:
     decode_wait_s: float = 0.0
     bookkeeping_s: float = 0.0
     idle_s: float = 0.0
+    # time admitted requests waited in the queue (arrival to the start of their prefill), and time
+    # slots stood empty between a request's end and the next admission into them: a slot's gap
+    # minus the queue wait is what the request's successor spent outside the generator (the final
+    # response's way to the client, the client, preprocessing)
+    queue_s: float = 0.0
+    slot_gap_s: float = 0.0
+    slot_gaps: int = 0
 
     def summary(self) -> dict:
         """Counters and time split, for the log at shutdown."""
         out = dataclasses.asdict(self)
         out["avg_batch"] = round(self.batch_size_sum / self.steps, 2) if self.steps else 0.0
         out["prompts_per_prefill"] = round(self.prefills / self.prefill_calls, 2) if self.prefill_calls else 0.0
+        out["queue_ms_mean"] = round(1e3 * self.queue_s / self.prefills, 2) if self.prefills else 0.0
+        out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -225,6 +234,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(executor.max_slots - 1, -1, -1))
+        self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
         self.courier = Courier()
         self._now = time.perf_counter()  # time of the current decode step's tokens
@@ -331,8 +341,14 @@ class Scheduler:
             budget -= len(seq.prompt_ids)
         if not batch:
             return 0
+        t = time.perf_counter()
         for seq in batch:
             seq.slot = self.free_slots.pop()
+            self.stats.queue_s += t - seq.arrived
+            freed = self._freed_at.pop(seq.slot, None)
+            if freed is not None:
+                self.stats.slot_gap_s += t - freed
+                self.stats.slot_gaps += 1
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
             seq.limit = min(seq.params.max_tokens, self.ex.max_seq_len - len(seq.prompt_ids))
         t = time.perf_counter()
@@ -461,6 +477,7 @@ class Scheduler:
         if seq.slot >= 0:
             self.ex.release(seq.slot)
             self.free_slots.append(seq.slot)
+            self._freed_at[seq.slot] = time.perf_counter()
             seq.slot = -1
         self.stats.finished += 1
         if self.metrics:

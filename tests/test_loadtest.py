@@ -122,6 +122,17 @@ def test_report_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_client_processes_per_level(monkeypatch):
+    from tritonchat.loadtest.bench import BenchConfig
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert [BenchConfig().client_processes_for(c) for c in (1, 16, 32, 33, 64, 128, 512)] == [1, 1, 1, 2, 2, 4, 4]
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert BenchConfig().client_processes_for(64) == 1
+    assert BenchConfig(client_processes=3).client_processes_for(64) == 3
+    assert BenchConfig(client_processes=8).client_processes_for(2) == 2  # never more than the streams
+
+
 def test_best_of_rounds_keeps_the_fastest_round():
     from tritonchat.loadtest.bench import best_of_peer_rounds, best_of_rounds
 
@@ -197,6 +208,21 @@ def test_bench_smoke(stories_server, tmp_path):
     md = (out / "bench.md").read_text()
     assert "tritonserver (grpc)" in md and "TTFT p50" in md
     assert (out / "bench.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_level_in_client_processes(stories_server, tmp_path):
+    """A level split over two client processes (started together, records merged) counts every request."""
+    out = tmp_path / "bench"
+    tok = stories_server.model_repository / "preprocessing" / "1" / "tokenizer"
+    res = _run([sys.executable, "-m", "tritonchat.cli", "bench", "--url", stories_server.grpc_url,
+                "--tokenizer", tok, "--concurrency", "3", "--prompt-len", "8", "--output-len", "5",
+                "--requests-per-level", "7", "--client-processes", "2", "--out", out], timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lv, = json.loads((out / "bench.json").read_text())["server"]["levels"]
+    assert lv["client_processes"] == 2 and lv["requests"] == 7 and lv["errors"] == 0
+    assert lv["tokens_per_request"] == 5 and lv["output_tokens"] == 35
+    assert 0 < lv["wall_s"] < 60 and lv["ttft_ms"]["p50"] > 0
 
 
 @pytest.mark.slow

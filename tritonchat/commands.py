@@ -141,6 +141,8 @@ def bench(
     run_time: str = typer.Option("30s", "--run-time", help="locust mode: run time."),
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report."),
     rounds: int = typer.Option(1, "--rounds", help="Alternate server and peers N times; keep each one's best."),
+    client_processes: int = typer.Option(0, "--client-processes",
+                                         help="Client processes per level (0: auto, ceil(C/32) up to cores/4)."),
 ):
     """Measure the server: a concurrency sweep with peers (TTFT, ITL, tokens/s), perf_analyzer, or locust."""
     from tritonchat.loadtest.cli import run_bench_command
@@ -148,6 +150,7 @@ def bench(
     raise typer.Exit(run_bench_command(mode, url=url, model_repository=model_repository, http_url=http_url,
                                        concurrency=concurrency, prompt_len=prompt_len, output_len=output_len,
                                        requests_per_level=requests_per_level, out=out, protocol=protocol,
+                                       client_processes=client_processes,
                                        peers=peers, model=model, tokenizer=tokenizer,
                                        max_seconds_per_level=max_seconds_per_level,
                                        streaming_overhead=streaming_overhead, run_time=run_time, label=label,

@@ -133,6 +133,9 @@ def test_chained_steps_give_the_same_answers(engine):
     assert summary["prefill_calls"] >= 1 and summary["prompts_per_prefill"] >= 1
     assert stats[0].decode_wait_s > 0 and stats[0].bookkeeping_s > 0 and stats[0].prefill_s > 0
     assert 0 < stats[0].prefill_exec_s <= stats[0].prefill_s and stats[0].launch_s > 0
+    # 6 requests in 4 slots: the last two waited for slots that the first ones freed
+    assert stats[0].slot_gaps >= 2 and summary["slot_gap_ms_mean"] > 0
+    assert summary["queue_ms_mean"] > 0 and stats[0].queue_s >= stats[0].slot_gap_s
     assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
     ex.can_chain = False
     plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))

@@ -11,10 +11,11 @@ text with the repository's tokenizer), so runs compare. Measured on the client:
 * end-to-end latency: request sent -> last response;
 * output tokens/s and requests/s: over the level's wall time (first request sent -> last answer).
 
-One Python client process handles about 32 streams before it delays them itself (H100, C=64: one
-process 24,958 tok/s and TTFT p50 45 ms; two of 32 streams 26,618 tok/s, TTFT p50 25-27 ms), so a level
-of C streams runs in ``client_processes`` processes (auto: ceil(C / 32), at most a quarter of the
-cores), each with its own event loop and connection, started together; their records are merged.
+One Python client process handles about 32 streams before it delays them itself (H100, same server,
+alternating: C=64 in one process 22.8 / 25.2 k tok/s and TTFT p99 256 / 241 ms, in two 27.4 / 26.1 k
+and 72 / 137 ms), so a level of C streams runs in ``client_processes`` processes (auto: ceil(C / 32),
+at most a quarter of the cores), each with its own event loop and connection, started together by a
+barrier; their records are merged.
 
 Peers run the same prompts on the same model without a server (``loadtest/peers.py``): transformers
 ``generate`` batched at the same concurrency, and llama.cpp (llama-cpp-python) where installed.
@@ -272,7 +273,8 @@ def _params(cfg: BenchConfig):
     return GenerationParams(max_tokens=cfg.output_len, min_tokens=cfg.output_len, temperature=0.0)
 
 
-def _stats_snapshot(http_url: Optional[str], grpc_url: Optional[str], models=("preprocessing", "generator", "postprocessing")):
+def _stats_snapshot(http_url: Optional[str], grpc_url: Optional[str],
+                    models=("preprocessing", "generator", "postprocessing")):
     try:
         return {m: model_stats(m, http_url=http_url, grpc_url=grpc_url) for m in models}
     except Exception:  # noqa: BLE001 - statistics are a bonus

@@ -23,11 +23,16 @@ a float32 product.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_executor_gpu import cuda_median_ms  # noqa: E402
 
 
 @triton.jit
@@ -105,6 +110,7 @@ LAYERS = 22
 
 
 def graph_ms(fn, reps: int = 20) -> float:
+    """Median ms of one replay of `fn` captured as a CUDA graph (no launch gaps between its kernels)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -116,16 +122,7 @@ def graph_ms(fn, reps: int = 20) -> float:
         fn()
         g.capture_end()
     torch.cuda.current_stream().wait_stream(s)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_median_ms(g.replay, reps)
 
 
 def copy_bandwidth() -> float:

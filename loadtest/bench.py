@@ -233,7 +233,6 @@ def run_level_processes(url: str, cfg: "BenchConfig", prompts: List[str], params
                 p.terminate()
     level = summarize(records, concurrency, bool(capped))
     level["stalled"] = bool(stalled)
-    level["client_processes"] = processes
     return level
 
 
@@ -342,7 +341,7 @@ async def _sweep(cfg: BenchConfig, url: str, http_url: Optional[str], grpc_url: 
             else:
                 level = await run_level(client, prompts, params, c, n, cfg.max_seconds_per_level,
                                         lambda _r, t=task: progress.advance(t), timeout=cfg.timeout)
-                level["client_processes"] = 1
+            level["client_processes"] = procs
             after = _stats_snapshot(http_url, grpc_url)
             if before and after:
                 level["server_stats"] = {m: stats_delta(before[m], after[m]) for m in before}

@@ -60,3 +60,5 @@ def test_generator_logs_its_malloc_setting_and_scheduler_statistics(small_server
     assert stats["avg_batch"] <= 1  # max_batch_size 1: one sequence at a time
     assert all(stats[k] >= 0 for k in ("prefill_s", "prefill_exec_s", "launch_s", "decode_wait_s", "bookkeeping_s",
                                        "idle_s"))
+    # one slot served every request in turn: it stood empty between them, and requests queued for it
+    assert stats["slot_gaps"] >= 3 and stats["slot_gap_ms_mean"] > 0 and stats["queue_ms_mean"] > 0

@@ -11,13 +11,16 @@ Native path (model_type llama / mistral / qwen2 / qwen3, SiLU MLP, no sliding wi
 Qwen3's q/k norms, tied embeddings), reading the weights of the loaded HF model; q/k/v and
 gate/up projections are fused into one matrix each. Two sets of kernels implement the small ops:
   * "triton" (CUDA default when Triton imports): fused add+RMSNorm, RoPE + KV-cache write,
-    SiLU*up, and a split-K decode attention that reads the cache in place through the slot
-    indices and per-slot lengths (flash-decoding style; no gather, no host sync), plus a combine.
+    SiLU*up, a split-K decode attention that reads the cache in place through the slot indices
+    and per-slot lengths (flash-decoding style; no gather, no host sync; a combine kernel unless
+    the batch fills the GPU with one split), and a varlen causal prefill attention over packed
+    prompts (one program per block of queries, from a table of blocks).
   * "torch" (CPU, or anywhere as the reference): plain PyTorch ops; decode attention gathers the
     batch's slots up to a length bucket and runs masked `scaled_dot_product_attention`.
-Prefill runs every admitted prompt in one forward (packed tokens; causal SDPA per prompt over
-the right-padded batch); on CUDA that forward is padded to a (tokens, prompts, width) bucket and
-replayed as a CUDA graph (padding tokens write into the dummy slot).
+Prefill runs every admitted prompt in one forward (packed tokens; attention varlen with the Triton
+attention, else causal SDPA per prompt over the right-padded batch); on CUDA that forward is padded
+to a bucket and replayed as a CUDA graph (padding tokens write into the dummy slot). With the Triton
+attention the bucket is the token count alone, so `warmup()` captures them all.
 
 CUDA graphs: the decode step is captured lazily, on the first use of each padded batch size (sizes
 1, 2, 4, ... up to `max_slots`, or `graph_batch_sizes`); with the "torch"/SDPA attention a graph is
@@ -51,6 +54,8 @@ _DEFAULT_GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BAN_IDS = 8  # end ids a decode step can ban per row inside its graph (more: banned outside it)
 _IN_ROWS = 4 + BAN_IDS
 _RING = 4  # decode steps whose ids can be in flight at once
+PREFILL_TOKEN_STEP = 256  # prefill graph buckets: tokens in multiples of this above it
+PREFILL_BLOCK = 64  # queries per program of the varlen prefill attention
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -85,7 +90,7 @@ _TRITON = None
 
 def _triton_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
-    global _TRITON
+    global _TRITON, _attend_block  # a @triton.jit helper is found through the module's globals
     if _TRITON is not None:
         return _TRITON or None
     try:
@@ -157,14 +162,37 @@ def _triton_kernels():
         tl.store(O + row * stride_o + c, (a * u).to(dt), mask=m)
 
     @triton.jit
-    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx,
+    def _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, ok, m_i, l_i, acc, IEEE: tl.constexpr):
+        # one block of keys/values at positions t (tm: in range) for the queries q, where `ok`
+        # (broadcast to [queries, keys]) allows: online softmax in base 2; returns (max, sum, acc)
+        kv_mask = tm[:, None] & dm[None, :]
+        k = tl.load(kb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
+    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx, O,
                           stride_cs, stride_ch, stride_ct, qk_scale,
                           HQ: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                           BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         # program (b, kv head, split): the G query heads of one kv head against positions
         # [split * CHUNK, min((split + 1) * CHUNK, len + 1)) of slot Slots[b]; online softmax in
-        # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx
+        # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx; with one
+        # split (NS == 1) the normalised output goes straight to O [b, HQ * D], no combine
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -186,28 +214,17 @@ def _triton_kernels():
         for s0 in range(start, end, BLOCK_N):
             t = s0 + tl.arange(0, BLOCK_N)
             tm = t < end
-            kv_mask = tm[:, None] & dm[None, :]
-            k = tl.load(kb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(tm[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        o = (b * HQ + heads) * NS + sp
-        tl.store(Acc + o[:, None] * DP + d[None, :], acc, mask=gm[:, None])
-        tl.store(Mx + o, m_i, mask=gm)
-        tl.store(Lx + o, l_i, mask=gm)
+            m_i, l_i, acc = _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, tm[None, :],
+                                          m_i, l_i, acc, IEEE)
+        if NS == 1:
+            out = acc / l_i[:, None]  # l_i >= 1: every row sees position 0
+            tl.store(O + (b * HQ + heads)[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+                     mask=gm[:, None] & dm[None, :])
+        else:
+            o = (b * HQ + heads) * NS + sp
+            tl.store(Acc + o[:, None] * DP + d[None, :], acc, mask=gm[:, None])
+            tl.store(Mx + o, m_i, mask=gm)
+            tl.store(Lx + o, l_i, mask=gm)
 
     @triton.jit
     def attn_combine_kernel(Acc, Mx, Lx, O, HQ: tl.constexpr, NS: tl.constexpr,
@@ -225,6 +242,45 @@ def _triton_kernels():
         out = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
         tl.store(O + (b * HQ + h) * D + d, out.to(O.dtype.element_ty), mask=d < D)
 
+    @triton.jit
+    def prefill_attn_kernel(Q, KC, VC, Table, O, stride_q, stride_cs, stride_ch, stride_ct, qk_scale,
+                            HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # program (query block, q head) of packed prompts (varlen, causal). Table row of the block:
+        # packed row of its first query, the prompt's slot, that query's position, queries in the
+        # block (0: a padding program, which does nothing). Keys: the prompt's own positions
+        # 0 .. last query, read from the cache (written by rope_kv just before).
+        blk = tl.program_id(0)
+        h = tl.program_id(1)
+        row0 = tl.load(Table + blk * 4)
+        slot = tl.load(Table + blk * 4 + 1)
+        p0 = tl.load(Table + blk * 4 + 2).to(tl.int32)
+        nq = tl.load(Table + blk * 4 + 3).to(tl.int32)
+        if nq > 0:
+            m = tl.arange(0, BLOCK_M)
+            d = tl.arange(0, DP)
+            qm = m < nq
+            dm = d < D
+            rows = row0 + m
+            q = tl.load(Q + rows[:, None] * stride_q + h * D + d[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+            kvh = h // G
+            kb = KC + slot * stride_cs + kvh * stride_ch
+            vb = VC + slot * stride_cs + kvh * stride_ch
+            qpos = p0 + m
+            end = p0 + nq
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, DP], tl.float32)
+            for s0 in range(0, end, BLOCK_N):
+                t = s0 + tl.arange(0, BLOCK_N)
+                tm = t < end
+                ok = tm[None, :] & (t[None, :] <= qpos[:, None])  # causal
+                m_i, l_i, acc = _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, ok,
+                                              m_i, l_i, acc, IEEE)
+            out = acc / l_i[:, None]  # padding rows (m >= nq) see key 0: finite, not stored
+            tl.store(O + rows[:, None] * (HQ * D) + h * D + d[None, :], out.to(O.dtype.element_ty),
+                     mask=qm[:, None] & dm[None, :])
+
     class _NS:
         pass
 
@@ -234,6 +290,7 @@ def _triton_kernels():
     ns.silu_mul = silu_mul_kernel
     ns.attn_split = attn_split_kernel
     ns.attn_combine = attn_combine_kernel
+    ns.prefill_attn = prefill_attn_kernel
     _TRITON = ns
     return ns
 
@@ -337,8 +394,8 @@ class TorchExecutor(Executor):
         "triton" (in-place split-K decode attention) | "sdpa" (gather + masked SDPA); "auto" picks
         Triton on CUDA when it imports. `length_bucket`: SDPA attention length granularity in graphs.
         `prefill_graphs` (with `cuda_graphs`): run prefills of up to `prefill_graph_tokens` prompt
-        tokens as CUDA graphs, one per (tokens, prompts, longest prompt) bucket padded to powers of
-        two, captured on first use. A prefill is launch-bound (~330 kernel launches from Python):
+        tokens as CUDA graphs, one per bucket (`_prefill_buckets`; with the Triton attention all
+        captured by `warmup()`). A prefill is launch-bound (~330 kernel launches from Python):
         H200, 1 / 4 / 16 prompts of 128 tokens 7.1 / 6.9 / 8.8 ms eager, 1.9 / 2.8 / 8.2 ms as graphs
         (benchmarks/gpu_prefill.py, which also checks both agree in float32)."""
         self.device = torch.device(device)
@@ -557,7 +614,23 @@ class TorchExecutor(Executor):
         out = out.transpose(1, 2).reshape(b * width, hq * d)
         return out[valid]
 
+    def _attn_prefill_varlen(self, q, L, table, nb: int):
+        """Causal attention of packed prompts, one Triton program per (query block, q head) from
+        `table` (see `_prefill_layout`); rows of padding tokens stay zero."""
+        n, hq, d = q.shape
+        out = torch.zeros((n, hq * d), device=q.device, dtype=q.dtype)
+        kc = L.kc
+        self._tk.prefill_attn[(nb, hq)](
+            q, kc, L.vc, table, out, q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+            self.scale * 1.4426950408889634, HQ=hq, G=self.group, D=d, DP=max(16, _next_pow2(d)),
+            BLOCK_M=PREFILL_BLOCK, BLOCK_N=64 if d <= 128 else 32, IEEE=q.dtype == torch.float32, num_warps=4)
+        return out
+
     def _splits(self, b: int) -> int:
+        """Splits of each sequence's positions in decode attention: 1 (no combine kernel) once the
+        batch's (row, kv head) programs fill every SM, else enough for about two programs per SM."""
+        if b * self.num_kv_heads >= self._sms:
+            return 1
         blocks = max(1, triton_cdiv(self.max_seq_len, 64))
         want = _next_pow2(max(1, triton_cdiv(2 * self._sms, b * self.num_kv_heads)))
         return max(2, min(want, _next_pow2(blocks)))
@@ -569,16 +642,20 @@ class TorchExecutor(Executor):
             block_n = 64 if d <= 128 else 32
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
-            acc = torch.empty((b, hq, ns, dp), device=q.device, dtype=torch.float32)
-            mx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
-            lx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+            out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
+            if ns > 1:  # partial results for the combine kernel
+                acc = torch.empty((b, hq, ns, dp), device=q.device, dtype=torch.float32)
+                mx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+                lx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+            else:
+                acc = mx = lx = out  # not written
             kc = L.kc
             self._tk.attn_split[(b, hkv, ns)](
-                q, kc, L.vc, slots, pos, acc, mx, lx, kc.stride(0), kc.stride(1), kc.stride(2),
+                q, kc, L.vc, slots, pos, acc, mx, lx, out, kc.stride(0), kc.stride(1), kc.stride(2),
                 self.scale * 1.4426950408889634, HQ=hq, NS=ns, CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)),
                 D=d, DP=dp, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4)
-            out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
-            self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
+            if ns > 1:
+                self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
             return out
         # gather the batch's slots up to `tb` positions, mask each row past its own length
         k = L.kc[:, :, :tb].index_select(0, slots)  # [b, Hkv, tb, D]
@@ -675,9 +752,10 @@ class TorchExecutor(Executor):
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
         bucket), run one small batched prefill (kernel selection, allocator pools) and capture
-        the prefill graphs of one prompt of every width bucket: a capture on first use stalls
-        every running stream (H100: ~60 ms alone, 200-300 ms in a busy server). Buckets of
-        several prompts are still captured on first use."""
+        the prefill graphs: a capture on first use stalls every running stream (H100: ~60 ms
+        alone, 100-300 ms in a busy server). With the Triton attention that is every token bucket
+        (H100, budget 2,048: 10 graphs), so no prefill is captured while serving; with SDPA one
+        prompt of every width bucket (buckets of several prompts are captured on first use)."""
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)
@@ -689,12 +767,16 @@ class TorchExecutor(Executor):
                 key = (b, self._len_bucket(1))
                 if key not in self._graphs:
                     self._capture(*key)
-            w = 16
-            while self.prefill_graphs and w <= min(self.max_seq_len - 1, self.prefill_graph_tokens):
-                key = self._prefill_buckets(np.array([w]))
+            if self.attention == "triton":  # every token bucket: (tokens,) is the whole key
+                sizes = range(1, self.prefill_graph_tokens + 1)
+            else:  # one prompt of each width bucket
+                sizes = [w for w in (2 ** i for i in range(4, 32)) if w <= self.max_seq_len - 1]
+            for n in sizes if self.prefill_graphs else ():
+                if n > self.prefill_graph_tokens:
+                    break
+                key = self._prefill_buckets(np.array([n]))
                 if key not in self._prefill_graphs:
                     self._capture_prefill(key)
-                w *= 2
         torch.cuda.synchronize(self.device)
 
     # -- Executor API ------------------------------------------------------------------------
@@ -730,8 +812,9 @@ class TorchExecutor(Executor):
                                     for s, p in zip(slots, ids)])
             elif self.prefill_graphs and int(lens.sum()) <= self.prefill_graph_tokens:
                 logits = self._prefill_graphed(slots, ids, lens)
-            else:  # the same forward, unpadded: exactly the prompts' tokens, prompts and longest prompt
-                key = (int(lens.sum()), len(slots), int(lens.max()))
+            else:  # the same forward, unpadded: exactly the prompts' tokens (prompts, longest prompt)
+                n = int(lens.sum())
+                key = (n,) if self.attention == "triton" else (n, len(slots), int(lens.max()))
                 layout = torch.from_numpy(self._prefill_layout(slots, ids, lens, key))
                 logits = self._prefill_body(layout.to(self.device, non_blocking=True), key)
             out = self._to_host(logits, len(slots))
@@ -739,19 +822,37 @@ class TorchExecutor(Executor):
         return out
 
     # -- prefill as CUDA graphs -------------------------------------------------------------------
-    def _prefill_buckets(self, lens: np.ndarray) -> tuple[int, int, int]:
-        """(tokens, prompts, width) padded to powers of two (tokens >= 64, width >= 16)."""
-        t = max(64, _next_pow2(int(lens.sum())))
+    def _prefill_buckets(self, lens: np.ndarray) -> tuple:
+        """A prefill graph's key. Tokens are padded to a power of two (>= 64) up to
+        PREFILL_TOKEN_STEP and to a multiple of it above (a prefill is compute-bound there: 9
+        prompts of 128 padded to 2,048 tokens cost as much as 16). With the Triton attention the
+        key is (tokens,): prompts of any number and length share it, so warm-up captures every
+        bucket. With SDPA (right-padded prompts): (tokens, prompts, width), prompts and width
+        (>= 16) padded to powers of two, captured on first use."""
+        n = int(lens.sum())
+        step = PREFILL_TOKEN_STEP
+        t = max(64, _next_pow2(n)) if n <= step else triton_cdiv(n, step) * step
+        if self.attention == "triton":
+            return (t,)
         b = _next_pow2(len(lens))
         w = min(self.max_seq_len, max(16, _next_pow2(int(lens.max()))))
         return t, b, w
 
+    def _varlen_dims(self, t: int) -> tuple[int, int]:
+        """(prompts, query blocks) a varlen prefill of `t` tokens has room for: at most one prompt
+        per token and per slot; each prompt's blocks of PREFILL_BLOCK queries."""
+        pb = min(t, self.max_slots)
+        return pb, triton_cdiv(t, PREFILL_BLOCK) + pb
+
     def _prefill_layout(self, slots, ids, lens, key) -> np.ndarray:
-        """A prefill's int64 inputs for (tokens t, prompts b, width w) `key`, in one vector: tokens,
-        slot of each token, positions [t each]; cell -> packed row [b * w]; packed row -> cell [t];
-        last row of each prompt, slots [b each]. Where `key` is larger than the prompts (a graph's
-        bucket), padding tokens write their K/V into the dummy slot and padding prompts read it."""
-        t, b, w = key
+        """A prefill's int64 inputs for `key`, in one vector: tokens, slot of each token, positions
+        [t each]; then for (tokens t,) (varlen): last row of each prompt [prompts], one
+        (first row, slot, first position, queries) row per query block [blocks x 4]; for (tokens t,
+        prompts b, width w) (padded): cell -> packed row [b * w]; packed row -> cell [t]; last row
+        of each prompt, slots [b each]. Where `key` is larger than the prompts (a graph's bucket),
+        padding tokens write their K/V into the dummy slot; padding prompts (padded layout) read
+        it, padding query blocks (varlen) do nothing."""
+        t = key[0]
         n, k = int(lens.sum()), len(slots)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         tok = np.zeros(t, np.int64)
@@ -760,6 +861,22 @@ class TorchExecutor(Executor):
         slot_of[:n] = np.repeat(slots, lens)
         pos = np.zeros(t, np.int64)
         pos[:n] = np.concatenate([np.arange(m) for m in lens])
+        if len(key) == 1:
+            pb, nb = self._varlen_dims(t)
+            last = np.zeros(pb, np.int64)
+            last[:k] = starts + lens - 1
+            table = np.zeros((nb, 4), np.int64)
+            table[:, 1] = self.dummy_slot
+            q0 = [np.arange(0, m, PREFILL_BLOCK) for m in lens]
+            blocks = np.concatenate(q0)
+            owner = np.repeat(np.arange(k), [len(x) for x in q0])
+            nbk = len(blocks)
+            table[:nbk, 0] = starts[owner] + blocks
+            table[:nbk, 1] = np.asarray(slots, np.int64)[owner]
+            table[:nbk, 2] = blocks
+            table[:nbk, 3] = np.minimum(PREFILL_BLOCK, lens[owner] - blocks)
+            return np.concatenate([tok, slot_of, pos, last, table.reshape(-1)])
+        _, b, w = key
         grid = np.arange(w)[None, :]
         real = grid < lens[:, None]  # [k, w]
         rows = np.zeros((b, w), np.int64)
@@ -772,13 +889,33 @@ class TorchExecutor(Executor):
         slot_t[:k] = slots
         return np.concatenate([tok, slot_of, pos, rows.reshape(-1), cells, last, slot_t])
 
+    def _safe_layout(self, key) -> np.ndarray:
+        """Inputs of `key` that touch nothing but the dummy slot: what a graph is captured with."""
+        t = key[0]
+        head = [np.zeros(t, np.int64), np.full(t, self.dummy_slot, np.int64), np.zeros(t, np.int64)]
+        if len(key) == 1:
+            pb, nb = self._varlen_dims(t)
+            table = np.zeros((nb, 4), np.int64)
+            table[:, 1] = self.dummy_slot
+            return np.concatenate(head + [np.zeros(pb, np.int64), table.reshape(-1)])
+        _, b, w = key
+        return np.concatenate(head + [np.zeros(b * w + t + b, np.int64), np.full(b, self.dummy_slot, np.int64)])
+
     def _prefill_body(self, buf: torch.Tensor, key) -> torch.Tensor:
-        """Logits [b, vocab] of the prefill whose inputs are `buf` (see `_prefill_layout`): projections
-        and MLP over the packed tokens, attention per prompt on the right-padded batch."""
-        t, b, w = key
-        tok, slot_of, pos, rows, cells, last, slot_t = torch.split(buf, [t, t, t, b * w, t, b, b])
-        pack = (slot_t, rows.view(b, w), cells, w)
-        h = self._forward(tok, slot_of, pos, lambda q, L: self._attn_prefill(q, L, pack), last=last)
+        """Logits [prompts, vocab] of the prefill whose inputs are `buf` (see `_prefill_layout`):
+        projections and MLP over the packed tokens; attention per prompt, varlen (Triton) or on
+        the right-padded batch (SDPA)."""
+        t = key[0]
+        if len(key) == 1:
+            pb, nb = self._varlen_dims(t)
+            tok, slot_of, pos, last, table = torch.split(buf, [t, t, t, pb, 4 * nb])
+            attn = lambda q, L: self._attn_prefill_varlen(q, L, table, nb)  # noqa: E731
+        else:
+            _, b, w = key
+            tok, slot_of, pos, rows, cells, last, slot_t = torch.split(buf, [t, t, t, b * w, t, b, b])
+            pack = (slot_t, rows.view(b, w), cells, w)
+            attn = lambda q, L: self._attn_prefill(q, L, pack)  # noqa: E731
+        h = self._forward(tok, slot_of, pos, attn, last=last)
         return F.linear(h, self.lm_head).float()
 
     def _prefill_graphed(self, slots, ids, lens) -> torch.Tensor:
@@ -802,11 +939,7 @@ class TorchExecutor(Executor):
         self.captures["prefill_s"] += time.perf_counter() - t0
 
     def _prefill_entry(self, key):
-        t, b, w = key
-        safe = np.zeros(4 * t + b * w + 2 * b, np.int64)  # every token at position 0 of the dummy slot
-        safe[t:2 * t] = self.dummy_slot
-        safe[-b:] = self.dummy_slot
-        buf = torch.from_numpy(safe).to(self.device)
+        buf = torch.from_numpy(self._safe_layout(key)).to(self.device)
         try:
             if self._prefill_pool is None:
                 self._prefill_pool = torch.cuda.graph_pool_handle()

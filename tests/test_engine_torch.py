@@ -221,6 +221,10 @@ def test_padded_prefill_of_the_graphs_equals_the_packed_one(tmp_path):
     ref = packed.prefill_batch(slots, prompts)
     key = padded._prefill_buckets(lens)
     assert key == (64, 4, 32)  # 27 tokens -> 64, 3 prompts -> 4, longest 19 -> 32
+    # above PREFILL_TOKEN_STEP (256) tokens go up in steps of it, not to the next power of two
+    assert padded._prefill_buckets(np.array([128] * 9)) == (1280, 16, 64)  # the context (64) caps the width
+    assert padded._prefill_buckets(np.array([100, 200])) == (512, 2, 64)
+    assert padded._prefill_buckets(np.array([128, 128])) == (256, 2, 64)
     buf = torch.from_numpy(padded._prefill_layout(slots, prompts, lens, key))
     with torch.no_grad():
         got = padded._prefill_body(buf, key)[:3].numpy()
@@ -301,18 +305,33 @@ path, = sys.argv[1:]
 kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False)
 ref = TorchExecutor(path, kernels="torch", attention="sdpa", **kw)
 tri = TorchExecutor(path, kernels="triton", attention="triton", **kw)
+one = TorchExecutor(path, kernels="triton", attention="triton", **kw)
+one._sms = 1  # as if the batch filled every SM: decode attention in one split, no combine kernel
+assert tri._splits(3) > 1 and one._splits(3) == 1
 rng = np.random.default_rng(1)
 worst = 0.0
 for slot, n in enumerate([5, 70, 33]):
     p = rng.integers(0, 512, n)
-    worst = max(worst, np.abs(ref.prefill(slot, p) - tri.prefill(slot, p)).max())
+    r = ref.prefill(slot, p)
+    worst = max(worst, np.abs(r - tri.prefill(slot, p)).max(), np.abs(r - one.prefill(slot, p)).max())
 for _ in range(3):
     slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
-    worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
+    r = ref.decode(slots, toks)
+    worst = max(worst, np.abs(r - tri.decode(slots, toks)).max(), np.abs(r - one.decode(slots, toks)).max())
 ps = [rng.integers(0, 512, n) for n in (9, 40, 2)]
 for s in range(3):
     ref.release(s); tri.release(s)
 worst = max(worst, np.abs(ref.prefill_batch([1, 2, 0], ps) - tri.prefill_batch([1, 2, 0], ps)).max())
+# the varlen prefill as a graph runs it: padded to a token bucket, spare query blocks doing nothing
+for s in range(3):
+    ref.release(s); tri.release(s)
+lens = np.array([len(p) for p in ps])
+key = tri._prefill_buckets(lens)
+assert key == (64,), key  # Triton attention: the token count is the whole key
+buf = torch.from_numpy(tri._prefill_layout([2, 0, 1], ps, lens, key))
+with torch.no_grad():
+    got = tri._prefill_body(buf, key)[:3].numpy()
+worst = max(worst, np.abs(ref.prefill_batch([2, 0, 1], ps) - got).max())
 print("WORST", worst)
 assert worst < 1e-4, worst
 """

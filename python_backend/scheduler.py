@@ -11,8 +11,9 @@ The scheduler knows nothing of Triton: each sequence carries a `sink` callable t
 Sending a response and asking whether a request was cancelled are messages to the server
 process. A second thread, the courier, does both, so the decode loop never waits on them: it
 sends each sequence's outputs in order (merging a stream's queued pieces into one response when
-it falls behind: fewer, larger deltas under load instead of a slower loop) and polls
-cancellation, raising a flag that the loop reads before every step.
+it falls behind: fewer, larger deltas under load instead of a slower loop; first tokens and
+final responses ahead of queued deltas) and polls cancellation, raising a flag that the loop
+reads before every step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Output:
     finish_reason: str = ""  # "" while streaming; stop | length | cancelled when final
     final: bool = False
     error: str | None = None
+    posted: float = dataclasses.field(default_factory=time.perf_counter)  # when the loop made it
+    urgent: bool = False  # a stream's first token: the courier sends it before queued deltas
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,11 +72,20 @@ class Sequence:
 
 
 class Courier:
-    """Sends outputs (merging a stream's backlog) and polls cancellation, off the decode loop."""
+    """Sends outputs and polls cancellation, off the decode loop.
 
-    def __init__(self, poll_interval: float = 0.05):
+    A sequence's outputs not yet sent wait as one merged output (a stream that falls behind gets
+    fewer, larger deltas instead of slowing the loop). Sends go one at a time: first the urgent
+    ones (a stream's first token, a final response, an error: a client's time to first token
+    and the moment its slot's next request can come), in the order they became urgent, then the
+    oldest waiting delta. Each sequence's outputs still go out in order: an urgent output carries
+    the deltas queued before it."""
+
+    def __init__(self, poll_interval: float = 0.05, stats: "Stats | None" = None):
         self.poll_interval = poll_interval
-        self.outbox: collections.deque[tuple[Sequence, Output]] = collections.deque()
+        self.stats = stats if stats is not None else Stats()  # its send counters only
+        self.pending: dict[Sequence, list[Output]] = {}  # insertion order: oldest first
+        self.urgent: collections.deque[Sequence] = collections.deque()
         self.tasks: collections.deque[Callable[[], None]] = collections.deque()
         self.watched: set[Sequence] = set()
         self._cv = threading.Condition()
@@ -83,7 +95,17 @@ class Courier:
 
     def post(self, seq: Sequence, out: Output) -> None:
         with self._cv:
-            self.outbox.append((seq, out))
+            outs = self.pending.get(seq)
+            if outs is None:
+                self.pending[seq] = [out]
+            elif _mergeable(outs[-1], out):
+                prev = outs[-1]
+                outs[-1] = dataclasses.replace(out, release=prev.release.merge(out.release), posted=prev.posted,
+                                               urgent=prev.urgent or out.urgent)
+            else:
+                outs.append(out)
+            if out.urgent or out.final or out.error:
+                self.urgent.append(seq)
             self._cv.notify()
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -103,28 +125,48 @@ class Courier:
             self._cv.notify()
         self._thread.join(timeout)
 
+    def _next(self) -> tuple[Sequence, list[Output]] | None:
+        """The next sequence's outputs to send (lock held): urgent first, else the oldest."""
+        while self.urgent:
+            seq = self.urgent.popleft()
+            if seq in self.pending:  # else already sent with an earlier urgent output of it
+                return seq, self.pending.pop(seq)
+        if self.pending:
+            seq = next(iter(self.pending))
+            return seq, self.pending.pop(seq)
+        return None
+
     def _loop(self) -> None:
         last_poll = 0.0
+        st = self.stats
         while True:
             with self._cv:
-                if not self.outbox and not self.tasks and not self._stop:
+                if not self.pending and not self.tasks and not self._stop:
                     self._cv.wait(self.poll_interval if self.watched else None)
-                batch, self.outbox = self.outbox, collections.deque()
                 tasks, self.tasks = self.tasks, collections.deque()
-                stopping = self._stop and not batch and not tasks
+                item = self._next()
+                stopping = self._stop and item is None and not tasks
+                if item is not None and item[1][-1].final:
+                    self.watched.discard(item[0])
             for fn in tasks:
                 try:
                     fn()
                 except Exception:
                     log.exception("courier task failed")
-            for seq, out in _coalesce(batch):
-                if out.final:
-                    with self._cv:
-                        self.watched.discard(seq)
-                try:
-                    seq.sink(out)
-                except Exception:  # a client that went away must not stop the courier
-                    log.exception("could not send a response")
+            if item is not None:
+                seq, outs = item
+                for out in outs:
+                    t = time.perf_counter()
+                    try:
+                        seq.sink(out)
+                    except Exception:  # a client that went away must not stop the courier
+                        log.exception("could not send a response")
+                    done = time.perf_counter()
+                    lag = done - out.posted
+                    st.send_s += done - t
+                    st.sends += 1
+                    st.send_lag_s += lag
+                    st.send_lag_max_s = max(st.send_lag_max_s, lag)
             if stopping:
                 return
             now = time.perf_counter()
@@ -137,24 +179,10 @@ class Courier:
                         seq.cancelled = True
 
 
-def _coalesce(batch):
-    """Merge consecutive streamed outputs of one sequence; order per sequence is kept."""
-    merged: dict[int, tuple[Sequence, Output]] = {}
-    order: list[int] = []
-    for seq, out in batch:
-        key = id(seq)
-        prev = merged.get(key)
-        if prev is None or prev[1].error or out.error or prev[1].release is None or out.release is None:
-            if prev is not None:  # cannot merge: flush what we hold first
-                yield prev
-                order.remove(key)
-            merged[key] = (seq, out)
-            order.append(key)
-            continue
-        joined = dataclasses.replace(out, release=prev[1].release.merge(out.release))
-        merged[key] = (seq, joined)
-    for key in order:
-        yield merged[key]
+def _mergeable(prev: Output, out: Output) -> bool:
+    """Can `out` join the unsent `prev` of the same sequence as one response? (Text deltas: yes;
+    an error, or an output without text, stays on its own.)"""
+    return not (prev.final or prev.error or out.error or prev.release is None or out.release is None)
 
 
 def _greedy_ban(samplers: list[Sampler], ahead: int = 0):
@@ -199,6 +227,12 @@ class Stats:
     queue_s: float = 0.0
     slot_gap_s: float = 0.0
     slot_gaps: int = 0
+    # responses the courier sent, the time spent sending them, and how long each waited from the
+    # loop to the end of its send
+    sends: int = 0
+    send_s: float = 0.0  # inside the sends themselves
+    send_lag_s: float = 0.0
+    send_lag_max_s: float = 0.0
 
     def summary(self) -> dict:
         """Counters and time split, for the log at shutdown."""
@@ -207,6 +241,8 @@ class Stats:
         out["prompts_per_prefill"] = round(self.prefills / self.prefill_calls, 2) if self.prefill_calls else 0.0
         out["queue_ms_mean"] = round(1e3 * self.queue_s / self.prefills, 2) if self.prefills else 0.0
         out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0
+        out["send_lag_ms_mean"] = round(1e3 * self.send_lag_s / self.sends, 2) if self.sends else 0.0
+        out["send_ms_mean"] = round(1e3 * self.send_s / self.sends, 3) if self.sends else 0.0
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -236,7 +272,7 @@ class Scheduler:
         self.free_slots = list(range(executor.max_slots - 1, -1, -1))
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
-        self.courier = Courier()
+        self.courier = Courier(stats=self.stats)
         self._now = time.perf_counter()  # time of the current decode step's tokens
         self._unreported, self._reported_at = [0, 0], 0.0
         self._cv = threading.Condition()
@@ -470,7 +506,7 @@ class Scheduler:
                 rel = seq.tracker.ready()
                 if rel is not None:
                     seq.last_sent = now
-                    self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated))
+                    self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, urgent=seq.generated == 1))
         return True
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -136,6 +136,10 @@ def test_chained_steps_give_the_same_answers(engine):
     # 6 requests in 4 slots: the last two waited for slots that the first ones freed
     assert stats[0].slot_gaps >= 2 and summary["slot_gap_ms_mean"] > 0
     assert summary["queue_ms_mean"] > 0 and stats[0].queue_s >= stats[0].slot_gap_s
+    # every response the courier sent is counted, with how long it waited to go out
+    sent = sum(len(outs) for outs in chained.values())
+    assert stats[0].sends == sent and summary["send_lag_ms_mean"] > 0
+    assert stats[0].send_lag_max_s >= stats[0].send_lag_s / sent
     assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
     ex.can_chain = False
     plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))
@@ -211,3 +215,39 @@ def test_prefill_wait_lets_arrivals_share_one_prefill(engine):
 def test_prefill_wait_ends_when_the_waiting_fill_the_free_slots(engine):
     groups, ttft = _staggered(engine, 5.0, [0.02], max_slots=2)  # 1 running + 1 waiting = every slot
     assert groups == [1, 1] and ttft[0] < 1.0
+
+
+def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
+    """While the courier is busy, queued deltas of one stream merge into one response, and a first
+    token or a final response waiting behind them goes out first; each stream's text stays in order."""
+    from tritonchat.python_backend.detokenize import Release
+    from tritonchat.python_backend.scheduler import Courier, Output, Sequence
+
+    sent, gate = [], threading.Event()
+
+    def seq(name):
+        def sink(out):
+            if not sent:
+                gate.wait(10)  # the first send blocks: everything after it queues up
+            sent.append((name, out))
+        return Sequence(np.zeros(1, np.int64), None, None, sink=sink)
+
+    def delta(start, ids, **kw):
+        return Output(Release(list(ids), 0, 0, start), 1, start + len(ids), **kw)
+
+    courier = Courier()
+    a, b, c, d = seq("a"), seq("b"), seq("c"), seq("d")
+    courier.post(d, delta(0, [1]))  # in flight, held at the gate
+    time.sleep(0.1)
+    courier.post(a, delta(0, [1, 2]))
+    courier.post(a, delta(2, [3]))  # merges with a's first delta
+    courier.post(b, delta(0, [4]))
+    courier.post(c, delta(0, [5], urgent=True))  # a first token
+    courier.post(b, delta(1, [6], final=True, finish_reason="length"))  # a final, carries b's queued delta
+    gate.set()
+    courier.shutdown()
+    assert [n for n, _ in sent] == ["d", "c", "b", "a"]
+    outs = dict(sent)
+    assert outs["a"].release.window == [1, 2, 3] and not outs["a"].final
+    assert outs["b"].release.window == [4, 6] and outs["b"].final and outs["b"].finish_reason == "length"
+    assert courier.stats.sends == 4 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1

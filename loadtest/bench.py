@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from .stats import _int, mean, model_stats, pcts, percentile, stats_delta
+from .stats import mean, model_stats, pcts, percentile, stats_delta, to_int
 
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 
@@ -410,11 +410,11 @@ def _ns_delta(before: Dict, after: Dict):
             st = (st or {}).get(k) or {}
         return st
 
-    num = _int
-    calls = num(after.get("inference_count")) - num(before.get("inference_count"))
-    success = num(get(after, "inference_stats", "success").get("ns")) - num(
+    calls = to_int(after.get("inference_count")) - to_int(before.get("inference_count"))
+    success = to_int(get(after, "inference_stats", "success").get("ns")) - to_int(
         get(before, "inference_stats", "success").get("ns"))
-    compute = sum(num(get(after, "inference_stats", k).get("ns")) - num(get(before, "inference_stats", k).get("ns"))
+    compute = sum(to_int(get(after, "inference_stats", k).get("ns"))
+                  - to_int(get(before, "inference_stats", k).get("ns"))
                   for k in ("compute_input", "compute_infer", "compute_output"))
     return [calls, success, compute]
 

@@ -56,7 +56,7 @@ def model_stats(model: str, http_url: Optional[str] = None, grpc_url: Optional[s
     return entries[0] if entries else {}
 
 
-def _int(x) -> int:
+def to_int(x) -> int:
     try:
         return int(x)
     except (TypeError, ValueError):
@@ -67,15 +67,15 @@ def batch_histogram(stats: Dict) -> Dict[int, int]:
     """batch size -> executions, from a statistics entry's ``batch_stats``."""
     out: Dict[int, int] = {}
     for b in stats.get("batch_stats") or []:
-        out[_int(b.get("batch_size"))] = _int((b.get("compute_infer") or {}).get("count"))
+        out[to_int(b.get("batch_size"))] = to_int((b.get("compute_infer") or {}).get("count"))
     return out
 
 
 def stats_delta(before: Dict, after: Dict) -> Dict:
     """What happened between two snapshots: requests, executions, average batch, batch histogram,
     and the mean queue / compute time per request (ms)."""
-    inf = _int(after.get("inference_count")) - _int(before.get("inference_count"))
-    exe = _int(after.get("execution_count")) - _int(before.get("execution_count"))
+    inf = to_int(after.get("inference_count")) - to_int(before.get("inference_count"))
+    exe = to_int(after.get("execution_count")) - to_int(before.get("execution_count"))
     hb, ha = batch_histogram(before), batch_histogram(after)
     hist = {k: ha.get(k, 0) - hb.get(k, 0) for k in sorted(set(ha) | set(hb))}
     hist = {k: v for k, v in hist.items() if v > 0}
@@ -83,8 +83,8 @@ def stats_delta(before: Dict, after: Dict) -> Dict:
     def per_request_ms(key: str) -> Optional[float]:
         a = (after.get("inference_stats") or {}).get(key) or {}
         b = (before.get("inference_stats") or {}).get(key) or {}
-        n = _int(a.get("count")) - _int(b.get("count"))
-        ns = _int(a.get("ns")) - _int(b.get("ns"))
+        n = to_int(a.get("count")) - to_int(b.get("count"))
+        ns = to_int(a.get("ns")) - to_int(b.get("ns"))
         return ns / n / 1e6 if n > 0 else None
 
     return {"inference_count": inf, "execution_count": exe,

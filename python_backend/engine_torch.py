@@ -767,17 +767,25 @@ class TorchExecutor(Executor):
                 key = (b, self._len_bucket(1))
                 if key not in self._graphs:
                     self._capture(*key)
-            if self.attention == "triton":  # every token bucket: (tokens,) is the whole key
-                sizes = range(1, self.prefill_graph_tokens + 1)
-            else:  # one prompt of each width bucket
-                sizes = [w for w in (2 ** i for i in range(4, 32)) if w <= self.max_seq_len - 1]
-            for n in sizes if self.prefill_graphs else ():
-                if n > self.prefill_graph_tokens:
-                    break
-                key = self._prefill_buckets(np.array([n]))
+            for key in self._warmup_prefill_keys() if self.prefill_graphs else ():
                 if key not in self._prefill_graphs:
                     self._capture_prefill(key)
         torch.cuda.synchronize(self.device)
+
+    def _warmup_prefill_keys(self):
+        """The prefill graph keys `warmup()` captures: every token bucket up to
+        `prefill_graph_tokens` with the Triton attention, one prompt of every width bucket with SDPA."""
+        if self.attention == "triton":
+            n = 1
+            while n <= self.prefill_graph_tokens:
+                key = self._prefill_buckets(np.array([n]))
+                yield key
+                n = key[0] + 1  # the next bucket's first token count
+            return
+        w = 16
+        while w <= min(self.max_seq_len - 1, self.prefill_graph_tokens):
+            yield self._prefill_buckets(np.array([w]))
+            w *= 2
 
     # -- Executor API ------------------------------------------------------------------------
     def _to_host(self, out: torch.Tensor, n: int) -> np.ndarray:

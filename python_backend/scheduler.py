@@ -48,7 +48,7 @@ class Output:
     final: bool = False
     error: str | None = None
     posted: float = dataclasses.field(default_factory=time.perf_counter)  # when the loop made it
-    urgent: bool = False  # a stream's first token: the courier sends it before queued deltas
+    urgent: bool = False  # a stream's first text: the courier sends it before queued deltas
 
 
 @dataclasses.dataclass(eq=False)
@@ -505,8 +505,9 @@ class Scheduler:
             if seq.generated == 1 or now - seq.last_sent >= self._interval:
                 rel = seq.tracker.ready()
                 if rel is not None:
+                    first = seq.last_sent == 0.0  # the stream's first text (a held-back byte may delay it)
                     seq.last_sent = now
-                    self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, urgent=seq.generated == 1))
+                    self._send(seq, Output(rel, len(seq.prompt_ids), seq.generated, urgent=first))
         return True
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -62,3 +62,5 @@ def test_generator_logs_its_malloc_setting_and_scheduler_statistics(small_server
                                        "idle_s"))
     # one slot served every request in turn: it stood empty between them, and requests queued for it
     assert stats["slot_gaps"] >= 3 and stats["slot_gap_ms_mean"] > 0 and stats["queue_ms_mean"] > 0
+    # every response went through the courier: counted, with the time its sends took
+    assert stats["sends"] >= stats["finished"] and stats["send_ms_mean"] > 0 and stats["send_lag_ms_mean"] > 0

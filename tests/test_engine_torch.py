@@ -225,6 +225,7 @@ def test_padded_prefill_of_the_graphs_equals_the_packed_one(tmp_path):
     assert padded._prefill_buckets(np.array([128] * 9)) == (1280, 16, 64)  # the context (64) caps the width
     assert padded._prefill_buckets(np.array([100, 200])) == (512, 2, 64)
     assert padded._prefill_buckets(np.array([128, 128])) == (256, 2, 64)
+    assert list(padded._warmup_prefill_keys()) == [(64, 1, 16), (64, 1, 32)]  # one prompt per width bucket
     buf = torch.from_numpy(padded._prefill_layout(slots, prompts, lens, key))
     with torch.no_grad():
         got = padded._prefill_body(buf, key)[:3].numpy()
@@ -328,6 +329,7 @@ for s in range(3):
 lens = np.array([len(p) for p in ps])
 key = tri._prefill_buckets(lens)
 assert key == (64,), key  # Triton attention: the token count is the whole key
+assert list(tri._warmup_prefill_keys()) == [(64,), (128,), (256,)] + [(t,) for t in range(512, 2049, 256)]
 buf = torch.from_numpy(tri._prefill_layout([2, 0, 1], ps, lens, key))
 with torch.no_grad():
     got = tri._prefill_body(buf, key)[:3].numpy()

@@ -137,7 +137,7 @@ class Courier:
         return None
 
     def _loop(self) -> None:
-        last_poll = 0.0
+        next_poll = 0.0
         st = self.stats
         while True:
             with self._cv:
@@ -170,13 +170,15 @@ class Courier:
             if stopping:
                 return
             now = time.perf_counter()
-            if now - last_poll >= self.poll_interval:
-                last_poll = now
+            if now >= next_poll:
                 with self._cv:
                     watched = list(self.watched)
                 for seq in watched:
                     if not seq.cancelled and seq.is_cancelled():
                         seq.cancelled = True
+                st.polls += len(watched)
+                st.poll_s += time.perf_counter() - now
+                next_poll = now + self.poll_interval
 
 
 def _mergeable(prev: Output, out: Output) -> bool:
@@ -233,6 +235,9 @@ class Stats:
     send_s: float = 0.0  # inside the sends themselves
     send_lag_s: float = 0.0
     send_lag_max_s: float = 0.0
+    # cancellation polls (one per watched sequence and round) and the time they took
+    polls: int = 0
+    poll_s: float = 0.0
 
     def summary(self) -> dict:
         """Counters and time split, for the log at shutdown."""
@@ -243,6 +248,7 @@ class Stats:
         out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0
         out["send_lag_ms_mean"] = round(1e3 * self.send_lag_s / self.sends, 2) if self.sends else 0.0
         out["send_ms_mean"] = round(1e3 * self.send_s / self.sends, 3) if self.sends else 0.0
+        out["poll_ms_mean"] = round(1e3 * self.poll_s / self.polls, 3) if self.polls else 0.0
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -285,9 +291,9 @@ class Scheduler:
         with self._cv:
             if len(self.waiting) >= self.max_queue_size:
                 raise QueueFull(f"generator queue is full ({self.max_queue_size} waiting requests); retry later")
+            self.courier.watch(seq)  # before the loop can finish it (its final response unwatches it)
             self.waiting.append(seq)
             self._cv.notify()
-        self.courier.watch(seq)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cv:

@@ -140,6 +140,8 @@ def test_chained_steps_give_the_same_answers(engine):
     sent = sum(len(outs) for outs in chained.values())
     assert stats[0].sends == sent and summary["send_lag_ms_mean"] > 0
     assert stats[0].send_lag_max_s >= stats[0].send_lag_s / sent
+    # the courier asked about cancellation for the running sequences (first round at once)
+    assert stats[0].polls >= 1 and summary["poll_ms_mean"] >= 0
     assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
     ex.can_chain = False
     plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))

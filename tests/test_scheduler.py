@@ -253,3 +253,49 @@ def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
     assert outs["a"].release.window == [1, 2, 3] and not outs["a"].final
     assert outs["b"].release.window == [4, 6] and outs["b"].final and outs["b"].finish_reason == "length"
     assert courier.stats.sends == 4 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1
+
+
+def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch):
+    """The courier watches a request (polls whether it was cancelled) until its final response goes.
+    Asking tritonserver about a request after that crashed the server (its response factory is freed
+    with the final response), so the courier must watch a request before the loop can finish it: here
+    `watch` is slowed down, and each one-token request is finished at once by its prefill."""
+    from tritonchat.python_backend.detokenize import TextTracker
+    from tritonchat.python_backend.sampling import SamplingParams
+    from tritonchat.python_backend.scheduler import Courier, Scheduler, Sequence
+
+    slow_watch = Courier.watch
+
+    def watch(self, seq):
+        time.sleep(0.2)  # the loop, were it able to see the request, would finish it meanwhile
+        slow_watch(self, seq)
+
+    monkeypatch.setattr(Courier, "watch", watch)
+    ex, tok = engine
+    sched = Scheduler(ex)
+    finals, after = [], []
+    seqs = []
+    for prompt in ("Once upon a time", "The cat"):
+        polled = {"final": False}
+
+        def is_cancelled(p=polled):
+            if p["final"]:
+                after.append(p)  # asked after its final response
+            return False
+
+        def sink(out, p=polled):
+            if out.final:
+                p["final"] = True
+                finals.append(out)
+
+        seq = Sequence(np.array(tok.encode(prompt).ids), SamplingParams(max_tokens=1, end_ids=(2,)), TextTracker(tok),
+                       sink, stream=True, is_cancelled=is_cancelled)
+        seqs.append(seq)
+        sched.submit(seq)
+    deadline = time.time() + 10
+    while len(finals) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(3 * sched.courier.poll_interval)  # a few polling rounds after the finals
+    sched.shutdown()
+    assert len(finals) == 2 and all(f.finish_reason == "length" for f in finals)
+    assert not after and not (set(seqs) & sched.courier.watched)

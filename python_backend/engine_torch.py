@@ -56,6 +56,9 @@ _IN_ROWS = 4 + BAN_IDS
 _RING = 4  # decode steps whose ids can be in flight at once
 PREFILL_TOKEN_STEP = 256  # prefill graph buckets: tokens in multiples of this above it
 PREFILL_BLOCK = 64  # queries per program of the varlen prefill attention
+# decode attention splits no sequence while the cache holds at most this many positions: a split
+# costs a combine kernel and idle programs, ~2 us a layer at 1-16 rows (H100, benchmarks/gpu_attn.py)
+SPLIT_MIN_POSITIONS = 512
 
 
 def _as_dtype(dtype) -> torch.dtype:
@@ -481,6 +484,7 @@ class TorchExecutor(Executor):
             self._ring = 0
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 8)
+        self.split_min = SPLIT_MIN_POSITIONS
 
     # -- weights -----------------------------------------------------------------------------
     def _load_native(self, model):
@@ -628,8 +632,9 @@ class TorchExecutor(Executor):
 
     def _splits(self, b: int) -> int:
         """Splits of each sequence's positions in decode attention: 1 (no combine kernel) once the
-        batch's (row, kv head) programs fill every SM, else enough for about two programs per SM."""
-        if b * self.num_kv_heads >= self._sms:
+        batch's (row, kv head) programs fill every SM or the cache is short (`split_min`), else
+        enough for about two programs per SM."""
+        if b * self.num_kv_heads >= self._sms or self.max_seq_len <= self.split_min:
             return 1
         blocks = max(1, triton_cdiv(self.max_seq_len, 64))
         want = _next_pow2(max(1, triton_cdiv(2 * self._sms, b * self.num_kv_heads)))
@@ -639,7 +644,8 @@ class TorchExecutor(Executor):
         b, hq, hkv, d, g = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
         if self.attention == "triton":
             ns = self._splits(b)
-            block_n = 64 if d <= 128 else 32
+            # a few rows in one split: longer blocks, fewer trips (H100, 16 rows: 3.9 vs 5.8 us a layer)
+            block_n = 128 if ns == 1 and d <= 64 and b * hkv < self._sms else 64 if d <= 128 else 32
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
             out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)

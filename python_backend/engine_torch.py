@@ -645,7 +645,7 @@ class TorchExecutor(Executor):
         if self.attention == "triton":
             ns = self._splits(b)
             # a few rows in one split: longer blocks, fewer trips (H100, 16 rows: 3.9 vs 5.8 us a layer)
-            block_n = 128 if ns == 1 and d <= 64 and b * hkv < self._sms else 64 if d <= 128 else 32
+            block_n = 128 if ns == 1 and d <= 64 and b * hkv < self._sms else (64 if d <= 128 else 32)
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
             out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)

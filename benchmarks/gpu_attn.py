@@ -21,11 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from torch_executor_gpu import cuda_median_ms  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:
-    from tritonchat.python_backend.engine_torch import _next_pow2, _triton_kernels, triton_cdiv
+    from tritonchat.python_backend.engine_torch import (_next_pow2, _triton_kernels, decode_attention_config,
+                                                        triton_cdiv)
 except ImportError:
-    from python_backend.engine_torch import _next_pow2, _triton_kernels, triton_cdiv
+    from python_backend.engine_torch import _next_pow2, _triton_kernels, decode_attention_config, triton_cdiv
 
 HQ, HKV, D, SLOTS, LAYERS = 32, 4, 64, 128, 22
 CTX_MAX = 512  # the cache's positions per slot (--max-seq-len)
@@ -53,31 +57,19 @@ def reference(q, kc, vc, slots, pos):
     return o.reshape(b, HQ * D)
 
 
-def graph_us(fn, reps: int = 20) -> float:
-    """Microseconds per call of `fn(layer)`, layers 0..LAYERS-1 captured in one CUDA graph (median)."""
+def graph_us(body, reps: int = 20) -> float:
+    """Microseconds per layer of `body()` (LAYERS layers' worth of launches) replayed as one CUDA graph
+    (median of `reps`); `body` runs once on a side stream first (compilation, workspaces)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn(0)
-        fn(1)
+        body()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for layer in range(LAYERS):
-            fn(layer)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e) * 1e3 / LAYERS)
-    return sorted(times)[len(times) // 2]
-
+        body()
+    return cuda_median_ms(g.replay, reps) * 1e3 / LAYERS
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -100,13 +92,13 @@ def main() -> None:
         slots = torch.arange(b, device=dev, dtype=torch.int64)
         out = torch.empty(b, HQ * D, device=dev, dtype=dt)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        shipped_ns = 1 if b * HKV >= sms else max(2, min(_next_pow2(triton_cdiv(2 * sms, b * HKV)),
-                                                         _next_pow2(triton_cdiv(CTX_MAX, 64))))
+        shipped_ns, shipped_bn = decode_attention_config(b, HKV, D, CTX_MAX, sms)
         most = max(8, shipped_ns)
         scratch = (torch.empty(b, HQ, most, D, device=dev, dtype=torch.float32),
                    torch.empty(b, HQ, most, device=dev, dtype=torch.float32),
                    torch.empty(b, HQ, most, device=dev, dtype=torch.float32))
-        configs = grid + ([(64, 4, 3, shipped_ns)] if shipped_ns > 8 else [])
+        shipped = (shipped_bn, 4, 3, shipped_ns)  # the executor's choice (4 warps, Triton's default 3 stages)
+        configs = grid + ([shipped] if shipped not in grid else [])
         for ctx in (int(x) for x in args.contexts.split(",")):
             pos = torch.full((b,), ctx - 1, device=dev, dtype=torch.int64)
             ref = reference(q, kcs[0], vcs[0], slots, pos)
@@ -121,11 +113,11 @@ def main() -> None:
                     rows.append((float("inf"), (block_n, warps, stages, ns), f"failed: {str(exc)[:60]}"))
                     continue
                 err = (out.float() - ref).abs().max().item()
-                rows.append((graph_us(fn), (block_n, warps, stages, ns), f"max |diff| {err:.1e}"))
+                rows.append((graph_us(lambda: [fn(layer) for layer in range(LAYERS)]), (block_n, warps, stages, ns), f"max |diff| {err:.1e}"))
             kv_mb = b * HKV * ctx * D * 2 * 2 / 1e6
-            base = next(r for r in rows if r[1] == (64, 4, 3, shipped_ns))
+            base = next(r for r in rows if r[1] == shipped)
             print(f"batch {b}, context {ctx}: K/V {kv_mb:.1f} MB a layer = {kv_mb / 3.0:.1f} us at 3.0 TB/s; "
-                  f"shipped config (BLOCK_N 64, 4 warps, 3 stages, {shipped_ns} splits): {base[0]:.2f} us "
+                  f"shipped config (BLOCK_N {shipped_bn}, 4 warps, 3 stages, {shipped_ns} splits): {base[0]:.2f} us "
                   f"{base[2]}", flush=True)
             for us, cfg, note in sorted(rows)[: args.top]:
                 print(f"  {us:7.2f} us  BLOCK_N {cfg[0]:3d} warps {cfg[1]} stages {cfg[2]} splits {cfg[3]}  {note}")

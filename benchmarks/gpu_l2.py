@@ -21,15 +21,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_attn import HKV, HQ, D, SLOTS, launch  # noqa: E402
-import gpu_attn  # noqa: E402
+from gpu_attn import HKV, HQ, D, LAYERS, SLOTS, graph_us, launch  # noqa: E402
 
 try:
     from tritonchat.python_backend.engine_torch import _triton_kernels
 except ImportError:
     from python_backend.engine_torch import _triton_kernels
 
-LAYERS, B, CTX, HIDDEN = 22, 64, 192, 2048
+B, CTX, HIDDEN = 64, 192, 2048
 
 
 def touch_kernel():
@@ -52,35 +51,11 @@ def touch_kernel():
     return touch
 
 
-def graph_us(body, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        body()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e) * 1e3 / LAYERS)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
     tk = _triton_kernels()
     touch = touch_kernel()
     dev, dt = "cuda", torch.bfloat16
-    gpu_attn.CTX_MAX = 512
     torch.manual_seed(0)
     wo = [torch.randn(HIDDEN, HQ * D, device=dev, dtype=dt) * 0.02 for _ in range(LAYERS)]
     flush = [torch.randn(HIDDEN, HQ * D, device=dev, dtype=dt) for _ in range(LAYERS)]

@@ -631,21 +631,13 @@ class TorchExecutor(Executor):
         return out
 
     def _splits(self, b: int) -> int:
-        """Splits of each sequence's positions in decode attention: 1 (no combine kernel) once the
-        batch's (row, kv head) programs fill every SM or the cache is short (`split_min`), else
-        enough for about two programs per SM."""
-        if b * self.num_kv_heads >= self._sms or self.max_seq_len <= self.split_min:
-            return 1
-        blocks = max(1, triton_cdiv(self.max_seq_len, 64))
-        want = _next_pow2(max(1, triton_cdiv(2 * self._sms, b * self.num_kv_heads)))
-        return max(2, min(want, _next_pow2(blocks)))
+        return decode_attention_config(b, self.num_kv_heads, self.head_dim, self.max_seq_len, self._sms,
+                                       self.split_min)[0]
 
     def _attn_decode(self, q, L, slots, pos, tb):
         b, hq, hkv, d, g = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
         if self.attention == "triton":
-            ns = self._splits(b)
-            # a few rows in one split: longer blocks, fewer trips (H100, 16 rows: 3.9 vs 5.8 us a layer)
-            block_n = 128 if ns == 1 and d <= 64 and b * hkv < self._sms else (64 if d <= 128 else 32)
+            ns, block_n = decode_attention_config(b, hkv, d, self.max_seq_len, self._sms, self.split_min)
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
             out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
@@ -1126,6 +1118,22 @@ class _Step:
                 self.done = None
             self.host, self.ring = self.host[: self.n].copy(), None
         return self.host[: self.n]
+
+
+def decode_attention_config(b: int, kv_heads: int, head_dim: int, max_seq_len: int, sms: int,
+                            split_min: int = SPLIT_MIN_POSITIONS) -> tuple[int, int]:
+    """(splits, BLOCK_N) of the decode attention for `b` rows. Splits of each sequence's positions:
+    1 (no combine kernel) once the batch's (row, kv head) programs fill every SM or the cache is
+    short (at most `split_min` positions), else enough for about two programs per SM. A few rows in
+    one split read keys in longer blocks (H100, 16 rows: 3.9 vs 5.8 us a layer)."""
+    full = b * kv_heads >= sms
+    if full or max_seq_len <= split_min:
+        ns = 1
+    else:
+        want = _next_pow2(max(1, triton_cdiv(2 * sms, b * kv_heads)))
+        ns = max(2, min(want, _next_pow2(max(1, triton_cdiv(max_seq_len, 64)))))
+    block_n = 128 if ns == 1 and head_dim <= 64 and not full else (64 if head_dim <= 128 else 32)
+    return ns, block_n
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -2,8 +2,9 @@
 
 A seeded random Llama (float32, small) with the Llama-2 tokenizer: jobs of different lengths, more
 than the slots, one token playing an end id, some jobs with `min_tokens` (the end id banned inside
-the decode graph until then). The answers with chained steps must equal the answers
-without chaining and transformers' greedy `generate` on the same GPU. Prints OK or raises.
+the decode graph until then). The answers with chained steps (and prompts prefilled inside decode
+steps) must equal the answers without chaining, without prompts in steps, and transformers' greedy
+`generate` on the same GPU. Prints OK or raises.
     python benchmarks/gpu_chain_check.py [SHARED]
 """
 
@@ -26,8 +27,8 @@ from tritonchat.python_backend.sampling import SamplingParams
 from tritonchat.python_backend.scheduler import Scheduler, Sequence
 
 
-def run(ex, tok, jobs, end):
-    sched = Scheduler(ex)
+def run(ex, tok, jobs, end, mix_prefill=True):
+    sched = Scheduler(ex, mix_prefill=mix_prefill)
     got, done = {}, threading.Event()
 
     def sink_for(i):
@@ -42,9 +43,9 @@ def run(ex, tok, jobs, end):
         sched.submit(Sequence(np.asarray(prompt), SamplingParams(max_tokens=n, min_tokens=m, end_ids=(end,)),
                               TextTracker(tok), sink_for(i)))
     assert done.wait(120)
-    chained = sched.stats.chained
+    stats = sched.stats
     sched.shutdown()
-    return got, chained
+    return got, stats
 
 
 def main():
@@ -71,19 +72,22 @@ def main():
     ref = [generate(prompt, n, m, end) for prompt, n, m in jobs]
     ex = TorchExecutor(model=model, max_slots=4, max_seq_len=512, device=dev, dtype="float32")
     ex.warmup()
-    chained, n_chained = run(ex, tok, jobs, end)
+    chained, st = run(ex, tok, jobs, end)  # chained steps, prompts riding in decode steps
+    unmixed, st2 = run(ex, tok, jobs, end, mix_prefill=False)
     ex.can_chain = False
-    plain, _ = run(ex, tok, jobs, end)
-    assert n_chained > 0
+    plain, _ = run(ex, tok, jobs, end, mix_prefill=False)
+    n_chained = st.chained
+    assert n_chained > 0 and st.mixed_steps > 0 and st2.mixed_steps == 0
     assert len(ref[2]) <= 21 < len(ref[10]), "the end id did not stop job 2, or min_tokens did not hold it off"
     for i, (prompt, n, m) in enumerate(jobs):
         want = ref[i][: ref[i].index(end)] if end in ref[i] else ref[i]
         reason, count, window = chained[i]
-        assert chained[i] == plain[i], (i, chained[i], plain[i])
+        assert chained[i] == plain[i] == unmixed[i], (i, chained[i], plain[i], unmixed[i])
         assert window == want, (i, window, want)  # a non-streamed answer's release holds every id
         assert count == len(want) + (reason == "stop"), (i, count, len(want), reason)
-    print(f"OK: {len(jobs)} jobs, chained steps {n_chained}, {ex.describe()['attention']} attention, "
-          f"graphs {len(ex._graphs)}")
+    print(f"OK: {len(jobs)} jobs, chained steps {n_chained}, steps carrying prompts {st.mixed_steps} "
+          f"({st.prefills} prompts, {st.prefill_calls} prefills of their own), {ex.describe()['attention']} "
+          f"attention, graphs {len(ex._graphs)} + {len(ex._mix_graphs)} carrying prompts")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,22 @@ def decode_step(ex, batch: int, ctx: int) -> float:
     return cuda_median_ms(step_graph(ex, batch, ctx).replay, 50)
 
 
+def mixed_step(ex, batch: int, ctx: int, k: int, plen: int = 128) -> float:
+    """Median ms of one graph replay of a decode step of `batch` rows at context `ctx` that also
+    prefills `k` prompts of `plen` tokens (0: the plain decode step)."""
+    if k == 0:
+        return decode_step(ex, batch, ctx)
+    rng = np.random.default_rng(0)
+    pslots = np.arange(batch, batch + k)
+    with batch_at(ex, batch, ctx) as slots:
+        ex.decode_greedy_begin(slots, np.ones(batch, np.int64),
+                               prompts=(pslots, [rng.integers(3, 30000, plen) for _ in range(k)])).result()
+    for s in pslots:
+        ex.release(int(s))
+    key = ex._prefill_buckets(np.full(k, plen))
+    return cuda_median_ms(ex._mix_graphs[(ex._graph_size(batch), None, key)][0].replay, 50)
+
+
 def kernel_table(ex, batch: int, ctx: int, top: int = 14) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -202,7 +218,8 @@ def closed_loop(ex, tok, streams: int, requests: int, **sched_kw) -> dict:
     s = sched.stats.summary()
     return {"tok/s": loop.tokens / wall, "ttft p50 ms": 1e3 * float(np.median(loop.ttft)),
             "steps": s["steps"], "avg batch": s["avg_batch"], "chained": s["chained"],
-            "prefill calls": s["prefill_calls"], "prompts/prefill": s["prompts_per_prefill"],
+            "prefill calls": s["prefill_calls"], "mixed steps": s["mixed_steps"],
+            "prompts/prefill": s["prompts_per_prefill"],
             "prefill s": s["prefill_s"], "prefill exec s": s["prefill_exec_s"], "launch s": s["launch_s"],
             "decode wait s": s["decode_wait_s"],
             "bookkeeping s": s["bookkeeping_s"], "idle s": s["idle_s"], "queue ms": s["queue_ms_mean"],
@@ -222,6 +239,12 @@ def main() -> None:
     ex.warmup()
     for b in (1, 16, 64, 128):
         print(f"decode graph replay, batch {b:3d}, context 192: {decode_step(ex, b, 192):.3f} ms", flush=True)
+    for b in (16, 64):
+        plain = mixed_step(ex, b, 192, 0)
+        for k in (1, 2, 4):
+            ms = mixed_step(ex, b, 192, k)
+            print(f"decode step, batch {b:3d}, carrying {k} prompt(s) of 128: {ms:.3f} ms "
+                  f"(+{ms - plain:.3f} over the plain step, {(ms - plain) / k:.3f} a prompt)", flush=True)
     if not args.skip_kernels:
         kernel_table(ex, 64, 192)
     sync_report(ex, 64)
@@ -239,8 +262,9 @@ def main() -> None:
         return
     variants = {
         "default (rate 800/s)": dict(stream_rate=800.0),
-        "prefill_wait 5 ms": dict(stream_rate=800.0, prefill_wait=0.005),
-        "no streaming responses": dict(stream_interval=10.0),
+        "prompts in own prefills": dict(stream_rate=800.0, mix_prefill=False),
+        "default, 2nd round": dict(stream_rate=800.0),
+        "own prefills, 2nd round": dict(stream_rate=800.0, mix_prefill=False),
     }
     rows = []
     for name, kw in variants.items():

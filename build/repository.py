@@ -35,7 +35,7 @@ def template_values(settings: dict, *, max_seq_len: int, executor: str, model_fi
     }
     for model, opts in m.items():
         for key, value in opts.items():
-            values[f"{model}_{key}"] = value
+            values[f"{model}_{key}"] = str(value).lower() if isinstance(value, bool) else value
     return values
 
 

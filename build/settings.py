@@ -16,7 +16,7 @@
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
-                       prefill_wait_ms: 0}
+                       prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -26,6 +26,8 @@
                       # prefill_token_budget: prompt tokens prefilled together between decode steps
                       # prefill_wait_ms: while others decode, a request may wait this long for more
                       #   requests to share its prefill (0: admitted at the next step; see docs/benchmarks-gpu.md)
+                      # mix_prefill: torch engine: greedy requests that arrive while others decode are
+                      #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
 """
 
@@ -51,7 +53,7 @@ DEFAULTS: dict = {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
-                      "prefill_wait_ms": 0},
+                      "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
     },
 }
@@ -114,6 +116,10 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
                             f"(0: no limit), got {g['stream_responses_per_s']!r}")
     if not _number(g["prefill_wait_ms"], 0):
         raise SettingsError(f"models.generator.prefill_wait_ms must be a number >= 0, got {g['prefill_wait_ms']!r}")
+    if not isinstance(g["mix_prefill"], bool):
+        raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
+    if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):
+        raise SettingsError(f"models.generator.mix_tokens must be a whole number >= 0, got {g['mix_tokens']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     if s["engine"] == "tensorrt":

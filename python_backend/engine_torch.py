@@ -34,6 +34,7 @@ Other architectures (gpt2, ...): a slow fallback runs the transformers model its
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -56,6 +57,7 @@ _IN_ROWS = 4 + BAN_IDS
 _RING = 4  # decode steps whose ids can be in flight at once
 PREFILL_TOKEN_STEP = 256  # prefill graph buckets: tokens in multiples of this above it
 PREFILL_BLOCK = 64  # queries per program of the varlen prefill attention
+MIX_PROMPTS = 8  # prompts a decode step can carry (`decode_greedy_begin(prompts=...)`)
 # decode attention splits no sequence while the cache holds at most this many positions: a split
 # costs a combine kernel and idle programs, ~2 us a layer at 1-16 rows (H100, benchmarks/gpu_attn.py)
 SPLIT_MIN_POSITIONS = 512
@@ -390,7 +392,7 @@ class TorchExecutor(Executor):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 **_unused):
+                 mix_tokens: int = 1024, **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -400,7 +402,9 @@ class TorchExecutor(Executor):
         tokens as CUDA graphs, one per bucket (`_prefill_buckets`; with the Triton attention all
         captured by `warmup()`). A prefill is launch-bound (~330 kernel launches from Python):
         H200, 1 / 4 / 16 prompts of 128 tokens 7.1 / 6.9 / 8.8 ms eager, 1.9 / 2.8 / 8.2 ms as graphs
-        (benchmarks/gpu_prefill.py, which also checks both agree in float32)."""
+        (benchmarks/gpu_prefill.py, which also checks both agree in float32).
+        `mix_tokens`: prompt tokens (of at most MIX_PROMPTS prompts) that one decode step can carry
+        (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchExecutor(device='cuda') but torch sees no CUDA device")
@@ -434,6 +438,9 @@ class TorchExecutor(Executor):
         self.path = "native"
         self._hf = None
         self.can_chain = True  # decode_greedy_begin(chain=...) launches without waiting
+        self.mix_tokens = max(0, int(mix_tokens))
+        self.mix_prompts = MIX_PROMPTS
+        self.can_mix = self.mix_tokens > 0  # decode_greedy_begin(prompts=...): prompts ride in a step
 
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, not {kernels!r}")
@@ -465,18 +472,27 @@ class TorchExecutor(Executor):
         self._prefill_pool = None
         self._pool = None
         # graphs captured so far and the time it took (a capture on first use stalls every stream)
-        self.captures = {"decode": 0, "decode_s": 0.0, "prefill": 0, "prefill_s": 0.0}
+        self.captures = {"decode": 0, "decode_s": 0.0, "prefill": 0, "prefill_s": 0.0, "mixed": 0, "mixed_s": 0.0}
         # a decode step's int64 inputs, one row each: tokens, slots, positions, "take the token from
         # the previous step" flags, then BAN_IDS rows of banned ids (-1: none); see `_step_body`
-        top = max(sizes[-1], self.max_slots)
-        self._last_ids = torch.zeros(top, dtype=torch.int64, device=self.device)  # previous step's argmax
+        top = sizes[-1] + MIX_PROMPTS
+        # the last greedy id of each slot (the dummy slot last), written by every greedy step: a
+        # chained step reads its rows' tokens from here, whatever rows the previous step had
+        self._last_ids = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self._last_step = None
+        self._mix_graphs: dict = {}  # (batch, length bucket, prompt key) -> (graph, (logits, ids)) or None
         if self.cuda_graphs:
             self._in = torch.zeros((_IN_ROWS, sizes[-1]), dtype=torch.int64, device=self.device)
             # two pinned staging buffers, used in turn: with a step in flight, the copy of the
             # previous one may not have run yet when the next step's inputs are written
             self._in_host = [torch.zeros((_IN_ROWS, sizes[-1]), dtype=torch.int64).pin_memory() for _ in range(2)]
             self._turn = 0
+            # the same for steps that carry prompts: step rows, then the prompts' layout, flat
+            m = (_IN_ROWS * top + self._layout_size(self._prefill_buckets(np.array([self.mix_tokens]))[0], mixed=True)
+                 if self.can_mix else 1)
+            self._mix_in = torch.zeros(m, dtype=torch.int64, device=self.device)
+            self._mix_host = [torch.zeros(m, dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._mix_turn = 0
             # pinned buffers and events for the steps' ids, used in turn (see `_Step`)
             self._ids_host = [torch.zeros(top, dtype=torch.int64).pin_memory() for _ in range(_RING)]
             self._ids_owner: list = [None] * _RING
@@ -618,11 +634,11 @@ class TorchExecutor(Executor):
         out = out.transpose(1, 2).reshape(b * width, hq * d)
         return out[valid]
 
-    def _attn_prefill_varlen(self, q, L, table, nb: int):
-        """Causal attention of packed prompts, one Triton program per (query block, q head) from
-        `table` (see `_prefill_layout`); rows of padding tokens stay zero."""
+    def _attn_prefill_varlen(self, q, L, table, nb: int, out):
+        """Causal attention of packed prompts into `out`, one Triton program per (query block, q
+        head) from `table` (see `_prefill_layout`); rows of padding tokens are zeroed."""
         n, hq, d = q.shape
-        out = torch.zeros((n, hq * d), device=q.device, dtype=q.dtype)
+        out.zero_()
         kc = L.kc
         self._tk.prefill_attn[(nb, hq)](
             q, kc, L.vc, table, out, q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
@@ -634,13 +650,14 @@ class TorchExecutor(Executor):
         return decode_attention_config(b, self.num_kv_heads, self.head_dim, self.max_seq_len, self._sms,
                                        self.split_min)[0]
 
-    def _attn_decode(self, q, L, slots, pos, tb):
+    def _attn_decode(self, q, L, slots, pos, tb, out=None):
         b, hq, hkv, d, g = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
         if self.attention == "triton":
             ns, block_n = decode_attention_config(b, hkv, d, self.max_seq_len, self._sms, self.split_min)
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
-            out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
+            if out is None:
+                out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
             if ns > 1:  # partial results for the combine kernel
                 acc = torch.empty((b, hq, ns, dp), device=q.device, dtype=torch.float32)
                 mx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
@@ -659,8 +676,8 @@ class TorchExecutor(Executor):
         k = L.kc[:, :, :tb].index_select(0, slots)  # [b, Hkv, tb, D]
         v = L.vc[:, :, :tb].index_select(0, slots)
         mask = (self._arange[:tb][None, :] <= pos[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask, scale=self.scale)
-        return out.reshape(b, hq * d)
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask, scale=self.scale)
+        return o.reshape(b, hq * d) if out is None else out.copy_(o.reshape(b, hq * d))
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, tok, slots, pos, attn, last=None):
@@ -680,22 +697,50 @@ class TorchExecutor(Executor):
 
     def _decode_body(self, tok, slots, pos, tb):
         h = self._forward(tok, slots, pos, lambda q, L: self._attn_decode(q, L, slots, pos, tb))
-        return F.linear(h, self.lm_head).float()
+        return F.linear(h, self.lm_head)
 
-    def _step_body(self, inp: torch.Tensor, tb):
+    def _mixed_body(self, tok, slots, pos, tb, buf, key) -> torch.Tensor:
+        """Logits [decode rows + prompt capacity, vocab] of a decode step that carries prompts:
+        the decode rows (`tok`, `slots`, `pos`) and the prompts' packed tokens (`buf`, `key`: see
+        `_prefill_layout`, mixed) go through the projections and the MLP as one batch (at decode
+        batch sizes the products read the weights once for both); attention is the decode kernel
+        for the decode rows and the prompts' causal attention for theirs. The head sees every
+        decode row and each prompt's last row."""
+        b = tok.shape[0]
+        ptok, pslot, ppos, plast, pattn = self._prompt_inputs(buf, key, mixed=True)
+        hq, d = self.num_heads, self.head_dim
+
+        def attn(q, L):
+            out = torch.empty((q.shape[0], hq * d), device=q.device, dtype=q.dtype)
+            if b:
+                self._attn_decode(q[:b], L, slots, pos, tb, out[:b])
+            pattn(q[b:], L, out[b:])
+            return out
+        last = torch.cat([self._arange[:b], plast + b])
+        h = self._forward(torch.cat([tok, ptok]), torch.cat([slots, pslot]), torch.cat([pos, ppos]), attn, last=last)
+        return F.linear(h, self.lm_head)
+
+    def _step_body(self, inp: torch.Tensor, tb, mix=None):
         """One decode step from its input rows `inp` [_IN_ROWS, b] (see `_step_inputs`): logits
-        [b, vocab] (float32; banned cells -inf) and their argmax [b], which also goes to
-        `_last_ids` for a chained step. Everything a greedy step needs happens here, so a graph
-        replay plus two copies is the whole step on the host: each extra op was a GIL release that
-        the other threads of the server process could hold on to."""
-        b = inp.shape[1]
-        tok = torch.where(inp[3] > 0, self._last_ids[:b], inp[0])
-        logits = self._decode_body(tok, inp[1], inp[2], tb)
-        ban = inp[4:].t()  # [b, BAN_IDS]; -1: nothing (its cap is +inf, which `amin` ignores)
+        [b, vocab] (the model's dtype: the argmax of bf16 logits is that of their exact float32
+        copy, which the old extra kernel made; banned cells -inf) and their argmax [b], which also goes to
+        `_last_ids` (per slot) for a chained step. Everything a greedy step needs happens here, so
+        a graph replay plus two copies is the whole step on the host: each extra op was a GIL
+        release that the other threads of the server process could hold on to. `mix` = (prompt
+        layout, key): the step also runs prompts (`_mixed_body`); then the last MIX_PROMPTS columns
+        of `inp` stand for the prompts (their slots and bans; padding: the dummy slot)."""
+        b = inp.shape[1] - (0 if mix is None else self._mix_cols(mix[1]))
+        slots = inp[1]
+        tok = torch.where(inp[3, :b] > 0, self._last_ids[slots[:b]], inp[0, :b])
+        if mix is None:
+            logits = self._decode_body(tok, slots, inp[2], tb)
+        else:
+            logits = self._mixed_body(tok, slots[:b], inp[2, :b], tb, *mix)
+        ban = inp[4:].t()  # [rows, BAN_IDS]; -1: nothing (its cap is +inf, which `amin` ignores)
         cap = torch.where(ban >= 0, float("-inf"), float("inf")).to(logits.dtype)
         logits.scatter_reduce_(1, ban.clamp(min=0), cap, reduce="amin", include_self=True)
         ids = logits.argmax(dim=-1)
-        self._last_ids[:b].copy_(ids)
+        self._last_ids.index_copy_(0, slots, ids)  # padding rows all write the dummy slot's
         return logits, ids
 
     # -- CUDA graphs -------------------------------------------------------------------------
@@ -747,6 +792,34 @@ class TorchExecutor(Executor):
         self.captures["decode"] += 1
         self.captures["decode_s"] += time.perf_counter() - t0
 
+    def _capture_mixed(self, b: int, tb, key):
+        """Capture the decode step of padded batch `b` carrying prompts of bucket `key` (varlen)."""
+        t0 = time.perf_counter()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        saved = self._last_ids.clone()
+        cols = b + self._mix_cols(key)
+        layout = torch.from_numpy(self._safe_layout(key, mixed=True)).to(self.device)
+        m = _IN_ROWS * cols + len(layout)
+        inp = self._mix_in[:_IN_ROWS * cols].view(_IN_ROWS, cols)
+        inp.zero_()
+        inp[1].fill_(self.dummy_slot)
+        inp[4:].fill_(-1)
+        self._mix_in[_IN_ROWS * cols:m].copy_(layout)
+        buf = self._mix_in[_IN_ROWS * cols:m]
+        self._mix_graphs[(b, tb, key)] = self._record(lambda: self._step_body(inp, tb, (buf, key)), self._pool)
+        self._last_ids.copy_(saved)
+        self.captures["mixed"] += 1
+        self.captures["mixed_s"] += time.perf_counter() - t0
+
+    def _mix_keys(self):
+        """The prompt buckets a decode step can carry (tokens up to `mix_tokens`)."""
+        n, keys = 1, []
+        while n <= self.mix_tokens:
+            keys.append(self._prefill_buckets(np.array([n])))
+            n = keys[-1][0] + 1
+        return keys
+
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
         bucket), run one small batched prefill (kernel selection, allocator pools) and capture
@@ -768,6 +841,11 @@ class TorchExecutor(Executor):
             for key in self._warmup_prefill_keys() if self.prefill_graphs else ():
                 if key not in self._prefill_graphs:
                     self._capture_prefill(key)
+            if self.can_mix and self.attention == "triton":  # steps carrying prompts, every bucket
+                for b in self.graph_batch_sizes:
+                    for key in self._mix_keys():
+                        if (b, None, key) not in self._mix_graphs:
+                            self._capture_mixed(b, None, key)
         torch.cuda.synchronize(self.device)
 
     def _warmup_prefill_keys(self):
@@ -788,7 +866,7 @@ class TorchExecutor(Executor):
     # -- Executor API ------------------------------------------------------------------------
     def _to_host(self, out: torch.Tensor, n: int) -> np.ndarray:
         if out.device.type == "cpu":
-            return out[:n].numpy()
+            return out[:n].float().numpy()
         host = torch.empty((n, out.shape[1]), dtype=torch.float32, pin_memory=True)
         host.copy_(out[:n], non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
@@ -844,13 +922,23 @@ class TorchExecutor(Executor):
         w = min(self.max_seq_len, max(16, _next_pow2(int(lens.max()))))
         return t, b, w
 
-    def _varlen_dims(self, t: int) -> tuple[int, int]:
+    def _varlen_dims(self, t: int, mixed: bool = False) -> tuple[int, int]:
         """(prompts, query blocks) a varlen prefill of `t` tokens has room for: at most one prompt
-        per token and per slot; each prompt's blocks of PREFILL_BLOCK queries."""
-        pb = min(t, self.max_slots)
+        per token and per slot (MIX_PROMPTS in a decode step); each prompt's blocks of PREFILL_BLOCK
+        queries."""
+        pb = min(t, self.max_slots, MIX_PROMPTS if mixed else t)
         return pb, triton_cdiv(t, PREFILL_BLOCK) + pb
 
-    def _prefill_layout(self, slots, ids, lens, key) -> np.ndarray:
+    def _mix_cols(self, key) -> int:
+        """Prompt columns of a decode step carrying prompts of bucket `key`."""
+        return self._varlen_dims(key[0], True)[0] if len(key) == 1 else key[1]
+
+    def _layout_size(self, t: int, mixed: bool = False) -> int:
+        """Length of a varlen prefill layout of bucket (t,) (see `_prefill_layout`)."""
+        pb, nb = self._varlen_dims(t, mixed)
+        return 3 * t + pb + 4 * nb
+
+    def _prefill_layout(self, slots, ids, lens, key, mixed: bool = False) -> np.ndarray:
         """A prefill's int64 inputs for `key`, in one vector: tokens, slot of each token, positions
         [t each]; then for (tokens t,) (varlen): last row of each prompt [prompts], one
         (first row, slot, first position, queries) row per query block [blocks x 4]; for (tokens t,
@@ -868,7 +956,7 @@ class TorchExecutor(Executor):
         pos = np.zeros(t, np.int64)
         pos[:n] = np.concatenate([np.arange(m) for m in lens])
         if len(key) == 1:
-            pb, nb = self._varlen_dims(t)
+            pb, nb = self._varlen_dims(t, mixed)
             last = np.zeros(pb, np.int64)
             last[:k] = starts + lens - 1
             table = np.zeros((nb, 4), np.int64)
@@ -895,32 +983,42 @@ class TorchExecutor(Executor):
         slot_t[:k] = slots
         return np.concatenate([tok, slot_of, pos, rows.reshape(-1), cells, last, slot_t])
 
-    def _safe_layout(self, key) -> np.ndarray:
+    def _safe_layout(self, key, mixed: bool = False) -> np.ndarray:
         """Inputs of `key` that touch nothing but the dummy slot: what a graph is captured with."""
         t = key[0]
         head = [np.zeros(t, np.int64), np.full(t, self.dummy_slot, np.int64), np.zeros(t, np.int64)]
         if len(key) == 1:
-            pb, nb = self._varlen_dims(t)
+            pb, nb = self._varlen_dims(t, mixed)
             table = np.zeros((nb, 4), np.int64)
             table[:, 1] = self.dummy_slot
             return np.concatenate(head + [np.zeros(pb, np.int64), table.reshape(-1)])
         _, b, w = key
         return np.concatenate(head + [np.zeros(b * w + t + b, np.int64), np.full(b, self.dummy_slot, np.int64)])
 
-    def _prefill_body(self, buf: torch.Tensor, key) -> torch.Tensor:
-        """Logits [prompts, vocab] of the prefill whose inputs are `buf` (see `_prefill_layout`):
-        projections and MLP over the packed tokens; attention per prompt, varlen (Triton) or on
-        the right-padded batch (SDPA)."""
+    def _prompt_inputs(self, buf: torch.Tensor, key, mixed: bool = False):
+        """(tokens, slot of each token, positions, last row of each prompt, attention(q, L, out))
+        of the prompts whose inputs are `buf` (see `_prefill_layout`): attention per prompt, varlen
+        (Triton) or on the right-padded batch (SDPA), into `out` [tokens, heads x head_dim]."""
         t = key[0]
         if len(key) == 1:
-            pb, nb = self._varlen_dims(t)
+            pb, nb = self._varlen_dims(t, mixed)
             tok, slot_of, pos, last, table = torch.split(buf, [t, t, t, pb, 4 * nb])
-            attn = lambda q, L: self._attn_prefill_varlen(q, L, table, nb)  # noqa: E731
+            attn = lambda q, L, out: self._attn_prefill_varlen(q, L, table, nb, out)  # noqa: E731
         else:
             _, b, w = key
             tok, slot_of, pos, rows, cells, last, slot_t = torch.split(buf, [t, t, t, b * w, t, b, b])
             pack = (slot_t, rows.view(b, w), cells, w)
-            attn = lambda q, L: self._attn_prefill(q, L, pack)  # noqa: E731
+            attn = lambda q, L, out: out.copy_(self._attn_prefill(q, L, pack))  # noqa: E731
+        return tok, slot_of, pos, last, attn
+
+    def _prefill_body(self, buf: torch.Tensor, key) -> torch.Tensor:
+        """Logits [prompts, vocab] of the prefill whose inputs are `buf` (see `_prefill_layout`):
+        projections and MLP over the packed tokens, attention per prompt."""
+        tok, slot_of, pos, last, pattn = self._prompt_inputs(buf, key)
+
+        def attn(q, L):
+            out = torch.empty((q.shape[0], q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
+            return pattn(q, L, out)
         h = self._forward(tok, slot_of, pos, attn, last=last)
         return F.linear(h, self.lm_head).float()
 
@@ -956,33 +1054,61 @@ class TorchExecutor(Executor):
             torch.cuda.synchronize(self.device)
             return None
 
-    def _step_inputs(self, a: np.ndarray, n: int, slots, tokens, pos, chained: bool, ban) -> None:
+    def _step_inputs(self, a: np.ndarray, n: int, slots, tokens, pos, chained: bool, ban, cols=None,
+                     pslots=()) -> None:
         """Write a step's input rows into `a` [_IN_ROWS, >= n]; columns past n are padding rows
-        (token 0 at position 0 of the dummy slot, nothing banned)."""
+        (token 0 at position 0 of the dummy slot, nothing banned). A step carrying prompts has its
+        decode rows in columns [0, cols) and the prompts' from `cols` (their slots; padding: the
+        dummy slot); ban rows past n are prompts."""
         a[0, :n] = 0 if tokens is None else tokens
         a[1, :n], a[2, :n], a[3, :n] = slots, pos, int(chained)
         a[0, n:], a[1, n:], a[2, n:], a[3, n:] = 0, self.dummy_slot, 0, 0
+        if cols is not None:
+            a[1, cols:cols + len(pslots)] = pslots
         a[4:] = -1
         if ban is not None:
             ids = np.asarray(ban.ids, dtype=np.int64).reshape(-1)
-            a[4:4 + len(ids), np.asarray(ban.rows, dtype=np.int64)] = ids[:, None]
+            a[4:4 + len(ids), self._ban_cols(ban, n, cols)] = ids[:, None]
 
-    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, chained: bool = False, ban=None):
-        """Run one decode step on the device; return its device (logits, greedy ids) (rows beyond
-        len(slots) are padding). `chained`: the step's tokens are the previous step's ids, still
-        on the device, instead of `tokens`. `ban`: ids masked out of some rows before the argmax."""
+    @staticmethod
+    def _ban_cols(ban, n: int, cols) -> np.ndarray:
+        rows = np.asarray(ban.rows, dtype=np.int64)
+        return rows if cols is None else np.where(rows < n, rows, rows - n + cols)
+
+    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, chained: bool = False, ban=None, prompts=None):
+        """Run one decode step on the device; return its device (logits, greedy ids, decode
+        columns): rows [n, columns) are padding, and a step carrying `prompts` ((slots, token ids,
+        lengths)) has their first tokens' rows from `columns` on. `chained`: the decode rows'
+        tokens are the last ids of their slots, still on the device, instead of `tokens`. `ban`:
+        ids masked out of some rows before the argmax."""
         n = len(slots)
-        tb = self._len_bucket(int(pos.max()) + 1)
+        tb = self._len_bucket(int(pos.max()) + 1 if n else 1)
         b = self._graph_size(n) if self.cuda_graphs else None
         late = ban is not None and len(ban.ids) > BAN_IDS  # too many for the graph: banned after it
         inside = None if late else ban
+        mix = key = None
+        if prompts is not None:
+            pslots, pids, lens = prompts
+            key = self._prefill_buckets(lens) if b is not None else (
+                (int(lens.sum()),) if self.attention == "triton" else (int(lens.sum()), len(lens), int(lens.max())))
+            if b is not None and self.attention != "triton":
+                b = None  # padded prompts: eager (the key has too many shapes to capture up front)
         if b is None:
-            a = np.empty((_IN_ROWS, n), dtype=np.int64)
-            self._step_inputs(a, n, slots, tokens, pos, chained, inside)
+            b = n
+            k = 0 if key is None else self._mix_cols(key)
+            a = np.empty((_IN_ROWS, n + k), dtype=np.int64)
+            if key is None:
+                self._step_inputs(a, n, slots, tokens, pos, chained, inside)
+            else:
+                self._step_inputs(a, n, slots, tokens, pos, chained, inside, n, pslots)
+                layout = self._prefill_layout(pslots, pids, lens, key, mixed=True)
+                mix = (torch.from_numpy(layout).to(self.device), key)
             if tb is not None:
-                tb = int(pos.max()) + 1  # eager: the exact length, no bucket
-            logits, ids = self._step_body(torch.from_numpy(a).to(self.device, non_blocking=True), tb)
-        else:
+                tb = int(pos.max()) + 1 if n else 1  # eager: the exact length, no bucket
+            inp = torch.from_numpy(a).to(self.device, non_blocking=True)
+            logits, ids = self._step_body(inp, tb, mix)
+            dev_slots = inp[1]
+        elif key is None:
             if (b, tb) not in self._graphs:
                 self._capture(b, tb)
             host = self._in_host[self._turn]
@@ -991,10 +1117,29 @@ class TorchExecutor(Executor):
             self._in.copy_(host, non_blocking=True)
             graph, (logits, ids) = self._graphs[(b, tb)]
             graph.replay()
+            dev_slots = self._in[1, :b]
+        else:
+            gkey = (b, tb, key)
+            if gkey not in self._mix_graphs:
+                self._capture_mixed(*gkey)
+            cols = b + self._mix_cols(key)
+            host = self._mix_host[self._mix_turn]
+            self._mix_turn ^= 1
+            flat = host.numpy()
+            self._step_inputs(flat[:_IN_ROWS * cols].reshape(_IN_ROWS, cols), n, slots, tokens, pos, chained,
+                              inside, b, pslots)
+            layout = self._prefill_layout(pslots, pids, lens, key, mixed=True)
+            m = _IN_ROWS * cols + len(layout)
+            flat[_IN_ROWS * cols:m] = layout
+            self._mix_in[:m].copy_(host[:m], non_blocking=True)
+            graph, (logits, ids) = self._mix_graphs[gkey]
+            graph.replay()
+            dev_slots = self._mix_in[cols:2 * cols]
         if late:
-            ids = self._argmax_banned(logits, ban)
-            self._last_ids[: len(ids)].copy_(ids)
-        return logits, ids
+            cols = None if key is None else b
+            ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self._ban_cols(ban, n, cols)))
+            self._last_ids.index_copy_(0, dev_slots, ids)
+        return logits, ids, b
 
     def _argmax_banned(self, logits: torch.Tensor, ban) -> torch.Tensor:
         """Argmax of `logits` (scratch: changed in place) with `ban` applied by indexing, outside any
@@ -1023,42 +1168,89 @@ class TorchExecutor(Executor):
             raise ValueError("a sequence reached the end of its KV cache")
         return pos
 
-    def decode_greedy_begin(self, slots, tokens=None, ban=None, chain: "_Step | None" = None) -> "_Step":
+    def decode_greedy_begin(self, slots, tokens=None, ban=None, chain: "_Step | None" = None,
+                            prompts=None) -> "_Step":
         """Launch a greedy step and return at once; `.result()` waits for this step only.
 
-        `chain`: a step in flight over the same `slots`: its argmax, still on the device, is this
-        step's input (`tokens` None), so the host can do the previous step's bookkeeping while this
-        one runs. A slot released meanwhile just gets one stray KV column past its end, which the next
-        sequence in that slot overwrites before reading."""
+        `chain`: a step in flight that wrote every row's slot (a decode row or a prompt of it):
+        the last ids of those slots, still on the device, are this step's input (`tokens` None), so
+        the host can do the previous step's bookkeeping while this one runs. The rows may differ
+        from `chain`'s (sequences that ended are left out, prompts it carried come in). A slot
+        released meanwhile just gets one stray KV column past its end, which the next sequence in
+        that slot overwrites before reading.
+
+        `prompts`: (slots, token id arrays) of new sequences (at most MIX_PROMPTS, `mix_tokens`
+        tokens in all) prefilled inside this step, whose products they share; their first greedy
+        ids follow the decode rows' in `.result()`, and `ban` rows past len(slots) are theirs."""
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         if tokens is not None:
             tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         pos = self._check(slots, tokens)
         n = len(slots)
-        if n == 0:
+        mix = None
+        if prompts is not None and len(prompts[0]):
+            mix = self._check_prompts(slots, *prompts)
+        k = 0 if mix is None else len(mix[0])
+        if n + k == 0:
             return _Step(np.zeros(0, dtype=np.int64), None, 0)
-        if chain is not None and (self._hf is not None or chain is not self._last_step):
-            tokens, chain = chain.result(), None  # not the step just launched: its ids from the host
+        if chain is not None:
+            if tokens is not None:
+                raise ValueError("a chained step takes its tokens from `chain`, not `tokens`")
+            missing = set(slots.tolist()) - set(chain.slots.tolist())
+            if missing:
+                raise ValueError(f"chained rows whose slots the previous step did not write: {sorted(missing)}")
+            if self._hf is not None or chain is not self._last_step:  # not the step just launched
+                last = dict(zip(chain.slots.tolist(), chain.result().tolist()))
+                tokens, chain = np.array([last[s] for s in slots.tolist()], dtype=np.int64), None
+        if tokens is None and chain is None and n:
+            raise ValueError("decode_greedy_begin needs tokens or chain")
+        all_slots = slots if mix is None else np.concatenate([slots, mix[0]])
         with torch.no_grad():
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(np.asarray(tokens)).to(self.device))
                 ids = self._argmax_banned(out, ban).cpu()
-                step = _Step(ids.numpy(), None, n)
+                step = _Step(ids.numpy(), None, n, slots=slots)
             else:
-                _, ids = self._launch(slots, tokens, pos, chain is not None, ban)
+                _, ids, cols = self._launch(slots, tokens, pos, chain is not None, ban, mix)
                 if ids.device.type == "cpu":
-                    step = _Step(ids[:n].numpy(), None, n)
+                    host = ids[:n] if mix is None else torch.cat([ids[:n], ids[cols:cols + k]])
+                    step = _Step(host.numpy(), None, n + k, slots=all_slots)
                 else:  # the ids come back through one of _RING pinned buffers, taken in turn
-                    k = self._ring
-                    self._ring = (k + 1) % _RING
-                    host = self._ids_host[k]
+                    r = self._ring
+                    self._ring = (r + 1) % _RING
+                    host = self._ids_host[r]
                     host[:n].copy_(ids[:n], non_blocking=True)
-                    self._events[k].record(torch.cuda.current_stream(self.device))
-                    step = _Step(host.numpy(), self._events[k], n, (self._ids_owner, k))
-                    self._ids_owner[k] = step
+                    if k:
+                        host[n:n + k].copy_(ids[cols:cols + k], non_blocking=True)
+                    self._events[r].record(torch.cuda.current_stream(self.device))
+                    step = _Step(host.numpy(), self._events[r], n + k, (self._ids_owner, r), all_slots)
+                    self._ids_owner[r] = step
         self._last_step = step
         self._lengths[slots] = pos + 1
+        if mix is not None:
+            self._lengths[mix[0]] = mix[2]
         return step
+
+    def _check_prompts(self, slots, pslots, prompts):
+        """(slots, id arrays, lengths) of prompts a step may carry, or ValueError."""
+        pslots = np.asarray(pslots, dtype=np.int64).reshape(-1)
+        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        if not self.can_mix:
+            raise ValueError("this executor cannot run prompts inside a decode step")
+        if len(ids) != len(pslots) or len(ids) > MIX_PROMPTS:
+            raise ValueError(f"a step carries one slot per prompt, at most {MIX_PROMPTS} prompts")
+        if len(set(pslots.tolist()) | set(slots.tolist())) != len(pslots) + len(slots):
+            raise ValueError("prompt slots must be distinct and not among the decode rows")
+        if pslots.min() < 0 or pslots.max() >= self.max_slots:
+            raise ValueError(f"slot out of range [0, {self.max_slots})")
+        lens = np.array([len(p) for p in ids])
+        if lens.min() == 0:
+            raise ValueError("empty prompt")
+        if lens.max() + 1 > self.max_seq_len:
+            raise ValueError(f"prompt of {lens.max()} tokens does not fit the context of {self.max_seq_len}")
+        if lens.sum() > self.mix_tokens:
+            raise ValueError(f"prompts of {lens.sum()} tokens: a step carries at most {self.mix_tokens}")
+        return pslots, ids, lens
 
     def _decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
@@ -1071,7 +1263,7 @@ class TorchExecutor(Executor):
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
-                out, _ = self._launch(slots, tokens, pos)
+                out, _, _ = self._launch(slots, tokens, pos)
             self._last_step = None
             result = self._to_host(out, n)
         self._lengths[slots] = pos + 1
@@ -1099,14 +1291,16 @@ class TorchExecutor(Executor):
 
 
 class _Step:
-    """A greedy decode step in flight: its ids land in `host` once `done` has passed. `ring`:
+    """A greedy decode step in flight: its ids (one per slot of `slots`) land in `host` once `done`
+    has passed. `ring`:
     (owners, k) when `host` is the k-th of the executor's pinned buffers taken in turn: reading it
     after _RING later steps reused it is an error, not a wrong answer."""
 
-    __slots__ = ("host", "done", "n", "ring")
+    __slots__ = ("host", "done", "n", "ring", "slots")
 
-    def __init__(self, host, done, n, ring=None):
+    def __init__(self, host, done, n, ring=None, slots=None):
         self.host, self.done, self.n, self.ring = host, done, n, ring
+        self.slots = np.zeros(0, np.int64) if slots is None else slots  # the slot of each id
 
     def result(self) -> np.ndarray:
         if self.ring is not None:

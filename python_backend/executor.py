@@ -59,10 +59,19 @@ class Executor(abc.ABC):
     #: True where `decode_greedy_begin(..., chain=step)` launches without waiting for `step`
     can_chain = False
 
-    def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None):
+    #: True where `decode_greedy_begin(..., prompts=...)` prefills new sequences inside a decode
+    #: step (at most `mix_prompts` prompts and `mix_tokens` prompt tokens a step)
+    can_mix = False
+    mix_tokens = 0
+    mix_prompts = 0
+
+    def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None, prompts=None):
         """Start a greedy step; `.result()` gives its tokens. Here it runs at once; executors on a
         device return while it runs, and with `chain` (the previous step, same slots) take its
-        tokens on the device (see `engine_torch.TorchExecutor.decode_greedy_begin`)."""
+        tokens on the device, and with `prompts` also prefill new sequences in the same forward
+        (see `engine_torch.TorchExecutor.decode_greedy_begin`)."""
+        if prompts is not None and len(prompts[0]):
+            raise ValueError(f"{type(self).__name__} cannot run prompts inside a decode step")
         if chain is not None:
             tokens = chain.result()
         return _Done(self.decode_greedy(slots, tokens, ban))

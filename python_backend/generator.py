@@ -52,6 +52,7 @@ class TritonPythonModel:
                                    prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
+                                   mix_prefill=_flag(params.get("mix_prefill", "true")),
                                    metrics=GeneratorMetrics(self.model_name))
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
                                  f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
@@ -152,7 +153,9 @@ def _executor_options(params: dict) -> dict:
     opts = {k: params[k] for k in ("kernels", "attention") if params.get(k)}
     for flag in ("cuda_graphs", "prefill_graphs"):
         if params.get(flag):
-            opts[flag] = params[flag].strip().lower() in ("1", "true", "yes", "on")
+            opts[flag] = _flag(params[flag])
+    if params.get("mix_tokens"):
+        opts["mix_tokens"] = int(params["mix_tokens"])
     return opts
 
 
@@ -187,3 +190,7 @@ def _end_ids(version_dir, tokenizer) -> tuple[int, ...]:
         if eos_tok and tokenizer.token_to_id(eos_tok) is not None:
             ids.add(tokenizer.token_to_id(eos_tok))
     return tuple(sorted(int(i) for i in ids))
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")

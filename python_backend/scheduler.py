@@ -181,20 +181,27 @@ class Courier:
                 next_poll = now + self.poll_interval
 
 
+def _ban_key(rows: list[Sequence], ban) -> tuple | None:
+    """The end ids `ban` masks (the rows' common key), None without a ban."""
+    return None if not ban else rows[int(ban.rows[0])].sampler.end_key
+
+
 def _mergeable(prev: Output, out: Output) -> bool:
     """Can `out` join the unsent `prev` of the same sequence as one response? (Text deltas: yes;
     an error, or an output without text, stays on its own.)"""
     return not (prev.final or prev.error or out.error or prev.release is None or out.release is None)
 
 
-def _greedy_ban(samplers: list[Sampler], ahead: int = 0):
+def _greedy_ban(samplers: list[Sampler], ahead=0):
     """For an all-greedy batch: None (plain argmax) or the `Ban` of end ids for rows still under
-    their `min_tokens` (`ahead` steps from now); False when some row needs the logits on the host."""
+    their `min_tokens` (`ahead` steps from now: one number, or one per row); False when some row
+    needs the logits on the host."""
     rows, key, ids = [], None, None
     for i, s in enumerate(samplers):
         if not s.argmax_only:
             return False
-        if s.generated + ahead < s.p.min_tokens and s.end_key:
+        a = ahead if isinstance(ahead, int) else ahead[i]
+        if s.generated + a < s.p.min_tokens and s.end_key:
             if key is None:
                 key, ids = s.end_key, s.end_ids
             elif s.end_key != key:
@@ -213,6 +220,7 @@ class Stats:
     batch_size_sum: int = 0
     chained: int = 0  # steps launched before the host had the previous step's tokens
     prefill_calls: int = 0
+    mixed_steps: int = 0  # decode steps that carried prompts (prefilled inside the step)
     # where the scheduler thread's time went (seconds): in prefill calls (prompts in, first tokens
     # out; `prefill_exec_s` of it inside the executor), launching decode steps, waiting for a decode
     # step's tokens, in the per-token bookkeeping, idle (nothing to run)
@@ -243,7 +251,8 @@ class Stats:
         """Counters and time split, for the log at shutdown."""
         out = dataclasses.asdict(self)
         out["avg_batch"] = round(self.batch_size_sum / self.steps, 2) if self.steps else 0.0
-        out["prompts_per_prefill"] = round(self.prefills / self.prefill_calls, 2) if self.prefill_calls else 0.0
+        calls = self.prefill_calls + self.mixed_steps
+        out["prompts_per_prefill"] = round(self.prefills / calls, 2) if calls else 0.0
         out["queue_ms_mean"] = round(1e3 * self.queue_s / self.prefills, 2) if self.prefills else 0.0
         out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0
         out["send_lag_ms_mean"] = round(1e3 * self.send_lag_s / self.sends, 2) if self.sends else 0.0
@@ -254,7 +263,8 @@ class Stats:
 
 class Scheduler:
     def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
-                 prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None):
+                 prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
+                 mix_prefill: bool = True):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -264,11 +274,15 @@ class Scheduler:
         stream's tokens are held until this long after its previous response and then go as one
         delta (the first token and the last response are never held). 0 sends every token.
         `metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
-        `finished(reason, seconds)` (see metrics.GeneratorMetrics)."""
+        `finished(reason, seconds)` (see metrics.GeneratorMetrics). `mix_prefill`: where the
+        executor can (`can_mix`) and sequences are decoding, greedy requests are prefilled inside
+        the next decode step (up to the executor's `mix_tokens` prompt tokens a step) instead of
+        in a prefill of their own that stops every stream."""
         self.ex = executor
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
         self.prefill_wait = float(prefill_wait)
+        self.mix_prefill = bool(mix_prefill) and bool(getattr(executor, "can_mix", False))
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
         self._interval = self.stream_interval  # the current one, load included
@@ -318,7 +332,7 @@ class Scheduler:
                     break
             try:
                 self._drop_cancelled()
-                admitted = self._admit() if self._admission_due() else 0
+                admitted = self._admit() if self._admission_due() and not self._mix_due() else 0
                 if self.metrics and admitted:
                     self._report(admitted, 0)
                 self._step()
@@ -383,16 +397,7 @@ class Scheduler:
             budget -= len(seq.prompt_ids)
         if not batch:
             return 0
-        t = time.perf_counter()
-        for seq in batch:
-            seq.slot = self.free_slots.pop()
-            self.stats.queue_s += t - seq.arrived
-            freed = self._freed_at.pop(seq.slot, None)
-            if freed is not None:
-                self.stats.slot_gap_s += t - freed
-                self.stats.slot_gaps += 1
-            seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
-            seq.limit = min(seq.params.max_tokens, self.ex.max_seq_len - len(seq.prompt_ids))
+        self._place(batch)
         t = time.perf_counter()
         try:
             logits = self.ex.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
@@ -411,19 +416,76 @@ class Scheduler:
         self.stats.prefill_s += time.perf_counter() - t
         return len(batch)
 
+    def _place(self, batch: list[Sequence]) -> None:
+        """Give admitted sequences their slots, samplers and limits."""
+        t = time.perf_counter()
+        for seq in batch:
+            seq.slot = self.free_slots.pop()
+            self.stats.queue_s += t - seq.arrived
+            freed = self._freed_at.pop(seq.slot, None)
+            if freed is not None:
+                self.stats.slot_gap_s += t - freed
+                self.stats.slot_gaps += 1
+            if seq.sampler is None:
+                seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
+            seq.limit = min(seq.params.max_tokens, self.ex.max_seq_len - len(seq.prompt_ids))
+
+    def _mixable(self, seq: Sequence, key) -> bool:
+        """Can `seq` be prefilled inside a greedy decode step whose banned rows ban `key`?"""
+        if seq.sampler is None:
+            seq.sampler = Sampler(seq.params, seq.prompt_ids, self.ex.vocab_size)
+        s = seq.sampler
+        return (s.argmax_only and len(seq.prompt_ids) <= min(self.ex.mix_tokens, self.prefill_token_budget)
+                and (key is None or not s.end_key or s.p.min_tokens <= 0 or s.end_key == key))
+
+    def _mix_due(self, key=None) -> bool:
+        """Admit the waiting requests inside the next decode step (rather than a prefill of their own)?"""
+        if not (self.mix_prefill and self.running and self._admission_due()):
+            return False
+        with self._cv:
+            head = self.waiting[0] if self.waiting else None
+        return head is not None and self._mixable(head, key)
+
+    def _pop_mix(self, key=None) -> list[Sequence]:
+        """Take the waiting requests a decode step will carry (free slots, the executor's prompt
+        and token caps, greedy, bans compatible with `key`); they join `running` now and get their
+        first token from that step."""
+        budget = min(self.ex.mix_tokens, self.prefill_token_budget)
+        cap = min(len(self.free_slots), getattr(self.ex, "mix_prompts", 1))
+        batch = []
+        while len(batch) < cap:
+            with self._cv:
+                if not self.waiting or not self._mixable(self.waiting[0], key) or \
+                        len(self.waiting[0].prompt_ids) > budget:
+                    break
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                self.stats.cancelled += 1
+                self._finish(seq, "cancelled")
+                continue
+            batch.append(seq)
+            budget -= len(seq.prompt_ids)
+        if batch:
+            self._place(batch)
+            self.running.extend(batch)
+            self.stats.prefills += len(batch)
+            self.stats.mixed_steps += 1
+        return batch
+
     def _step(self) -> None:
         """Decode steps over the running batch. Greedy batches on an executor that can chain run
         one step ahead: step t+1 is launched (fed by step t's tokens on the device) before the host
-        takes step t's tokens, so the bookkeeping below overlaps the device's work. The chain stops
-        where the batch may change: a request waiting for a free slot, a cancellation, a sequence at
-        its length limit, or one that ended (its token from the step ahead is dropped)."""
+        takes step t's tokens, so the bookkeeping below overlaps the device's work. The chain goes
+        on while the batch changes: a sequence whose last token is in flight is left out of the
+        next step, one that ended on an end id wastes one row of the step already launched, and
+        waiting greedy requests ride in the next step (`mix_prefill`) and join the chain with their
+        first token. It stops for a request that needs a prefill of its own (not greedy, too long)
+        or a row that needs the logits on the host."""
         batch = [s for s in self.running if s.slot >= 0]
         if not batch:
             return
+        batch.sort(key=lambda s: s.slot)  # contiguous slots let executors avoid a gather
         slots = np.array([s.slot for s in batch], dtype=np.int64)
-        order = np.argsort(slots, kind="stable")  # contiguous slots let executors avoid a gather
-        batch = [batch[i] for i in order]
-        slots = slots[order]
         last = np.array([s.last_token for s in batch], dtype=np.int64)
         samplers = [s.sampler for s in batch]
         ban = _greedy_ban(samplers)
@@ -433,24 +495,48 @@ class Scheduler:
             self.stats.decode_wait_s += time.perf_counter() - t
             self._take(batch, tokens)
             return
-        t = time.perf_counter()
-        step = self.ex.decode_greedy_begin(slots, last, ban)
-        self.stats.launch_s += time.perf_counter() - t
+        new = self._pop_mix(_ban_key(batch, ban)) if self._mix_due(_ban_key(batch, ban)) else []
+        step = self._launch(batch, new, last, 0, None)
         while True:
             ahead = None
-            if self.ex.can_chain and self._may_chain(batch):
-                t = time.perf_counter()
-                ahead = self.ex.decode_greedy_begin(slots, None, _greedy_ban(samplers, 1), chain=step)
-                self.stats.launch_s += time.perf_counter() - t
-                self.stats.chained += 1
-            ended = self._take(batch, self._tokens(step))
+            if self.ex.can_chain and not self._stop:
+                rows = sorted((s for s in batch + new if s.slot >= 0 and not s.cancelled
+                               and s.generated + 1 < s.limit), key=lambda s: s.slot)
+                ahead = self._chain(rows, step)
+            self._take(batch, self._tokens(step), new)
             if ahead is None:
                 return
-            if ended:
-                live = [(s, t) for s, t in zip(batch, self._tokens(ahead)) if s.slot >= 0]
-                self._take([s for s, _ in live], [t for _, t in live])
-                return
-            step = ahead
+            self._drop_cancelled()  # their rows in the step ahead are dropped when it is taken
+            batch, new, step = ahead
+
+    def _chain(self, rows: list[Sequence], step):
+        """Launch the step after `step` over `rows` (their tokens: `step`'s ids on the device)
+        plus the waiting requests it can carry; (rows, new, step), or None to end the chain."""
+        ban = _greedy_ban([s.sampler for s in rows], 1)
+        if ban is False:
+            return None
+        key = _ban_key(rows, ban)
+        new = []
+        if self._admission_due():
+            if not self._mix_due(key):
+                return None  # a prefill of its own first
+            new = self._pop_mix(key)
+        if not rows and not new:
+            return None
+        self.stats.chained += 1
+        return rows, new, self._launch(rows, new, None, 1, step)
+
+    def _launch(self, rows: list[Sequence], new: list[Sequence], tokens, ahead: int, chain):
+        """decode_greedy_begin over `rows` (`ahead`: steps in flight before this one) carrying
+        `new` prompts; their bans from the samplers."""
+        samplers = [s.sampler for s in rows] + [s.sampler for s in new]
+        ban = _greedy_ban(samplers, [ahead] * len(rows) + [0] * len(new))
+        slots = np.array([s.slot for s in rows], dtype=np.int64)
+        prompts = (np.array([s.slot for s in new], dtype=np.int64), [s.prompt_ids for s in new]) if new else None
+        t = time.perf_counter()
+        step = self.ex.decode_greedy_begin(slots, tokens, ban, chain=chain, prompts=prompts)
+        self.stats.launch_s += time.perf_counter() - t
+        return step
 
     def _tokens(self, step) -> list[int]:
         t = time.perf_counter()
@@ -458,31 +544,29 @@ class Scheduler:
         self.stats.decode_wait_s += time.perf_counter() - t
         return tokens
 
-    def _may_chain(self, batch: list[Sequence]) -> bool:
-        if self._stop or self._admission_due():
-            return False
-        # would the token of the step in flight end a sequence by length, or was one cancelled?
-        return not any(s.cancelled or s.generated + 1 >= s.limit for s in batch)
-
-    def _take(self, batch: list[Sequence], tokens: list[int]) -> int:
-        """Account one step's tokens; return how many sequences ended."""
+    def _take(self, batch: list[Sequence], tokens: list[int], new: list[Sequence] = ()) -> int:
+        """Account one step's tokens (the rows of `batch`, then the first tokens of the `new`
+        sequences it prefilled); rows of sequences that ended meanwhile are dropped. Returns how
+        many sequences ended."""
         t = time.perf_counter()
         try:
-            return self._account(batch, tokens)
+            return self._account(batch, tokens, new)
         finally:
             self.stats.bookkeeping_s += time.perf_counter() - t
 
-    def _account(self, batch: list[Sequence], tokens: list[int]) -> int:
+    def _account(self, batch: list[Sequence], tokens: list[int], new=()) -> int:
+        live = [(s, t) for s, t in zip(batch, tokens) if s.slot >= 0]
         self.stats.steps += 1
-        self.stats.batch_size_sum += len(batch)
+        self.stats.batch_size_sum += len(live)
         self._now = time.perf_counter()
         if self.stream_rate > 0:
-            self._interval = max(self.stream_interval, sum(s.stream for s in batch) / self.stream_rate)
-        done = {id(s) for s, t in zip(batch, tokens) if not self._advance(s, t)}
+            self._interval = max(self.stream_interval, sum(s.stream for s, _ in live) / self.stream_rate)
+        done = {id(s) for s, t in live if not self._advance(s, t)}
+        done |= {id(s) for s, t in zip(new, tokens[len(batch):]) if not self._advance(s, t)}
         if done:
             self.running = [s for s in self.running if id(s) not in done]
         if self.metrics:
-            self._report(len(batch), 1)
+            self._report(len(live) + len(new), 1)
         return len(done)
 
     def _advance(self, seq: Sequence, token: int) -> bool:

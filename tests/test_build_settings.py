@@ -31,6 +31,8 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert 'key: "stream_interval_ms", value: { string_value: "10" }' in out["generator"]  # the defaults
     assert 'key: "stream_responses_per_s", value: { string_value: "auto" }' in out["generator"]
     assert 'key: "prefill_wait_ms", value: { string_value: "0" }' in out["generator"]
+    assert 'key: "mix_prefill", value: { string_value: "true" }' in out["generator"]
+    assert 'key: "mix_tokens", value: { string_value: "1024" }' in out["generator"]
 
 
 def test_gpu_engines_get_gpu_instances():
@@ -46,6 +48,8 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"stream_responses_per_s": "fast"}}}, r"stream_responses_per_s must be 'auto' or a number"),
     ({"models": {"generator": {"prefill_token_budget": 0}}}, r"prefill_token_budget must be >= 1, got 0"),
     ({"models": {"generator": {"prefill_wait_ms": "soon"}}}, r"prefill_wait_ms must be a number >= 0, got 'soon'"),
+    ({"models": {"generator": {"mix_prefill": "yes"}}}, r"mix_prefill must be true or false, got 'yes'"),
+    ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
 ])
 def test_bad_values_are_refused(bad, message):
     with pytest.raises(SettingsError, match=message):

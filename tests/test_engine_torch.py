@@ -299,6 +299,65 @@ def test_chained_steps_take_the_previous_ids_on_the_device(tmp_path):
     assert chained.decode_greedy_begin(np.zeros(0, np.int64)).result().tolist() == []  # an empty step
 
 
+def test_prompts_ride_in_a_decode_step(tmp_path):
+    """`decode_greedy_begin(prompts=...)`: new prompts prefilled inside a decode step give the
+    logits, first tokens and cache of a separate prefill, the decode rows those of a plain step;
+    the next step chains over the new row set (the prompts' first tokens taken on the device); a
+    ban reaches a prompt's row. The padded form a CUDA graph runs (spare decode and prompt
+    columns, prompts padded to a token bucket) gives the same and writes only the dummy slot."""
+    from tritonchat.python_backend.engine_torch import MIX_PROMPTS
+    from tritonchat.python_backend.executor import Ban
+
+    _, path = _random_model(tmp_path, "qwen3")
+    kw = dict(max_slots=6, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
+    plain, mixed, padded = (TorchExecutor(str(path), **kw) for _ in range(3))
+    rng = np.random.default_rng(7)
+    old = [rng.integers(0, 512, n) for n in (6, 11)]
+    new = [rng.integers(0, 512, n) for n in (9, 1, 14)]
+    slots, pslots = np.array([2, 0]), np.array([4, 1, 5])
+    for ex in (plain, mixed, padded):
+        ex.prefill_batch(slots, old)
+    toks = np.array([17, 42])
+    ref_prefill = plain.prefill_batch(pslots, new)
+    ref_decode = plain.decode(slots, toks)
+    first = ref_prefill.argmax(-1)
+    banned = ref_prefill[1].copy()
+    banned[first[1]] = -np.inf
+    ban = Ban(rows=np.array([3]), ids=np.array([first[1]]))  # row 3: the second prompt
+    step = mixed.decode_greedy_begin(slots, toks, ban, prompts=(pslots, new))
+    assert step.result().tolist() == ref_decode.argmax(-1).tolist() + [first[0], banned.argmax(), first[2]]
+    assert step.slots.tolist() == [2, 0, 4, 1, 5]
+    assert [mixed.length(s) for s in (2, 0, 4, 1, 5)] == [7, 12, 9, 1, 14]
+    # the next step chains over every row, the new ones included, in another order
+    rows = np.array([0, 1, 2, 4, 5])
+    last = dict(zip(step.slots.tolist(), step.result().tolist()))
+    nxt = mixed.decode_greedy_begin(rows, None, chain=step)
+    assert nxt.result().tolist() == plain.decode_greedy(rows, np.array([last[s] for s in rows])).tolist()
+    with pytest.raises(ValueError, match="did not write"):
+        mixed.decode_greedy_begin(np.array([3]), None, chain=nxt)
+    with pytest.raises(ValueError, match="not among the decode rows"):
+        mixed.decode_greedy_begin(slots, toks, prompts=(np.array([2]), new[:1]))
+    with pytest.raises(ValueError, match="at most"):
+        mixed.decode_greedy_begin(slots, toks, prompts=(np.arange(MIX_PROMPTS + 1), [[1]] * (MIX_PROMPTS + 1)))
+
+    # the padded form of the graphs: 4 decode columns (2 spare), prompts padded to a bucket
+    lens = np.array([len(p) for p in new])
+    key = padded._prefill_buckets(lens)
+    assert key == (64, 4, 16) and padded._mix_cols(key) == 4
+    cols = 4
+    a = np.empty((12, cols + 4), np.int64)
+    padded._step_inputs(a, 2, slots, toks, padded._lengths[slots], False, None, cols, pslots)
+    buf = torch.from_numpy(padded._prefill_layout(pslots, new, lens, key, mixed=True))
+    with torch.no_grad():
+        logits, ids = padded._step_body(torch.from_numpy(a), 64, (buf, key))
+    np.testing.assert_allclose(logits[:2].numpy(), ref_decode, atol=2e-5)
+    np.testing.assert_allclose(logits[cols:cols + 3].numpy(), ref_prefill, atol=2e-5)
+    assert ids[cols:cols + 3].tolist() == first.tolist()
+    assert padded._last_ids[pslots].tolist() == first.tolist()  # per slot, for the next chained step
+    for L in padded.layers:  # slot 3 holds nothing: no padding leaked into it
+        assert not L.kc[3].any() and not L.vc[3].any()
+
+
 _INTERPRETED = r"""
 import sys, numpy as np, torch
 from tritonchat.python_backend.engine_torch import TorchExecutor
@@ -337,6 +396,20 @@ buf = torch.from_numpy(tri._prefill_layout([2, 0, 1], ps, lens, key))
 with torch.no_grad():
     got = tri._prefill_body(buf, key)[:3].numpy()
 worst = max(worst, np.abs(ref.prefill_batch([2, 0, 1], ps) - got).max())
+# a decode step carrying prompts, in the padded form a graph runs: one decode row (of two
+# columns), two prompts (of three columns) in a 64-token bucket = a plain step + a prefill
+for s in range(3):
+    ref.release(s); tri.release(s)
+ref.prefill(0, ps[0]); tri.prefill(0, ps[0])
+lens = lens[1:]
+key = tri._prefill_buckets(lens)
+a = np.empty((12, 2 + tri._mix_cols(key)), np.int64)
+tri._step_inputs(a, 1, np.array([0]), np.array([5]), tri._lengths[[0]], False, None, 2, np.array([1, 2]))
+buf = torch.from_numpy(tri._prefill_layout(np.array([1, 2]), ps[1:], lens, key, mixed=True))
+with torch.no_grad():
+    logits, _ = tri._step_body(torch.from_numpy(a), None, (buf, key))
+rp, rd = ref.prefill_batch([1, 2], ps[1:]), ref.decode(np.array([0]), np.array([5]))
+worst = max(worst, np.abs(rd - logits[:1].numpy()).max(), np.abs(rp - logits[2:4].numpy()).max())
 print("WORST", worst)
 assert worst < 1e-4, worst
 """

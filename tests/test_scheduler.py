@@ -25,13 +25,14 @@ def engine(tmp_path_factory):
     return OrtExecutor(out, max_slots=4, max_seq_len=256), Tokenizer.from_file(str(STORIES / "tokenizer.json"))
 
 
-def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, **params):
+def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, mix_prefill=True,
+         **params):
     from tritonchat.python_backend.detokenize import TextTracker, delta
     from tritonchat.python_backend.sampling import SamplingParams
     from tritonchat.python_backend.scheduler import Scheduler, Sequence
 
     ex, tok = engine
-    sched = Scheduler(ex, stream_interval=stream_interval)
+    sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill)
     results, done = {}, threading.Event()
 
     def make(i, prompt, n, stream):
@@ -143,11 +144,47 @@ def test_chained_steps_give_the_same_answers(engine):
     # the courier asked about cancellation for the running sequences (first round at once)
     assert stats[0].polls >= 1 and summary["poll_ms_mean"] >= 0
     assert any(outs[-1].finish_reason == "stop" for outs in chained.values())
+    # the two requests that found no slot were prefilled inside decode steps, and the chain went on
+    # across every end but the last
+    assert stats[0].mixed_steps >= 1 and stats[0].prefill_calls + stats[0].mixed_steps >= 2
+    assert stats[0].chained >= stats[0].steps - 3
+    unmixed, unmixed_texts = _run((ex, tok), jobs, end_ids=(end,), mix_prefill=False)
     ex.can_chain = False
     plain, plain_texts = _run((ex, tok), jobs, end_ids=(end,))
     solo = {i: _run((ex, tok), [job], end_ids=(end,))[1][0] for i, job in enumerate(jobs)}
-    assert chained_texts == plain_texts == solo
+    assert chained_texts == plain_texts == solo == unmixed_texts
     assert [o[-1].num_output_tokens for o in chained.values()] == [o[-1].num_output_tokens for o in plain.values()]
+
+
+def test_prompts_in_decode_steps_with_min_tokens_and_cancellation():
+    """Requests arriving while others decode ride in decode steps (`mix_prefill`): with `min_tokens`
+    banning an end id the model does say (the ban reaches a new prompt's first-token row and the
+    chained rows after it), the answers equal one-at-a-time runs; streams cancelled inside a chain
+    end, and their slots serve the request behind them."""
+    from tokenizers import Tokenizer
+
+    from tritonchat.python_backend.engine_torch import TorchExecutor
+
+    need(STORIES)
+    tok = Tokenizer.from_file(str(STORIES / "tokenizer.json"))
+    ex = TorchExecutor(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    natural, _ = _run((ex, tok), [("The cat", 30, False)])
+    ids = natural[0][-1].release.window
+    end = next(t for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])
+    jobs = [("The cat", 30, False), ("Once upon a time", 24, True), ("A dog", 18, True), ("Tom", 22, False),
+            ("Lily", 26, True)]
+    stats = []
+    mixed, texts = _run((ex, tok), jobs, end_ids=(end,), min_tokens=12, stats=stats)
+    assert stats[0].mixed_steps >= 1
+    solo = {i: _run((ex, tok), [job], end_ids=(end,), min_tokens=12)[1][0] for i, job in enumerate(jobs)}
+    assert texts == solo
+    assert all(outs[-1].num_output_tokens >= 12 for outs in mixed.values())
+    stats = []
+    results, _ = _run((ex, tok), [("Once upon a time", 200, True)] * 4 + [("The cat", 10, False)],
+                      cancel_after=3, stats=stats)
+    reasons = sorted(outs[-1].finish_reason for outs in results.values())
+    assert reasons.count("cancelled") == 4 and results[4][-1].finish_reason == "length"
+    assert stats[0].chained > 0 and stats[0].cancelled == 4
 
 
 class _Recording:

@@ -332,7 +332,7 @@ class Scheduler:
                     break
             try:
                 self._drop_cancelled()
-                admitted = self._admit() if self._admission_due() and not self._mix_due() else 0
+                admitted = self._admit() if self._admission_due() and not self._mix_next() else 0
                 if self.metrics and admitted:
                     self._report(admitted, 0)
                 self._step()
@@ -437,6 +437,12 @@ class Scheduler:
         s = seq.sampler
         return (s.argmax_only and len(seq.prompt_ids) <= min(self.ex.mix_tokens, self.prefill_token_budget)
                 and (key is None or not s.end_key or s.p.min_tokens <= 0 or s.end_key == key))
+
+    def _mix_next(self) -> bool:
+        """Will the next decode step carry the waiting requests? (Not when a running row needs the
+        logits on the host, nor when the head of the line bans other end ids than the running rows.)"""
+        ban = _greedy_ban([s.sampler for s in self.running])
+        return ban is not False and self._mix_due(_ban_key(self.running, ban))
 
     def _mix_due(self, key=None) -> bool:
         """Admit the waiting requests inside the next decode step (rather than a prefill of their own)?"""

@@ -336,3 +336,47 @@ def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch)
     sched.shutdown()
     assert len(finals) == 2 and all(f.finish_reason == "length" for f in finals)
     assert not after and not (set(seqs) & sched.courier.watched)
+
+
+def test_a_request_banning_other_end_ids_is_not_starved():
+    """A running stream under `min_tokens` bans its end id inside the step; a request that bans
+    another end id cannot share that step's ban, so it gets a prefill of its own at once instead of
+    waiting for the first stream to pass its `min_tokens` (or end)."""
+    from tokenizers import Tokenizer
+
+    from tritonchat.python_backend.detokenize import TextTracker
+    from tritonchat.python_backend.engine_torch import TorchExecutor
+    from tritonchat.python_backend.sampling import SamplingParams
+    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+
+    need(STORIES)
+    tok = Tokenizer.from_file(str(STORIES / "tokenizer.json"))
+    ex = TorchExecutor(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    sched = Scheduler(ex)
+    first_seen, long_count, done = threading.Event(), [0], threading.Semaphore(0)
+    at_first = []
+
+    def long_sink(out):
+        long_count[0] = out.num_output_tokens
+        if long_count[0] >= 3:
+            first_seen.set()
+        if out.final:
+            done.release()
+
+    def short_sink(out):
+        if not at_first:
+            at_first.append(long_count[0])
+        if out.final:
+            done.release()
+
+    ids = np.array(tok.encode("Once upon a time").ids)
+    sched.submit(Sequence(ids, SamplingParams(max_tokens=120, min_tokens=110, end_ids=(5,)), TextTracker(tok),
+                          long_sink, stream=True))
+    assert first_seen.wait(30)
+    sched.submit(Sequence(ids, SamplingParams(max_tokens=5, min_tokens=3, end_ids=(7,)), TextTracker(tok),
+                          short_sink, stream=True))
+    for _ in range(2):
+        assert done.acquire(timeout=60)
+    sched.shutdown()
+    assert at_first[0] < 40, f"the second request's first token came after {at_first[0]} tokens of the first"
+    assert sched.stats.prefill_calls == 2

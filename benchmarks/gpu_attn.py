@@ -40,9 +40,9 @@ def launch(tk, q, kc, vc, slots, pos, out, scratch, ns: int, block_n: int, warps
     chunk = triton_cdiv(triton_cdiv(CTX_MAX, ns), block_n) * block_n
     acc, mx, lx = scratch if ns > 1 else (out, out, out)
     tk.attn_split[(b, HKV, ns)](
-        q, kc, vc, slots, pos, acc, mx, lx, out, kc.stride(0), kc.stride(1), kc.stride(2),
-        D ** -0.5 * 1.4426950408889634, HQ=HQ, NS=ns, CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)),
-        D=D, DP=D, BLOCK_N=block_n, IEEE=False, num_warps=warps, num_stages=stages)
+        q, kc, vc, slots, pos, acc, mx, lx, out, out, out, 0, 0, kc.stride(0), kc.stride(1), kc.stride(2),
+        D ** -0.5 * 1.4426950408889634, HQ=HQ, HKV=HKV, NS=ns, CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)),
+        D=D, DP=D, BLOCK_N=block_n, IEEE=False, ROPE=False, num_warps=warps, num_stages=stages)
     if ns > 1:
         tk.attn_combine[(b, HQ)](acc, mx, lx, out, HQ=HQ, NS=ns, D=D, DP=D, num_warps=1)
 

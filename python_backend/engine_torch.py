@@ -189,20 +189,25 @@ def _triton_kernels():
         return m_new, l_i, acc * alpha[:, None] + pv
 
     @triton.jit
-    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx, O,
-                          stride_cs, stride_ch, stride_ct, qk_scale,
-                          HQ: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
+    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx, O, Cos, Sin,
+                          stride_q, stride_cos, stride_cs, stride_ch, stride_ct, qk_scale,
+                          HQ: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr):
         # program (b, kv head, split): the G query heads of one kv head against positions
         # [split * CHUNK, min((split + 1) * CHUNK, len + 1)) of slot Slots[b]; online softmax in
         # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx; with one
-        # split (NS == 1) the normalised output goes straight to O [b, HQ * D], no combine
+        # split (NS == 1) the normalised output goes straight to O [b, HQ * D], no combine.
+        # ROPE: Q holds the step's q/k/v rows (row stride stride_q), not yet rotated: the program
+        # rotates its q heads at position len, and the one whose split holds that position also
+        # rotates the new key and writes it and the new value into the cache before reading it
+        # (what rope_kv_kernel did, one launch per layer less); else Q is [b, HQ, D], rotated.
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
         slot = tl.load(Slots + b)
-        n = (tl.load(Lens + b) + 1).to(tl.int32)
+        pos = tl.load(Lens + b).to(tl.int32)
+        n = pos + 1
         start = sp * CHUNK
         end = tl.minimum(start + CHUNK, n)
         g = tl.arange(0, GP)
@@ -210,7 +215,29 @@ def _triton_kernels():
         gm = g < G
         dm = d < D
         heads = kvh * G + g
-        q = tl.load(Q + (b * HQ + heads)[:, None] * D + d[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
+        qm = gm[:, None] & dm[None, :]
+        if ROPE:
+            HALF: tl.constexpr = D // 2
+            rd = tl.where(d < HALF, d + HALF, d - HALF)
+            sign = tl.where(d < HALF, -1.0, 1.0)
+            c = tl.load(Cos + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            sn = tl.load(Sin + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            row = Q + b * stride_q
+            dt = KC.dtype.element_ty
+            x = tl.load(row + heads[:, None] * D + d[None, :], mask=qm, other=0.0).to(tl.float32)
+            xr = tl.load(row + heads[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float32) * sign[None, :]
+            q = ((x * c[None, :]).to(dt).to(tl.float32) + (xr * sn[None, :]).to(dt).to(tl.float32)).to(dt)
+            if (start <= pos) & (pos < end):
+                kx = tl.load(row + (HQ + kvh) * D + d, mask=dm, other=0.0).to(tl.float32)
+                kr = tl.load(row + (HQ + kvh) * D + rd, mask=dm, other=0.0).to(tl.float32) * sign
+                k = ((kx * c).to(dt).to(tl.float32) + (kr * sn).to(dt).to(tl.float32)).to(dt)
+                v = tl.load(row + (HQ + HKV + kvh) * D + d, mask=dm, other=0.0)
+                off = slot * stride_cs + kvh * stride_ch + pos * stride_ct + d
+                tl.store(KC + off, k, mask=dm)
+                tl.store(VC + off, v, mask=dm)
+            tl.debug_barrier()  # the block's stores are seen by its loads below
+        else:
+            q = tl.load(Q + (b * HQ + heads)[:, None] * D + d[None, :], mask=qm, other=0.0)
         kb = KC + slot * stride_cs + kvh * stride_ch
         vb = VC + slot * stride_cs + kvh * stride_ch
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -576,10 +603,10 @@ class TorchExecutor(Executor):
         k = self._rms(qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d), L.k_norm).reshape(n, hkv * d)
         return torch.cat([q, k, qkv[:, (hq + hkv) * d:]], 1)
 
-    def _rope_write(self, qkv, slots, pos, L):
+    def _rope_write(self, qkv, slots, pos, L, normed: bool = False):
         """Rotate q and k of rows `qkv` at positions `pos`; store k, v at [slots, :, pos]; return q [rows, Hq, D]."""
         n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        if L.q_norm is not None:
+        if L.q_norm is not None and not normed:
             qkv = self._qk_norm(qkv, L)
         if self.kernels == "triton":
             q = torch.empty((n, hq, d), device=qkv.device, dtype=qkv.dtype)
@@ -650,28 +677,34 @@ class TorchExecutor(Executor):
         return decode_attention_config(b, self.num_kv_heads, self.head_dim, self.max_seq_len, self._sms,
                                        self.split_min)[0]
 
-    def _attn_decode(self, q, L, slots, pos, tb, out=None):
-        b, hq, hkv, d, g = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
-        if self.attention == "triton":
+    def _attn_decode(self, qkv, L, slots, pos, tb, out=None):
+        """Decode attention of the step's q/k/v rows `qkv` [b, (Hq + 2 Hkv) x D]: RoPE at `pos`, the
+        new key and value written to the cache at [slots, :, pos], the query against [0, pos]."""
+        b, hq, hkv, d, g = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        if L.q_norm is not None:
+            qkv = self._qk_norm(qkv, L)
+        if self.attention == "triton":  # RoPE and the cache write inside the attention kernel
             ns, block_n = decode_attention_config(b, hkv, d, self.max_seq_len, self._sms, self.split_min)
             chunk = triton_cdiv(triton_cdiv(self.max_seq_len, ns), block_n) * block_n
             dp = max(16, _next_pow2(d))
             if out is None:
-                out = torch.empty((b, hq * d), device=q.device, dtype=q.dtype)
+                out = torch.empty((b, hq * d), device=qkv.device, dtype=qkv.dtype)
             if ns > 1:  # partial results for the combine kernel
-                acc = torch.empty((b, hq, ns, dp), device=q.device, dtype=torch.float32)
-                mx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
-                lx = torch.empty((b, hq, ns), device=q.device, dtype=torch.float32)
+                acc = torch.empty((b, hq, ns, dp), device=qkv.device, dtype=torch.float32)
+                mx = torch.empty((b, hq, ns), device=qkv.device, dtype=torch.float32)
+                lx = torch.empty((b, hq, ns), device=qkv.device, dtype=torch.float32)
             else:
                 acc = mx = lx = out  # not written
             kc = L.kc
             self._tk.attn_split[(b, hkv, ns)](
-                q, kc, L.vc, slots, pos, acc, mx, lx, out, kc.stride(0), kc.stride(1), kc.stride(2),
-                self.scale * 1.4426950408889634, HQ=hq, NS=ns, CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)),
-                D=d, DP=dp, BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4)
+                qkv, kc, L.vc, slots, pos, acc, mx, lx, out, self.cos, self.sin, qkv.stride(0), self.cos.stride(0),
+                kc.stride(0), kc.stride(1), kc.stride(2), self.scale * 1.4426950408889634, HQ=hq, HKV=hkv, NS=ns,
+                CHUNK=chunk, G=g, GP=max(16, _next_pow2(g)), D=d, DP=dp, BLOCK_N=block_n,
+                IEEE=qkv.dtype == torch.float32, ROPE=True, num_warps=4)
             if ns > 1:
                 self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
             return out
+        q = self._rope_write(qkv, slots, pos, L, normed=True)
         # gather the batch's slots up to `tb` positions, mask each row past its own length
         k = L.kc[:, :, :tb].index_select(0, slots)  # [b, Hkv, tb, D]
         v = L.vc[:, :, :tb].index_select(0, slots)
@@ -681,13 +714,14 @@ class TorchExecutor(Executor):
 
     # -- forward -----------------------------------------------------------------------------
     def _forward(self, tok, slots, pos, attn, last=None):
+        """Hidden states after the final norm; `attn(qkv, L)`: a layer's attention output from its
+        q/k/v rows (RoPE and the cache write included)."""
         x = F.embedding(tok, self.embed)
         res = None
         for L in self.layers:
             h, res = self._add_norm(x, res, L.in_norm)
             qkv = F.linear(h, L.wqkv, L.bqkv)
-            q = self._rope_write(qkv, slots, pos, L)
-            o = F.linear(attn(q, L), L.wo, L.bo)
+            o = F.linear(attn(qkv, L), L.wo, L.bo)
             h, res = self._add_norm(o, res, L.post_norm)
             x = F.linear(self._silu_mul(F.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
         if last is not None:  # prefill: only the last row of each prompt goes on to the head
@@ -696,7 +730,7 @@ class TorchExecutor(Executor):
         return h
 
     def _decode_body(self, tok, slots, pos, tb):
-        h = self._forward(tok, slots, pos, lambda q, L: self._attn_decode(q, L, slots, pos, tb))
+        h = self._forward(tok, slots, pos, lambda qkv, L: self._attn_decode(qkv, L, slots, pos, tb))
         return F.linear(h, self.lm_head)
 
     def _mixed_body(self, tok, slots, pos, tb, buf, key) -> torch.Tensor:
@@ -710,11 +744,11 @@ class TorchExecutor(Executor):
         ptok, pslot, ppos, plast, pattn = self._prompt_inputs(buf, key, mixed=True)
         hq, d = self.num_heads, self.head_dim
 
-        def attn(q, L):
-            out = torch.empty((q.shape[0], hq * d), device=q.device, dtype=q.dtype)
+        def attn(qkv, L):
+            out = torch.empty((qkv.shape[0], hq * d), device=qkv.device, dtype=qkv.dtype)
             if b:
-                self._attn_decode(q[:b], L, slots, pos, tb, out[:b])
-            pattn(q[b:], L, out[b:])
+                self._attn_decode(qkv[:b], L, slots, pos, tb, out[:b])
+            pattn(self._rope_write(qkv[b:], pslot, ppos, L), L, out[b:])
             return out
         last = torch.cat([self._arange[:b], plast + b])
         h = self._forward(torch.cat([tok, ptok]), torch.cat([slots, pslot]), torch.cat([pos, ppos]), attn, last=last)
@@ -1016,7 +1050,8 @@ class TorchExecutor(Executor):
         projections and MLP over the packed tokens, attention per prompt."""
         tok, slot_of, pos, last, pattn = self._prompt_inputs(buf, key)
 
-        def attn(q, L):
+        def attn(qkv, L):
+            q = self._rope_write(qkv, slot_of, pos, L)
             out = torch.empty((q.shape[0], q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
             return pattn(q, L, out)
         h = self._forward(tok, slot_of, pos, attn, last=last)

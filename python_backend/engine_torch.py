@@ -713,7 +713,7 @@ class TorchExecutor(Executor):
         return o.reshape(b, hq * d) if out is None else out.copy_(o.reshape(b, hq * d))
 
     # -- forward -----------------------------------------------------------------------------
-    def _forward(self, tok, slots, pos, attn, last=None):
+    def _forward(self, tok, attn, last=None):
         """Hidden states after the final norm; `attn(qkv, L)`: a layer's attention output from its
         q/k/v rows (RoPE and the cache write included)."""
         x = F.embedding(tok, self.embed)
@@ -730,7 +730,7 @@ class TorchExecutor(Executor):
         return h
 
     def _decode_body(self, tok, slots, pos, tb):
-        h = self._forward(tok, slots, pos, lambda qkv, L: self._attn_decode(qkv, L, slots, pos, tb))
+        h = self._forward(tok, lambda qkv, L: self._attn_decode(qkv, L, slots, pos, tb))
         return F.linear(h, self.lm_head)
 
     def _mixed_body(self, tok, slots, pos, tb, buf, key) -> torch.Tensor:
@@ -751,7 +751,7 @@ class TorchExecutor(Executor):
             pattn(self._rope_write(qkv[b:], pslot, ppos, L), L, out[b:])
             return out
         last = torch.cat([self._arange[:b], plast + b])
-        h = self._forward(torch.cat([tok, ptok]), torch.cat([slots, pslot]), torch.cat([pos, ppos]), attn, last=last)
+        h = self._forward(torch.cat([tok, ptok]), attn, last=last)
         return F.linear(h, self.lm_head)
 
     def _step_body(self, inp: torch.Tensor, tb, mix=None):
@@ -1054,7 +1054,7 @@ class TorchExecutor(Executor):
             q = self._rope_write(qkv, slot_of, pos, L)
             out = torch.empty((q.shape[0], q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
             return pattn(q, L, out)
-        h = self._forward(tok, slot_of, pos, attn, last=last)
+        h = self._forward(tok, attn, last=last)
         return F.linear(h, self.lm_head).float()
 
     def _prefill_graphed(self, slots, ids, lens) -> torch.Tensor:

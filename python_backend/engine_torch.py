@@ -761,8 +761,8 @@ class TorchExecutor(Executor):
         `_last_ids` (per slot) for a chained step. Everything a greedy step needs happens here, so
         a graph replay plus two copies is the whole step on the host: each extra op was a GIL
         release that the other threads of the server process could hold on to. `mix` = (prompt
-        layout, key): the step also runs prompts (`_mixed_body`); then the last MIX_PROMPTS columns
-        of `inp` stand for the prompts (their slots and bans; padding: the dummy slot)."""
+        layout, key): the step also runs prompts (`_mixed_body`); then the last `_mix_cols(key)`
+        columns of `inp` stand for the prompts (their slots and bans; padding: the dummy slot)."""
         b = inp.shape[1] - (0 if mix is None else self._mix_cols(mix[1]))
         slots = inp[1]
         tok = torch.where(inp[3, :b] > 0, self._last_ids[slots[:b]], inp[0, :b])
@@ -811,16 +811,21 @@ class TorchExecutor(Executor):
         cur.wait_stream(stream)
         return graph, out
 
+    def _safe_step_inputs(self, inp: torch.Tensor) -> torch.Tensor:
+        """Fill step input rows so that every row is token 0 at position 0 of the dummy slot,
+        nothing banned: warm-up and capture touch the dummy slot only."""
+        inp.zero_()
+        inp[1].fill_(self.dummy_slot)
+        inp[4:].fill_(-1)
+        return inp
+
     def _capture(self, b: int, tb):
         """Capture the decode step for padded batch `b` (and SDPA length bucket `tb`)."""
         t0 = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         saved = self._last_ids.clone()  # a capture between two chained steps must not lose the ids
-        self._in.zero_()
-        self._in[1].fill_(self.dummy_slot)  # warm-up and capture touch the dummy slot only
-        self._in[4:].fill_(-1)
-        inp = self._in[:, :b]
+        inp = self._safe_step_inputs(self._in[:, :b])
         self._graphs[(b, tb)] = self._record(lambda: self._step_body(inp, tb), self._pool)
         self._last_ids.copy_(saved)
         self.captures["decode"] += 1
@@ -835,10 +840,7 @@ class TorchExecutor(Executor):
         cols = b + self._mix_cols(key)
         layout = torch.from_numpy(self._safe_layout(key, mixed=True)).to(self.device)
         m = _IN_ROWS * cols + len(layout)
-        inp = self._mix_in[:_IN_ROWS * cols].view(_IN_ROWS, cols)
-        inp.zero_()
-        inp[1].fill_(self.dummy_slot)
-        inp[4:].fill_(-1)
+        inp = self._safe_step_inputs(self._mix_in[:_IN_ROWS * cols].view(_IN_ROWS, cols))
         self._mix_in[_IN_ROWS * cols:m].copy_(layout)
         buf = self._mix_in[_IN_ROWS * cols:m]
         self._mix_graphs[(b, tb, key)] = self._record(lambda: self._step_body(inp, tb, (buf, key)), self._pool)
@@ -846,13 +848,13 @@ class TorchExecutor(Executor):
         self.captures["mixed"] += 1
         self.captures["mixed_s"] += time.perf_counter() - t0
 
-    def _mix_keys(self):
-        """The prompt buckets a decode step can carry (tokens up to `mix_tokens`)."""
-        n, keys = 1, []
-        while n <= self.mix_tokens:
-            keys.append(self._prefill_buckets(np.array([n])))
-            n = keys[-1][0] + 1
-        return keys
+    def _token_buckets(self, limit: int):
+        """Every prefill bucket (Triton attention: the token count) of 1 to `limit` tokens."""
+        n = 1
+        while n <= limit:
+            key = self._prefill_buckets(np.array([n]))
+            yield key
+            n = key[0] + 1  # the next bucket's first token count
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
@@ -877,7 +879,7 @@ class TorchExecutor(Executor):
                     self._capture_prefill(key)
             if self.can_mix and self.attention == "triton":  # steps carrying prompts, every bucket
                 for b in self.graph_batch_sizes:
-                    for key in self._mix_keys():
+                    for key in self._token_buckets(self.mix_tokens):
                         if (b, None, key) not in self._mix_graphs:
                             self._capture_mixed(b, None, key)
         torch.cuda.synchronize(self.device)
@@ -886,11 +888,7 @@ class TorchExecutor(Executor):
         """The prefill graph keys `warmup()` captures: every token bucket up to
         `prefill_graph_tokens` with the Triton attention, one prompt of every width bucket with SDPA."""
         if self.attention == "triton":
-            n = 1
-            while n <= self.prefill_graph_tokens:
-                key = self._prefill_buckets(np.array([n]))
-                yield key
-                n = key[0] + 1  # the next bucket's first token count
+            yield from self._token_buckets(self.prefill_graph_tokens)
             return
         w = 16
         while w <= min(self.max_seq_len - 1, self.prefill_graph_tokens):
@@ -912,27 +910,16 @@ class TorchExecutor(Executor):
     def prefill_batch(self, slots, prompts) -> np.ndarray:
         """All prompts in one forward: projections and MLP over the packed tokens, attention per
         prompt on the right-padded batch (see `_attn_prefill`)."""
-        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
-        slots = [int(s) for s in slots]
-        if len(set(slots)) != len(slots) or len(slots) != len(ids):
-            raise ValueError("prefill_batch needs one distinct slot per prompt")
-        for slot, p in zip(slots, ids):
-            if not 0 <= slot < self.max_slots:
-                raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
-            if len(p) == 0:
-                raise ValueError("empty prompt")
-            if len(p) + 1 > self.max_seq_len:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
-        lens = np.array([len(p) for p in ids])
+        slots, ids, lens = self._new_prompts(slots, prompts)
+        slots = slots.tolist()
         with torch.no_grad():
             if self._hf is not None:
                 logits = torch.cat([self._hf.prefill(s, torch.from_numpy(p).to(self.device))
                                     for s, p in zip(slots, ids)])
             elif self.prefill_graphs and int(lens.sum()) <= self.prefill_graph_tokens:
                 logits = self._prefill_graphed(slots, ids, lens)
-            else:  # the same forward, unpadded: exactly the prompts' tokens (prompts, longest prompt)
-                n = int(lens.sum())
-                key = (n,) if self.attention == "triton" else (n, len(slots), int(lens.max()))
+            else:  # the same forward, unpadded
+                key = self._exact_key(lens)
                 layout = torch.from_numpy(self._prefill_layout(slots, ids, lens, key))
                 logits = self._prefill_body(layout.to(self.device, non_blocking=True), key)
             out = self._to_host(logits, len(slots))
@@ -955,6 +942,12 @@ class TorchExecutor(Executor):
         b = _next_pow2(len(lens))
         w = min(self.max_seq_len, max(16, _next_pow2(int(lens.max()))))
         return t, b, w
+
+    def _exact_key(self, lens: np.ndarray) -> tuple:
+        """The key of a prefill run eagerly on exactly its prompts: (tokens,) varlen, else (tokens,
+        prompts, longest prompt)."""
+        n = int(lens.sum())
+        return (n,) if self.attention == "triton" else (n, len(lens), int(lens.max()))
 
     def _varlen_dims(self, t: int, mixed: bool = False) -> tuple[int, int]:
         """(prompts, query blocks) a varlen prefill of `t` tokens has room for: at most one prompt
@@ -1124,8 +1117,7 @@ class TorchExecutor(Executor):
         mix = key = None
         if prompts is not None:
             pslots, pids, lens = prompts
-            key = self._prefill_buckets(lens) if b is not None else (
-                (int(lens.sum()),) if self.attention == "triton" else (int(lens.sum()), len(lens), int(lens.max())))
+            key = self._prefill_buckets(lens) if b is not None else self._exact_key(lens)
             if b is not None and self.attention != "triton":
                 b = None  # padded prompts: eager (the key has too many shapes to capture up front)
         if b is None:
@@ -1266,23 +1258,31 @@ class TorchExecutor(Executor):
             self._lengths[mix[0]] = mix[2]
         return step
 
+    def _new_prompts(self, slots, prompts, busy=()):
+        """(slots, id arrays, lengths) of prompts going into the empty `slots` (none of them among
+        the `busy` decode rows), or ValueError."""
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        if len(set(slots.tolist())) != len(slots) or len(slots) != len(ids):
+            raise ValueError("a prefill needs one distinct slot per prompt")
+        if set(slots.tolist()) & set(np.asarray(busy).tolist()):
+            raise ValueError("prompt slots must be empty slots, not among the decode rows")
+        for slot, p in zip(slots.tolist(), ids):
+            if not 0 <= slot < self.max_slots:
+                raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+            if len(p) == 0:
+                raise ValueError("empty prompt")
+            if len(p) + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
+        return slots, ids, np.array([len(p) for p in ids])
+
     def _check_prompts(self, slots, pslots, prompts):
         """(slots, id arrays, lengths) of prompts a step may carry, or ValueError."""
-        pslots = np.asarray(pslots, dtype=np.int64).reshape(-1)
-        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
         if not self.can_mix:
             raise ValueError("this executor cannot run prompts inside a decode step")
-        if len(ids) != len(pslots) or len(ids) > MIX_PROMPTS:
-            raise ValueError(f"a step carries one slot per prompt, at most {MIX_PROMPTS} prompts")
-        if len(set(pslots.tolist()) | set(slots.tolist())) != len(pslots) + len(slots):
-            raise ValueError("prompt slots must be distinct and not among the decode rows")
-        if pslots.min() < 0 or pslots.max() >= self.max_slots:
-            raise ValueError(f"slot out of range [0, {self.max_slots})")
-        lens = np.array([len(p) for p in ids])
-        if lens.min() == 0:
-            raise ValueError("empty prompt")
-        if lens.max() + 1 > self.max_seq_len:
-            raise ValueError(f"prompt of {lens.max()} tokens does not fit the context of {self.max_seq_len}")
+        if len(prompts) > MIX_PROMPTS:
+            raise ValueError(f"a step carries at most {MIX_PROMPTS} prompts")
+        pslots, ids, lens = self._new_prompts(pslots, prompts, busy=slots)
         if lens.sum() > self.mix_tokens:
             raise ValueError(f"prompts of {lens.sum()} tokens: a step carries at most {self.mix_tokens}")
         return pslots, ids, lens

@@ -282,7 +282,7 @@ class Scheduler:
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
         self.prefill_wait = float(prefill_wait)
-        self.mix_prefill = bool(mix_prefill) and bool(getattr(executor, "can_mix", False))
+        self.mix_prefill = bool(mix_prefill) and executor.can_mix
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
         self._interval = self.stream_interval  # the current one, load included
@@ -361,6 +361,8 @@ class Scheduler:
         self.courier.call(lambda: self.metrics.step(*load, new, steps))
 
     def _drop_cancelled(self) -> None:
+        if not any(s.cancelled for s in self.running):  # after every step: no new list then
+            return
         keep = []
         for seq in self.running:
             if seq.cancelled:
@@ -383,18 +385,7 @@ class Scheduler:
 
     def _admit(self) -> int:
         """Move waiting requests into free slots, all prefilled in one executor call; return how many."""
-        budget, batch = self.prefill_token_budget, []
-        while len(batch) < len(self.free_slots):
-            with self._cv:
-                if not self.waiting or (batch and len(self.waiting[0].prompt_ids) > budget):
-                    break
-                seq = self.waiting.popleft()
-            if seq.cancelled:
-                self.stats.cancelled += 1
-                self._finish(seq, "cancelled")
-                continue
-            batch.append(seq)
-            budget -= len(seq.prompt_ids)
+        batch = self._pop_waiting(len(self.free_slots), self.prefill_token_budget, lambda seq: True, first_always=True)
         if not batch:
             return 0
         self._place(batch)
@@ -415,6 +406,27 @@ class Scheduler:
                 self.running.remove(seq)
         self.stats.prefill_s += time.perf_counter() - t
         return len(batch)
+
+    def _pop_waiting(self, cap: int, budget: int, fits: Callable[[Sequence], bool],
+                     first_always: bool = False) -> list[Sequence]:
+        """Up to `cap` requests from the head of the waiting line, while `fits` them and their
+        prompts stay within `budget` tokens (`first_always`: the first one whatever its length);
+        cancelled ones are finished on the way."""
+        batch = []
+        while len(batch) < cap:
+            with self._cv:
+                head = self.waiting[0] if self.waiting else None
+                if head is None or not fits(head) or (
+                        len(head.prompt_ids) > budget and not (first_always and not batch)):
+                    break
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                self.stats.cancelled += 1
+                self._finish(seq, "cancelled")
+                continue
+            batch.append(seq)
+            budget -= len(seq.prompt_ids)
+        return batch
 
     def _place(self, batch: list[Sequence]) -> None:
         """Give admitted sequences their slots, samplers and limits."""
@@ -456,21 +468,8 @@ class Scheduler:
         """Take the waiting requests a decode step will carry (free slots, the executor's prompt
         and token caps, greedy, bans compatible with `key`); they join `running` now and get their
         first token from that step."""
-        budget = min(self.ex.mix_tokens, self.prefill_token_budget)
-        cap = min(len(self.free_slots), getattr(self.ex, "mix_prompts", 1))
-        batch = []
-        while len(batch) < cap:
-            with self._cv:
-                if not self.waiting or not self._mixable(self.waiting[0], key) or \
-                        len(self.waiting[0].prompt_ids) > budget:
-                    break
-                seq = self.waiting.popleft()
-            if seq.cancelled:
-                self.stats.cancelled += 1
-                self._finish(seq, "cancelled")
-                continue
-            batch.append(seq)
-            budget -= len(seq.prompt_ids)
+        batch = self._pop_waiting(min(len(self.free_slots), self.ex.mix_prompts),
+                                  min(self.ex.mix_tokens, self.prefill_token_budget), lambda seq: self._mixable(seq, key))
         if batch:
             self._place(batch)
             self.running.extend(batch)
@@ -501,8 +500,9 @@ class Scheduler:
             self.stats.decode_wait_s += time.perf_counter() - t
             self._take(batch, tokens)
             return
-        new = self._pop_mix(_ban_key(batch, ban)) if self._mix_due(_ban_key(batch, ban)) else []
-        step = self._launch(batch, new, last, 0, None)
+        key = _ban_key(batch, ban)
+        new = self._pop_mix(key) if self._mix_due(key) else []
+        step = self._launch(batch, new, last, 0, None, ban)
         while True:
             ahead = None
             if self.ex.can_chain and not self._stop:
@@ -530,13 +530,14 @@ class Scheduler:
         if not rows and not new:
             return None
         self.stats.chained += 1
-        return rows, new, self._launch(rows, new, None, 1, step)
+        return rows, new, self._launch(rows, new, None, 1, step, ban)
 
-    def _launch(self, rows: list[Sequence], new: list[Sequence], tokens, ahead: int, chain):
-        """decode_greedy_begin over `rows` (`ahead`: steps in flight before this one) carrying
-        `new` prompts; their bans from the samplers."""
-        samplers = [s.sampler for s in rows] + [s.sampler for s in new]
-        ban = _greedy_ban(samplers, [ahead] * len(rows) + [0] * len(new))
+    def _launch(self, rows: list[Sequence], new: list[Sequence], tokens, ahead: int, chain, ban):
+        """decode_greedy_begin over `rows` (`ahead`: steps in flight before this one; `ban`: theirs)
+        carrying `new` prompts (the ban then covers their first-token rows too)."""
+        if new:
+            samplers = [s.sampler for s in rows] + [s.sampler for s in new]
+            ban = _greedy_ban(samplers, [ahead] * len(rows) + [0] * len(new))
         slots = np.array([s.slot for s in rows], dtype=np.int64)
         prompts = (np.array([s.slot for s in new], dtype=np.int64), [s.prompt_ids for s in new]) if new else None
         t = time.perf_counter()

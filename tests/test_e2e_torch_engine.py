@@ -16,7 +16,7 @@ def torch_server(tmp_path_factory):
     repo = build_repo(STORIES, tmp_path_factory.mktemp("torch") / "repo", engine="torch", device="cpu",
                       dtype="float32", max_batch_size=4)
     with TritonServer(repo) as srv, ChatClient(srv.grpc_url) as client:
-        yield repo, client
+        yield repo, client, srv
 
 
 def test_torch_engine_repository_and_greedy_parity(torch_server):
@@ -24,7 +24,7 @@ def test_torch_engine_repository_and_greedy_parity(torch_server):
 
     from transformers import AutoTokenizer
 
-    repo, client = torch_server
+    repo, client, _ = torch_server
     cfg = (repo / "generator" / "config.pbtxt").read_text()
     assert 'string_value: "torch"' in cfg and (repo / "generator" / "1" / "hf" / "config.json").exists()
     tok = AutoTokenizer.from_pretrained(str(STORIES))
@@ -33,3 +33,31 @@ def test_torch_engine_repository_and_greedy_parity(torch_server):
         outs = list(pool.map(lambda p: client.generate(p, max_tokens=30), prompts))
     for p, out in zip(prompts, outs):
         assert out.output_ids == hf_greedy(STORIES, tok(p)["input_ids"], 30), p
+
+
+def test_a_request_arriving_while_others_decode_rides_in_a_decode_step(torch_server):
+    """`mix_prefill` (on by default) through the real server: a request sent while another streams
+    is prefilled inside a decode step; both answers equal transformers' greedy ones, and the
+    generator's statistics at shutdown count the step that carried it."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    repo, client, srv = torch_server
+    assert 'key: "mix_prefill", value: { string_value: "true" }' in (repo / "generator" / "config.pbtxt").read_text()
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+    with client.stream("Once upon a time", max_tokens=120) as long:  # stories260K never says EOS
+        for delta in long:
+            if delta.output_ids:
+                break  # the long answer is decoding now
+        short = client.generate("The cat", max_tokens=20)
+        for _ in long:
+            pass
+        ids = long.completion.output_ids
+    assert short.output_ids == hf_greedy(STORIES, tok("The cat")["input_ids"], 20)
+    assert ids == hf_greedy(STORIES, tok("Once upon a time")["input_ids"], 120)
+    srv.stop()  # the last test of the module: the statistics come at shutdown
+    line = re.search(r"generator: scheduler (.*)", srv.log_text())
+    assert line, "no scheduler statistics in the server log"
+    stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
+    assert stats["mixed_steps"] >= 1, stats

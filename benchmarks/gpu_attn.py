@@ -26,7 +26,7 @@ from torch_executor_gpu import cuda_median_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:
-    from tritonchat.python_backend.engine_torch import (_next_pow2, _triton_kernels, decode_attention_config,
+    from tritonchat.python_backend.engines.torch.engine import (_next_pow2, _triton_kernels, decode_attention_config,
                                                         triton_cdiv)
 except ImportError:
     from python_backend.engine_torch import _next_pow2, _triton_kernels, decode_attention_config, triton_cdiv

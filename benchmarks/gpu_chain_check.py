@@ -21,10 +21,10 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 from tritonchat.build.synthetic import make_random_model
-from tritonchat.python_backend.detokenize import TextTracker
-from tritonchat.python_backend.engine_torch import TorchExecutor
-from tritonchat.python_backend.sampling import SamplingParams
-from tritonchat.python_backend.scheduler import Scheduler, Sequence
+from tritonchat.python_backend.batching.detokenize import TextTracker
+from tritonchat.python_backend.engines.torch import TorchEngine
+from tritonchat.python_backend.batching.sampling import SamplingParams
+from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 
 
 def run(ex, tok, jobs, end, mix_prefill=True):
@@ -70,7 +70,7 @@ def main():
 
     end = generate(jobs[2][0], 60, 60, None)[20]  # a token the model does say, ~20 tokens into job 2
     ref = [generate(prompt, n, m, end) for prompt, n, m in jobs]
-    ex = TorchExecutor(model=model, max_slots=4, max_seq_len=512, device=dev, dtype="float32")
+    ex = TorchEngine(model=model, max_slots=4, max_seq_len=512, device=dev, dtype="float32")
     ex.warmup()
     chained, st = run(ex, tok, jobs, end)  # chained steps, prompts riding in decode steps
     unmixed, st2 = run(ex, tok, jobs, end, mix_prefill=False)

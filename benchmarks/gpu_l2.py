@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_attn import HKV, HQ, D, LAYERS, SLOTS, graph_us, launch  # noqa: E402
 
 try:
-    from tritonchat.python_backend.engine_torch import _triton_kernels
+    from tritonchat.python_backend.engines.torch.engine import _triton_kernels
 except ImportError:
     from python_backend.engine_torch import _triton_kernels
 

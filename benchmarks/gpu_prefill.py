@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_executor_gpu import build_model  # noqa: E402
 
 try:
-    from tritonchat.python_backend.engine_torch import TorchExecutor
+    from tritonchat.python_backend.engines.torch import TorchEngine
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from python_backend.engine_torch import TorchExecutor
+    from python_backend.engine_torch import TorchEngine
 
 
 def prefill_times(ex, prompts, reps: int = 7) -> list[float]:
@@ -53,8 +53,8 @@ def timed(ex, prompts) -> float:
 def main() -> None:
     model = build_model()
     kw = dict(model=model, max_slots=64, max_seq_len=512, device="cuda", dtype="bfloat16")
-    eager, graphed = TorchExecutor(**kw), TorchExecutor(**kw, prefill_graphs=True)
-    padded = TorchExecutor(**kw, prefill_graphs=True, attention="sdpa")  # the right-padded SDPA layout
+    eager, graphed = TorchEngine(**kw), TorchEngine(**kw, prefill_graphs=True)
+    padded = TorchEngine(**kw, prefill_graphs=True, attention="sdpa")  # the right-padded SDPA layout
     for ex in (eager, graphed, padded):
         ex.warmup()
     rng = np.random.default_rng(0)
@@ -70,8 +70,8 @@ def main() -> None:
     del eager, graphed, padded
     torch.cuda.empty_cache()
     kw["dtype"] = "float32"
-    eager, graphed = TorchExecutor(**kw), TorchExecutor(**kw, prefill_graphs=True)
-    padded = TorchExecutor(**kw, prefill_graphs=True, attention="sdpa")
+    eager, graphed = TorchEngine(**kw), TorchEngine(**kw, prefill_graphs=True)
+    padded = TorchEngine(**kw, prefill_graphs=True, attention="sdpa")
     for ex in (eager, graphed, padded):
         ex.warmup()
     worst, same = 0.0, True

@@ -37,16 +37,16 @@ from torch_executor_gpu import build_model, cuda_median_ms  # noqa: E402
 
 try:
     from tritonchat.build.synthetic import load_tokenizer
-    from tritonchat.python_backend.detokenize import TextTracker
-    from tritonchat.python_backend.engine_torch import TorchExecutor
-    from tritonchat.python_backend.executor import Ban
-    from tritonchat.python_backend.sampling import SamplingParams
-    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.engines.torch import TorchEngine
+    from tritonchat.python_backend.engines.base import Ban
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from build.synthetic import load_tokenizer
     from python_backend.detokenize import TextTracker
-    from python_backend.engine_torch import TorchExecutor
+    from python_backend.engine_torch import TorchEngine
     from python_backend.executor import Ban
     from python_backend.sampling import SamplingParams
     from python_backend.scheduler import Scheduler, Sequence
@@ -235,7 +235,7 @@ def main() -> None:
     args = ap.parse_args()
     model = build_model()
     tok = load_tokenizer("llama2").backend_tokenizer
-    ex = TorchExecutor(model=model, max_slots=128, max_seq_len=512, device="cuda", dtype="bfloat16")
+    ex = TorchEngine(model=model, max_slots=128, max_seq_len=512, device="cuda", dtype="bfloat16")
     ex.warmup()
     for b in (1, 16, 64, 128):
         print(f"decode graph replay, batch {b:3d}, context 192: {decode_step(ex, b, 192):.3f} ms", flush=True)

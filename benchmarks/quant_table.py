@@ -7,7 +7,7 @@ random-init Llama-shaped model (12 layers, hidden 768, 12 heads / 4 KV heads, ML
 32000, the Llama-2 tokenizer): its perplexity is near the vocabulary size and its greedy output
 near-random, so only its size and speed columns say anything. For each precision the table gives
 size on disk (graph + data), perplexity on the TinyStories sample vs the FP32 PyTorch model,
-greedy token agreement (64 tokens, 4 prompts), and decode tokens/s through `OrtExecutor` at batch
+greedy token agreement (64 tokens, 4 prompts), and decode tokens/s through `OrtEngine` at batch
 1 and 8 (prompt 16 tokens, `--steps` timed decode steps, median step time; best of `--repeats`
 rounds, each round measuring every precision in turn), with ratios vs FP32.
 The extra row `int8-dynamic` is the other weight-only candidate (quantize_dynamic: INT8 per-channel
@@ -75,9 +75,9 @@ def decode_speed(onnx_path: Path, batch: int, steps: int, prompt_len: int = 16, 
 
 
 def _decode_speed(onnx_path: Path, batch: int, steps: int, prompt_len: int, threads: int) -> float:
-    from tritonchat.python_backend.engine_ort import OrtExecutor
+    from tritonchat.python_backend.engines.ort import OrtEngine
 
-    ex = OrtExecutor(onnx_path, max_slots=batch, max_seq_len=prompt_len + steps + 8, threads=threads)
+    ex = OrtEngine(onnx_path, max_slots=batch, max_seq_len=prompt_len + steps + 8, threads=threads)
     rng = np.random.default_rng(0)
     for s in range(batch):
         ex.prefill(s, rng.integers(3, min(ex.vocab_size, 500), prompt_len))
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         for r in mine:
             console.log(f"  {r['precision']}: decode {r['tok_s_b1']:.1f} tok/s at batch 1, {r['tok_s_b8']:.1f} at batch 8")
 
-    table = Table(title="Generator graph by precision (ONNX Runtime CPU, OrtExecutor)")
+    table = Table(title="Generator graph by precision (ONNX Runtime CPU, OrtEngine)")
     for col in ("model", "precision", "size MB", "size x", "perplexity", "ppl vs PyTorch FP32", "KL",
                 "greedy prefix agr.", "greedy pos. agr.", "decode tok/s b1", "x", "decode tok/s b8", "x"):
         table.add_column(col, justify="left" if col in ("model", "precision") else "right")

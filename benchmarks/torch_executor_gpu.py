@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TorchExecutor on a GPU: correctness against transformers and decode/prefill timings.
+"""TorchEngine on a GPU: correctness against transformers and decode/prefill timings.
 
 Builds a seeded random-init Llama with TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 heads,
 4 KV heads, intermediate 5632, vocab 32000) directly on the GPU in bf16 (no files), then
@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 try:
-    from tritonchat.python_backend.engine_torch import TorchExecutor  # installed package
+    from tritonchat.python_backend.engines.torch import TorchEngine  # installed package
 except ImportError:
-    from python_backend.engine_torch import TorchExecutor  # plain checkout (the device machine)
+    from python_backend.engine_torch import TorchEngine  # plain checkout (the device machine)
 
 CTX = 128  # context length the decode timings run at
 MAX_SEQ = 1024
@@ -110,7 +110,7 @@ def make_executor(model, variant, **kw):
     kernels, attention, graphs, bucket = VARIANTS[variant]
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
-    return TorchExecutor(**{**args, **kw})
+    return TorchEngine(**{**args, **kw})
 
 
 def rel(a, b) -> float:

@@ -8,7 +8,7 @@ Three figures, each for the graph under test and for the reference:
   reference's (perplexity can move either way by chance; KL only grows with the damage);
 * greedy agreement over `new_tokens` generated tokens on a prompt set: the fraction of tokens
   generated before the first divergence (`prefix_agreement`) and the position-wise fraction of
-  identical tokens (`token_agreement`). The graph under test generates through `OrtExecutor`
+  identical tokens (`token_agreement`). The graph under test generates through `OrtEngine`
   (prefill into slots, batched decode with the holes mask), exactly as the server runs it;
 * artifact size on disk (graph + external data).
 
@@ -105,7 +105,7 @@ class EvalReport:
 # models behind one small interface: logits of a window, greedy continuation of prompts
 # ----------------------------------------------------------------------------------------------
 class _OnnxModel:
-    """An exported KV-cache graph, run through the generator's own `OrtExecutor` (one session)."""
+    """An exported KV-cache graph, run through the generator's own `OrtEngine` (one session)."""
 
     def __init__(self, onnx_path: Path, threads: int = 0):
         self.path = Path(onnx_path)
@@ -113,13 +113,13 @@ class _OnnxModel:
         self.threads = threads
         self._ex = None
 
-    def _executor(self, slots: int = 1):
-        """The executor, with at least `slots` KV slots of the whole context (KV memory is mapped lazily)."""
-        from tritonchat.python_backend.engine_ort import OrtExecutor
+    def _engine(self, slots: int = 1):
+        """The engine, with at least `slots` KV slots of the whole context (KV memory is mapped lazily)."""
+        from tritonchat.python_backend.engines.ort import OrtEngine
 
         if self._ex is None or self._ex.max_slots < slots:
             # threads 0 here: ONNX Runtime's own default (all cores); the server's default is half
-            self._ex = OrtExecutor(self.path, max_slots=slots, max_seq_len=self.max_context,
+            self._ex = OrtEngine(self.path, max_slots=slots, max_seq_len=self.max_context,
                                    threads=self.threads or (os.cpu_count() or 1))
         return self._ex
 
@@ -134,7 +134,7 @@ class _OnnxModel:
         return artifact_size(self.path)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        ex = self._executor()
+        ex = self._engine()
         n = len(ids)
         empty = np.zeros((1, ex.num_kv_heads, 0, ex.head_dim), dtype=ex.kv_dtype)
         feeds = {"input_ids": ids[None].astype(np.int64), "attention_mask": np.ones((1, n), np.int64),
@@ -142,8 +142,8 @@ class _OnnxModel:
         return ex.session.run(["logits"], feeds)[0][0].astype(np.float32)
 
     def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
-        """All prompts at once through OrtExecutor: one slot each, batched decode (holes mask)."""
-        ex = self._executor(len(prompts))
+        """All prompts at once through OrtEngine: one slot each, batched decode (holes mask)."""
+        ex = self._engine(len(prompts))
         for s in range(len(prompts)):
             ex.release(s)
         last = np.array([int(np.argmax(ex.prefill(s, np.asarray(p, np.int64)))) for s, p in enumerate(prompts)])

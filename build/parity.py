@@ -1,11 +1,11 @@
 """Numerical parity of an exported ONNX graph against the PyTorch model it came from.
 
-`check_parity` drives the graph through `OrtExecutor`, the serving path itself, not a
+`check_parity` drives the graph through `OrtEngine`, the serving path itself, not a
 re-implementation of it, and compares logits with a plain (cache-free) transformers forward of
 the same token sequence:
 
 * ``prefill`` per prompt: the logits of every prompt position (the graph run with past length 0);
-* ``decode`` steps: all prompts sit in non-adjacent slots of one executor and advance together,
+* ``decode`` steps: all prompts sit in non-adjacent slots of one engine and advance together,
   one token per step, so a step is a batch of sequences of different lengths read through the
   "holes" attention mask (zeros between a short sequence's end and the batch's longest past).
   The tokens fed are the reference's own argmax, so both sides always see the same sequence.
@@ -18,7 +18,7 @@ models and stories260K) and those of a 1B model by ~1e-4, while the bugs this gu
 the logit spread (>= 0.1). The relative term keeps the check fair for models with large logits.
 Half-precision graphs get atol 2e-2, rtol 1e-2 (fp16's roundoff is 5e-4 per operation).
 
-`check_greedy` runs greedy generation through the executor with sequences joining and leaving
+`check_greedy` runs greedy generation through the engine with sequences joining and leaving
 shared slots at staggered steps, and compares the tokens with transformers' `generate`.
 """
 
@@ -154,13 +154,13 @@ def reference_logits(model, ids: Sequence[int]) -> np.ndarray:
     return model(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
 
 
-def _executor(onnx_path, max_slots: int, max_seq_len: int, threads: int = 0):
-    from ..python_backend.engine_ort import OrtExecutor
+def _engine(onnx_path, max_slots: int, max_seq_len: int, threads: int = 0):
+    from ..python_backend.engines.ort import OrtEngine
 
     onnx_path = Path(onnx_path)
     if not (onnx_path.parent / "kv_spec.json").is_file():
         raise FileNotFoundError(f"{onnx_path.parent / 'kv_spec.json'} is missing (export.write_spec writes it)")
-    return OrtExecutor(onnx_path, max_slots=max_slots, max_seq_len=max_seq_len, threads=threads)
+    return OrtEngine(onnx_path, max_slots=max_slots, max_seq_len=max_seq_len, threads=threads)
 
 
 def _row(check: str, tokens: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> ParityRow:
@@ -196,8 +196,8 @@ def check_parity(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
     rtol = d_rtol if rtol is None else float(rtol)
 
     n = len(ids)
-    slots = [2 * i + 1 for i in range(n)]  # non-adjacent: the executor gathers, not slices
-    ex = _executor(onnx_path, max_slots=2 * n + 1, max_seq_len=max(map(len, ids)) + decode_steps + 1,
+    slots = [2 * i + 1 for i in range(n)]  # non-adjacent: the engine gathers, not slices
+    ex = _engine(onnx_path, max_slots=2 * n + 1, max_seq_len=max(map(len, ids)) + decode_steps + 1,
                    threads=threads)
     rows: list[ParityRow] = []
     seqs = [list(x) for x in ids]
@@ -212,7 +212,7 @@ def check_parity(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
                  **{name: empty for name in ex.past_names}}
         full = ex.session.run(["logits"], feeds)[0][0]
         rows.append(_row(f"prefill p{i}", f"{len(x)} positions", full, ref, atol, rtol))
-        # ... and the executor's prefill into its slot (last position)
+        # ... and the engine's prefill into its slot (last position)
         last = ex.prefill(slot, np.asarray(x, dtype=np.int64))
         rows.append(_row(f"prefill p{i} -> slot {slot}", "last position", last, ref[-1], atol, rtol))
 
@@ -236,7 +236,7 @@ def check_parity(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
 @dataclasses.dataclass
 class GreedyResult:
     prompts: list[list[int]]
-    ort: list[list[int]]            # new tokens from the executor
+    ort: list[list[int]]            # new tokens from the engine
     hf: list[list[int]]             # new tokens from transformers' generate
     schedule: list[str]             # what the scheduler did, step by step (for failure messages)
 
@@ -253,9 +253,9 @@ class GreedyResult:
         return out
 
 
-def greedy_ort(executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids=(),
+def greedy_ort(engine, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids=(),
                join_every: int = 1) -> tuple[list[list[int]], list[str]]:
-    """Greedy decoding of `prompts` through `executor` with continuous batching.
+    """Greedy decoding of `prompts` through `engine` with continuous batching.
 
     Sequences wait in a queue; every `join_every` steps, one waiting sequence is prefilled into
     the lowest free slot (so they join at staggered steps), then every running sequence decodes
@@ -264,7 +264,7 @@ def greedy_ort(executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     """
     eos = set(int(e) for e in eos_ids)
     waiting = list(range(len(prompts)))
-    free = list(range(executor.max_slots))
+    free = list(range(engine.max_slots))
     running: dict[int, int] = {}       # slot -> prompt index
     out: list[list[int]] = [[] for _ in prompts]
     pending: dict[int, int] = {}       # slot -> token to feed next
@@ -272,7 +272,7 @@ def greedy_ort(executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     step = 0
 
     def finish(slot: int, i: int) -> None:
-        executor.release(slot)
+        engine.release(slot)
         del running[slot]
         pending.pop(slot, None)
         free.append(slot)
@@ -281,7 +281,7 @@ def greedy_ort(executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     while waiting or running:
         if waiting and free and step % join_every == 0:
             i, slot = waiting.pop(0), free.pop(0)
-            logits = executor.prefill(slot, np.asarray(prompts[i], dtype=np.int64))
+            logits = engine.prefill(slot, np.asarray(prompts[i], dtype=np.int64))
             t = int(np.argmax(logits))
             out[i].append(t)
             running[slot] = i
@@ -292,7 +292,7 @@ def greedy_ort(executor, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
                 pending[slot] = t
         if pending:
             slots = sorted(pending)
-            logits = executor.decode(np.asarray(slots), np.asarray([pending[s] for s in slots]))
+            logits = engine.decode(np.asarray(slots), np.asarray([pending[s] for s in slots]))
             log.append(f"step {step}: decode slots {slots}")
             for s, row in zip(slots, logits):
                 i = running[s]
@@ -337,7 +337,7 @@ def check_greedy(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
                  max_new_tokens: int = 16, max_slots: int = 2, join_every: int = 3,
                  eos_ids: Sequence[int] | None = None, threads: int = 0,
                  raise_on_error: bool = True) -> GreedyResult:
-    """Greedy tokens through `OrtExecutor` (staggered joins, shared slots) vs `generate`.
+    """Greedy tokens through `OrtEngine` (staggered joins, shared slots) vs `generate`.
 
     With fewer slots than prompts, later prompts wait for a slot to be released and reuse it.
     Raises AssertionError naming the first differing positions on a mismatch.
@@ -346,7 +346,7 @@ def check_greedy(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
     tok = _as_tokenizer(tokenizer, model) if any(isinstance(p, str) for p in prompts) else None
     ids = encode_prompts(tok, prompts)
     eos = model_eos_ids(model) if eos_ids is None else [int(e) for e in eos_ids]
-    ex = _executor(onnx_path, max_slots=max_slots, max_seq_len=max(map(len, ids)) + max_new_tokens + 1,
+    ex = _engine(onnx_path, max_slots=max_slots, max_seq_len=max(map(len, ids)) + max_new_tokens + 1,
                    threads=threads)
     ort_out, log = greedy_ort(ex, ids, max_new_tokens, eos, join_every=join_every)
     ref = greedy_torch(model, ids, max_new_tokens, eos)

@@ -82,7 +82,7 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
         files: dict[str, Path] = {}
 
         if engine == "torch":
-            with _step(progress, "Save weights for the torch executor"):
+            with _step(progress, "Save weights for the torch engine"):
                 model.save_pretrained(str(tmp / "hf"))
                 (tmp / "hf" / "kv_spec.json").write_text(json.dumps(spec.to_json()))
             files["hf"] = tmp / "hf"
@@ -111,7 +111,7 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             if engine == "tensorrt":
                 model_file = _tensorrt(progress, chosen, tmp, settings, max_seq_len, files)
 
-        values = template_values(settings, max_seq_len=max_seq_len, executor=engine, model_file=model_file)
+        values = template_values(settings, max_seq_len=max_seq_len, engine=engine, model_file=model_file)
         with _step(progress, f"Write Triton repository {output}"):
             write_repository(output, values, tokenizer=tokenizer, generation_config=gen_cfg,
                              generator_files=files, info=info)

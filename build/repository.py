@@ -21,17 +21,17 @@ def template_dir() -> Path:
     return Path(str(files("tritonchat.model_repository")))
 
 
-def template_values(settings: dict, *, max_seq_len: int, executor: str, model_file: str) -> dict:
+def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file: str) -> dict:
     m = settings["models"]
     values = {
         "max_batch_size": settings["max_batch_size"],
         "max_seq_len": max_seq_len,
-        "executor": executor,
-        "precision": settings["precision"] if executor != "torch" else settings["dtype"],
+        "engine": engine,
+        "precision": settings["precision"] if engine != "torch" else settings["dtype"],
         "model_file": model_file,
         "device": settings["device"],
         "dtype": settings["dtype"],
-        "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or executor == "tensorrt" else "KIND_CPU",
+        "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or engine == "tensorrt" else "KIND_CPU",
     }
     for model, opts in m.items():
         for key, value in opts.items():

@@ -13,11 +13,11 @@ quantize kept (norms, softmax, rotary angles) stay FP32. On an older, weakly typ
 builder flags FP16 / INT8 are set instead. `int8-weight-only` graphs (ONNX Runtime's MatMulNBits)
 are not TensorRT graphs: build int8 or fp16 for TensorRT.
 
-Two optimization profiles by default, one per shape the executor runs: `prefill` (batch 1, seq
+Two optimization profiles by default, one per shape the engine runs: `prefill` (batch 1, seq
 1..max_seq_len, past 0) and `decode` (batch 1..max_batch_size, seq 1, past 0..max_seq_len-1).
 The plan is written with `<plan>.json` beside it (TensorRT version, GPU, compute capability,
 precision, profiles, sha256 of the graph and its data) and a copy of kv_spec.json. A plan runs
-only with the TensorRT version and GPU it was built for; TrtExecutor checks the metadata.
+only with the TensorRT version and GPU it was built for; TrtEngine checks the metadata.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ import triton_python_backend_utils as pb_utils
 
 from . import triton_io as io
 from .allocator import keep_freed_memory
-from .detokenize import TextTracker
-from .executor import create_executor
+from .batching.detokenize import TextTracker
+from .engines import create_engine
 from .metrics import GeneratorMetrics
-from .sampling import InvalidParameter, SamplingParams
-from .scheduler import Output, QueueFull, Scheduler, Sequence
+from .batching.sampling import InvalidParameter, SamplingParams
+from .batching.scheduler import Output, QueueFull, Scheduler, Sequence
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -36,25 +36,26 @@ class TritonPythonModel:
         self.max_seq_len = int(params["max_seq_len"])
         self.tokenizer = io.load_fast_tokenizer(version_dir)
         self.end_ids = _end_ids(version_dir, self.tokenizer)
-        self.executor = create_executor(
-            params.get("executor", "onnxruntime"),
+        self.engine = create_engine(
+            # `executor`: the name repositories built before this release used for the same parameter
+            params.get("engine") or params.get("executor") or "onnxruntime",
             model_path=str(version_dir / params.get("model_file", "model.onnx")),
             max_slots=int(params.get("max_slots", config.get("max_batch_size", 16) or 16)),
             max_seq_len=self.max_seq_len,
             threads=int(params.get("threads", "0")),
             device=params.get("device", "cpu"),
             dtype=params.get("dtype", "float32"),
-            **_executor_options(params),
+            **_engine_options(params),
         )
-        self.executor.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
-        self.scheduler = Scheduler(self.executor, max_queue_size=int(params.get("max_waiting", "256")),
+        self.engine.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
+        self.scheduler = Scheduler(self.engine, max_queue_size=int(params.get("max_waiting", "256")),
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
                                    prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    mix_prefill=_flag(params.get("mix_prefill", "true")),
                                    metrics=GeneratorMetrics(self.model_name))
-        pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.executor.describe())}, "
+        pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
                                  f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
 
     def execute(self, requests):
@@ -103,7 +104,7 @@ class TritonPythonModel:
     def finalize(self):
         self.scheduler.shutdown()
         summary = self.scheduler.stats.summary()
-        captures = getattr(self.executor, "captures", None)  # CUDA graphs (torch executor)
+        captures = getattr(self.engine, "captures", None)  # CUDA graphs (torch engine)
         if captures:
             summary.update({f"graph_captures_{k}": round(v, 3) for k, v in captures.items()})
         stats = " ".join(f"{k}={v}" for k, v in summary.items())
@@ -148,8 +149,8 @@ def _stream_rate(value: str) -> float:
     return float(value or 0)
 
 
-def _executor_options(params: dict) -> dict:
-    """Optional executor knobs a repository may set as parameters (absent: the executor's defaults)."""
+def _engine_options(params: dict) -> dict:
+    """Optional engine knobs a repository may set as parameters (absent: the engine's defaults)."""
     opts = {k: params[k] for k in ("kernels", "attention") if params.get(k)}
     for flag in ("cuda_graphs", "prefill_graphs"):
         if params.get(flag):

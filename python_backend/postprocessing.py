@@ -6,7 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import triton_io as io
-from .detokenize import delta
+from .batching.detokenize import delta
 
 PASS_THROUGH = ("num_input_tokens", "num_output_tokens", "finish_reason")
 

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import triton_io as io
-from .sampling import InvalidParameter
+from .batching.sampling import InvalidParameter
 
 
 class TritonPythonModel:

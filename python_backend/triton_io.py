@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from .allocator import keep_freed_memory
 from .manifest import verify_model_dir
-from .sampling import InvalidParameter
+from .batching.sampling import InvalidParameter
 
 
 def model_setup(args: dict) -> tuple[dict, dict, Path]:

@@ -11,7 +11,7 @@ from tritonchat.build.settings import SettingsError, load_settings
 
 
 def render(settings):
-    values = template_values(settings, max_seq_len=256, executor=settings["engine"], model_file="model.onnx")
+    values = template_values(settings, max_seq_len=256, engine=settings["engine"], model_file="model.onnx")
     return {m: string.Template((template_dir() / m / "config.pbtxt").read_text()).substitute(values) for m in MODELS}
 
 

@@ -1,4 +1,4 @@
-"""TorchExecutor on CPU (float32, no CUDA graphs) against transformers itself.
+"""TorchEngine on CPU (float32, no CUDA graphs) against transformers itself.
 
 Greedy generation through the executor, with sequences joining at different steps over 3 slots and
 a released slot reused, must equal `generate(do_sample=False)` token for token; every logits row the
@@ -18,7 +18,7 @@ import pytest
 from conftest import SHARED
 import torch
 
-from tritonchat.python_backend.engine_torch import TorchExecutor
+from tritonchat.python_backend.engines.torch import TorchEngine
 
 STORIES = SHARED / "models" / "stories260K"
 N_NEW = 12
@@ -31,7 +31,7 @@ def _prompts(vocab: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(3, vocab, size=n).astype(np.int64) for n, _ in PLAN]
 
 
-def _run_staggered(ex: TorchExecutor, prompts):
+def _run_staggered(ex: TorchEngine, prompts):
     """Greedy decode the prompts through `ex`; returns tokens and logits rows for each prompt."""
     joins = {step: i for i, (_, step) in enumerate(PLAN)}
     free = list(range(ex.max_slots))
@@ -84,7 +84,7 @@ def _check_against_hf(model, ex, vocab):
 
 
 def _executor(path, **kw):
-    return TorchExecutor(str(path), max_slots=3, max_seq_len=64, device="cpu", dtype="float32",
+    return TorchEngine(str(path), max_slots=3, max_seq_len=64, device="cpu", dtype="float32",
                          cuda_graphs=False, **kw)
 
 
@@ -150,7 +150,7 @@ def test_gpt2_uses_hf_fallback(tmp_path):
     assert ex.describe()["path"] == "hf-fallback"
     _check_against_hf(model, ex, 512)
     # the fallback bans by indexing too: the banned row's best id is never chosen
-    from tritonchat.python_backend.executor import Ban
+    from tritonchat.python_backend.engines.base import Ban
 
     for s in (0, 1):
         ex.release(s)
@@ -166,7 +166,7 @@ def test_gpt2_uses_hf_fallback(tmp_path):
 
 def test_prefill_and_decode_errors(tmp_path):
     model, path = _random_model(tmp_path, "qwen2")
-    ex = TorchExecutor(str(path), max_slots=2, max_seq_len=8, device="cpu", dtype="float32", cuda_graphs=False)
+    ex = TorchEngine(str(path), max_slots=2, max_seq_len=8, device="cpu", dtype="float32", cuda_graphs=False)
     with pytest.raises(ValueError):
         ex.prefill(0, np.arange(8))  # n + 1 > max_seq_len
     with pytest.raises(ValueError):
@@ -190,7 +190,7 @@ def test_batched_prefill_equals_one_at_a_time(tmp_path, arch):
     kw = dict(max_slots=4, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # gpt2: the fallback warns
-        one, many = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+        one, many = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 512, n) for n in (7, 1, 19, 4)]
     slots = [2, 0, 3, 1]
@@ -214,7 +214,7 @@ def test_padded_prefill_of_the_graphs_equals_the_packed_one(tmp_path):
     prefill, nothing written outside the prompts' own slots but the dummy slot."""
     model, path = _random_model(tmp_path, "qwen2")
     kw = dict(max_slots=6, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
-    packed, padded = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    packed, padded = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 512, n) for n in (7, 1, 19)]
     slots, lens = [2, 0, 4], np.array([7, 1, 19])
@@ -242,11 +242,11 @@ def test_padded_prefill_of_the_graphs_equals_the_packed_one(tmp_path):
 
 def test_decode_greedy_ban(tmp_path):
     """`ban` masks the given ids in the given rows only (min_tokens on the device)."""
-    from tritonchat.python_backend.executor import Ban
+    from tritonchat.python_backend.engines.base import Ban
 
     _, path = _random_model(tmp_path, "qwen2")
     kw = dict(max_slots=2, max_seq_len=32, device="cpu", dtype="float32", cuda_graphs=False)
-    a, b = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    a, b = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
     for ex in (a, b):
         ex.prefill_batch([0, 1], [np.arange(5), np.arange(3, 9)])
     slots, toks = np.array([0, 1]), np.array([7, 8])
@@ -257,7 +257,7 @@ def test_decode_greedy_ban(tmp_path):
     masked[[top[1], 5]] = -np.inf
     assert got.tolist() == [top[0], masked.argmax()]
     # more ids than the step's input rows hold (BAN_IDS) are banned after the step: same answer
-    from tritonchat.python_backend.engine_torch import BAN_IDS
+    from tritonchat.python_backend.engines.torch.engine import BAN_IDS
 
     many = np.argsort(logits[0])[::-1][: BAN_IDS + 3].copy()  # row 0's best ids
     for ex in (a, b):
@@ -271,7 +271,7 @@ def test_chained_steps_take_the_previous_ids_on_the_device(tmp_path):
     chain to an older step falls back to that step's ids from the host. Both equal plain steps."""
     _, path = _random_model(tmp_path, "qwen3")
     kw = dict(max_slots=3, max_seq_len=32, device="cpu", dtype="float32", cuda_graphs=False)
-    plain, chained = TorchExecutor(str(path), **kw), TorchExecutor(str(path), **kw)
+    plain, chained = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
     slots = np.array([2, 0])
     for ex in (plain, chained):
         ex.prefill_batch([2, 0], [np.arange(4), np.arange(3, 9)])
@@ -305,12 +305,12 @@ def test_prompts_ride_in_a_decode_step(tmp_path):
     the next step chains over the new row set (the prompts' first tokens taken on the device); a
     ban reaches a prompt's row. The padded form a CUDA graph runs (spare decode and prompt
     columns, prompts padded to a token bucket) gives the same and writes only the dummy slot."""
-    from tritonchat.python_backend.engine_torch import MIX_PROMPTS
-    from tritonchat.python_backend.executor import Ban
+    from tritonchat.python_backend.engines.torch.engine import MIX_PROMPTS
+    from tritonchat.python_backend.engines.base import Ban
 
     _, path = _random_model(tmp_path, "qwen3")
     kw = dict(max_slots=6, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
-    plain, mixed, padded = (TorchExecutor(str(path), **kw) for _ in range(3))
+    plain, mixed, padded = (TorchEngine(str(path), **kw) for _ in range(3))
     rng = np.random.default_rng(7)
     old = [rng.integers(0, 512, n) for n in (6, 11)]
     new = [rng.integers(0, 512, n) for n in (9, 1, 14)]
@@ -360,15 +360,15 @@ def test_prompts_ride_in_a_decode_step(tmp_path):
 
 _INTERPRETED = r"""
 import sys, numpy as np, torch
-from tritonchat.python_backend.engine_torch import TorchExecutor
+from tritonchat.python_backend.engines.torch import TorchEngine
 path, = sys.argv[1:]
 kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False)
-ref = TorchExecutor(path, kernels="torch", attention="sdpa", **kw)
-tri = TorchExecutor(path, kernels="triton", attention="triton", **kw)
-one = TorchExecutor(path, kernels="triton", attention="triton", **kw)
+ref = TorchEngine(path, kernels="torch", attention="sdpa", **kw)
+tri = TorchEngine(path, kernels="triton", attention="triton", **kw)
+one = TorchEngine(path, kernels="triton", attention="triton", **kw)
 one._sms = 1  # as if the batch filled every SM: decode attention in one split, no combine kernel
 tri.split_min = 0  # a 96-position cache would not be split: split it, the combine kernel runs
-few = TorchExecutor(path, kernels="triton", attention="triton", **kw)
+few = TorchEngine(path, kernels="triton", attention="triton", **kw)
 few._sms = 1024  # a few rows, a short cache: one split of longer key blocks
 assert tri._splits(3) > 1 and one._splits(3) == 1 and few._splits(3) == 1
 rng = np.random.default_rng(1)

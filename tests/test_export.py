@@ -1,7 +1,7 @@
 """ONNX export with a KV cache, checked against transformers for GPT-2, Qwen2, Llama and stories260K.
 
 Each architecture is built once per module (seeded random weights, the real tokenizers from
-../shared), exported with `export_onnx`, and then driven through `OrtExecutor`: logits parity
+../shared), exported with `export_onnx`, and then driven through `OrtEngine`: logits parity
 for prefill and batched decode with holes in the mask, and greedy generation with sequences
 joining shared slots at staggered steps, token for token against `generate(do_sample=False)`.
 """

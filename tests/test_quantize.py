@@ -1,4 +1,4 @@
-"""FP16 / INT8 / INT8 weight-only graphs of the tiny real model, run through OrtExecutor."""
+"""FP16 / INT8 / INT8 weight-only graphs of the tiny real model, run through OrtEngine."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} not present
 
 
 def _greedy(model_path, prompt_ids, n=16):
-    from tritonchat.python_backend.engine_ort import OrtExecutor
+    from tritonchat.python_backend.engines.ort import OrtEngine
 
-    ex = OrtExecutor(model_path, max_slots=2, max_seq_len=64, threads=1)
+    ex = OrtEngine(model_path, max_slots=2, max_seq_len=64, threads=1)
     tok = int(np.argmax(ex.prefill(0, np.asarray(prompt_ids))))
     out = [tok]
     for _ in range(n - 1):
@@ -125,15 +125,15 @@ def test_int8_weight_only_uses_8bit_matmulnbits(graphs):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_batched_decode_with_holes_matches_single_sequences(graphs, tokenizer, precision):
     """Slots of different lengths in one decode step (holes in the mask) give each sequence's own logits."""
-    from tritonchat.python_backend.engine_ort import OrtExecutor
+    from tritonchat.python_backend.engines.ort import OrtEngine
 
     path = graphs[precision]
     prompts = [_prompt(tokenizer, "The dog ran to the park and"), _prompt(tokenizer, "Tom")]
-    ex = OrtExecutor(path, max_slots=3, max_seq_len=64, threads=1)
+    ex = OrtEngine(path, max_slots=3, max_seq_len=64, threads=1)
     firsts = [int(np.argmax(ex.prefill(s, np.asarray(p)))) for s, p in zip((0, 2), prompts)]
     batched = ex.decode(np.array([0, 2]), np.array(firsts))
     for p, t, row in zip(prompts, firsts, batched):
-        single = OrtExecutor(path, max_slots=1, max_seq_len=64, threads=1)
+        single = OrtEngine(path, max_slots=1, max_seq_len=64, threads=1)
         single.prefill(0, np.asarray(p))
         alone = single.decode(np.array([0]), np.array([t]))[0]
         np.testing.assert_allclose(row, alone, atol=2e-2 if precision == "fp16" else 1e-3)

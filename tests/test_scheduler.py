@@ -16,20 +16,20 @@ def engine(tmp_path_factory):
     from tokenizers import Tokenizer
 
     from tritonchat.build.export import export_onnx, load_model, write_spec
-    from tritonchat.python_backend.engine_ort import OrtExecutor
+    from tritonchat.python_backend.engines.ort import OrtEngine
 
     need(STORIES)
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     spec = export_onnx(load_model(str(STORIES)), out)
     write_spec(spec, out.parent / "kv_spec.json")
-    return OrtExecutor(out, max_slots=4, max_seq_len=256), Tokenizer.from_file(str(STORIES / "tokenizer.json"))
+    return OrtEngine(out, max_slots=4, max_seq_len=256), Tokenizer.from_file(str(STORIES / "tokenizer.json"))
 
 
 def _run(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, mix_prefill=True,
          **params):
-    from tritonchat.python_backend.detokenize import TextTracker, delta
-    from tritonchat.python_backend.sampling import SamplingParams
-    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 
     ex, tok = engine
     sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill)
@@ -117,10 +117,10 @@ def test_chained_steps_give_the_same_answers(engine):
     device, launched before the host reads them). Requests of different lengths, a pile-up beyond
     the slots, and a token playing an end id (so one sequence ends inside a chain): same answers
     with and without chaining, and as each alone."""
-    from tritonchat.python_backend.engine_torch import TorchExecutor
+    from tritonchat.python_backend.engines.torch import TorchEngine
 
     _, tok = engine
-    ex = TorchExecutor(str(STORIES), max_slots=4, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    ex = TorchEngine(str(STORIES), max_slots=4, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
     assert ex.can_chain
     natural, _ = _run((ex, tok), [("Once upon a time", 40, False)])
     ids = natural[0][-1].release.window
@@ -163,11 +163,11 @@ def test_prompts_in_decode_steps_with_min_tokens_and_cancellation():
     end, and their slots serve the request behind them."""
     from tokenizers import Tokenizer
 
-    from tritonchat.python_backend.engine_torch import TorchExecutor
+    from tritonchat.python_backend.engines.torch import TorchEngine
 
     need(STORIES)
     tok = Tokenizer.from_file(str(STORIES / "tokenizer.json"))
-    ex = TorchExecutor(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    ex = TorchEngine(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
     natural, _ = _run((ex, tok), [("The cat", 30, False)])
     ids = natural[0][-1].release.window
     end = next(t for i, t in enumerate(ids) if i >= 3 and t not in ids[:i])
@@ -208,9 +208,9 @@ class _Recording:
 def _staggered(engine, prefill_wait, gaps, max_slots=None):
     """Submit one long request, then one more after each gap (seconds); return (prefill group sizes,
     seconds from each later request's arrival to its first token)."""
-    from tritonchat.python_backend.detokenize import TextTracker
-    from tritonchat.python_backend.sampling import SamplingParams
-    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 
     ex, tok = engine
     rec = _Recording(ex)
@@ -259,8 +259,8 @@ def test_prefill_wait_ends_when_the_waiting_fill_the_free_slots(engine):
 def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
     """While the courier is busy, queued deltas of one stream merge into one response, and a first
     token or a final response waiting behind them goes out first; each stream's text stays in order."""
-    from tritonchat.python_backend.detokenize import Release
-    from tritonchat.python_backend.scheduler import Courier, Output, Sequence
+    from tritonchat.python_backend.batching.detokenize import Release
+    from tritonchat.python_backend.batching.scheduler import Courier, Output, Sequence
 
     sent, gate = [], threading.Event()
 
@@ -297,9 +297,9 @@ def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch)
     Asking tritonserver about a request after that crashed the server (its response factory is freed
     with the final response), so the courier must watch a request before the loop can finish it: here
     `watch` is slowed down, and each one-token request is finished at once by its prefill."""
-    from tritonchat.python_backend.detokenize import TextTracker
-    from tritonchat.python_backend.sampling import SamplingParams
-    from tritonchat.python_backend.scheduler import Courier, Scheduler, Sequence
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Courier, Scheduler, Sequence
 
     slow_watch = Courier.watch
 
@@ -344,14 +344,14 @@ def test_a_request_banning_other_end_ids_is_not_starved():
     waiting for the first stream to pass its `min_tokens` (or end)."""
     from tokenizers import Tokenizer
 
-    from tritonchat.python_backend.detokenize import TextTracker
-    from tritonchat.python_backend.engine_torch import TorchExecutor
-    from tritonchat.python_backend.sampling import SamplingParams
-    from tritonchat.python_backend.scheduler import Scheduler, Sequence
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.engines.torch import TorchEngine
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 
     need(STORIES)
     tok = Tokenizer.from_file(str(STORIES / "tokenizer.json"))
-    ex = TorchExecutor(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
+    ex = TorchEngine(str(STORIES), max_slots=3, max_seq_len=256, device="cpu", dtype="float32", cuda_graphs=False)
     sched = Scheduler(ex)
     first_seen, long_count, done = threading.Event(), [0], threading.Semaphore(0)
     at_first = []

@@ -31,7 +31,7 @@ def _tokenizer(name):
 @pytest.mark.parametrize("name", ["gpt2", "llama2"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_token_by_token_release_never_splits_a_character(name, text):
-    from tritonchat.python_backend.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
 
     hf = _tokenizer(name)
     tok = hf.backend_tokenizer
@@ -55,7 +55,7 @@ def test_token_by_token_release_never_splits_a_character(name, text):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama2"])
 def test_stop_string_inside_multibyte_text(name):
-    from tritonchat.python_backend.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
 
     hf = _tokenizer(name)
     tok = hf.backend_tokenizer
@@ -127,7 +127,7 @@ def test_byte_fallback_run_is_never_split_between_releases():
     """SentencePiece renders a run of byte tokens all at once: valid UTF-8 as text, else one
     U+FFFD per byte. A run that is valid so far ("你") can turn invalid with its next byte, so
     the tracker must hold it until a non-byte token closes it."""
-    from tritonchat.python_backend.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
 
     hf = _tokenizer("llama2")
     tok = hf.backend_tokenizer

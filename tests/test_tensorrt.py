@@ -58,13 +58,13 @@ def test_graphs_tensorrt_cannot_take_are_refused_before_importing_it(graphs, tmp
 
 def test_trt_executor_without_tensorrt_raises_clear_error(tmp_path):
     from tritonchat.build.tensorrt import tensorrt_available
-    from tritonchat.python_backend.engine_trt import TensorRTExecutorError
-    from tritonchat.python_backend.executor import create_executor
+    from tritonchat.python_backend.engines.trt import TensorRTEngineError
+    from tritonchat.python_backend.engines import create_engine
 
     if tensorrt_available()[0]:
         pytest.skip("tensorrt is importable here")
-    with pytest.raises(TensorRTExecutorError, match="tensorrt not importable"):
-        create_executor("tensorrt", model_path=tmp_path / "model.plan", max_slots=2, max_seq_len=64)
+    with pytest.raises(TensorRTEngineError, match="tensorrt not importable"):
+        create_engine("tensorrt", model_path=tmp_path / "model.plan", max_slots=2, max_seq_len=64)
 
 
 def test_profiles_cover_prefill_and_decode():
@@ -93,8 +93,8 @@ def test_profiles_cover_prefill_and_decode():
 def test_engine_builds_and_generates_like_onnxruntime(graphs, tokenizer, tmp_path, precision):  # noqa: F811
     _need_tensorrt()
     from tritonchat.build.tensorrt import build_engine, make_profiles, plan_meta_path
-    from tritonchat.python_backend.engine_ort import OrtExecutor
-    from tritonchat.python_backend.engine_trt import TrtExecutor
+    from tritonchat.python_backend.engines.ort import OrtEngine
+    from tritonchat.python_backend.engines.trt import TrtEngine
 
     plan = build_engine(graphs[precision], tmp_path / "model.plan", precision=precision,
                         profiles=make_profiles(4, 128), timing_cache_path=tmp_path / "timing.cache",
@@ -105,8 +105,8 @@ def test_engine_builds_and_generates_like_onnxruntime(graphs, tokenizer, tmp_pat
 
     prompts = [[1] + tokenizer(p, add_special_tokens=False)["input_ids"]
                for p in ("Once upon a time", "The dog ran to the park and")]
-    trt_ex = TrtExecutor(plan, max_slots=4, max_seq_len=128)
-    ort_ex = OrtExecutor(graphs[precision], max_slots=4, max_seq_len=128)
+    trt_ex = TrtEngine(plan, max_slots=4, max_seq_len=128)
+    ort_ex = OrtEngine(graphs[precision], max_slots=4, max_seq_len=128)
     slots = np.array([0, 3])  # non-adjacent slots, different lengths: holes in the mask
     for ex in (trt_ex, ort_ex):
         ex.first = [int(np.argmax(ex.prefill(s, np.asarray(p)))) for s, p in zip(slots, prompts)]

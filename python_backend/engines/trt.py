@@ -1,6 +1,6 @@
-"""TensorRT executor: the KV-cache plan run on the GPU, one slot per sequence.
+"""TensorRT engine: the KV-cache plan run on the GPU, one slot per sequence.
 
-Same slot semantics as `OrtExecutor` (see engine_ort.py): the cache is one torch CUDA tensor per
+Same slot semantics as `OrtEngine` (see engines/ort.py): the cache is one torch CUDA tensor per
 layer and K/V, [slots, kv_heads, max_seq_len, head_dim] in the plan's KV dtype; a decode step
 gathers `cache[slots, :, :Lmax]` as the past input, masks each slot's unused positions with the
 attention mask, and scatters only the new column back into position L of each slot. All device work
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine_ort import decode_layout
-from .executor import Executor
+from .base import Engine
+from .slots import decode_layout
 
 
-class TensorRTExecutorError(RuntimeError):
+class TensorRTEngineError(RuntimeError):
     pass
 
 
@@ -30,17 +30,17 @@ def _import():
     try:
         import tensorrt as trt
     except Exception as exc:
-        raise TensorRTExecutorError(
-            f"tensorrt not importable: {exc}. The tensorrt executor needs TensorRT's Python package and "
+        raise TensorRTEngineError(
+            f"tensorrt not importable: {exc}. The tensorrt engine needs TensorRT's Python package and "
             "an NVIDIA GPU; rebuild the repository with --engine onnxruntime to serve on CPU.") from exc
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTExecutorError("the tensorrt executor needs a CUDA GPU visible to torch")
+        raise TensorRTEngineError("the tensorrt engine needs a CUDA GPU visible to torch")
     return trt, torch
 
 
-class TrtExecutor(Executor):
+class TrtEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int, device: str = "cuda:0",
                  **_unused):
         trt, torch = _import()
@@ -51,7 +51,7 @@ class TrtExecutor(Executor):
         self.meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         built_with = self.meta.get("tensorrt_version")
         if built_with and built_with != trt.__version__:
-            raise TensorRTExecutorError(f"{plan} was built with TensorRT {built_with}, this is {trt.__version__}: "
+            raise TensorRTEngineError(f"{plan} was built with TensorRT {built_with}, this is {trt.__version__}: "
                                         "plans are not portable across versions, rebuild it")
         self.num_layers = int(spec["num_layers"])
         self.num_kv_heads = int(spec["num_kv_heads"])
@@ -66,14 +66,14 @@ class TrtExecutor(Executor):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise TensorRTExecutorError(f"TensorRT could not deserialize {plan} (built for another GPU?)")
+            raise TensorRTEngineError(f"TensorRT could not deserialize {plan} (built for another GPU?)")
         self.stream = torch.cuda.Stream(device=self.device)
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         missing = {"input_ids", "logits", *self.past_names, *self.present_names} - set(io)
         if missing:
-            raise TensorRTExecutorError(f"{plan} lacks tensors {sorted(missing)[:4]}")
+            raise TensorRTEngineError(f"{plan} lacks tensors {sorted(missing)[:4]}")
         self.inputs = [n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.dtypes = {n: self._torch_dtype(self.engine.get_tensor_dtype(n)) for n in io}
         self.kv_dtype = self.dtypes["past_key_values.0.key"]
@@ -104,7 +104,7 @@ class TrtExecutor(Executor):
             if hasattr(trt.DataType, name):
                 table[getattr(trt.DataType, name)] = tdt
         if dt not in table:
-            raise TensorRTExecutorError(f"unsupported TensorRT I/O type {dt}")
+            raise TensorRTEngineError(f"unsupported TensorRT I/O type {dt}")
         return table[dt]
 
     def _context(self, batch: int, seq: int, past: int):
@@ -134,14 +134,14 @@ class TrtExecutor(Executor):
             ctx.set_tensor_address(name, out.data_ptr())
             outputs[name] = out
         if not ctx.execute_async_v3(self.stream.cuda_stream):
-            raise TensorRTExecutorError("execute_async_v3 failed")
+            raise TensorRTEngineError("execute_async_v3 failed")
         outputs["_feeds"] = feeds  # keep the inputs alive until the stream has used them
         return outputs
 
     def _tensor(self, a, dtype):
         return self.torch.as_tensor(np.ascontiguousarray(a), dtype=dtype).to(self.device, non_blocking=False)
 
-    # -- Executor API ------------------------------------------------------------------------
+    # -- Engine API ------------------------------------------------------------------------
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
         torch = self.torch
         n = len(token_ids)

@@ -1,11 +1,12 @@
 """The engine interface the generator's scheduler drives.
 
-An executor owns the model and the KV cache of `max_slots` sequences. A sequence lives in one
+An engine owns the model and the KV cache of `max_slots` sequences. A sequence lives in one
 slot from its prefill until `release`; the scheduler never copies KV data, it only names slots.
 Every call returns float32 logits on the host as a numpy array (the sampler's input).
 
-Implementations: `engine_ort.OrtExecutor` (ONNX Runtime, CPU: the embedded default),
-`engine_torch.TorchExecutor` (PyTorch, CUDA graphs) and `engine_trt.TrtExecutor` (TensorRT plan).
+Implementations: `engines.ort.OrtEngine` (ONNX Runtime, CPU: the embedded default),
+`engines.torch.TorchEngine` (PyTorch, CUDA graphs) and `engines.trt.TrtEngine` (TensorRT plan);
+`engines.create_engine` builds the one a repository names.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Ban:
     ids: np.ndarray
 
 
-class Executor(abc.ABC):
+class Engine(abc.ABC):
     max_slots: int
     max_seq_len: int
     vocab_size: int
@@ -40,7 +41,7 @@ class Executor(abc.ABC):
     def prefill_batch(self, slots, prompts) -> np.ndarray:
         """Prefill several empty slots (`prompts[i]` into `slots[i]`); return the last logits [n, vocab].
 
-        Executors that can run prompts of different lengths in one forward override this.
+        Engines that can run prompts of different lengths in one forward override this.
         """
         return np.stack([self.prefill(int(s), p) for s, p in zip(slots, prompts)])
 
@@ -48,7 +49,7 @@ class Executor(abc.ABC):
         """`decode` followed by argmax: the next token of each slot (int64 [len(slots)]).
 
         `ban`: token ids that must not be chosen in some rows (a request's end ids before its
-        `min_tokens`). Executors on a device override this to take the argmax there and copy back
+        `min_tokens`). Engines on a device override this to take the argmax there and copy back
         only the ids.
         """
         logits = self.decode(slots, tokens)
@@ -66,18 +67,18 @@ class Executor(abc.ABC):
     mix_prompts = 0
 
     def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None, prompts=None):
-        """Start a greedy step; `.result()` gives its tokens. Here it runs at once; executors on a
+        """Start a greedy step; `.result()` gives its tokens. Here it runs at once; engines on a
         device return while it runs, and with `chain` (the previous step, same slots) take its
         tokens on the device, and with `prompts` also prefill new sequences in the same forward
-        (see `engine_torch.TorchExecutor.decode_greedy_begin`)."""
+        (see `engines.torch.TorchEngine.decode_greedy_begin`)."""
         if prompts is not None and len(prompts[0]):
             raise ValueError(f"{type(self).__name__} cannot run prompts inside a decode step")
         if chain is not None:
             tokens = chain.result()
-        return _Done(self.decode_greedy(slots, tokens, ban))
+        return Done(self.decode_greedy(slots, tokens, ban))
 
     def warmup(self) -> None:
-        """Prepare for the first request (the torch executor captures its CUDA graphs); called at load."""
+        """Prepare for the first request (the torch engine captures its CUDA graphs); called at load."""
 
     def release(self, slot: int) -> None:
         """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
@@ -87,29 +88,13 @@ class Executor(abc.ABC):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"executor": type(self).__name__, "max_slots": self.max_slots, "max_seq_len": self.max_seq_len}
+        return {"engine": type(self).__name__, "max_slots": self.max_slots, "max_seq_len": self.max_seq_len}
 
 
-class _Done:
+class Done:
     def __init__(self, tokens: np.ndarray):
         self.tokens = tokens
 
     def result(self) -> np.ndarray:
         return self.tokens
 
-
-def create_executor(kind: str, **kwargs) -> Executor:
-    """Build the executor a generated repository names in its `executor` parameter."""
-    if kind == "onnxruntime":
-        from .engine_ort import OrtExecutor
-
-        return OrtExecutor(**kwargs)
-    if kind == "torch":
-        from .engine_torch import TorchExecutor
-
-        return TorchExecutor(**kwargs)
-    if kind == "tensorrt":
-        from .engine_trt import TrtExecutor
-
-        return TrtExecutor(**kwargs)
-    raise ValueError(f"unknown executor {kind!r} (expected onnxruntime, torch or tensorrt)")

@@ -1,10 +1,10 @@
-"""Continuous (in-flight) batching over an Executor.
+"""Continuous (in-flight) batching over an Engine.
 
-One thread owns the executor. Between two decode steps it
+One thread owns the engine. Between two decode steps it
   1. drops cancelled sequences (their slot is free for the next one),
   2. admits waiting requests into free slots (prefill, first token),
   3. runs one batched decode step over every running sequence and samples the next tokens.
-Requests join and leave the batch at step boundaries; the KV cache never leaves the executor.
+Requests join and leave the batch at step boundaries; the KV cache never leaves the engine.
 The scheduler knows nothing of Triton: each sequence carries a `sink` callable that receives
 `Output`s, and an `is_cancelled` callable.
 
@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .detokenize import Release, TextTracker
-from .executor import Ban, Executor
+from ..engines.base import Ban, Engine
 from .sampling import Sampler, SamplingParams, sample_batch
 
 log = logging.getLogger("tritonchat.scheduler")
@@ -222,7 +222,7 @@ class Stats:
     prefill_calls: int = 0
     mixed_steps: int = 0  # decode steps that carried prompts (prefilled inside the step)
     # where the scheduler thread's time went (seconds): in prefill calls (prompts in, first tokens
-    # out; `prefill_exec_s` of it inside the executor), launching decode steps, waiting for a decode
+    # out; `prefill_exec_s` of it inside the engine), launching decode steps, waiting for a decode
     # step's tokens, in the per-token bookkeeping, idle (nothing to run)
     prefill_s: float = 0.0
     prefill_exec_s: float = 0.0
@@ -262,7 +262,7 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, executor: Executor, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
+    def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
                  mix_prefill: bool = True):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
@@ -275,21 +275,21 @@ class Scheduler:
         delta (the first token and the last response are never held). 0 sends every token.
         `metrics`: optional hooks `step(running, waiting, new_tokens)`, `first_token(seconds)`,
         `finished(reason, seconds)` (see metrics.GeneratorMetrics). `mix_prefill`: where the
-        executor can (`can_mix`) and sequences are decoding, greedy requests are prefilled inside
-        the next decode step (up to the executor's `mix_tokens` prompt tokens a step) instead of
+        engine can (`can_mix`) and sequences are decoding, greedy requests are prefilled inside
+        the next decode step (up to the engine's `mix_tokens` prompt tokens a step) instead of
         in a prefill of their own that stops every stream."""
-        self.ex = executor
+        self.ex = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
         self.prefill_wait = float(prefill_wait)
-        self.mix_prefill = bool(mix_prefill) and executor.can_mix
+        self.mix_prefill = bool(mix_prefill) and engine.can_mix
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
         self._interval = self.stream_interval  # the current one, load included
         self.metrics = metrics
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(executor.max_slots - 1, -1, -1))
+        self.free_slots = list(range(engine.max_slots - 1, -1, -1))
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
         self.courier = Courier(stats=self.stats)
@@ -384,7 +384,7 @@ class Scheduler:
         return sum(len(s.prompt_ids) for s in list(waiting)) >= self.prefill_token_budget
 
     def _admit(self) -> int:
-        """Move waiting requests into free slots, all prefilled in one executor call; return how many."""
+        """Move waiting requests into free slots, all prefilled in one engine call; return how many."""
         batch = self._pop_waiting(len(self.free_slots), self.prefill_token_budget, lambda seq: True, first_always=True)
         if not batch:
             return 0
@@ -465,7 +465,7 @@ class Scheduler:
         return head is not None and self._mixable(head, key)
 
     def _pop_mix(self, key=None) -> list[Sequence]:
-        """Take the waiting requests a decode step will carry (free slots, the executor's prompt
+        """Take the waiting requests a decode step will carry (free slots, the engine's prompt
         and token caps, greedy, bans compatible with `key`); they join `running` now and get their
         first token from that step."""
         batch = self._pop_waiting(min(len(self.free_slots), self.ex.mix_prompts),
@@ -478,7 +478,7 @@ class Scheduler:
         return batch
 
     def _step(self) -> None:
-        """Decode steps over the running batch. Greedy batches on an executor that can chain run
+        """Decode steps over the running batch. Greedy batches on an engine that can chain run
         one step ahead: step t+1 is launched (fed by step t's tokens on the device) before the host
         takes step t's tokens, so the bookkeeping below overlaps the device's work. The chain goes
         on while the batch changes: a sequence whose last token is in flight is left out of the
@@ -489,7 +489,7 @@ class Scheduler:
         batch = [s for s in self.running if s.slot >= 0]
         if not batch:
             return
-        batch.sort(key=lambda s: s.slot)  # contiguous slots let executors avoid a gather
+        batch.sort(key=lambda s: s.slot)  # contiguous slots let engines avoid a gather
         slots = np.array([s.slot for s in batch], dtype=np.int64)
         last = np.array([s.last_token for s in batch], dtype=np.int64)
         samplers = [s.sampler for s in batch]

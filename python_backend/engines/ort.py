@@ -1,4 +1,4 @@
-"""ONNX Runtime executor: the exported KV-cache graph run on CPU, one slot per sequence.
+"""ONNX Runtime engine: the exported KV-cache graph run on CPU, one slot per sequence.
 
 KV storage is one array per layer and K/V, shaped [slots, kv_heads, max_seq_len, head_dim];
 a sequence of length L occupies positions [0, L) of its slot. A decode step over slots of
@@ -16,23 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .executor import Executor
+from .base import Engine
+from .slots import decode_layout
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
-def decode_layout(lengths: np.ndarray, max_seq_len: int) -> tuple[int, np.ndarray]:
-    """(Lmax, attention mask [B, Lmax+1]) for one decode step over slots of these lengths:
-    ones over each slot's own positions and the new token's column, zeros over the holes."""
-    top = int(lengths.max())
-    if top + 1 > max_seq_len:
-        raise ValueError("a sequence reached the end of its KV cache")
-    mask = (np.arange(top + 1)[None, :] < lengths[:, None]).astype(np.int64)
-    mask[:, top] = 1
-    return top, mask
-
-
-class OrtExecutor(Executor):
+class OrtEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
                  threads: int = 0, providers: list[str] | None = None, **_unused):
         import onnxruntime as ort
@@ -64,7 +54,7 @@ class OrtExecutor(Executor):
         self.cache = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         self.lengths = np.zeros(self.max_slots, dtype=np.int64)
 
-    # -- Executor API ------------------------------------------------------------------------
+    # -- Engine API ------------------------------------------------------------------------
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
         n = len(token_ids)
         if n + 1 > self.max_seq_len:

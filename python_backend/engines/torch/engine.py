@@ -1,4 +1,4 @@
-"""PyTorch executor: a compact Llama-family forward over a static slot KV cache, with CUDA graphs.
+"""PyTorch engine: a compact Llama-family forward over a static slot KV cache, with CUDA graphs.
 
 KV storage is one tensor per layer and K/V, shaped [max_slots + 1, kv_heads, max_seq_len, head_dim]
 (the extra last slot is the target of padded batch rows); a sequence of length L occupies positions
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .executor import Executor
+from ..base import Engine
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -411,9 +411,9 @@ class _HFSlots:
 
 
 # ------------------------------------------------------------------------------------------------
-# the executor
+# the engine
 # ------------------------------------------------------------------------------------------------
-class TorchExecutor(Executor):
+class TorchEngine(Engine):
     def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
                  max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
@@ -434,7 +434,7 @@ class TorchExecutor(Executor):
         (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("TorchExecutor(device='cuda') but torch sees no CUDA device")
+            raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
         self.dtype = _as_dtype(dtype)
         self.max_slots = int(max_slots)
         self.max_seq_len = int(max_seq_len)
@@ -445,7 +445,7 @@ class TorchExecutor(Executor):
         owned = model is None
         if model is None:
             if model_path is None:
-                raise ValueError("TorchExecutor needs model_path or model=")
+                raise ValueError("TorchEngine needs model_path or model=")
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=self.dtype)
@@ -455,7 +455,7 @@ class TorchExecutor(Executor):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
         if self.blocker is not None:
-            warnings.warn(f"TorchExecutor: no native forward ({self.blocker}); using the slow "
+            warnings.warn(f"TorchEngine: no native forward ({self.blocker}); using the slow "
                           "transformers fallback (one DynamicCache per slot, one sequence at a time)")
             self.path = "hf-fallback"
             self.cuda_graphs = False
@@ -895,7 +895,7 @@ class TorchExecutor(Executor):
             yield self._prefill_buckets(np.array([w]))
             w *= 2
 
-    # -- Executor API ------------------------------------------------------------------------
+    # -- Engine API ------------------------------------------------------------------------
     def _to_host(self, out: torch.Tensor, n: int) -> np.ndarray:
         if out.device.type == "cpu":
             return out[:n].float().numpy()
@@ -1078,7 +1078,7 @@ class TorchExecutor(Executor):
             graph, out = self._record(lambda: self._prefill_body(buf, key), self._prefill_pool)
             return graph, buf, out
         except Exception as exc:  # noqa: BLE001 - a bucket that cannot be captured runs eagerly
-            warnings.warn(f"TorchExecutor: prefill graph {key} not captured ({exc}); that bucket runs eagerly")
+            warnings.warn(f"TorchEngine: prefill graph {key} not captured ({exc}); that bucket runs eagerly")
             torch.cuda.synchronize(self.device)
             return None
 
@@ -1279,7 +1279,7 @@ class TorchExecutor(Executor):
     def _check_prompts(self, slots, pslots, prompts):
         """(slots, id arrays, lengths) of prompts a step may carry, or ValueError."""
         if not self.can_mix:
-            raise ValueError("this executor cannot run prompts inside a decode step")
+            raise ValueError("this engine cannot run prompts inside a decode step")
         if len(prompts) > MIX_PROMPTS:
             raise ValueError(f"a step carries at most {MIX_PROMPTS} prompts")
         pslots, ids, lens = self._new_prompts(pslots, prompts, busy=slots)
@@ -1328,7 +1328,7 @@ class TorchExecutor(Executor):
 class _Step:
     """A greedy decode step in flight: its ids (one per slot of `slots`) land in `host` once `done`
     has passed. `ring`:
-    (owners, k) when `host` is the k-th of the executor's pinned buffers taken in turn: reading it
+    (owners, k) when `host` is the k-th of the engine's pinned buffers taken in turn: reading it
     after _RING later steps reused it is an error, not a wrong answer."""
 
     __slots__ = ("host", "done", "n", "ring", "slots")

@@ -1,0 +1,1 @@
+"""Continuous batching, sampling and detokenization: no Triton, no torch."""

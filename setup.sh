@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up tritonchat on a Debian/Ubuntu machine with python3 >= 3.10:
 #   .venv/ (created if missing), pip install -e '.[test,load]', then the Triton Python backend directory
-#   (python -m tritonchat.server --install: stub for this Python, and one probe start of tritonserver).
+#   (tritonchat setup-server: stub for this Python, and one probe start of tritonserver).
 # Idempotent; a second run skips pip while pyproject.toml and the Python are unchanged.
 #
 #   ./setup.sh            # set up / check
@@ -16,6 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT="$(pwd)"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
+TRITONCHAT="$VENV/bin/tritonchat"
 STAMP="$VENV/.tritonchat-setup"
 FORCE="${SETUP_FORCE:-0}"
 for arg in "$@"; do
@@ -112,14 +113,14 @@ fi
 
 # --- 4. Triton backend directory ------------------------------------------------------------------------
 say "preparing the Triton backend directory"
-"$VPY" -m tritonchat.server --install || die "the Triton server set-up failed (see above); 'tritonchat doctor' shows what is missing"
+"$TRITONCHAT" setup-server || die "the Triton server set-up failed (see above); 'tritonchat doctor' shows what is missing"
 
 # --- 5. perf_analyzer (optional) --------------------------------------------------------------------------
 # >>> perf_analyzer: .tools/bin/perf_analyzer (wheel + newer glibc loader where needed); never fatal
 # Idempotent (a working install is kept). PERF_ANALYZER=0 skips it.
 if [ "${PERF_ANALYZER:-1}" != 0 ]; then
   say "perf_analyzer (.tools/, git-ignored)"
-  if "$VPY" -m tritonchat.loadtest.install_perf_analyzer; then
+  if "$TRITONCHAT" install-perf-analyzer; then
     ok "perf_analyzer: $ROOT/.tools/bin/perf_analyzer"
   else
     printf '%swarning:%s perf_analyzer was not installed (see above); everything else works without it.\n' "$R" "$N" >&2

@@ -30,7 +30,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .quantize import artifact_size, bos_id, builtin_sample, encode, graph_precision, normalize_precision
+from .onnx_files import artifact_size
+from .precision import graph_precision, normalize_precision
+from .text import bos_id, builtin_sample, encode
 
 # max relative perplexity increase over the reference (0.02 = +2 %), as in the build config's accuracy_bounds
 DEFAULT_BOUNDS = {"fp32": 0.001, "fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02}

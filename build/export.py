@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
+
 
 @dataclasses.dataclass(frozen=True)
 class KVSpec:
@@ -142,7 +144,7 @@ def export_onnx(model: nn.Module, out_path: Path, opset: int = 18) -> KVSpec:
     return spec
 
 
-def _consolidate_external_data(path: Path, threshold_bytes: int = 1 << 20) -> None:
+def _consolidate_external_data(path: Path, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD) -> None:
     """Rewrite the ONNX file with its weights in one `<name>.data` file (or inline if small).
 
     Beyond 2 GB the TorchScript exporter writes one file per initializer next to the model,
@@ -166,28 +168,6 @@ def _consolidate_external_data(path: Path, threshold_bytes: int = 1 << 20) -> No
         f = (path.parent / loc).resolve()
         if f.parent == root and f.is_file() and f != path.resolve():
             f.unlink()
-
-
-def save_onnx(model, path: Path, threshold_bytes: int = 1 << 20) -> None:
-    """Save with all weights in one `<name>.data` beside `path` when they exceed `threshold_bytes`.
-
-    onnx appends to an existing data file, so a stale one is removed first (a re-export into the
-    same folder would otherwise grow it by one copy each time). Saving with external data empties
-    the in-memory tensors: do not use `model` afterwards.
-    """
-    import onnx
-
-    path = Path(path)
-    data_name = path.name + ".data"
-    stale = path.parent / data_name
-    if stale.exists():
-        stale.unlink()
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    if size > threshold_bytes:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024, convert_attribute=False)
-    else:
-        onnx.save_model(model, str(path))
 
 
 def write_spec(spec: KVSpec, path: Path, **extra) -> None:

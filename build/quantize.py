@@ -23,22 +23,23 @@
 
 `quantize(onnx_in, onnx_out, precision, calibration_text=..., tokenizer=..., spec=...)` writes the
 new graph, its `.data` file and a copy of `kv_spec.json` (with `precision` added) beside it.
+
+The precision names: precision.py; the INT8 writers: int8.py and int8_weight_only.py; graph files on
+disk: onnx_files.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
-
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weight-only")
-EXTERNAL_DATA_THRESHOLD = 1 << 20
+from .int8 import Int8Options, quantize_int8_static
+from .int8_weight_only import quantize_int8_weight_only
+from .onnx_files import artifact_size, move_graph, save_onnx, toposort
+from .precision import ProgressFn, QuantizationError, normalize_precision
+from .text import builtin_sample
 
 # op types whose FP16 form overflows or loses too much (norm statistics, softmax, rotary angles)
 FP16_OP_BLOCK_LIST = [
@@ -50,36 +51,7 @@ FP16_OP_BLOCK_LIST = [
 # every norm (input_layernorm, post_attention_layernorm, norm, ln_1, ln_f, q_norm, ...) and rotary_emb
 FP16_NODE_BLOCK_PATTERN = re.compile(r"(^|/)([^/]*norm[^/]*|ln_[^/]*|[^/]*rotary_emb[^/]*)/", re.IGNORECASE)
 
-ProgressFn = Callable[[str], None]
 
-
-class QuantizationError(RuntimeError):
-    pass
-
-
-@dataclass
-class Int8Options:
-    """Knobs of the static INT8 path (defaults chosen by the measurements in docs/quantization.md)."""
-
-    window: int = 128                          # tokens per calibration prefill
-    max_windows: int = 16                      # prefills fed (each followed by `decode_steps` decodes)
-    decode_steps: int = 3
-    quantize_lm_head: bool = True
-    search: bool = True                        # SmoothQuant per activation where it helps (else plain MinMax)
-    # migration strengths tried per activation (plus none). A wider grid, (0.3, ..., 0.8), lowers the
-    # simulated per-layer error but doubled the end-to-end KL divergence on stories260K
-    alphas: Sequence[float] = (0.5,)
-    # activation range = clip x calibrated max; (1.0,) = no clipping. A clipping grid such as
-    # (1.0, 0.9, 0.8, 0.7) lowers the simulated error but measured worse on held-out text
-    clips: Sequence[float] = (1.0,)
-    exclude_nodes: Sequence[str] = field(default_factory=tuple)
-    target_pct: float | None = None            # calibration-text perplexity increase that triggers a fallback
-    max_fallback: int = 4                      # at most this many activation groups kept in float
-
-
-# ----------------------------------------------------------------------------------------------
-# public API
-# ----------------------------------------------------------------------------------------------
 def quantize(onnx_in: Path, onnx_out: Path, precision: str, *, calibration_text: str | None = None,
              tokenizer=None, spec=None, progress: ProgressFn | None = None,
              int8_options: Int8Options | None = None) -> Path:
@@ -103,7 +75,7 @@ def quantize(onnx_in: Path, onnx_out: Path, precision: str, *, calibration_text:
         if precision == "fp32":
             import onnx
 
-            save_model(onnx.load(str(onnx_in), load_external_data=True), staged)
+            save_onnx(onnx.load(str(onnx_in), load_external_data=True), staged)
         elif precision == "fp16":
             say("converting to FP16 (norms, softmax and rotary angles kept in FP32)")
             convert_fp16(onnx_in, staged)
@@ -117,7 +89,7 @@ def quantize(onnx_in: Path, onnx_out: Path, precision: str, *, calibration_text:
             say("quantizing MatMul weights to INT8 (weight-only)")
             quantize_int8_weight_only(onnx_in, staged, work_dir=tmp)
         _check_model(staged, precision)
-        _install(staged, onnx_out)
+        move_graph(staged, onnx_out)
 
     spec_out = dict(spec_dict)
     spec_out["precision"] = precision
@@ -126,70 +98,9 @@ def quantize(onnx_in: Path, onnx_out: Path, precision: str, *, calibration_text:
     return onnx_out
 
 
-def normalize_precision(precision: str) -> str:
-    p = str(precision).lower().replace("_", "-")
-    aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "int8-static": "int8",
-               "int8wo": "int8-weight-only", "int8-weightonly": "int8-weight-only"}
-    p = aliases.get(p, p)
-    if p not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
-    return p
-
-
-def graph_precision(onnx_path: Path) -> str:
-    """The precision a graph was written in, read from the graph: 'int8-weight-only' (ONNX Runtime's
-    weight-only ops), 'int8' (Q/DQ), 'fp16' (FP16 KV inputs) or 'fp32'."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    ops = {n.op_type for n in model.graph.node}
-    if {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear"} & ops:
-        return "int8-weight-only"
-    if "QuantizeLinear" in ops or "DequantizeLinear" in ops:
-        return "int8"
-    past = next((i for i in model.graph.input if i.name.startswith("past_key_values.")), None)
-    if past is not None and past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
-        return "fp16"
-    return "fp32"
-
-
-def builtin_sample(part: str = "calibration") -> str:
-    """The text shipped in `calibration_sample.txt`: part 'calibration' (everything above the
-    `# held-out` line, used to calibrate INT8) or 'heldout' (below it, a default evaluation text)."""
-    text = _read_package_text("calibration_sample.txt")
-    calib, _, heldout = text.partition("\n# held-out\n")
-    if part == "calibration":
-        return calib.strip() + "\n"
-    if part == "heldout":
-        return heldout.strip() + "\n"
-    raise ValueError(part)
-
-
-def artifact_size(onnx_path: Path) -> int:
-    """Bytes on disk of the graph and its external data files."""
-    import onnx
-
-    onnx_path = Path(onnx_path)
-    total = onnx_path.stat().st_size
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    seen = set()
-    for t in _all_tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in seen:
-                seen.add(loc)
-                f = onnx_path.parent / loc
-                if f.exists():
-                    total += f.stat().st_size
-    return total
-
-
-def save_model(model, path: Path, threshold_bytes: int = EXTERNAL_DATA_THRESHOLD) -> None:
-    from .export import save_onnx
-
-    save_onnx(model, path, threshold_bytes)
-
-
+# ----------------------------------------------------------------------------------------------
+# FP16
+# ----------------------------------------------------------------------------------------------
 def fp16_node_block_list(model) -> list[str]:
     return [n.name for n in model.graph.node if n.name and FP16_NODE_BLOCK_PATTERN.search(n.name)]
 
@@ -211,485 +122,8 @@ def convert_fp16(onnx_in: Path, onnx_out: Path) -> None:
         node_block_list=fp16_node_block_list(model),
     )
     _drop_fp16_round_trips(model)
-    _toposort(model)  # the converter appends its Casts at the end; ONNX (and TensorRT's parser) want order
-    save_model(model, onnx_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# INT8, static, Q/DQ
-# ----------------------------------------------------------------------------------------------
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` without special tokens (HF tokenizers or a `tokenizers.Tokenizer`)."""
-    try:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    except TypeError:
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        return list(getattr(enc, "ids", enc))
-
-
-def bos_id(tokenizer) -> int | None:
-    return getattr(tokenizer, "bos_token_id", None)
-
-
-class KVCalibrationReader:
-    """Feeds real prefill and decode inputs to the ORT calibrator.
-
-    The text is cut into windows; each window gives one prefill (past length 0) and then
-    `decode_steps` single-token decodes whose past KV is what the FP32 graph produced for the
-    window so far, so every calibrated activation range covers both shapes the server runs.
-    """
-
-    def __init__(self, fp32_model: Path, token_ids: Sequence[int], spec: dict, *, window: int = 128,
-                 max_windows: int = 16, decode_steps: int = 3, bos: int | None = None):
-        import onnxruntime as ort
-
-        self.spec = spec
-        max_ctx = int(spec.get("max_position_embeddings") or 2048)
-        window = max(4, min(window, max_ctx - 1))
-        self.decode_steps = max(0, min(decode_steps, window // 2))
-        ids = list(token_ids)
-        if len(ids) < 4:
-            raise QuantizationError("calibration text is too short (fewer than 4 tokens)")
-        body = window - (1 if bos is not None else 0)
-        starts = list(range(0, max(1, len(ids) - body + 1), body))
-        if len(starts) > max_windows:  # spread the windows over the whole text
-            starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
-        self.windows = []
-        for s in starts:
-            w = ids[s:s + body]
-            if bos is not None:
-                w = [bos] + w
-            if len(w) >= 2:
-                self.windows.append(np.asarray(w, dtype=np.int64))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(fp32_model), opts, providers=["CPUExecutionProvider"])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.kv_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
-        n = spec["num_layers"]
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
-        self._it = self._feeds()
-
-    def __len__(self) -> int:
-        return len(self.windows) * (1 + self.decode_steps)
-
-    def _feeds(self) -> Iterator[dict]:
-        h, d = self.spec["num_kv_heads"], self.spec["head_dim"]
-        for w in self.windows:
-            steps = min(self.decode_steps, len(w) - 1)
-            p = len(w) - steps
-            empty = np.zeros((1, h, 0, d), dtype=self.kv_dtype)
-            feeds = {"input_ids": w[None, :p], "attention_mask": np.ones((1, p), np.int64),
-                     "position_ids": np.arange(p, dtype=np.int64)[None], **{n: empty for n in self.past_names}}
-            yield feeds
-            past = None
-            for t in range(p, len(w)):
-                if past is None:
-                    past = self.session.run(self.present_names, feeds)
-                feeds = {"input_ids": w[None, t:t + 1], "attention_mask": np.ones((1, t + 1), np.int64),
-                         "position_ids": np.array([[t]], np.int64), **dict(zip(self.past_names, past))}
-                yield feeds
-                if t + 1 < len(w):
-                    past = self.session.run(self.present_names, feeds)
-
-    def get_next(self) -> dict | None:
-        return next(self._it, None)
-
-    def rewind(self) -> None:
-        self._it = self._feeds()
-
-
-def linear_matmul_nodes(model) -> list:
-    """MatMul/Gemm nodes whose weight (input B) is an initializer: the model's linear layers."""
-    inits = {t.name for t in model.graph.initializer}
-    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and (n.input[1] in inits or n.input[1] in consts)]
-
-
-def lm_head_node(model) -> str | None:
-    """The last linear layer feeding `logits` (the LM head), by walking back from the output."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    linear = {n.name for n in linear_matmul_nodes(model)}
-    frontier, seen = ["logits"], set()
-    while frontier:
-        name = frontier.pop()
-        node = producers.get(name)
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.name in linear:
-            return node.name
-        frontier.extend(node.input[:1])
-    return None
-
-
-def _fake_quant_weight(w: np.ndarray) -> np.ndarray:
-    """Symmetric INT8, one scale per output column of W[K, N] (what the Q/DQ graph does)."""
-    scale = np.maximum(np.abs(w).max(0, keepdims=True), 1e-12) / 127.0
-    return np.clip(np.round(w / scale), -127, 127) * scale
-
-
-def _fake_quant_act(x: np.ndarray, amax: float) -> np.ndarray:
-    scale = max(float(amax), 1e-12) / 127.0
-    return np.clip(np.round(x / scale), -127, 127) * scale
-
-
-def smooth_and_clip(model, reader: "KVCalibrationReader", *, alphas: Sequence[float] = (0.5,),
-                    clips: Sequence[float] = (1.0,), exclude: set[str] = frozenset(),
-                    max_rows: int = 512, max_cols: int = 2048, seed: int = 0, source: Path | None = None,
-                    work_dir: Path | None = None) -> tuple[dict, list[dict]]:
-    """SmoothQuant (Xiao et al., 2023) with a searched migration strength and activation clipping,
-    on the ONNX graph in place.
-
-    For each activation x feeding linear layers (the q/k/v trio, gate/up, o_proj, down_proj, the
-    LM head) and each candidate alpha, the per-input-channel scales are
-    s_j = max|x_j|^alpha / max|W_j.|^(1-alpha); the weights' rows are multiplied by s and x divided
-    by s -- folded into the norm's weight when x is `norm * w`, else by one inserted Mul. The
-    float function is unchanged; activation outliers, which one per-tensor INT8 scale handles badly,
-    move into the weights, which have one scale per column. The alpha (or no smoothing) and the
-    clipping of x's range (a fraction of its calibrated max) are chosen together to minimise the
-    relative error of the INT8-simulated outputs x.W on calibration rows.
-
-    `source`/`work_dir`: the graph file `model` was loaded from (unchanged so far) and a scratch
-    folder, to run the statistics pass from the file rather than from an in-memory copy.
-
-    Returns (TensorQuantOverrides for quantize_static: the chosen symmetric range of each
-    activation, one record per activation: its linear nodes, alpha, clip and simulated error).
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    groups: dict[str, list] = {}
-    for n in linear_matmul_nodes(model):
-        if n.op_type == "MatMul" and n.input[1] in inits and n.name not in exclude:
-            groups.setdefault(n.input[0], []).append(n)
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    weights = {x: [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in ns] for x, ns in groups.items()}
-    # x may also feed Shape ops (its values do not matter there), nothing else
-    groups = {x: ns for x, ns in groups.items()
-              if sum(c.op_type != "Shape" for c in consumers.get(x, ())) == len(ns)
-              and all(w.ndim == 2 for w in weights[x])}
-    if not groups:
-        return {}, []
-
-    # calibration rows of every x (and its per-channel |max| over all rows) from the FP32 graph
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if source is not None and work_dir is not None:
-        # the graph file (structure only) with x as extra outputs, beside links to its weights:
-        # no copy of the weights in memory and no 2 GB protobuf limit
-        probe = onnx.load(str(source), load_external_data=False)
-        for x in groups:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-        probe_dir = Path(work_dir) / "probe"
-        probe_dir.mkdir(exist_ok=True)
-        for loc in {e.value for t in _all_tensors(probe) for e in t.external_data if e.key == "location"}:
-            _link_or_copy(Path(source).parent / loc, probe_dir / loc)
-        onnx.save_model(probe, str(probe_dir / "probe.onnx"))
-        sess = ort.InferenceSession(str(probe_dir / "probe.onnx"), opts, providers=["CPUExecutionProvider"])
-    else:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for x in groups:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del probe
-    names = list(groups)
-    rng = np.random.default_rng(seed)
-    per_feed = max(8, 2 * max_rows // max(1, len(reader.windows)))
-    amax: dict[str, np.ndarray] = {}
-    rows: dict[str, list] = {x: [] for x in names}
-    reader.rewind()
-    for feeds in iter(reader.get_next, None):
-        for x, v in zip(names, sess.run(names, feeds)):
-            v = v.reshape(-1, v.shape[-1])
-            m = np.abs(v).max(0)
-            amax[x] = m if x not in amax else np.maximum(amax[x], m)
-            pick = v if len(v) <= per_feed else v[rng.choice(len(v), per_feed, replace=False)]
-            rows[x].append(pick)
-    reader.rewind()
-    del sess
-
-    producers = {o: n for n in model.graph.node for o in n.output}
-    overrides, log, new_nodes = {}, [], []
-    for x, ns in groups.items():
-        X = np.concatenate(rows.pop(x))
-        if len(X) > max_rows:
-            X = X[rng.choice(len(X), max_rows, replace=False)]
-        w_max = np.max([np.abs(w).max(1) for w in weights[x]], axis=0)
-        # the search sees at most `max_cols` output columns of each weight (each column has its own
-        # scale, so a subset of columns measures exactly what it measures): the LM head stays cheap
-        cols = [np.sort(rng.choice(w.shape[1], max_cols, replace=False)) if w.shape[1] > max_cols else slice(None)
-                for w in weights[x]]
-        search_w = [w[:, c] for w, c in zip(weights[x], cols)]
-        refs = [X @ w for w in search_w]
-        norms = [max(float((r * r).sum()), 1e-12) for r in refs]
-        best = None
-        for alpha in (None, *alphas):
-            if alpha is None:
-                scale = np.ones_like(w_max)
-            else:
-                scale = (np.maximum(amax[x], 1e-5) ** alpha) / (np.maximum(w_max, 1e-5) ** (1 - alpha))
-                scale = np.clip(scale, 1e-3, 1e3).astype(np.float32)
-            wq = [_fake_quant_weight(w * scale[:, None]) for w in search_w]
-            xs = X / scale
-            top = float((amax[x] / scale).max())
-            for c in clips:
-                xq = _fake_quant_act(xs, c * top)
-                err = sum(float(((xq @ w - r) ** 2).sum()) / nr for w, r, nr in zip(wq, refs, norms))
-                if best is None or err < best[0]:
-                    best = (err, alpha, scale, c * top, c)
-        err, alpha, scale, act_max, clip = best
-        log.append({"activation": x, "nodes": [n.name for n in ns], "alpha": alpha, "clip": clip,
-                    "error": err / len(ns)})
-        quantized_input = x
-        if alpha is not None:
-            for n, w in zip(ns, weights[x]):
-                t = inits[n.input[1]]
-                t.CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(np.float32), t.name))
-            prod = producers.get(x)
-            gamma = None
-            if prod is not None and prod.op_type == "Mul":
-                gamma = next((i for i in prod.input if i in inits and numpy_helper.to_array(inits[i]).shape == scale.shape
-                              and len(consumers.get(i, ())) == 1), None)
-            if gamma is not None:  # fold into the norm's weight
-                g = numpy_helper.to_array(inits[gamma])
-                inits[gamma].CopyFrom(numpy_helper.from_array((g / scale).astype(g.dtype), gamma))
-            else:
-                inv, quantized_input = x + "_smooth_inv_scale", x + "_smoothed"
-                model.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), inv))
-                new_nodes.append(onnx.helper.make_node("Mul", [x, inv], [quantized_input], name=x + "_smooth"))
-                for n in ns:
-                    n.input[0] = quantized_input
-        overrides[quantized_input] = [{"rmin": np.array(-act_max, np.float32), "rmax": np.array(act_max, np.float32)}]
-    if new_nodes:
-        model.graph.node.extend(new_nodes)
-        _toposort(model)
-    return overrides, log
-
-
-def quantize_int8_static(onnx_in: Path, onnx_out: Path, text: str, tokenizer, spec: dict,
-                         options: Int8Options, *, work_dir: Path, progress: ProgressFn) -> None:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    # the quantizer wants one self-contained path; stage the FP32 graph (weights external)
-    src = work_dir / "fp32" / "model.onnx"
-    src.parent.mkdir()
-    model = onnx.load(str(onnx_in), load_external_data=True)
-    if model.graph.input[3].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise QuantizationError("int8 quantization starts from the FP32 graph")
-    exclude = set(options.exclude_nodes)
-    linear = [n.name for n in linear_matmul_nodes(model)]
-    if not options.quantize_lm_head:
-        head = lm_head_node(model)
-        if head:
-            exclude.add(head)
-
-    ids = encode(tokenizer, text)
-    # past KV for the decode feeds comes from the unmodified FP32 graph (smoothing does not change it)
-    reader = KVCalibrationReader(onnx_in, ids, spec, window=options.window, max_windows=options.max_windows,
-                                 decode_steps=options.decode_steps, bos=bos_id(tokenizer))
-    progress(f"calibrating INT8 on {len(ids)} tokens ({len(reader.windows)} prefills, each followed by "
-             f"{reader.decode_steps} decodes)")
-    overrides, records = {}, []
-    if options.search:
-        overrides, records = smooth_and_clip(model, reader, alphas=options.alphas, clips=options.clips,
-                                             exclude=exclude, source=onnx_in, work_dir=work_dir)
-        smoothed = sum(r["alpha"] is not None for r in records)
-        progress(f"SmoothQuant: {smoothed}/{len(records)} activations smoothed (where it lowers the simulated error)")
-    save_model(model, src, threshold_bytes=0)  # (moves the weights out of `model`)
-    del model
-    extra = {
-        "ActivationSymmetric": True,      # TensorRT takes zero-point 0 only
-        "WeightSymmetric": True,
-        # Q/DQ on the inputs of the linear layers only (what TensorRT fuses into INT8 GEMMs): no Q/DQ
-        # on their outputs, none on attention's Q.K^T / P.V (nodes_to_quantize lists the linear layers)
-        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-        # one Q/DQ pair per consumer: ONNX Runtime fuses DQ -> MatMul into its INT8 kernel
-        # (MatMulIntegerToFloat) only when the DQ feeds that MatMul alone (q/k/v, gate/up share x)
-        "DedicatedQDQPair": True,
-        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},   # one scale per output column of W[K, N]
-    }
-    if overrides:
-        extra["TensorQuantOverrides"] = overrides
-
-    ref_ppl = calibration_perplexity(src, reader) if options.target_pct is not None else None
-    # accuracy-aware fallback: while the calibration-text perplexity is off by more than target_pct,
-    # keep the linear layers with the largest simulated INT8 error in float, one activation group a time
-    fallback = sorted(records, key=lambda r: -r["error"])
-    out = work_dir / "q" / "model.onnx"
-    for attempt in range(options.max_fallback + 1):
-        if out.parent.exists():
-            shutil.rmtree(out.parent)
-        out.parent.mkdir()
-        reader.rewind()
-        quantize_static(
-            str(src), str(out), reader,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            reduce_range=False,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_quantize=[n for n in linear if n not in exclude],
-            nodes_to_exclude=sorted(exclude),
-            use_external_data_format=True,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options=extra,
-        )
-        if ref_ppl is None:
-            break
-        ppl = calibration_perplexity(out, reader)
-        delta = 100.0 * (ppl / ref_ppl - 1.0)
-        progress(f"INT8 calibration-text perplexity {ppl:.4f} vs {ref_ppl:.4f} FP32 ({delta:+.2f} %)"
-                 + (f", {len(exclude)} linear layers kept in float" if exclude else ""))
-        if delta <= options.target_pct or not fallback or attempt == options.max_fallback:
-            break
-        worst = fallback.pop(0)
-        exclude.update(worst["nodes"])
-        progress(f"keeping {', '.join(worst['nodes'])} in float (largest simulated INT8 error)")
-    model = onnx.load(str(out), load_external_data=True)
-    _unshare_activation_qdq(model)
-    save_model(model, onnx_out)
-
-
-def _unshare_activation_qdq(model) -> None:
-    """Give every activation Q/DQ pair its own scale and zero-point initializers. With shared ones,
-    ONNX Runtime's common-subexpression elimination merges the dedicated Q nodes of q/k/v (and
-    gate/up) into one Q feeding several DQs, and its x86 INT8 fusion (S8->U8 conversion, then
-    MatMulIntegerToFloat) no longer applies: those MatMuls would dequantize their weights on every
-    run. Same values under new names; TensorRT reads the same graph."""
-    inits = {t.name: t for t in model.graph.initializer}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    for k, q in enumerate(n for n in model.graph.node if n.op_type == "QuantizeLinear"):
-        if q.input[0] in inits or len(q.input) < 3 or q.input[1] not in inits or q.input[2] not in inits:
-            continue
-        names = []
-        for j in (1, 2):
-            t = type(inits[q.input[j]])()
-            t.CopyFrom(inits[q.input[j]])
-            t.name = f"{q.input[j]}_q{k}"
-            model.graph.initializer.append(t)
-            names.append(t.name)
-        old = list(q.input[1:3])
-        q.input[1], q.input[2] = names
-        for dq in consumers.get(q.output[0], ()):
-            if dq.op_type == "DequantizeLinear" and list(dq.input[1:3]) == old:
-                dq.input[1], dq.input[2] = names
-    used = {i for n in model.graph.node for i in n.input}
-    stale = [t for t in model.graph.initializer if t.name not in used]
-    for t in stale:
-        model.graph.initializer.remove(t)
-
-
-def calibration_perplexity(model_path: Path, reader: "KVCalibrationReader") -> float:
-    """Perplexity of the graph on the calibration windows (prefill logits, past length 0)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-    h, d = reader.spec["num_kv_heads"], reader.spec["head_dim"]
-    empty = np.zeros((1, h, 0, d), dtype=reader.kv_dtype)
-    nll, count = 0.0, 0
-    for w in reader.windows:
-        n = len(w)
-        logits = sess.run(["logits"], {"input_ids": w[None], "attention_mask": np.ones((1, n), np.int64),
-                                       "position_ids": np.arange(n, dtype=np.int64)[None],
-                                       **{p: empty for p in reader.past_names}})[0][0, :-1].astype(np.float64)
-        m = logits.max(-1, keepdims=True)
-        lse = np.log(np.exp(logits - m).sum(-1)) + m[:, 0]
-        nll += float((lse - logits[np.arange(n - 1), w[1:]]).sum())
-        count += n - 1
-    return float(np.exp(nll / max(count, 1)))
-
-
-# ----------------------------------------------------------------------------------------------
-# INT8 weight-only
-# ----------------------------------------------------------------------------------------------
-def quantize_int8_weight_only(onnx_in: Path, onnx_out: Path, *, work_dir: Path, method: str = "nbits",
-                              block_size: int = 32, accuracy_level: int = 4) -> None:
-    """INT8 weights, no calibration.
-
-    `nbits` (default): MatMulNBits, 8-bit symmetric weights with one scale per block of
-    `block_size` along K. accuracy_level 4 lets ONNX Runtime's CPU kernel quantize the activations
-    per block on the fly and multiply in INT8 (fast, and a row's result does not depend on the other
-    rows of the batch); accuracy_level 1 dequantizes to FP32 instead (measured 10-20x slower).
-    `dynamic`: quantize_dynamic, per-channel INT8 MatMul weights with each activation tensor
-    quantized per call with one scale (so a sequence's logits depend on the batch it runs in)."""
-    import onnx
-
-    if method == "nbits":
-        from onnxruntime.quantization import QuantFormat
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                      MatMulNBitsQuantizer)
-
-        model = onnx.load(str(onnx_in), load_external_data=True)
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-                                           quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-                                           bits=8)
-        q = MatMulNBitsQuantizer(model, algo_config=cfg)
-        q.process()
-        save_model(q.model.model, onnx_out)
-    elif method == "dynamic":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        src = work_dir / "fp32" / "model.onnx"
-        src.parent.mkdir(exist_ok=True)
-        save_model(onnx.load(str(onnx_in), load_external_data=True), src, threshold_bytes=0)
-        out = work_dir / "dyn" / "model.onnx"
-        out.parent.mkdir()
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-        save_model(onnx.load(str(out), load_external_data=True), onnx_out)
-    else:
-        raise ValueError(method)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-def _spec_dict(spec, onnx_in: Path) -> dict:
-    if spec is None:
-        p = Path(onnx_in).parent / "kv_spec.json"
-        if not p.exists():
-            raise QuantizationError(f"no spec given and no {p}")
-        return json.loads(p.read_text())
-    if isinstance(spec, dict):
-        return dict(spec)
-    if hasattr(spec, "to_json"):
-        d = dict(spec.to_json())
-        p = Path(onnx_in).parent / "kv_spec.json"
-        if p.exists():  # keep extra keys the build wrote (they are not part of KVSpec)
-            d = {**json.loads(p.read_text()), **d}
-        return d
-    raise TypeError(f"spec must be a KVSpec, a dict or None, not {type(spec).__name__}")
-
-
-def _check_model(path: Path, precision: str) -> None:
-    import onnx
-
-    onnx.checker.check_model(str(path))
-    model = onnx.load(str(path), load_external_data=False)
-    ins = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    for name in ("input_ids", "attention_mask", "position_ids"):
-        if ins.get(name) != onnx.TensorProto.INT64:
-            raise QuantizationError(f"{precision} graph: input {name} is not int64")
-    if outs.get("logits") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
-        raise QuantizationError(f"{precision} graph: no float logits output")
+    toposort(model)  # the converter appends its Casts at the end; ONNX (and TensorRT's parser) want order
+    save_onnx(model, onnx_out)
 
 
 def _drop_fp16_round_trips(model) -> None:
@@ -743,46 +177,35 @@ def _drop_fp16_round_trips(model) -> None:
             graph.value_info.remove(v)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        return
-    try:
-        dst.hardlink_to(src)
-    except OSError:
-        shutil.copyfile(src, dst)
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _spec_dict(spec, onnx_in: Path) -> dict:
+    if spec is None:
+        p = Path(onnx_in).parent / "kv_spec.json"
+        if not p.exists():
+            raise QuantizationError(f"no spec given and no {p}")
+        return json.loads(p.read_text())
+    if isinstance(spec, dict):
+        return dict(spec)
+    if hasattr(spec, "to_json"):
+        d = dict(spec.to_json())
+        p = Path(onnx_in).parent / "kv_spec.json"
+        if p.exists():  # keep extra keys the build wrote (they are not part of KVSpec)
+            d = {**json.loads(p.read_text()), **d}
+        return d
+    raise TypeError(f"spec must be a KVSpec, a dict or None, not {type(spec).__name__}")
 
 
-def _toposort(model) -> None:
-    from onnxruntime.transformers.onnx_model import OnnxModel
+def _check_model(path: Path, precision: str) -> None:
+    import onnx
 
-    OnnxModel(model).topological_sort()
-
-
-def _install(staged: Path, onnx_out: Path) -> None:
-    """Move the staged graph (+ data) to its place, replacing an older one (and its stale data)."""
-    data_name = onnx_out.name + ".data"
-    old_data = onnx_out.parent / data_name
-    if old_data.exists():
-        old_data.unlink()
-    staged_data = staged.parent / (staged.name + ".data")
-    if staged_data.exists():
-        shutil.move(str(staged_data), str(old_data))
-    shutil.move(str(staged), str(onnx_out))
-
-
-def _all_tensors(model) -> Iterable:
-    yield from model.graph.initializer
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.HasField("t"):
-                yield a.t
-
-
-def _read_package_text(name: str) -> str:
-    try:
-        from importlib.resources import files
-
-        return (files(__package__) / name).read_text(encoding="utf-8") if __package__ else \
-            (Path(__file__).parent / name).read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError, TypeError):
-        return (Path(__file__).parent / name).read_text(encoding="utf-8")
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    ins = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        if ins.get(name) != onnx.TensorProto.INT64:
+            raise QuantizationError(f"{precision} graph: input {name} is not int64")
+    if outs.get("logits") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        raise QuantizationError(f"{precision} graph: no float logits output")

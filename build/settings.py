@@ -1,4 +1,5 @@
-"""The build config: one YAML file, every key optional (defaults below).
+"""The build config: one YAML file, every key optional (defaults below; every key explained, with an
+example: docs/build-config.md).
 
     max_batch_size: 16          # sequences in flight in the generator; Triton max_batch_size
     max_seq_len: null           # context (prompt + answer); default min(model's, 2048)

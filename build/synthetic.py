@@ -5,7 +5,8 @@ kv_heads=4, intermediate=5632)` writes a folder that `AutoModelForCausalLM` and 
 load like any Hugging Face checkpoint: `config.json` + `model.safetensors`, `tokenizer.json` +
 `tokenizer_config.json`, and a `generation_config.json` carrying the tokenizer's EOS id. The
 weights are random (so the text is gibberish) but every shape, name and code path is the real
-architecture's, and the same seed always gives the same bytes.
+architecture's, and the same seed always gives the same bytes. From the shell:
+`tritonchat synthetic-model --arch llama --tokenizer llama2 --out DIR [--layers N ...]`.
 
 Architectures: ``gpt2`` (absolute positions, Conv1D, tied embeddings), ``llama`` (RoPE, GQA,
 RMSNorm, SwiGLU) and ``qwen2`` (Llama plus q/k/v biases, and a ChatML chat template).
@@ -36,7 +37,6 @@ models still fall into short cycles (a few distinct tokens per 20), untied ones 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -317,30 +317,9 @@ def _check_tokenizer_roundtrip(tok, out: Path) -> None:
                            f"encodes differently from the {type(tok).__name__} written ({len(tok)} tokens)")
 
 
-def _main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tritonchat.build.synthetic",
-                                description="Write a seeded random-init HF causal LM with a real tokenizer.")
-    p.add_argument("--arch", choices=ARCHS, required=True)
-    p.add_argument("--tokenizer", choices=TOKENIZERS, required=True)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--layers", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", dest="kv_heads", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--max-positions", dest="max_positions", type=int)
-    p.add_argument("--head-dim", dest="head_dim", type=int)
-    p.add_argument("--tie-embeddings", dest="tie_embeddings", action=argparse.BooleanOptionalAction, default=None)
-    a = p.parse_args(argv)
-    shape = {k: getattr(a, k) for k in DEFAULT_SHAPE if getattr(a, k, None) is not None}
-    out = make_random_model(a.arch, a.out, tokenizer=a.tokenizer, seed=a.seed, dtype=a.dtype, **shape)
+def describe(out: Path) -> str:
+    """One line about a written model folder (`tritonchat synthetic-model` prints it)."""
+    out = Path(out)
     cfg = json.loads((out / "config.json").read_text())
     n = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"wrote {out} ({cfg['model_type']}, vocab {cfg['vocab_size']}, {n / 2**20:.1f} MiB of weights)")
-
-
-if __name__ == "__main__":
-    _main()
+    return f"wrote {out} ({cfg['model_type']}, vocab {cfg['vocab_size']}, {n / 2**20:.1f} MiB of weights)"

@@ -140,7 +140,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, precision: str, profiles: 
     `strongly_typed`: None = when this TensorRT offers it. Raises TensorRTUnavailable when
     `import tensorrt` fails and TensorRTBuildError when parsing or building fails.
     """
-    from .quantize import graph_precision, normalize_precision
+    from .precision import graph_precision, normalize_precision
 
     say = progress or (lambda _m: None)
     precision = normalize_precision(precision)

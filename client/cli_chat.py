@@ -6,9 +6,9 @@ import sys
 import time
 from typing import List, Optional
 
-from .api import ChatClient
 from .errors import RequestTimeout, ServerUnavailable, TritonChatError
 from .params import GenerationParams
+from .sync import ChatClient
 
 __all__ = ["run_chat", "format_summary"]
 

@@ -11,11 +11,10 @@ text with the repository's tokenizer), so runs compare. Measured on the client:
 * end-to-end latency: request sent -> last response;
 * output tokens/s and requests/s: over the level's wall time (first request sent -> last answer).
 
-One Python client process handles about 32 streams before it delays them itself (H100, same server,
-alternating: C=64 in one process 22.8 / 25.2 k tok/s and TTFT p99 256 / 241 ms, in two 27.4 / 26.1 k
-and 72 / 137 ms), so a level of C streams runs in ``client_processes`` processes (auto: ceil(C / 32),
-at most a quarter of the cores), each with its own event loop and connection, started together by a
-barrier; their records are merged.
+One Python client process handles about 32 streams before it delays them itself (measured: docs/benchmarks-gpu.md,
+"the benchmark client in several processes"), so a level of C streams runs in ``client_processes`` processes
+(auto: ceil(C / 32), at most a quarter of the cores), each with its own event loop and connection, started
+together by a barrier; their records are merged.
 
 Peers run the same prompts on the same model without a server (``loadtest/peers.py``): transformers
 ``generate`` batched at the same concurrency, and llama.cpp (llama-cpp-python) where installed.
@@ -176,7 +175,7 @@ def _level_process(url: str, protocol: str, model_name: str, timeout: float, pro
                    workers: int, n_requests: int, offset: int, max_seconds: float, barrier, out) -> None:
     """One client process of a level (see `run_level_processes`): records go to `out` as they finish,
     then ("done", capped, stalled); a failure before the start goes as ("error", message)."""
-    from tritonchat.client.api import AsyncChatClient
+    from tritonchat.client import AsyncChatClient
 
     async def main() -> None:
         async with AsyncChatClient(url, protocol=protocol, model=model_name, timeout=timeout) as client:
@@ -267,7 +266,7 @@ def summarize(records: List[RequestRecord], concurrency: int, capped: bool = Fal
 
 
 def _params(cfg: BenchConfig):
-    from tritonchat.client.params import GenerationParams
+    from tritonchat.client import GenerationParams
 
     return GenerationParams(max_tokens=cfg.output_len, min_tokens=cfg.output_len, temperature=0.0)
 
@@ -316,7 +315,7 @@ def best_of_peer_rounds(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 async def _sweep(cfg: BenchConfig, url: str, http_url: Optional[str], grpc_url: Optional[str],
                  prompts: List[str], progress, with_overhead: bool = True, tag: str = "") -> Dict[str, Any]:
-    from tritonchat.client.api import AsyncChatClient
+    from tritonchat.client import AsyncChatClient
 
     params = _params(cfg)
     levels: List[Dict[str, Any]] = []

@@ -1,6 +1,6 @@
 """A minimal Hugging Face Llama -> GGUF (F32) converter, for the llama.cpp peer of `tritonchat bench`.
 
-    python -m tritonchat.loadtest.gguf_convert MODEL_DIR OUT.gguf
+    tritonchat gguf-convert MODEL_DIR OUT.gguf
 
 llama.cpp's own ``convert_hf_to_gguf.py`` lives in the llama.cpp source tree (not in any wheel), so
 this writes the same layout with the ``gguf`` package (PyPI, maintained by llama.cpp): the ``llama``
@@ -19,7 +19,6 @@ Only Llama-architecture models (Llama 2 style: RMSNorm, SwiGLU, RoPE, optional G
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -212,19 +211,11 @@ def convert(model_dir: Path, out: Path, tokenizer_model: Optional[Path] = None) 
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonchat.loadtest.gguf_convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--tokenizer-model", type=Path, default=None, help="SentencePiece model to take the vocabulary from")
-    args = p.parse_args(argv)
+def run_convert(model_dir: Path, out: Path, tokenizer_model: Optional[Path] = None) -> int:
+    """`tritonchat gguf-convert`: print the GGUF's path; the exit status."""
     try:
-        print(convert(args.model_dir, args.out, args.tokenizer_model))
+        print(convert(model_dir, out, tokenizer_model))
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

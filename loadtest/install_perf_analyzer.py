@@ -1,6 +1,6 @@
-"""Install NVIDIA's ``perf_analyzer`` into ``<repo>/.tools/`` (git-ignored), for any glibc.
+"""Install NVIDIA's ``perf_analyzer`` into ``<repo>/.tools/`` (git-ignored), for any glibc, and find it.
 
-    python -m tritonchat.loadtest.install_perf_analyzer [--force] [--version 2.60.0]
+    tritonchat install-perf-analyzer [--force] [--version 2.60.0]
 
 What it does (idempotent: a working install with the same version is left alone):
 
@@ -24,7 +24,6 @@ Exit status: 0 installed (or already there), 1 failed (the reason is printed; ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -58,9 +57,9 @@ class InstallError(RuntimeError):
 
 
 def repo_root() -> Path:
-    from tritonchat.doctor import repo_root as _root
-
-    return _root()
+    """The project checkout (editable install), else the current directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 
 def tools_dir(root: Optional[Path] = None) -> Path:
@@ -69,6 +68,19 @@ def tools_dir(root: Optional[Path] = None) -> Path:
 
 def wrapper_path(root: Optional[Path] = None) -> Path:
     return tools_dir(root) / "bin" / "perf_analyzer"
+
+
+def find_perf_analyzer() -> Optional[Path]:
+    """perf_analyzer on PATH, else one under ``<repo>/.tools/`` (what this module installs)."""
+    found = shutil.which("perf_analyzer")
+    if found:
+        return Path(found)
+    tools = tools_dir()
+    if tools.is_dir():
+        for cand in sorted(tools.rglob("perf_analyzer")):
+            if cand.is_file() and os.access(cand, os.X_OK):
+                return cand
+    return None
 
 
 def system_glibc() -> Tuple[int, int]:
@@ -227,7 +239,7 @@ def write_wrapper(wrapper: Path, tools: Path, binary: Path, ld: Optional[Path], 
     def rel(p: Path) -> str:
         return '"$T"/' + str(Path(os.path.relpath(p, tools)))
 
-    lines = ["#!/bin/sh", "# perf_analyzer wrapper written by python -m tritonchat.loadtest.install_perf_analyzer",
+    lines = ["#!/bin/sh", "# perf_analyzer wrapper written by tritonchat install-perf-analyzer",
              'T="$(cd "$(dirname "$0")/.." && pwd)"']
     if ld is not None:
         libs = ":".join(rel(d) for d in lib_dirs)
@@ -294,20 +306,11 @@ def install(version: str = DEFAULT_VERSION, force: bool = False, root: Optional[
     return wrapper
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonchat.loadtest.install_perf_analyzer",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", default=DEFAULT_VERSION, help="perf-analyzer wheel version (default %(default)s)")
-    p.add_argument("--force", action="store_true", help="re-install even when a working install is there")
-    p.add_argument("--root", type=Path, default=None, help="repository root (default: this checkout)")
-    args = p.parse_args(argv)
+def run_install(version: str = DEFAULT_VERSION, force: bool = False, root: Optional[Path] = None) -> int:
+    """`tritonchat install-perf-analyzer`: the exit status (the reason of a failure is printed)."""
     try:
-        install(args.version, args.force, args.root)
+        install(version, force, root)
     except (InstallError, OSError, subprocess.SubprocessError, zipfile.BadZipFile) as exc:
         print(f"[perf_analyzer] not installed: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -95,7 +95,7 @@ class _StreamUser(User):
         url = (self.host or "http://127.0.0.1:8000") if self.protocol == "http" else getattr(
             opts, "grpc_host", "127.0.0.1:8001")
         check_loopback(url)  # belt and braces: never anything but loopback
-        from tritonchat.client.api import ChatClient
+        from tritonchat.client import ChatClient
 
         self.client = ChatClient(url, protocol=self.protocol, model=getattr(opts, "model_name", "ensemble"),
                                  timeout=120.0)

@@ -110,8 +110,8 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
         batch = [prompts[i % len(prompts)] for i in range(c)]
         enc = tok(batch, return_tensors="pt", padding=True).to(device)
         # warm-up: one whole answer at this batch size. A 2-token warm-up left the first timed batch
-        # 3-4x slower than the next ones on the H200 (6.2 vs 1.7 s at batch 64), which made the
-        # peer look slower than it is when a level ran only 2 batches.
+        # several times slower than the next ones, which made the peer look slower than it is when a
+        # level ran only 2 batches (figures: docs/benchmarks-gpu.md, "The peer was understated").
         generate(enc, M)
         t = time.perf_counter()
         generate(enc, 1)

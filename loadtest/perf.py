@@ -1,10 +1,9 @@
 """Run the ready perf_analyzer configurations (``loadtest/perf_analyzer/*.json``) against a server.
 
-    python -m tritonchat.loadtest.perf --url 127.0.0.1:8001 [--http-url 127.0.0.1:8000]
-    python -m tritonchat.loadtest.perf --model-repository repos/default      # starts and stops the server
-    tritonchat bench perf-analyzer --url 127.0.0.1:8001                       # the same
+    tritonchat bench perf-analyzer --url 127.0.0.1:8001 [--http-url 127.0.0.1:8000]
+    tritonchat bench perf-analyzer --model-repository repos/default      # starts and stops the server
 
-Configurations (``--config NAME``, repeatable; default: all three):
+Configurations (``--perf-config NAME``, repeatable; default: all three):
 
 * ``ensemble_streaming``: the ensemble over gRPC streaming (``-i grpc --streaming``; the input data
   sends text_input / max_tokens / min_tokens / stream=true). The LLM figures are computed from
@@ -15,19 +14,18 @@ Configurations (``--config NAME``, repeatable; default: all three):
   after each run, gives executions vs requests: the average batch the dynamic batcher formed.
 
 perf_analyzer is looked up as ``tritonchat doctor`` does (PATH, then ``<repo>/.tools/``; install it with
-``python -m tritonchat.loadtest.install_perf_analyzer``). Everything goes to loopback only.
+``tritonchat install-perf-analyzer``). Everything goes to loopback only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .install_perf_analyzer import find_perf_analyzer
 from .stats import fmt_hist, mean, model_stats, percentile, stats_delta
 
 CONFIG_DIR = Path(__file__).resolve().parent / "perf_analyzer"
@@ -36,12 +34,6 @@ DEFAULT_CONFIGS = ("ensemble_streaming", "preprocessing_batching", "postprocessi
 
 class PerfError(RuntimeError):
     pass
-
-
-def find_perf_analyzer() -> Optional[Path]:
-    from tritonchat.doctor import find_perf_analyzer as _find
-
-    return _find()
 
 
 def load_config(name: str) -> Dict[str, Any]:
@@ -160,7 +152,7 @@ def run_perf(url: str, http_url: Optional[str], configs: Sequence[str], out: Pat
     pa = Path(perf_analyzer) if perf_analyzer else find_perf_analyzer()
     if pa is None:
         raise PerfError("perf_analyzer not found (on PATH or under .tools/): "
-                        "python -m tritonchat.loadtest.install_perf_analyzer")
+                        "tritonchat install-perf-analyzer")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {"perf_analyzer": str(pa), "url": url, "runs": []}
@@ -264,26 +256,9 @@ def print_tables(results: Dict[str, Any], console) -> None:
             console.print(t)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonchat.loadtest.perf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="gRPC host:port of a running server (loopback)")
-    p.add_argument("--http-url", help="HTTP host:port for the statistics API (default: gRPC statistics)")
-    p.add_argument("--model-repository", type=Path, help="start tritonserver on this repository (and stop it)")
-    p.add_argument("--config", action="append", help=f"configuration name or JSON path (default: {', '.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--concurrency", help="comma-separated levels, overriding each configuration's")
-    p.add_argument("--output-len", type=int, help="max_tokens = min_tokens for the ensemble (default: the input file's)")
-    p.add_argument("--out", type=Path, default=None, help="folder for exports, logs and the summary")
-    p.add_argument("--requests", type=int, help="perf_analyzer --request-count per run (default: the configuration's)")
-    p.add_argument("--perf-analyzer", type=Path, help="the perf_analyzer binary (default: PATH, then .tools/)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per perf_analyzer run")
-    args = p.parse_args(argv)
-    return run_cli(url=args.url, http_url=args.http_url, model_repository=args.model_repository,
-                   configs=args.config, concurrency=args.concurrency, output_len=args.output_len, out=args.out,
-                   perf_analyzer=args.perf_analyzer, timeout=args.timeout, requests=args.requests)
-
-
-def run_cli(url=None, http_url=None, model_repository=None, configs=None, concurrency=None, output_len=None,
-            out=None, perf_analyzer=None, timeout=300.0, requests=None) -> int:
+def run_perf_command(url=None, http_url=None, model_repository=None, configs=None, concurrency=None,
+                     output_len=None, out=None, perf_analyzer=None, timeout=300.0, requests=None) -> int:
+    """`tritonchat bench perf-analyzer`: run, print and save; the exit status."""
     from rich.console import Console
 
     console = Console(width=None if Console().is_terminal else 200)
@@ -311,7 +286,3 @@ def run_cli(url=None, http_url=None, model_repository=None, configs=None, concur
     print_tables(results, console)
     console.print(f"saved {out / 'perf_summary.json'}, {out / 'perf_summary.md'} (+ profile exports and logs)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,10 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class GeneratorMetrics:
-    """Implements the scheduler's metrics hooks (`step`, `first_token`, `finished`)."""
+    """Implements the scheduler's metrics hooks (`step`, `first_token`, `finished`), which the
+    scheduler calls on its courier's thread (batching/courier.py: every call into the server
+    process from one thread, off the decode loop). The shutdown log's counters are the other
+    flow: `batching.sequence.Stats`."""
 
     def __init__(self, model_name: str):
         labels = {"model": model_name}

@@ -25,7 +25,7 @@ def small_server(tmp_path_factory):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_full_waiting_line_refuses_with_unavailable_and_the_server_keeps_serving(small_server, protocol):
-    from tritonchat.client.api import ChatClient
+    from tritonchat.client import ChatClient
     from tritonchat.client.errors import ServerUnavailable
 
     url = small_server.grpc_url if protocol == "grpc" else small_server.http_url

@@ -201,16 +201,20 @@ def test_benchmark_shapes():
         make_config("llama", 100, heads=4, kv_heads=3)
 
 
-def test_cli_writes_a_model(tmp_path, capsys):
-    from tritonchat.build.synthetic import _main
+def test_cli_writes_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from tritonchat.cli import app
 
     need_shared(*TOKENIZER_FILES["gpt2"])
-    _main(["--arch", "gpt2", "--tokenizer", "gpt2", "--out", str(tmp_path / "m"), "--layers", "1",
-           "--hidden", "32", "--heads", "2", "--max-positions", "128"])
+    result = CliRunner().invoke(app, ["synthetic-model", "--arch", "gpt2", "--tokenizer", "gpt2",
+                                      "--out", str(tmp_path / "m"), "--layers", "1", "--hidden", "32",
+                                      "--heads", "2", "--max-positions", "128"])
+    assert result.exit_code == 0, result.output
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (cfg["model_type"], cfg["n_layer"], cfg["n_embd"], cfg["n_positions"], cfg["vocab_size"]) == \
         ("gpt2", 1, 32, 128, 50257)
-    assert "wrote" in capsys.readouterr().out
+    assert "wrote" in result.output
 
 
 def test_llama2_tokenizer_encodes_like_sentencepiece():

@@ -244,12 +244,12 @@ def test_locust_headless_smoke(stories_server, tmp_path):
 
 @pytest.mark.slow
 def test_perf_analyzer_smoke(stories_server, tmp_path):
-    from tritonchat.loadtest.install_perf_analyzer import probe
+    from tritonchat.loadtest.install_perf_analyzer import find_perf_analyzer, probe
 
-    pa = perf.find_perf_analyzer()
+    pa = find_perf_analyzer()
     if pa is None:
         pytest.skip("perf_analyzer is not installed (not on PATH, nothing under .tools/): "
-                    "python -m tritonchat.loadtest.install_perf_analyzer (./setup.sh runs it)")
+                    "tritonchat install-perf-analyzer (./setup.sh runs it)")
     works, line = probe(pa)
     if not works:
         pytest.skip(f"perf_analyzer at {pa} does not run here: {line}")

@@ -140,7 +140,8 @@ def test_batched_decode_with_holes_matches_single_sequences(graphs, tokenizer, p
 
 
 def test_calibration_reader_feeds_prefill_and_decode(graphs, tokenizer):
-    from tritonchat.build.quantize import KVCalibrationReader, builtin_sample, encode
+    from tritonchat.build.int8 import KVCalibrationReader
+    from tritonchat.build.text import builtin_sample, encode
 
     spec = json.loads((graphs["fp32"].parent / "kv_spec.json").read_text())
     reader = KVCalibrationReader(graphs["fp32"], encode(tokenizer, builtin_sample()), spec, window=32,
@@ -157,7 +158,7 @@ def test_calibration_reader_feeds_prefill_and_decode(graphs, tokenizer):
 
 
 def test_builtin_sample_parts_are_disjoint():
-    from tritonchat.build.quantize import builtin_sample
+    from tritonchat.build.text import builtin_sample
 
     calib, held = builtin_sample("calibration"), builtin_sample("heldout")
     assert len(calib) > 3000 and len(held) > 1000
@@ -167,7 +168,8 @@ def test_builtin_sample_parts_are_disjoint():
 def test_fp32_in_place_and_bad_precision(graphs, tmp_path):
     import shutil
 
-    from tritonchat.build.quantize import artifact_size, quantize
+    from tritonchat.build.onnx_files import artifact_size
+    from tritonchat.build.quantize import quantize
 
     src = graphs["fp32"].parent
     work = tmp_path / "g"

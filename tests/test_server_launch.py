@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tritonchat import install, server_log
 from tritonchat import server as srv
 
 ECHO_CONFIG = """
@@ -82,23 +83,23 @@ def test_server_command_flags(tmp_path):
 
 
 def test_install_backends_is_idempotent():
-    first = srv.install_backends()
-    stub = first / "python" / srv.STUB_NAME
+    first = install.install_backends()
+    stub = first / "python" / install.STUB_NAME
     before = stub.stat().st_ino
-    assert srv.install_backends() == first
+    assert install.install_backends() == first
     assert stub.stat().st_ino == before  # not copied again
-    assert srv.check_stub(first) == []
-    if srv.locate_server().is_pytriton:  # the wheel is untouched: its backends folder has no stub
-        assert not (srv.locate_server().shipped_backends / "python" / srv.STUB_NAME).exists()
-        assert srv.stub_python_version(stub) == srv.python_tag()
+    assert install.check_stub(first) == []
+    if install.locate_server().is_pytriton:  # the wheel is untouched: its backends folder has no stub
+        assert not (install.locate_server().shipped_backends / "python" / install.STUB_NAME).exists()
+        assert install.stub_python_version(stub) == install.python_tag()
 
 
 def test_server_env_puts_venv_python_first():
-    env = srv.server_env({"PATH": "/usr/bin:/bin"})
+    env = install.server_env({"PATH": "/usr/bin:/bin"})
     first = Path(env["PATH"].split(os.pathsep)[0])
     assert (first / "python3").exists()
-    if srv.locate_server().libs:
-        assert str(srv.locate_server().libs[0]) in env["LD_LIBRARY_PATH"]
+    if install.locate_server().libs:
+        assert str(install.locate_server().libs[0]) in env["LD_LIBRARY_PATH"]
 
 
 def test_failure_reason_prefers_failed_loads():
@@ -108,8 +109,8 @@ def test_failure_reason_prefers_failed_loads():
         'Internal: ValueError: bad onnx"',
         "| generator | 1 | UNAVAILABLE: Internal: ValueError: bad onnx |",
     ])
-    assert srv.failure_reason(log) == "failed to load 'generator' version 1: Internal: ValueError: bad onnx"
-    assert "CudaDriverHelper" not in srv.failure_reason(log.splitlines()[0] + "\nerror: creating server: x")
+    assert server_log.failure_reason(log) == "failed to load 'generator' version 1: Internal: ValueError: bad onnx"
+    assert "CudaDriverHelper" not in server_log.failure_reason(log.splitlines()[0] + "\nerror: creating server: x")
 
 
 def test_python_model_loads_and_answers(tmp_path):

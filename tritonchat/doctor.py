@@ -2,7 +2,7 @@
 
 Nothing is started. The server version comes from, in this order: ``$TRITON_SERVER_VERSION`` /
 ``$TRITONSERVER_VERSION`` (the NGC container sets the first), the version recorded when ``./setup.sh`` started
-this very binary once (``python -m tritonchat.server --install``), or pytriton's known pairing; this
+this very binary once (``tritonchat setup-server``), or pytriton's known pairing; this
 tritonserver has no ``--version`` flag and its binaries do not carry the version as a plain string.
 """
 
@@ -12,7 +12,6 @@ import importlib
 import importlib.metadata as md
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -21,12 +20,6 @@ from typing import List, Optional, Tuple
 PYTRITON_SERVER = {"0.7.0": "2.51.0"}
 
 OK, WARN, BAD = "[green]ok[/]", "[yellow]warn[/]", "[red]missing[/]"
-
-
-def repo_root() -> Path:
-    """The project checkout (editable install), else the current directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _version(dist: str) -> Optional[str]:
@@ -38,14 +31,14 @@ def _version(dist: str) -> Optional[str]:
 
 def server_version(binary: Path, source: str) -> Tuple[str, str]:
     """(version, where it came from) without starting anything."""
-    from tritonchat import server
+    from tritonchat import install
 
     if source != "pytriton":
         for var in ("TRITON_SERVER_VERSION", "TRITONSERVER_VERSION"):
             if os.environ.get(var):
                 ngc = os.environ.get("NVIDIA_TRITON_SERVER_VERSION")
                 return os.environ[var] + (f" (NGC {ngc})" if ngc else ""), f"${var}"
-    recorded = server.recorded_server_version(binary)
+    recorded = install.recorded_server_version(binary)
     if recorded:
         return recorded, "recorded by ./setup.sh (server started once)"
     if source == "pytriton":
@@ -53,19 +46,7 @@ def server_version(binary: Path, source: str) -> Tuple[str, str]:
         if pv in PYTRITON_SERVER:
             return PYTRITON_SERVER[pv], f"nvidia-pytriton {pv} ships it"
         return "unknown", f"nvidia-pytriton {pv}: run ./setup.sh to record it"
-    return "unknown", "run python -m tritonchat.server --install to record it"
-
-
-def find_perf_analyzer() -> Optional[Path]:
-    found = shutil.which("perf_analyzer")
-    if found:
-        return Path(found)
-    tools = repo_root() / ".tools"
-    if tools.is_dir():
-        for cand in sorted(tools.rglob("perf_analyzer")):
-            if cand.is_file() and os.access(cand, os.X_OK):
-                return cand
-    return None
+    return "unknown", "run tritonchat setup-server to record it"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -77,7 +58,8 @@ def run_doctor() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tritonchat import server
+    from tritonchat import install
+    from tritonchat.loadtest.install_perf_analyzer import find_perf_analyzer
 
     console = Console()
     table = Table(title="tritonchat doctor", show_lines=False)
@@ -93,14 +75,14 @@ def run_doctor() -> int:
     # --- server
     inst = None
     try:
-        inst = server.locate_server()
-    except server.ServerNotFoundError as exc:
+        inst = install.locate_server()
+    except install.ServerNotFoundError as exc:
         usable = False
         table.add_row("tritonserver", BAD, str(exc))
-        fixes.append(f"unset or correct ${server.ENV_BINARY}" if os.environ.get(server.ENV_BINARY)
+        fixes.append(f"unset or correct ${install.ENV_BINARY}" if os.environ.get(install.ENV_BINARY)
                      else "run ./setup.sh (installs nvidia-pytriton, which ships tritonserver)")
     if inst is not None:
-        missing = server.missing_libraries(inst.binary)
+        missing = install.missing_libraries(inst.binary)
         version, origin = server_version(inst.binary, inst.source)
         status = OK if not missing else BAD
         detail = f"{version} [dim]({origin})[/]\n{inst.binary} [dim](from {inst.source})[/]"
@@ -110,7 +92,7 @@ def run_doctor() -> int:
             fixes.append("reinstall the server (./setup.sh) so its bundled libraries are found")
         table.add_row("tritonserver", status, detail)
 
-        backend_dir = server.backend_directory(inst)
+        backend_dir = install.backend_directory(inst)
         names = sorted(p.name for p in backend_dir.iterdir() if p.is_dir()) if backend_dir.is_dir() else []
         wanted = ("python", "onnxruntime", "tensorrt")
         marks = "  ".join(f"{n} {'[green]yes[/]' if n in names else '[dim]no[/]'}" for n in wanted)
@@ -118,17 +100,17 @@ def run_doctor() -> int:
         table.add_row("backends", OK if "python" in names else BAD,
                       f"{marks}{'  others: ' + ', '.join(others) if others else ''}\n{backend_dir}")
 
-        stub = backend_dir / "python" / server.STUB_NAME
-        problems = server.check_stub(backend_dir)
+        stub = backend_dir / "python" / install.STUB_NAME
+        problems = install.check_stub(backend_dir)
         if problems:
             usable = False
             table.add_row("python stub", BAD, "\n".join(problems))
-            fixes.append("run ./setup.sh (python -m tritonchat.server --install copies the stub for "
-                         f"Python {server.python_tag()})")
+            fixes.append("run ./setup.sh (tritonchat setup-server copies the stub for "
+                         f"Python {install.python_tag()})")
         else:
-            built = server.stub_python_version(stub) or "?"
+            built = install.stub_python_version(stub) or "?"
             table.add_row("python stub", OK, f"built for Python {built}, matches this Python\n{stub}")
-        table.add_row("stub's python3", OK, f"{server._python_bin_dir() / 'python3'} (first on PATH for the server)")
+        table.add_row("stub's python3", OK, f"{install.python_bin_dir() / 'python3'} (first on PATH for the server)")
         if inst.caches is not None:
             table.add_row("response cache", OK, str(inst.caches))
 

@@ -1,4 +1,5 @@
-"""Per-request sampling parameters and the token sampler (numpy, host side).
+"""Per-request sampling parameters and the token sampler (numpy, host side); for greedy batches
+whose argmax the engine takes, the end ids that step must mask (`greedy_ban`).
 
 Semantics follow the libraries users compare against:
 - `temperature` 0 (the default) is greedy; `top_k` 0 and `top_p` 1 are off.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from ..engines.base import Ban
 
 
 class InvalidParameter(ValueError):
@@ -86,7 +89,7 @@ class Sampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
         self.seen[np.asarray(prompt_ids, dtype=np.int64) % vocab_size] = True
         self.end_ids = np.array([e for e in params.end_ids if 0 <= e < vocab_size], dtype=np.int64)
-        self.end_key = tuple(self.end_ids.tolist())  # compared per row and step (scheduler._greedy_ban)
+        self.end_key = tuple(self.end_ids.tolist())  # compared per row and step (greedy_ban)
         self.generated = 0
         self.history: list[int] = []
         self.argmax_only = params.argmax_only  # read per token and per step: computed once
@@ -148,3 +151,26 @@ def sample_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int]:
         if not s.p.plain:
             out[i] = s.choose(logits[i])
     return out
+
+
+def greedy_ban(samplers: list[Sampler], ahead=0):
+    """For an all-greedy batch, whose argmax the engine takes: None (plain argmax) or the `Ban` of
+    end ids for rows still under their `min_tokens` (`ahead` steps from now: one number, or one per
+    row); False when some row needs the logits on the host."""
+    rows, key, ids = [], None, None
+    for i, s in enumerate(samplers):
+        if not s.argmax_only:
+            return False
+        a = ahead if isinstance(ahead, int) else ahead[i]
+        if s.generated + a < s.p.min_tokens and s.end_key:
+            if key is None:
+                key, ids = s.end_key, s.end_ids
+            elif s.end_key != key:
+                return False  # rows ban different ids: one mask cannot serve them
+            rows.append(i)
+    return Ban(np.array(rows, dtype=np.int64), ids) if rows else None
+
+
+def ban_key(rows: list, ban) -> tuple | None:
+    """The end ids `ban` masks (the common key of `rows`, sequences with samplers), None without a ban."""
+    return None if not ban else rows[int(ban.rows[0])].sampler.end_key

@@ -1,11 +1,12 @@
-"""What `tritonchat bench [sweep | perf-analyzer | locust]` runs (wired in tritonchat/commands.py)."""
+"""What `tritonchat bench [sweep | perf-analyzer | locust]` runs: the mode's runner (sweep: bench.py,
+perf-analyzer: perf.py) and locust's headless run. The command itself is in tritonchat/cli.py."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 MODES = ("sweep", "perf-analyzer", "locust")
 
@@ -15,7 +16,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                       requests_per_level: Optional[int], out: Optional[Path], protocol: str, peers: Optional[str],
                       model: Optional[str], tokenizer: Optional[Path], max_seconds_per_level: float,
                       streaming_overhead: int, run_time: str, label: Optional[str], rounds: int = 1,
-                      client_processes: int = 0) -> int:
+                      client_processes: int = 0, perf_configs: Optional[List[str]] = None,
+                      perf_analyzer: Optional[Path] = None, perf_timeout: float = 300.0) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -27,10 +29,11 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
 
     try:
         if mode == "perf-analyzer":
-            from .perf import run_cli
+            from .perf import run_perf_command
 
-            return run_cli(url=url, http_url=http_url, model_repository=model_repository, concurrency=concurrency,
-                           output_len=output_len, out=out, requests=requests_per_level)
+            return run_perf_command(url=url, http_url=http_url, model_repository=model_repository,
+                                    configs=perf_configs, concurrency=concurrency, output_len=output_len, out=out,
+                                    perf_analyzer=perf_analyzer, timeout=perf_timeout, requests=requests_per_level)
         if mode == "locust":
             return run_locust(url, http_url, model_repository, protocol, concurrency, output_len,
                               requests_per_level, out, run_time, console)

@@ -1,0 +1,115 @@
+"""The generator's requests and responses: a Triton request -> a `Sequence` for the scheduler, an
+`Output` -> a Triton response (the tensors postprocessing reads). The scheduler (batching/) knows
+nothing of Triton; this module is the border.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from . import triton_io as io
+from .batching.detokenize import TextTracker
+from .batching.sampling import InvalidParameter, SamplingParams
+from .batching.sequence import Output, Sequence
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], max_seq_len: int) -> Sequence:
+    """Parse and validate one request (InvalidParameter: a message for the client); its outputs
+    go to `sender`, and its cancellation is asked of `sender` (or of the request)."""
+    inputs = io.inputs(request)
+    prompt = io.check_batch_of_one(inputs, "input_ids").reshape(-1).astype(np.int64)
+    if len(prompt) == 0:
+        raise InvalidParameter("the prompt has no tokens")
+    if len(prompt) + 1 > max_seq_len:
+        raise InvalidParameter(f"prompt is {len(prompt)} tokens; the model's context is {max_seq_len}")
+    s = io.scalar
+    end_id = s(inputs, "end_id", int)
+    if end_id is not None:
+        end_ids = tuple(sorted(set(end_ids) | {end_id}))
+    params = SamplingParams(
+        max_tokens=s(inputs, "max_tokens", int, required=True),
+        temperature=s(inputs, "temperature", float, 0.0),
+        top_k=s(inputs, "top_k", int, 0),
+        top_p=s(inputs, "top_p", float, 1.0),
+        repetition_penalty=s(inputs, "repetition_penalty", float, 1.0),
+        presence_penalty=s(inputs, "presence_penalty", float, 0.0),
+        frequency_penalty=s(inputs, "frequency_penalty", float, 0.0),
+        seed=s(inputs, "seed", int),
+        min_tokens=s(inputs, "min_tokens", int, 0),
+        end_ids=end_ids,
+        bad_words_ids=split_words(io.optional(inputs, "bad_words_ids")),
+    ).validate(max_seq_len)
+    include_prompt = not s(inputs, "exclude_input_in_output", bool, True)
+    tracker = TextTracker(tokenizer, prompt if include_prompt else (), io.strings(inputs, "stop_words"))
+    cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+    return Sequence(prompt, params, tracker, sink=lambda out: send(sender, out),
+                    stream=s(inputs, "stream", bool, False), is_cancelled=cancelled)
+
+
+def send(sender, out: Output) -> None:
+    """Send one output as a response (the final one with the FINAL flag; an error as INTERNAL)."""
+    if out.error:
+        sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
+        return
+    rel = out.release
+    window = rel.window if rel else []
+    # `tensors` must outlive `send`: the 24.10 stub's ResponseSender.send releases the GIL and then
+    # drops the outputs the requester did not ask for (a client calling the generator directly may
+    # ask for a subset). If the response held the last reference to such a Tensor, its numpy array is
+    # freed without the GIL, which corrupts the interpreter's heap: the stub then dies with SIGSEGV
+    # in whichever thread runs next (every time on the GPU, where the first request hung; now and
+    # then on CPU). Holding the list here keeps that last reference on this side, freed with the GIL.
+    tensors = [
+        io.tensor("tokens", window, np.int32),
+        io.tensor("read_offset", [rel.read_offset if rel else len(window)], np.int32),
+        io.tensor("trim_chars", [rel.trim_chars if rel else 0], np.int32),
+        io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
+        io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
+        io.bytes_tensor("finish_reason", out.finish_reason),
+    ]
+    sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.final else 0)
+    del tensors  # only now, with the GIL held
+
+
+def reject(sender, message: str, code=None) -> None:
+    """Answer a request the scheduler did not take with one final error response (default INVALID_ARG)."""
+    sender.send(io.error_response(message, code), flags=FINAL)
+
+
+def split_words(flat) -> tuple[tuple[int, ...], ...]:
+    """`bad_words_ids` as preprocessing sends them (the words' ids, each word ended by -1) -> words."""
+    if flat is None:
+        return ()
+    words, cur = [], []
+    for t in flat.reshape(-1).tolist():
+        if t < 0:
+            if cur:
+                words.append(tuple(cur))
+            cur = []
+        else:
+            cur.append(int(t))
+    if cur:
+        words.append(tuple(cur))
+    return tuple(words)
+
+
+def model_end_ids(version_dir, tokenizer) -> tuple[int, ...]:
+    """Every EOS id of the generation config (an int or a list), else the tokenizer's."""
+    ids = set()
+    gen = version_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    cfg = version_dir / "tokenizer" / "tokenizer_config.json"
+    if not ids and cfg.exists():
+        eos_tok = json.loads(cfg.read_text()).get("eos_token")
+        if isinstance(eos_tok, dict):
+            eos_tok = eos_tok.get("content")
+        if eos_tok and tokenizer.token_to_id(eos_tok) is not None:
+            ids.add(tokenizer.token_to_id(eos_tok))
+    return tuple(sorted(int(i) for i in ids))

@@ -1,0 +1,467 @@
+"""The scheduler's and the courier's logic on the deterministic fake engine (tests/fake_engine.py):
+fast, no model files, no torch; the chained and mixed paths run on CPU through the fake's
+`can_chain` / `can_mix`. (tests/test_scheduler.py checks answers against real engines.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fake_engine import FakeEngine, FakeTokenizer, fake, run_jobs
+
+_run = run_jobs
+VARIANTS = {"plain": {}, "chain": {"can_chain": True}, "mix": {"can_mix": True},
+            "chain+mix": {"can_chain": True, "can_mix": True}}
+
+
+@pytest.fixture
+def engine():
+    """A plain engine (no chaining, no prompts in decode steps) whose steps take 2 ms, as a small
+    model's do on CPU: long enough for a client's cancellation or a late request to land mid-answer."""
+    return fake(step_s=0.002)
+
+
+def _words(tokens, reason="length") -> str:
+    """The text of an answer (an end id that stopped it is not part of it)."""
+    return FakeTokenizer().decode(tokens[:-1] if reason == "stop" else tokens)
+
+
+# -- answers: every path gives each request its answer alone ---------------------------------------
+
+PROMPTS = ["Once upon a time", "The cat", "A dog", "Tom", "Lily", "The sun", "Ben and Mia", "A big red ball",
+           "Sue", "The little bird", "Max", "One day"]
+
+
+@pytest.mark.parametrize("vocab", [64, 8])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_answers_equal_the_reference_on_every_path(variant, vocab):
+    """More requests than slots, ids the model does say playing the end ids (so some end inside a
+    chain; with 8 ids, often), and `min_tokens` banning them for half of the requests (the ban
+    reaches a new prompt's first-token row: one such request's first token is an end id, and the
+    chained rows after it): every answer is the request's answer alone, and the variant's path ran
+    (chained steps, prompts inside decode steps)."""
+    ex, tok = fake(max_slots=3, vocab_size=vocab, **VARIANTS[variant])
+    ends = (ex.reference(tok.encode(PROMPTS[0]).ids, 40)[0][6], ex.reference(tok.encode(PROMPTS[5]).ids, 1)[0][0])
+    jobs = [(p, 10 + 3 * i, i % 2 == 0, {"min_tokens": 8} if i % 2 else {}) for i, p in enumerate(PROMPTS)]
+    stats = []
+    results, texts = _run((ex, tok), jobs, end_ids=ends, stats=stats)
+    for i, (prompt, n, _, own) in enumerate(jobs):
+        ref, reason = ex.reference(tok.encode(prompt).ids, n, ends, own.get("min_tokens", 0))
+        assert texts[i] == _words(ref, reason), f"job {i}"
+        assert results[i][-1].finish_reason == reason and results[i][-1].num_output_tokens == len(ref)
+    assert any(o[-1].finish_reason == "stop" for o in results.values())
+    assert any(o[-1].finish_reason == "length" for o in results.values())
+    st = stats[0]
+    assert st.tokens == sum(o[-1].num_output_tokens for o in results.values())
+    assert (st.chained > 0) == ex.can_chain and (st.mixed_steps > 0) == ex.can_mix
+    assert all(step.taken == 1 for step in ex.steps)  # every launched step's tokens taken, once
+
+
+@pytest.mark.parametrize("variant", ["plain", "chain+mix"])
+def test_mix_prefill_off_and_host_sampled_rows_give_the_same_answers(variant):
+    """Sampled requests (seeded) and greedy ones in one batch: the steps with sampled rows bring the
+    logits to the host, the others stay greedy (and chain where they can); each answer equals the
+    request's answer alone, with `mix_prefill` on or off."""
+    jobs = [("Once upon a time", 30, True, {"temperature": 0.9, "seed": 1}), ("The cat", 25, False),
+            ("A dog", 20, True, {"temperature": 0.7, "top_k": 5, "seed": 2}), ("Tom", 35, True), ("Lily", 15, False)]
+    together = _run(fake(max_slots=2, **VARIANTS[variant]), jobs)[1]
+    unmixed = _run(fake(max_slots=2, **VARIANTS[variant]), jobs, mix_prefill=False)[1]
+    solo = {i: _run(fake(**VARIANTS[variant]), [job])[1][0] for i, job in enumerate(jobs)}
+    assert together == solo == unmixed
+    ex, tok = fake()
+    assert together[1] == _words(*ex.reference(tok.encode("The cat").ids, 25, (2,)))
+
+
+# -- the courier: merged deltas, priorities, cancellation ----------------------------------------------
+
+def test_a_slow_client_gets_merged_deltas_with_the_same_text(engine):
+    fast, fast_text = _run(engine, [("Once upon a time", 60, True)])
+    slow, slow_text = _run(engine, [("Once upon a time", 60, True)], sink_delay=0.01)
+    assert slow_text == fast_text
+    assert len(slow[0]) < len(fast[0])  # the courier merged the backlog into fewer responses
+    assert slow[0][-1].final and slow[0][-1].finish_reason == "length"
+
+
+def test_cancellation_frees_the_slot(engine):
+    results, _ = _run(engine, [("Once upon a time", 200, True)] * 4 + [("The cat", 10, False)], cancel_after=3)
+    reasons = sorted(outs[-1].finish_reason for outs in results.values())
+    assert reasons.count("cancelled") == 4 and results[4][-1].finish_reason == "length"
+
+
+def test_cancellation_inside_a_chain_with_prompts_in_decode_steps():
+    """Streams cancelled while steps are chained end, and their slots serve the requests behind them."""
+    stats = []
+    results, _ = _run(fake(max_slots=3, can_chain=True, can_mix=True, step_s=0.002),
+                      [("Once upon a time", 200, True)] * 4 + [("The cat", 10, False)], cancel_after=3, stats=stats)
+    reasons = sorted(outs[-1].finish_reason for outs in results.values())
+    assert reasons.count("cancelled") == 4 and results[4][-1].finish_reason == "length"
+    assert stats[0].chained > 0 and stats[0].cancelled == 4
+
+
+def test_stream_interval_sends_fewer_larger_deltas(engine):
+    """With an interval, the first token still goes at once, later ones go together; same text."""
+    every, every_text = _run(engine, [("Once upon a time", 80, True)])
+    held, held_text = _run(engine, [("Once upon a time", 80, True)], stream_interval=0.5)
+    assert held_text == every_text
+    assert held[0][0].num_output_tokens == 1  # the first token is never held
+    assert len(held[0]) < len(every[0]) / 4
+    assert held[0][-1].final and held[0][-1].num_output_tokens == 80
+
+
+def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
+    """While the courier is busy, queued deltas of one stream merge into one response, and a first
+    token or a final response waiting behind them goes out first; each stream's text stays in order."""
+    from tritonchat.python_backend.batching.courier import Courier
+    from tritonchat.python_backend.batching.detokenize import Release
+    from tritonchat.python_backend.batching.sequence import Output, Sequence
+
+    sent, gate = [], threading.Event()
+
+    def seq(name):
+        def sink(out):
+            if not sent:
+                gate.wait(10)  # the first send blocks: everything after it queues up
+            sent.append((name, out))
+        return Sequence(np.zeros(1, np.int64), None, None, sink=sink)
+
+    def delta(start, ids, **kw):
+        return Output(Release(list(ids), 0, 0, start), 1, start + len(ids), **kw)
+
+    courier = Courier()
+    a, b, c, d = seq("a"), seq("b"), seq("c"), seq("d")
+    courier.post(d, delta(0, [1]))  # in flight, held at the gate
+    time.sleep(0.1)
+    courier.post(a, delta(0, [1, 2]))
+    courier.post(a, delta(2, [3]))  # merges with a's first delta
+    courier.post(b, delta(0, [4]))
+    courier.post(c, delta(0, [5], urgent=True))  # a first token
+    courier.post(b, delta(1, [6], final=True, finish_reason="length"))  # a final, carries b's queued delta
+    gate.set()
+    courier.shutdown()
+    assert [n for n, _ in sent] == ["d", "c", "b", "a"]
+    outs = dict(sent)
+    assert outs["a"].release.window == [1, 2, 3] and not outs["a"].final
+    assert outs["b"].release.window == [4, 6] and outs["b"].final and outs["b"].finish_reason == "length"
+    assert courier.stats.sends == 4 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1
+
+
+def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch):
+    """The courier watches a request (polls whether it was cancelled) until its final response goes.
+    Asking tritonserver about a request after that crashed the server (its response factory is freed
+    with the final response), so the courier must watch a request before the loop can finish it: here
+    `watch` is slowed down, and each one-token request is finished at once by its prefill."""
+    from tritonchat.python_backend.batching.courier import Courier
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+    from tritonchat.python_backend.batching.sequence import Sequence
+
+    slow_watch = Courier.watch
+
+    def watch(self, seq):
+        time.sleep(0.2)  # the loop, were it able to see the request, would finish it meanwhile
+        slow_watch(self, seq)
+
+    monkeypatch.setattr(Courier, "watch", watch)
+    ex, tok = engine
+    sched = Scheduler(ex)
+    finals, after = [], []
+    seqs = []
+    for prompt in ("Once upon a time", "The cat"):
+        polled = {"final": False}
+
+        def is_cancelled(p=polled):
+            if p["final"]:
+                after.append(p)  # asked after its final response
+            return False
+
+        def sink(out, p=polled):
+            if out.final:
+                p["final"] = True
+                finals.append(out)
+
+        seq = Sequence(np.array(tok.encode(prompt).ids), SamplingParams(max_tokens=1, end_ids=(2,)), TextTracker(tok),
+                       sink, stream=True, is_cancelled=is_cancelled)
+        seqs.append(seq)
+        sched.submit(seq)
+    deadline = time.time() + 10
+    while len(finals) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(3 * sched.courier.poll_interval)  # a few polling rounds after the finals
+    sched.shutdown()
+    assert len(finals) == 2 and all(f.finish_reason == "length" for f in finals)
+    assert not after and not (set(seqs) & sched.courier.watched)
+
+
+# -- admission: shared prefills, prompts inside decode steps, bans ------------------------------------
+
+class _Recording:
+    """Wraps an engine: records each prefill_batch's group size; each decode step takes >= `step` s."""
+
+    def __init__(self, ex, step=0.003):
+        self.ex, self.step, self.groups = ex, step, []
+
+    def __getattr__(self, name):
+        return getattr(self.ex, name)
+
+    def prefill_batch(self, slots, prompts):
+        self.groups.append(len(prompts))
+        return self.ex.prefill_batch(slots, prompts)
+
+    def decode_greedy_begin(self, *a, **k):
+        time.sleep(self.step)
+        return self.ex.decode_greedy_begin(*a, **k)
+
+
+def _staggered(engine, prefill_wait, gaps, max_slots=None):
+    """Submit one long request, then one more after each gap (seconds); return (prefill group sizes,
+    seconds from each later request's arrival to its first token)."""
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+    from tritonchat.python_backend.batching.sequence import Sequence
+
+    ex, tok = engine
+    rec = _Recording(ex)
+    if max_slots:
+        rec.max_slots = max_slots
+    sched = Scheduler(rec, prefill_wait=prefill_wait)
+    finished, firsts = threading.Semaphore(0), {}
+
+    def make(i, n):
+        def sink(out):
+            firsts.setdefault(i, time.perf_counter())
+            if out.final:
+                finished.release()
+        return Sequence(np.array(tok.encode("Once upon a time").ids), SamplingParams(max_tokens=n, end_ids=(2,)),
+                        TextTracker(tok), sink, stream=True)
+
+    seqs = [make(0, 60)] + [make(i + 1, 5) for i in range(len(gaps))]
+    sched.submit(seqs[0])
+    for seq, gap in zip(seqs[1:], gaps):
+        time.sleep(gap)
+        sched.submit(seq)
+    for _ in seqs:
+        assert finished.acquire(timeout=60)
+    sched.shutdown()
+    return rec.groups, [firsts[i] - seqs[i].arrived for i in range(1, len(seqs))]
+
+
+def test_prefill_wait_lets_arrivals_share_one_prefill(engine):
+    """While a sequence decodes (60 steps of >= 3 ms), two requests 50 ms apart: at once, two
+    prefills; with a 200 ms wait, one prefill of both, and the first waited for the second but no
+    longer than the wait. The first request of an idle engine never waits."""
+    groups, _ = _staggered(engine, 0.0, [0.05, 0.05])
+    assert groups == [1, 1, 1]
+    groups, ttft = _staggered(engine, 0.2, [0.05, 0.05])
+    assert groups == [1, 2]
+    assert 0.05 < ttft[0] < 0.2 + 0.5  # waited for the second request, within the wait (+ slack)
+    groups, ttft = _staggered(engine, 0.1, [0.05])  # nobody else comes: admitted when the wait ends
+    assert groups == [1, 1] and 0.1 <= ttft[0] < 0.1 + 0.5
+
+
+def test_prefill_wait_ends_when_the_waiting_fill_the_free_slots(engine):
+    groups, ttft = _staggered(engine, 5.0, [0.02], max_slots=2)  # 1 running + 1 waiting = every slot
+    assert groups == [1, 1] and ttft[0] < 1.0
+
+
+def test_a_request_banning_other_end_ids_is_not_starved():
+    """A running stream under `min_tokens` bans its end id inside the step; a request that bans
+    another end id cannot share that step's ban, so it gets a prefill of its own at once instead of
+    waiting for the first stream to pass its `min_tokens` (or end)."""
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+    from tritonchat.python_backend.batching.sequence import Sequence
+
+    ex, tok = fake(max_slots=3, can_chain=True, can_mix=True, step_s=0.002)
+    sched = Scheduler(ex)
+    first_seen, long_count, done = threading.Event(), [0], threading.Semaphore(0)
+    at_first = []
+
+    def long_sink(out):
+        long_count[0] = out.num_output_tokens
+        if long_count[0] >= 3:
+            first_seen.set()
+        if out.final:
+            done.release()
+
+    def short_sink(out):
+        if not at_first:
+            at_first.append(long_count[0])
+        if out.final:
+            done.release()
+
+    ids = np.array(tok.encode("Once upon a time").ids)
+    sched.submit(Sequence(ids, SamplingParams(max_tokens=120, min_tokens=110, end_ids=(5,)), TextTracker(tok),
+                          long_sink, stream=True))
+    assert first_seen.wait(30)
+    sched.submit(Sequence(ids, SamplingParams(max_tokens=5, min_tokens=3, end_ids=(7,)), TextTracker(tok),
+                          short_sink, stream=True))
+    for _ in range(2):
+        assert done.acquire(timeout=60)
+    sched.shutdown()
+    assert at_first[0] < 40, f"the second request's first token came after {at_first[0]} tokens of the first"
+    assert sched.stats.prefill_calls == 2
+
+
+def test_a_long_prompt_gets_a_prefill_of_its_own_and_the_chain_resumes():
+    """A greedy request longer than the engine's `mix_tokens` arriving while a stream decodes cannot
+    ride in a decode step: the chain stops for its prefill (shared with the request behind it), then
+    goes on; every answer is the request's answer alone."""
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    ex, tok = fake(max_slots=3, can_chain=True, can_mix=True, mix_tokens=8, step_s=0.002)
+    sched = Scheduler(ex)
+    jobs = [("Tom", 60), ("Once upon a time there was", 10), ("Lily", 10)]
+    outs, finals, sink_of = _collect(3)
+    sched.submit(_seq(tok, *jobs[0], sink_of(0)))
+    deadline = time.time() + 10
+    while len(outs[0]) < 3 and time.time() < deadline:
+        time.sleep(0.002)
+    for i in (1, 2):
+        sched.submit(_seq(tok, *jobs[i], sink_of(i)))
+    for _ in range(3):
+        assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert sched.stats.prefill_calls == 2 and sched.stats.mixed_steps == 0 and ex.prefill_groups == [1, 2]
+    chained_after = [c for c in ex.calls[ex.calls.index(("prefill", 2)):] if c[0] == "greedy" and c[3]]
+    assert chained_after  # the chain went on after the prefill
+    for i, (prompt, n) in enumerate(jobs):
+        text = "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
+                       for o in outs[i] if o.release)
+        assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
+
+
+# -- failures, shutdown, a full line -------------------------------------------------------------------
+
+def _collect(n):
+    """n sinks; each one's outputs, and a semaphore released on each final output."""
+    outs, finals = [[] for _ in range(n)], threading.Semaphore(0)
+
+    def sink_of(i):
+        def sink(out):
+            outs[i].append(out)
+            if out.final:
+                finals.release()
+        return sink
+    return outs, finals, sink_of
+
+
+def _seq(tok, prompt, n, sink, **params):
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.sequence import Sequence
+
+    return Sequence(np.array(tok.encode(prompt).ids), SamplingParams(max_tokens=n, **{"end_ids": (2,), **params}),
+                    TextTracker(tok), sink, stream=True)
+
+
+@pytest.mark.parametrize("variant", ["plain", "chain+mix"])
+def test_an_engine_failure_fails_the_running_batch_and_the_next_request_runs(variant):
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    ex, tok = fake(fail_after=5, **VARIANTS[variant])
+    sched = Scheduler(ex)
+    outs, finals, sink_of = _collect(3)
+    sched.submit(_seq(tok, "Once upon a time", 50, sink_of(0)))
+    sched.submit(_seq(tok, "The cat", 50, sink_of(1)))
+    for _ in range(2):
+        assert finals.acquire(timeout=10)
+    assert [o[-1].error for o in outs[:2]] == ["generator failed: fake engine failure"] * 2
+    assert all(o[-1].final and o[-1].release is None for o in outs[:2])
+    ex.fail_after = None
+    sched.submit(_seq(tok, "Tom", 12, sink_of(2)))
+    assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert outs[2][-1].finish_reason == "length" and outs[2][-1].error is None
+    assert sched.free_slots and sorted(sched.free_slots) == list(range(ex.max_slots))
+
+
+def test_shutdown_answers_running_and_waiting_requests():
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    ex, tok = fake(max_slots=1, step_s=0.005)
+    sched = Scheduler(ex)
+    outs, finals, sink_of = _collect(3)
+    for i, prompt in enumerate(("Once upon a time", "The cat", "Tom")):
+        sched.submit(_seq(tok, prompt, 200, sink_of(i)))
+    deadline = time.time() + 10
+    while not outs[0] and time.time() < deadline:
+        time.sleep(0.005)
+    sched.shutdown()
+    for _ in range(3):
+        assert finals.acquire(timeout=10)
+    assert [o[-1].finish_reason for o in outs] == ["cancelled"] * 3
+    assert [o[-1].error for o in outs] == ["server is shutting down"] * 3
+
+
+def test_a_full_waiting_line_refuses_requests():
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+    from tritonchat.python_backend.batching.sequence import QueueFull
+
+    class Gated(FakeEngine):
+        def __init__(self):
+            super().__init__(max_slots=1)
+            self.entered, self.gate = threading.Event(), threading.Event()
+
+        def prefill_batch(self, slots, prompts):
+            self.entered.set()
+            assert self.gate.wait(10)
+            return super().prefill_batch(slots, prompts)
+
+    ex, tok = Gated(), FakeTokenizer()
+    sched = Scheduler(ex, max_queue_size=1)
+    outs, finals, sink_of = _collect(3)
+    sched.submit(_seq(tok, "Once upon a time", 5, sink_of(0)))
+    assert ex.entered.wait(10)  # the first is in its prefill: the line is empty again
+    sched.submit(_seq(tok, "The cat", 5, sink_of(1)))
+    with pytest.raises(QueueFull, match="generator queue is full"):
+        sched.submit(_seq(tok, "Tom", 5, sink_of(2)))
+    ex.gate.set()
+    for _ in range(2):
+        assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert [o[-1].finish_reason for o in outs[:2]] == ["length"] * 2 and not outs[2]
+
+
+# -- metrics: the hooks run on the courier's thread and add up to the scheduler's counters ------------
+
+@pytest.mark.parametrize("variant", ["plain", "chain+mix"])
+def test_metrics_hooks_add_up_and_run_on_the_courier_thread(variant):
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    class Metrics:
+        def __init__(self):
+            self.threads, self.tokens, self.steps, self.ttft, self.reasons = set(), 0, 0, [], []
+
+        def step(self, running, waiting, new_tokens, steps=1):
+            self.threads.add(threading.current_thread().name)
+            self.tokens += new_tokens
+            self.steps += steps
+
+        def first_token(self, seconds):
+            self.threads.add(threading.current_thread().name)
+            self.ttft.append(seconds)
+
+        def finished(self, reason, seconds):
+            self.threads.add(threading.current_thread().name)
+            self.reasons.append(reason)
+
+    ex, tok = fake(max_slots=2, step_s=0.001, **VARIANTS[variant])
+    metrics = Metrics()
+    sched = Scheduler(ex, metrics=metrics)
+    outs, finals, sink_of = _collect(4)
+    for i, (prompt, n) in enumerate((("Once upon a time", 30), ("The cat", 1), ("A dog", 20), ("Tom", 25))):
+        sched.submit(_seq(tok, prompt, n, sink_of(i)))
+    for _ in range(4):
+        assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert metrics.threads == {"tritonchat-courier"}
+    assert len(metrics.ttft) == 4 and all(t > 0 for t in metrics.ttft)
+    assert sorted(metrics.reasons) == sorted(o[-1].finish_reason for o in outs)
+    assert metrics.tokens == sched.stats.tokens == sum(o[-1].num_output_tokens for o in outs)
+    assert metrics.steps == sched.stats.steps

@@ -5,11 +5,11 @@ A decode step of the TinyLlama-shaped model reads ~2.07 GB of bf16 weights throu
 (q/k/v fused, o, gate/up fused, down per layer; the head). Measured on an H100 (2026-11-22): the card
 reads at ~3.0 TB/s (copies at 2.4); cuBLAS reaches 2.3-2.4 TB/s on gate/up and the head but 1.1-1.7 on
 the narrow q/k/v, o and down products (one step's products 1.12 ms at batch 64), and this simple
-Triton kernel is slower everywhere but the head (1.26 ms at its best configurations): the executor
+Triton kernel is slower everywhere but the head (1.26 ms at its best configurations): the engine
 keeps cuBLAS. This times, for each shape and batch M, the 22 products
 of a step (22 weight copies, so no run reads from L2) as one CUDA-graph replay:
 
-  cublas     F.linear as the executor calls it now
+  cublas     F.linear as the engine calls it now
   cublaslt   the same with torch.backends.cuda.preferred_blas_library("cublaslt")
   triton     `skinny_matmul` below (all rows in one tile, split-K with fp32 atomics where N is narrow)
              at each of its configurations
@@ -23,16 +23,12 @@ a float32 product.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_executor_gpu import cuda_median_ms  # noqa: E402
+from common import cuda_median_ms
 
 
 @triton.jit

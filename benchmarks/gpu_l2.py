@@ -14,19 +14,12 @@ small is bound by what every kernel costs, not by reading its weights.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import HKV, HQ, D, LAYERS, SLOTS, graph_us, launch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_attn import HKV, HQ, D, LAYERS, SLOTS, graph_us, launch  # noqa: E402
-
-try:
-    from tritonchat.python_backend.engines.torch.engine import _triton_kernels
-except ImportError:
-    from python_backend.engine_torch import _triton_kernels
+from tritonchat.python_backend.engines.torch.kernels import load_kernels
 
 B, CTX, HIDDEN = 64, 192, 2048
 
@@ -53,7 +46,7 @@ def touch_kernel():
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()
-    tk = _triton_kernels()
+    tk = load_kernels()
     touch = touch_kernel()
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)

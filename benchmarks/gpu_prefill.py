@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Prefill cost by group size on the GPU, eager vs CUDA graphs, and a check that they agree.
 
-TinyLlama-1.1B-shaped seeded random Llama in bf16 (as benchmarks/torch_executor_gpu.py), the
-executor as the server builds it (Triton kernels, CUDA graphs for decode), once with eager prefill,
+TinyLlama-1.1B-shaped seeded random Llama in bf16 (`common.build_model`), the
+engine as the server builds it (Triton kernels, CUDA graphs for decode), once with eager prefill,
 once with `prefill_graphs=True` (the varlen Triton attention) and once with graphs over the
 right-padded SDPA layout (`attention="sdpa"`). Prints, for k prompts of 128 tokens, the wall time of
 `prefill_batch` (the host gets the last logits, as the scheduler does); checks that all give the
@@ -15,35 +15,12 @@ prompts of mixed lengths; then the CPU-side ops of one eager k=12 prefill.
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import build_model, prefill_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_executor_gpu import build_model  # noqa: E402
-
-try:
-    from tritonchat.python_backend.engines.torch import TorchEngine
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from python_backend.engine_torch import TorchEngine
-
-
-def prefill_times(ex, prompts, reps: int = 7) -> list[float]:
-    """Wall ms of `reps` prefills of `prompts` into slots 0.. (released before each and after)."""
-    times = []
-    for _ in range(reps):
-        for s in range(len(prompts)):
-            ex.release(s)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        ex.prefill_batch(list(range(len(prompts))), prompts)
-        times.append((time.perf_counter() - t) * 1e3)
-    for s in range(len(prompts)):
-        ex.release(s)
-    return times
+from tritonchat.python_backend.engines.torch import TorchEngine
 
 
 def timed(ex, prompts) -> float:
@@ -63,8 +40,8 @@ def main() -> None:
         prompts = [rng.integers(3, 30000, 128) for _ in range(k)]
         e, g, p = timed(eager, prompts), timed(graphed, prompts), timed(padded, prompts)
         print(f"{k:>3} {e:>9.2f} {g:>10.2f} {g / k:>19.2f} {p:>15.2f}")
-    print(f"graphs captured at warm-up: varlen {sorted(graphed._prefill_graphs)}; "
-          f"SDPA now {sorted(padded._prefill_graphs)}")
+    print(f"graphs captured at warm-up: varlen {sorted(graphed.graphs.prefill)}; "
+          f"SDPA now {sorted(padded.graphs.prefill)}")
     # agreement in float32: in bf16 the padded buckets change cuBLAS's kernel choice, hence the
     # rounding, and a random model's near-tied logits then flip greedy tokens (seen: 0.08 max diff)
     del eager, graphed, padded
@@ -94,8 +71,8 @@ def main() -> None:
         same &= bool((outs[0][1] == outs[1][1]).all())
     print(f"graphs vs eager vs SDPA prefill (float32): max |logits diff| {worst:.3e}, "
           f"greedy tokens over 8 steps identical: {same}")
-    print(f"prefill graphs captured: {sorted(k for k, v in graphed._prefill_graphs.items() if v)}; "
-          f"eager fallbacks: {sorted(k for k, v in graphed._prefill_graphs.items() if not v)}")
+    print(f"prefill graphs captured: {sorted(k for k, v in graphed.graphs.prefill.items() if v)}; "
+          f"eager fallbacks: {sorted(k for k, v in graphed.graphs.prefill.items() if not v)}")
     prompts = [rng.integers(3, 30000, 128) for _ in range(12)]
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The generator's engine + scheduler on the GPU without Triton: where a 64-stream run's time goes.
 
-TinyLlama-1.1B-shaped seeded random Llama in bf16 (as benchmarks/torch_executor_gpu.py), the
-executor as the server builds it (max_slots 128, context 512, Triton kernels, CUDA graphs).
+TinyLlama-1.1B-shaped seeded random Llama in bf16 (`common.build_model`), the
+engine as the server builds it (max_slots 128, context 512, Triton kernels, CUDA graphs).
 
   1. one decode step at batch 64 (context 192): graph replay alone (device events), and the kernels
      of one step by time (torch profiler over the graph replays);
@@ -23,33 +23,19 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import build_model, cuda_median_ms, prefill_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_prefill import prefill_times  # noqa: E402
-from torch_executor_gpu import build_model, cuda_median_ms  # noqa: E402
-
-try:
-    from tritonchat.build.synthetic import load_tokenizer
-    from tritonchat.python_backend.batching.detokenize import TextTracker
-    from tritonchat.python_backend.engines.torch import TorchEngine
-    from tritonchat.python_backend.engines.base import Ban
-    from tritonchat.python_backend.batching.sampling import SamplingParams
-    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from build.synthetic import load_tokenizer
-    from python_backend.detokenize import TextTracker
-    from python_backend.engine_torch import TorchEngine
-    from python_backend.executor import Ban
-    from python_backend.sampling import SamplingParams
-    from python_backend.scheduler import Scheduler, Sequence
+from tritonchat.build.synthetic import load_tokenizer
+from tritonchat.python_backend.batching.detokenize import TextTracker
+from tritonchat.python_backend.batching.sampling import SamplingParams
+from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
+from tritonchat.python_backend.engines import Ban
+from tritonchat.python_backend.engines.torch import TorchEngine
 
 
 @contextlib.contextmanager
@@ -67,7 +53,7 @@ def step_graph(ex, batch: int, ctx: int):
     """The decode graph of `batch` rows at context `ctx`, its inputs set by one real step."""
     with batch_at(ex, batch, ctx) as slots:
         ex.decode_greedy_begin(slots, np.ones(batch, np.int64)).result()
-    return ex._graphs[(ex._graph_size(batch), None)][0]
+    return ex.graphs.decode[(ex.graphs.batch_size(batch), None)][0]
 
 
 def decode_step(ex, batch: int, ctx: int) -> float:
@@ -88,7 +74,7 @@ def mixed_step(ex, batch: int, ctx: int, k: int, plen: int = 128) -> float:
     for s in pslots:
         ex.release(int(s))
     key = ex._prefill_buckets(np.full(k, plen))
-    return cuda_median_ms(ex._mix_graphs[(ex._graph_size(batch), None, key)][0].replay, 50)
+    return cuda_median_ms(ex.graphs.mixed[(ex.graphs.batch_size(batch), None, key)][0].replay, 50)
 
 
 def kernel_table(ex, batch: int, ctx: int, top: int = 14) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-4 GPU measurement: TinyLlama-1.1B-shaped seeded random Llama (bf16) in the real
-# tritonserver of the nvidia-pytriton wheel, generator = torch executor with CUDA graphs.
+# tritonserver of the nvidia-pytriton wheel, generator = torch engine with CUDA graphs.
 # Run on the GPU machine from the repository root, with the wheels in .whl/ and the Llama-2
 # tokenizer in $TRITONCHAT_SHARED/tokenizers/llama2/ (see docs/benchmarks.md).
 set -euo pipefail

@@ -1,8 +1,8 @@
 """TorchEngine on CPU (float32, no CUDA graphs) against transformers itself.
 
-Greedy generation through the executor, with sequences joining at different steps over 3 slots and
+Greedy generation through the engine, with sequences joining at different steps over 3 slots and
 a released slot reused, must equal `generate(do_sample=False)` token for token; every logits row the
-executor returns must be close to the HF forward over the whole sequence.
+engine returns must be close to the HF forward over the whole sequence.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _check_against_hf(model, ex, vocab):
             ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=N_NEW, min_new_tokens=0, pad_token_id=0)
         ref_new = ref[0, len(p):].tolist()
-        assert toks[i] == ref_new, f"prompt {i}: executor {toks[i]} != HF {ref_new}"
+        assert toks[i] == ref_new, f"prompt {i}: engine {toks[i]} != HF {ref_new}"
         # logits rows against one HF forward over prompt + generated tokens
         with torch.no_grad():
             full = model(ref[:, : len(p) + N_NEW - 1]).logits[0, len(p) - 1:].float().numpy()
@@ -83,7 +83,7 @@ def _check_against_hf(model, ex, vocab):
     return worst
 
 
-def _executor(path, **kw):
+def _engine(path, **kw):
     return TorchEngine(str(path), max_slots=3, max_seq_len=64, device="cpu", dtype="float32",
                          cuda_graphs=False, **kw)
 
@@ -93,7 +93,7 @@ def test_stories260k_matches_hf_generate():
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(STORIES), dtype=torch.float32).eval()
-    ex = _executor(STORIES)
+    ex = _engine(STORIES)
     assert ex.describe()["path"] == "native" and ex.kernels == "torch"
     _check_against_hf(model, ex, model.config.vocab_size)
 
@@ -136,7 +136,7 @@ def _random_model(tmp_path: Path, arch: str):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama-rope-scaled"])
 def test_random_model_matches_hf_generate(tmp_path, arch):
     model, path = _random_model(tmp_path, arch)
-    ex = _executor(path)
+    ex = _engine(path)
     assert ex.describe()["path"] == "native"
     if arch == "qwen2":
         assert ex.layers[0].bqkv is not None  # q/k/v biases are read
@@ -146,7 +146,7 @@ def test_random_model_matches_hf_generate(tmp_path, arch):
 def test_gpt2_uses_hf_fallback(tmp_path):
     model, path = _random_model(tmp_path, "gpt2")
     with pytest.warns(UserWarning, match="fallback"):
-        ex = _executor(path)
+        ex = _engine(path)
     assert ex.describe()["path"] == "hf-fallback"
     _check_against_hf(model, ex, 512)
     # the fallback bans by indexing too: the banned row's best id is never chosen
@@ -257,7 +257,7 @@ def test_decode_greedy_ban(tmp_path):
     masked[[top[1], 5]] = -np.inf
     assert got.tolist() == [top[0], masked.argmax()]
     # more ids than the step's input rows hold (BAN_IDS) are banned after the step: same answer
-    from tritonchat.python_backend.engines.torch.engine import BAN_IDS
+    from tritonchat.python_backend.engines.torch.layout import BAN_IDS
 
     many = np.argsort(logits[0])[::-1][: BAN_IDS + 3].copy()  # row 0's best ids
     for ex in (a, b):
@@ -305,7 +305,7 @@ def test_prompts_ride_in_a_decode_step(tmp_path):
     the next step chains over the new row set (the prompts' first tokens taken on the device); a
     ban reaches a prompt's row. The padded form a CUDA graph runs (spare decode and prompt
     columns, prompts padded to a token bucket) gives the same and writes only the dummy slot."""
-    from tritonchat.python_backend.engines.torch.engine import MIX_PROMPTS
+    from tritonchat.python_backend.engines.torch.layout import MIX_PROMPTS
     from tritonchat.python_backend.engines.base import Ban
 
     _, path = _random_model(tmp_path, "qwen3")

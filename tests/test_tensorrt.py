@@ -1,5 +1,5 @@
-"""TensorRT build and executor. Without TensorRT (and a GPU) the real-engine tests skip with the
-exact reason; what needs no TensorRT (profiles, errors, refusals) always runs."""
+"""TensorRT: the plan build and `TrtEngine`. Without TensorRT (and a GPU) the real-engine tests
+skip with the exact reason; what needs no TensorRT (profiles, errors, refusals) always runs."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_graphs_tensorrt_cannot_take_are_refused_before_importing_it(graphs, tmp
         build_engine(graphs["fp16"], tmp_path / "b.plan", precision="int8", profiles=make_profiles(2, 64))
 
 
-def test_trt_executor_without_tensorrt_raises_clear_error(tmp_path):
+def test_trt_engine_without_tensorrt_raises_clear_error(tmp_path):
     from tritonchat.build.tensorrt import tensorrt_available
     from tritonchat.python_backend.engines.trt import TensorRTEngineError
     from tritonchat.python_backend.engines import create_engine

@@ -38,8 +38,8 @@ class OrtEngine(Engine):
 
         opts = ort.SessionOptions()
         # 0: half the cores (at least 1): the server's other processes (Triton, pre/postprocessing,
-        # often the clients) need the rest. Measured on 2 cores, stories260K, 16 streams: a decode
-        # step of 1.5 ms with 1 thread against 2.5 ms with ONNX Runtime's default of 2.
+        # often the clients) need the rest; on 2 cores a decode step is faster with 1 thread than
+        # with ONNX Runtime's default of 2 (figures: docs/benchmarks.md, "CPU results, second session")
         opts.intra_op_num_threads = int(threads) or max(1, (os.cpu_count() or 2) // 2)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -4,30 +4,29 @@ A seeded random Llama (float32, small) with the Llama-2 tokenizer: jobs of diffe
 than the slots, one token playing an end id, some jobs with `min_tokens` (the end id banned inside
 the decode graph until then). The answers with chained steps (and prompts prefilled inside decode
 steps) must equal the answers without chaining, without prompts in steps, and transformers' greedy
-`generate` on the same GPU. Prints OK or raises.
-    python benchmarks/gpu_chain_check.py [SHARED]
+`generate` on the same GPU. Needs a CUDA GPU (skipped otherwise) and the shared Llama-2 tokenizer:
+    python -m pytest -s tests/test_gpu_chain.py
 """
 
 from __future__ import annotations
 
-import sys
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM
+from conftest import SHARED, need_shared
 
-from tritonchat.build.synthetic import make_random_model
-from tritonchat.python_backend.batching.detokenize import TextTracker
-from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.batching.sampling import SamplingParams
-from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
 
 
 def run(ex, tok, jobs, end, mix_prefill=True):
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+    from tritonchat.python_backend.batching.sampling import SamplingParams
+    from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
+
     sched = Scheduler(ex, mix_prefill=mix_prefill)
     got, done = {}, threading.Event()
 
@@ -48,13 +47,18 @@ def run(ex, tok, jobs, end, mix_prefill=True):
     return got, stats
 
 
-def main():
-    shared = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    root = Path(tempfile.mkdtemp())
-    path = make_random_model("llama", root / "m", tokenizer="llama2", seed=3, shared=shared, layers=4, hidden=256,
-                             heads=8, kv_heads=2, intermediate=512, max_positions=512)
+def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from tritonchat.build.synthetic import make_random_model
+    from tritonchat.python_backend.engines.torch import TorchEngine
+
+    need_shared("tokenizers", "llama2", "tokenizer.model")
+    path = make_random_model("llama", tmp_path / "m", tokenizer="llama2", seed=3, shared=SHARED, layers=4,
+                             hidden=256, heads=8, kv_heads=2, intermediate=512, max_positions=512)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: checks this script, not the GPU path
+    dev = "cuda"
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
     rng = np.random.default_rng(0)
     # (prompt, max_tokens, min_tokens): a min_tokens job bans the end id inside the decode graph
@@ -87,8 +91,4 @@ def main():
         assert count == len(want) + (reason == "stop"), (i, count, len(want), reason)
     print(f"OK: {len(jobs)} jobs, chained steps {n_chained}, steps carrying prompts {st.mixed_steps} "
           f"({st.prefills} prompts, {st.prefill_calls} prefills of their own), {ex.describe()['attention']} "
-          f"attention, graphs {len(ex._graphs)} + {len(ex._mix_graphs)} carrying prompts")
-
-
-if __name__ == "__main__":
-    main()
+          f"attention, graphs {len(ex.graphs.decode)} + {len(ex.graphs.mixed)} carrying prompts")

@@ -3,13 +3,14 @@
 
 Builds a seeded random-init Llama with TinyLlama-1.1B's shape (22 layers, hidden 2048, 32 heads,
 4 KV heads, intermediate 5632, vocab 32000) directly on the GPU in bf16 (no files), then
-  1. checks the executor against HF: prefill logits (bf16 and an fp32 reference) and greedy tokens
+  1. checks the engine against HF: prefill logits (bf16 and an fp32 reference) and greedy tokens
      over a batch of 4 prompts of different lengths, for each kernel/attention/graph variant;
   2. times one decode step at batch 1, 16, 64, 128 (context 128) with and without CUDA graphs,
      prefill of 128 tokens, and HF `generate` (bf16, DynamicCache) at batch 1 and 64;
   3. prints a table with the memory-bandwidth bound (weights [+ KV read] / measured copy bandwidth).
 
-Run from the repository root:  PYTHONUNBUFFERED=1 python3 benchmarks/torch_executor_gpu.py --out $OUT
+Run from the repository root, the package installed (see benchmarks/common.py):
+    PYTHONUNBUFFERED=1 python3 benchmarks/torch_engine_gpu.py --out $OUT
 """
 
 from __future__ import annotations
@@ -19,21 +20,15 @@ import copy
 import gc
 import json
 import os
-import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import build_model, cuda_median_ms, log, wall_median_ms
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-try:
-    from tritonchat.python_backend.engines.torch import TorchEngine  # installed package
-except ImportError:
-    from python_backend.engine_torch import TorchEngine  # plain checkout (the device machine)
+from tritonchat.python_backend.engines.torch import TorchEngine
 
 CTX = 128  # context length the decode timings run at
 MAX_SEQ = 1024
@@ -49,38 +44,6 @@ VARIANTS = {
 }
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
-def cuda_median_ms(fn, reps: int, warm: int = 3) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
-
-
-def wall_median_ms(fn, reps: int, warm: int = 2) -> float:
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second."""
     x = torch.randn(256 * 2**20, device="cuda", dtype=torch.bfloat16)  # 512 MiB
@@ -90,23 +53,7 @@ def copy_bandwidth() -> float:
     return 2 * 512 * 2**20 / (ms * 1e-3)
 
 
-def build_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                      rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to(torch.bfloat16).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def make_executor(model, variant, **kw):
+def make_engine(model, variant, **kw):
     kernels, attention, graphs, bucket = VARIANTS[variant]
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
@@ -121,10 +68,10 @@ def rel(a, b) -> float:
 def check_correctness(model, ref32, res):
     """Prefill + 7 batched greedy decode steps over 4 prompts of different lengths, per variant.
 
-    Every logits row the executor returns is compared (teacher-forced on the executor's own tokens)
+    Every logits row the engine returns is compared (teacher-forced on the engine's own tokens)
     with an fp32 HF forward; HF's own bf16 forward over the same tokens gives the yardstick. The
     greedy tokens are compared with HF `generate` in the same dtype; where they part, the HF top-2
-    margin at that step is reported (bf16 near-ties flip). A float32 executor (Triton kernels,
+    margin at that step is reported (bf16 near-ties flip). A float32 engine (Triton kernels,
     IEEE dots, CUDA graphs) must match HF fp32 token for token.
     """
     rng = np.random.default_rng(0)
@@ -144,7 +91,7 @@ def check_correctness(model, ref32, res):
     for variant, kw in cases:
         label = variant + (" fp32" if kw else "")
         try:
-            ex = make_executor(ref32 if kw else model, variant, **kw)
+            ex = make_engine(ref32 if kw else model, variant, **kw)
             ours, rows = [[] for _ in prompts], [[] for _ in prompts]
             for s, p in enumerate(prompts):
                 lg = ex.prefill(s, p)
@@ -191,7 +138,7 @@ def profile_step(model, res, batches=(1, 64)):
     """Kernel-time breakdown of one graph-captured decode step (torch.profiler over graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ex = make_executor(model, "triton+graphs")
+    ex = make_engine(model, "triton+graphs")
     ex._lengths[:] = CTX
     out = res.setdefault("profile", {})
     for b in batches:
@@ -239,7 +186,7 @@ def iter_prefix(a, b):
 
 
 def time_variant(model, variant, res, long_ctx=False):
-    ex = make_executor(model, variant)
+    ex = make_engine(model, variant)
     out = res.setdefault("timings", {}).setdefault(variant, {})
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 32000, CTX)

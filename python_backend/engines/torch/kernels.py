@@ -1,0 +1,282 @@
+"""The torch engine's Triton kernels, and the launch configuration of the decode attention.
+
+`load_kernels()` defines them the first time it is called, where Triton imports (on CPU they run
+under TRITON_INTERPRET=1), and returns them in a namespace:
+  * add_rmsnorm: residual add (in place) + RMSNorm, rounded like HF's;
+  * rope_kv: RoPE of a prompt's q and k rows + the K/V cache write;
+  * silu_mul: SiLU(gate) * up;
+  * attn_split (+ attn_combine when a sequence is split): split-K decode attention reading the cache
+    in place through the slot indices and lengths (flash-decoding style), RoPE and the cache write
+    of the step's new key and value included;
+  * prefill_attn: varlen causal attention of packed prompts, one program per block of queries.
+Their callers are in `llama.py`; `benchmarks/common.py` launches the decode attention directly
+(for `gpu_attn.py` and `gpu_l2.py`).
+"""
+
+from __future__ import annotations
+
+import types
+
+# decode attention splits no sequence while the cache holds at most this many positions: a split
+# costs a combine kernel and idle programs (figures: docs/benchmarks-gpu.md, "Figures behind
+# settings in the code")
+SPLIT_MIN_POSITIONS = 512
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def decode_attention_config(b: int, kv_heads: int, head_dim: int, max_seq_len: int, sms: int,
+                            split_min: int = SPLIT_MIN_POSITIONS) -> tuple[int, int]:
+    """(splits, BLOCK_N) of the decode attention for `b` rows. Splits of each sequence's positions:
+    1 (no combine kernel) once the batch's (row, kv head) programs fill every SM or the cache is
+    short (at most `split_min` positions), else enough for about two programs per SM. A few rows in
+    one split read keys in longer blocks, which is faster (figures: docs/benchmarks-gpu.md, "Figures
+    behind settings in the code")."""
+    full = b * kv_heads >= sms
+    if full or max_seq_len <= split_min:
+        ns = 1
+    else:
+        want = next_pow2(max(1, cdiv(2 * sms, b * kv_heads)))
+        ns = max(2, min(want, next_pow2(max(1, cdiv(max_seq_len, 64)))))
+    block_n = 128 if ns == 1 and head_dim <= 64 and not full else (64 if head_dim <= 128 else 32)
+    return ns, block_n
+
+
+_KERNELS = None
+
+
+def load_kernels():
+    """Return a namespace of the Triton kernels, or None where Triton is unusable."""
+    global _KERNELS, _attend_block  # a @triton.jit helper is found through the module's globals
+    if _KERNELS is not None:
+        return _KERNELS or None
+    try:
+        import triton
+        import triton.language as tl
+    except Exception:  # noqa: BLE001 - no Triton: the torch ops take over
+        _KERNELS = False
+        return None
+
+    @triton.jit
+    def add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        # R <- R + X (the residual stream, in place); Y <- rmsnorm(R) * W, rounded like HF's
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+            tl.store(R + row * stride_r + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / N
+        y = (xf * (1.0 / tl.sqrt(var + eps))).to(Y.dtype.element_ty)
+        w = tl.load(W + cols, mask=m, other=0.0)
+        y = (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty)
+        tl.store(Y + row * stride_y + cols, y, mask=m)
+
+    @triton.jit
+    def rope_kv_kernel(QKV, Cos, Sin, Slots, Pos, Q, KC, VC,
+                       stride_qkv, stride_cos, stride_cs, stride_ch, stride_ct,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+        # one program per (row, head): rotate q heads into Q [rows, HQ, D]; rotate k heads and copy
+        # v heads into the cache at [slot, head, pos]
+        row = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(Pos + row)
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, DP)
+        m = d < D
+        rd = tl.where(d < HALF, d + HALF, d - HALF)
+        c = tl.load(Cos + pos * stride_cos + d, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(Sin + pos * stride_cos + d, mask=m, other=0.0).to(tl.float32)
+        base = QKV + row * stride_qkv + h * D
+        x = tl.load(base + d, mask=m, other=0.0).to(tl.float32)
+        xr = tl.load(base + rd, mask=m, other=0.0).to(tl.float32)
+        xr = tl.where(d < HALF, -xr, xr)
+        dt = Q.dtype.element_ty
+        y = ((x * c).to(dt).to(tl.float32) + (xr * s).to(dt).to(tl.float32)).to(dt)
+        if h < HQ:
+            tl.store(Q + (row * HQ + h) * D + d, y, mask=m)
+        else:
+            kvh = h - HQ
+            slot = tl.load(Slots + row)
+            off = slot * stride_cs + kvh * stride_ch + pos * stride_ct + d
+            tl.store(KC + off, y, mask=m)
+            v = tl.load(QKV + row * stride_qkv + (HQ + HKV + kvh) * D + d, mask=m, other=0.0)
+            tl.store(VC + off, v, mask=m)
+
+    @triton.jit
+    def silu_mul_kernel(GU, O, stride_gu, stride_o, I, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < I
+        g = tl.load(GU + row * stride_gu + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_gu + I + c, mask=m, other=0.0).to(tl.float32)
+        dt = O.dtype.element_ty
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        tl.store(O + row * stride_o + c, (a * u).to(dt), mask=m)
+
+    @triton.jit
+    def _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, ok, m_i, l_i, acc, IEEE: tl.constexpr):
+        # one block of keys/values at positions t (tm: in range) for the queries q, where `ok`
+        # (broadcast to [queries, keys]) allows: online softmax in base 2; returns (max, sum, acc)
+        kv_mask = tm[:, None] & dm[None, :]
+        k = tl.load(kb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + t[:, None] * stride_ct + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc * alpha[:, None] + pv
+
+    @triton.jit
+    def attn_split_kernel(Q, KC, VC, Slots, Lens, Acc, Mx, Lx, O, Cos, Sin,
+                          stride_q, stride_cos, stride_cs, stride_ch, stride_ct, qk_scale,
+                          HQ: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
+                          G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr):
+        # program (b, kv head, split): the G query heads of one kv head against positions
+        # [split * CHUNK, min((split + 1) * CHUNK, len + 1)) of slot Slots[b]; online softmax in
+        # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx; with one
+        # split (NS == 1) the normalised output goes straight to O [b, HQ * D], no combine.
+        # ROPE: Q holds the step's q/k/v rows (row stride stride_q), not yet rotated: the program
+        # rotates its q heads at position len, and the one whose split holds that position also
+        # rotates the new key and writes it and the new value into the cache before reading it
+        # (what rope_kv_kernel did, one launch per layer less); else Q is [b, HQ, D], rotated.
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        slot = tl.load(Slots + b)
+        pos = tl.load(Lens + b).to(tl.int32)
+        n = pos + 1
+        start = sp * CHUNK
+        end = tl.minimum(start + CHUNK, n)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, DP)
+        gm = g < G
+        dm = d < D
+        heads = kvh * G + g
+        qm = gm[:, None] & dm[None, :]
+        if ROPE:
+            HALF: tl.constexpr = D // 2
+            rd = tl.where(d < HALF, d + HALF, d - HALF)
+            sign = tl.where(d < HALF, -1.0, 1.0)
+            c = tl.load(Cos + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            sn = tl.load(Sin + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
+            row = Q + b * stride_q
+            dt = KC.dtype.element_ty
+            x = tl.load(row + heads[:, None] * D + d[None, :], mask=qm, other=0.0).to(tl.float32)
+            xr = tl.load(row + heads[:, None] * D + rd[None, :], mask=qm, other=0.0).to(tl.float32) * sign[None, :]
+            q = ((x * c[None, :]).to(dt).to(tl.float32) + (xr * sn[None, :]).to(dt).to(tl.float32)).to(dt)
+            if (start <= pos) & (pos < end):
+                kx = tl.load(row + (HQ + kvh) * D + d, mask=dm, other=0.0).to(tl.float32)
+                kr = tl.load(row + (HQ + kvh) * D + rd, mask=dm, other=0.0).to(tl.float32) * sign
+                k = ((kx * c).to(dt).to(tl.float32) + (kr * sn).to(dt).to(tl.float32)).to(dt)
+                v = tl.load(row + (HQ + HKV + kvh) * D + d, mask=dm, other=0.0)
+                off = slot * stride_cs + kvh * stride_ch + pos * stride_ct + d
+                tl.store(KC + off, k, mask=dm)
+                tl.store(VC + off, v, mask=dm)
+            tl.debug_barrier()  # the block's stores are seen by its loads below
+        else:
+            q = tl.load(Q + (b * HQ + heads)[:, None] * D + d[None, :], mask=qm, other=0.0)
+        kb = KC + slot * stride_cs + kvh * stride_ch
+        vb = VC + slot * stride_cs + kvh * stride_ch
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DP], tl.float32)
+        for s0 in range(start, end, BLOCK_N):
+            t = s0 + tl.arange(0, BLOCK_N)
+            tm = t < end
+            m_i, l_i, acc = _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, tm[None, :],
+                                          m_i, l_i, acc, IEEE)
+        if NS == 1:
+            out = acc / l_i[:, None]  # l_i >= 1: every row sees position 0
+            tl.store(O + (b * HQ + heads)[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+                     mask=gm[:, None] & dm[None, :])
+        else:
+            o = (b * HQ + heads) * NS + sp
+            tl.store(Acc + o[:, None] * DP + d[None, :], acc, mask=gm[:, None])
+            tl.store(Mx + o, m_i, mask=gm)
+            tl.store(Lx + o, l_i, mask=gm)
+
+    @triton.jit
+    def attn_combine_kernel(Acc, Mx, Lx, O, HQ: tl.constexpr, NS: tl.constexpr,
+                            D: tl.constexpr, DP: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, NS)
+        d = tl.arange(0, DP)
+        base = (b * HQ + h) * NS
+        m = tl.load(Mx + base + s)
+        l = tl.load(Lx + base + s)
+        mx = tl.max(m, 0)  # split 0 always holds position 0: finite
+        w = tl.exp2(m - mx)  # empty splits: exp2(-inf) = 0
+        acc = tl.load(Acc + (base + s)[:, None] * DP + d[None, :])
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+        tl.store(O + (b * HQ + h) * D + d, out.to(O.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def prefill_attn_kernel(Q, KC, VC, Table, O, stride_q, stride_cs, stride_ch, stride_ct, qk_scale,
+                            HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        # program (query block, q head) of packed prompts (varlen, causal). Table row of the block:
+        # packed row of its first query, the prompt's slot, that query's position, queries in the
+        # block (0: a padding program, which does nothing). Keys: the prompt's own positions
+        # 0 .. last query, read from the cache (written by rope_kv just before).
+        blk = tl.program_id(0)
+        h = tl.program_id(1)
+        row0 = tl.load(Table + blk * 4)
+        slot = tl.load(Table + blk * 4 + 1)
+        p0 = tl.load(Table + blk * 4 + 2).to(tl.int32)
+        nq = tl.load(Table + blk * 4 + 3).to(tl.int32)
+        if nq > 0:
+            m = tl.arange(0, BLOCK_M)
+            d = tl.arange(0, DP)
+            qm = m < nq
+            dm = d < D
+            rows = row0 + m
+            q = tl.load(Q + rows[:, None] * stride_q + h * D + d[None, :], mask=qm[:, None] & dm[None, :], other=0.0)
+            kvh = h // G
+            kb = KC + slot * stride_cs + kvh * stride_ch
+            vb = VC + slot * stride_cs + kvh * stride_ch
+            qpos = p0 + m
+            end = p0 + nq
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, DP], tl.float32)
+            for s0 in range(0, end, BLOCK_N):
+                t = s0 + tl.arange(0, BLOCK_N)
+                tm = t < end
+                ok = tm[None, :] & (t[None, :] <= qpos[:, None])  # causal
+                m_i, l_i, acc = _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, ok,
+                                              m_i, l_i, acc, IEEE)
+            out = acc / l_i[:, None]  # padding rows (m >= nq) see key 0: finite, not stored
+            tl.store(O + rows[:, None] * (HQ * D) + h * D + d[None, :], out.to(O.dtype.element_ty),
+                     mask=qm[:, None] & dm[None, :])
+
+    _KERNELS = types.SimpleNamespace(
+        add_rmsnorm=add_rmsnorm_kernel,
+        rope_kv=rope_kv_kernel,
+        silu_mul=silu_mul_kernel,
+        attn_split=attn_split_kernel,
+        attn_combine=attn_combine_kernel,
+        prefill_attn=prefill_attn_kernel,
+    )
+    return _KERNELS

@@ -1,0 +1,354 @@
+"""The native forward of Llama-family models over a slot KV cache, and the weights it reads.
+
+Native path: model_type llama / mistral / qwen2 / qwen3, SiLU MLP, no sliding window shorter than
+`max_seq_len` (`native_blocker` says why a model is refused; the engine then takes
+`hf_fallback.HFSlots`). `Llama` reads the weights of the loaded transformers model, fusing the
+q/k/v and the gate/up projections into one matrix each, and owns the KV cache: one tensor per layer
+and K/V, shaped [max_slots + 1, kv_heads, max_seq_len, head_dim] (the extra last slot is the target
+of padded rows). The forward is written here: RMSNorm, RoPE from the HF rotary module (so every
+`rope_parameters` type HF knows is honoured), GQA attention, SwiGLU MLP, optional q/k/v/o biases,
+Qwen3's q/k norms, tied embeddings. Two sets of kernels implement the small ops:
+  * "triton" (`kernels.py`; CUDA default when Triton imports): fused add+RMSNorm, RoPE + KV-cache
+    write, SiLU*up, a split-K decode attention that reads the cache in place through the slot
+    indices and per-slot lengths (flash-decoding style; no gather, no host sync; a combine kernel
+    unless the batch fills the GPU with one split), and a varlen causal prefill attention over
+    packed prompts (one program per block of queries, from a table of blocks).
+  * "torch" (CPU, or anywhere as the reference): plain PyTorch ops; decode attention gathers the
+    batch's slots up to a length bucket and runs masked `scaled_dot_product_attention`; prefill
+    attention is causal SDPA per prompt over the right-padded batch.
+
+Three forwards share one layer loop (`forward`), which takes the attention as a callable: a decode
+step (`decode_logits`), a prefill (`prefill_logits`) and a decode step that carries prompts
+(`mixed_logits`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
+from .layout import PREFILL_BLOCK, Prompts
+
+NATIVE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def native_blocker(model, max_seq_len: int) -> str | None:
+    """Why the native forward cannot run this model (None: it can)."""
+    cfg = model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in NATIVE_TYPES:
+        return f"model_type {mt!r} has no native forward (native: {sorted(NATIVE_TYPES)})"
+    act = getattr(cfg, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (native forward is SwiGLU only)"
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj") \
+            or not hasattr(layers[0], "mlp") or not hasattr(layers[0].mlp, "gate_proj") \
+            or getattr(inner, "rotary_emb", None) is None:
+        return "module layout is not the Llama one"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    orig = (rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None) \
+        or getattr(cfg, "max_position_embeddings", max_seq_len)
+    if rope_type in ("dynamic", "longrope") and max_seq_len > orig:
+        return f"rope_type {rope_type!r} changes with the sequence length beyond {orig}"
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        sliding = any(t == "sliding_attention" for t in layer_types)
+    else:
+        sliding = window is not None and getattr(cfg, "use_sliding_window", True) is not False
+    if sliding and window is not None and window < max_seq_len:
+        return f"sliding window {window} < max_seq_len {max_seq_len}"
+    return None
+
+
+class Layer:
+    """One decoder layer's weights (fused, cast, on the device) and its K/V cache."""
+
+    __slots__ = ("in_norm", "wqkv", "bqkv", "wo", "bo", "post_norm", "wgu", "bgu", "wd", "bd",
+                 "q_norm", "k_norm", "kc", "vc")
+
+
+def _t(x, device, dtype):
+    return None if x is None else x.detach().to(device=device, dtype=dtype)
+
+
+def _fused(mods, device, dtype):
+    w = torch.cat([m.weight.detach().to(device=device, dtype=dtype) for m in mods], 0).contiguous()
+    biases = [getattr(m, "bias", None) for m in mods]
+    if all(b is None for b in biases):
+        return w, None
+    b = torch.cat([(torch.zeros(m.weight.shape[0], device=device, dtype=dtype) if bb is None
+                    else bb.detach().to(device=device, dtype=dtype)) for m, bb in zip(mods, biases)], 0)
+    return w, b.contiguous()
+
+
+def _no_cudnn_sdpa():
+    """SDPA without the cuDNN backend (flash, memory-efficient or math instead). On the H100 torch
+    picks cuDNN attention, which builds a plan for every new shape: slow on the first prefill of
+    each (prompts, width) shape, which every running stream then waits for (figures:
+    docs/benchmarks-gpu.md, "Figures behind settings in the code")."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: its default backends
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+class Llama:
+    """Weights, KV cache and forward of a Llama-family model (see the module docstring).
+
+    `kernels`: "triton" | "torch" (the small ops); `attention`: "triton" (in-place split-K decode,
+    varlen prefill) | "sdpa"; `tk`: the Triton kernels (`kernels.load_kernels()`) where either is
+    Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`)."""
+
+    def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
+                 kernels: str, attention: str, tk):
+        self.max_slots, self.max_seq_len = max_slots, max_seq_len
+        self.device, self.dtype = device, dtype
+        self.kernels, self.attention, self._tk = kernels, attention, tk
+        cfg, dev, dt = model.config, device, dtype
+        inner = model.model
+        self.num_layers = len(inner.layers)
+        attn0 = inner.layers[0].self_attn
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.intermediate = int(inner.layers[0].mlp.gate_proj.weight.shape[0])
+
+        with torch.no_grad():
+            self.embed = _t(inner.embed_tokens.weight, dev, dt)
+            lm = model.get_output_embeddings().weight
+            self.lm_head = self.embed if lm is inner.embed_tokens.weight else _t(lm, dev, dt)
+            self.norm = _t(inner.norm.weight, dev, dt)
+            shape = (self.max_slots + 1, self.num_kv_heads, self.max_seq_len, self.head_dim)
+            self.layers = []
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                L = Layer()
+                L.in_norm = _t(layer.input_layernorm.weight, dev, dt)
+                L.post_norm = _t(layer.post_attention_layernorm.weight, dev, dt)
+                L.wqkv, L.bqkv = _fused([a.q_proj, a.k_proj, a.v_proj], dev, dt)
+                L.wo, L.bo = _t(a.o_proj.weight, dev, dt), _t(getattr(a.o_proj, "bias", None), dev, dt)
+                L.wgu, L.bgu = _fused([m.gate_proj, m.up_proj], dev, dt)
+                L.wd, L.bd = _t(m.down_proj.weight, dev, dt), _t(getattr(m.down_proj, "bias", None), dev, dt)
+                qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+                L.q_norm = None if qn is None else _t(qn.weight, dev, dt)
+                L.k_norm = None if kn is None else _t(kn.weight, dev, dt)
+                # zeros, not empty: SDPA multiplies masked positions by 0, and 0 * NaN is NaN
+                L.kc = torch.zeros(shape, device=dev, dtype=dt)
+                L.vc = torch.zeros(shape, device=dev, dtype=dt)
+                self.layers.append(L)
+            # cos / sin exactly as HF computes them (float32, then cast to the model dtype)
+            rot = inner.rotary_emb
+            ref_dev = rot.inv_freq.device
+            pos = torch.arange(self.max_seq_len, device=ref_dev)[None]
+            cos, sin = rot(torch.zeros(1, device=ref_dev, dtype=dt), pos)
+            self.cos = cos[0].to(dev).contiguous()
+            self.sin = sin[0].to(dev).contiguous()
+            self._arange = torch.arange(self.max_seq_len, device=dev)
+        self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+        self.split_min = SPLIT_MIN_POSITIONS
+
+    # -- small ops ---------------------------------------------------------------------------
+    def rms(self, x, w):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    def add_norm(self, x, res, w):
+        """(rmsnorm(res + x) * w, res + x); with the Triton kernel `res` is updated in place."""
+        if self.kernels == "triton":
+            rows, n = x.shape
+            y = torch.empty_like(x)
+            blk = next_pow2(n)
+            r = x if res is None else res
+            self._tk.add_rmsnorm[(rows,)](x, r, w, y, x.stride(0), r.stride(0), y.stride(0), n, self.eps,
+                                          HAS_RES=res is not None, BLOCK=blk,
+                                          num_warps=8 if blk >= 2048 else 4)
+            return y, r
+        res = x if res is None else res + x
+        return self.rms(res, w), res
+
+    def qk_norm(self, qkv, L):
+        n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.rms(qkv[:, :hq * d].reshape(n, hq, d), L.q_norm).reshape(n, hq * d)
+        k = self.rms(qkv[:, hq * d:(hq + hkv) * d].reshape(n, hkv, d), L.k_norm).reshape(n, hkv * d)
+        return torch.cat([q, k, qkv[:, (hq + hkv) * d:]], 1)
+
+    def rope_write(self, qkv, slots, pos, L, normed: bool = False):
+        """Rotate q and k of rows `qkv` at positions `pos`; store k, v at [slots, :, pos]; return q [rows, Hq, D]."""
+        n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if L.q_norm is not None and not normed:
+            qkv = self.qk_norm(qkv, L)
+        if self.kernels == "triton":
+            q = torch.empty((n, hq, d), device=qkv.device, dtype=qkv.dtype)
+            kc = L.kc
+            self._tk.rope_kv[(n, hq + hkv)](qkv, self.cos, self.sin, slots, pos, q, kc, L.vc,
+                                            qkv.stride(0), self.cos.stride(0),
+                                            kc.stride(0), kc.stride(1), kc.stride(2),
+                                            HQ=hq, HKV=hkv, D=d, DP=max(16, next_pow2(d)), num_warps=1)
+            return q
+        q = qkv[:, :hq * d].view(n, hq, d)
+        k = qkv[:, hq * d:(hq + hkv) * d].view(n, hkv, d)
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
+        c, s = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        half = d // 2
+
+        def rot(x):
+            return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
+
+        q, k = rot(q), rot(k)
+        L.kc[slots, :, pos] = k
+        L.vc[slots, :, pos] = v
+        return q
+
+    def silu_mul(self, gu):
+        if self.kernels == "triton":
+            rows, i = gu.shape[0], gu.shape[1] // 2
+            out = torch.empty((rows, i), device=gu.device, dtype=gu.dtype)
+            blk = 1024
+            self._tk.silu_mul[(rows, cdiv(i, blk))](gu, out, gu.stride(0), out.stride(0), i, BLOCK=blk,
+                                                    num_warps=4)
+            return out
+        g, u = gu.chunk(2, -1)
+        return F.silu(g) * u
+
+    # -- attention ---------------------------------------------------------------------------
+    def attn_prefill_padded(self, q, L, pack):
+        """Causal attention of packed prompts: each prompt is right-padded to the longest, its keys
+        read from its own slot [0, longest); a query at position i < n sees keys 0..i, all its own,
+        so padding never leaks into a real row."""
+        slots, rows, valid, width = pack
+        b, hq, d = len(slots), self.num_heads, self.head_dim
+        qq = q.view(-1, hq, d)[rows].transpose(1, 2)  # [b, Hq, width, D]
+        k = L.kc[slots, :, :width]
+        v = L.vc[slots, :, :width]
+        with _no_cudnn_sdpa():
+            try:
+                out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            except (TypeError, RuntimeError):
+                k = k.repeat_interleave(self.group, 1)
+                v = v.repeat_interleave(self.group, 1)
+                out = F.scaled_dot_product_attention(qq, k, v, is_causal=True, scale=self.scale)
+        out = out.transpose(1, 2).reshape(b * width, hq * d)
+        return out[valid]
+
+    def attn_prefill_varlen(self, q, L, table, nb: int, out):
+        """Causal attention of packed prompts into `out`, one Triton program per (query block, q
+        head) from `table` (see `Layout.build`); rows of padding tokens are zeroed."""
+        n, hq, d = q.shape
+        out.zero_()
+        kc = L.kc
+        self._tk.prefill_attn[(nb, hq)](
+            q, kc, L.vc, table, out, q.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+            self.scale * 1.4426950408889634, HQ=hq, G=self.group, D=d, DP=max(16, next_pow2(d)),
+            BLOCK_M=PREFILL_BLOCK, BLOCK_N=64 if d <= 128 else 32, IEEE=q.dtype == torch.float32, num_warps=4)
+        return out
+
+    def attn_prompts(self, q, L, p: Prompts, out):
+        """Attention of the prompts `p` (their rotated queries `q`) into `out` [tokens, heads x
+        head_dim]: varlen (Triton) or on the right-padded batch (SDPA), as their layout says."""
+        if p.pack is None:
+            return self.attn_prefill_varlen(q, L, p.table, p.blocks, out)
+        return out.copy_(self.attn_prefill_padded(q, L, p.pack))
+
+    def splits(self, b: int) -> int:
+        return decode_attention_config(b, self.num_kv_heads, self.head_dim, self.max_seq_len, self.sms,
+                                       self.split_min)[0]
+
+    def attn_decode(self, qkv, L, slots, pos, tb, out=None):
+        """Decode attention of the step's q/k/v rows `qkv` [b, (Hq + 2 Hkv) x D]: RoPE at `pos`, the
+        new key and value written to the cache at [slots, :, pos], the query against [0, pos]."""
+        b, hq, hkv, d, g = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        if L.q_norm is not None:
+            qkv = self.qk_norm(qkv, L)
+        if self.attention == "triton":  # RoPE and the cache write inside the attention kernel
+            ns, block_n = decode_attention_config(b, hkv, d, self.max_seq_len, self.sms, self.split_min)
+            chunk = cdiv(cdiv(self.max_seq_len, ns), block_n) * block_n
+            dp = max(16, next_pow2(d))
+            if out is None:
+                out = torch.empty((b, hq * d), device=qkv.device, dtype=qkv.dtype)
+            if ns > 1:  # partial results for the combine kernel
+                acc = torch.empty((b, hq, ns, dp), device=qkv.device, dtype=torch.float32)
+                mx = torch.empty((b, hq, ns), device=qkv.device, dtype=torch.float32)
+                lx = torch.empty((b, hq, ns), device=qkv.device, dtype=torch.float32)
+            else:
+                acc = mx = lx = out  # not written
+            kc = L.kc
+            self._tk.attn_split[(b, hkv, ns)](
+                qkv, kc, L.vc, slots, pos, acc, mx, lx, out, self.cos, self.sin, qkv.stride(0), self.cos.stride(0),
+                kc.stride(0), kc.stride(1), kc.stride(2), self.scale * 1.4426950408889634, HQ=hq, HKV=hkv, NS=ns,
+                CHUNK=chunk, G=g, GP=max(16, next_pow2(g)), D=d, DP=dp, BLOCK_N=block_n,
+                IEEE=qkv.dtype == torch.float32, ROPE=True, num_warps=4)
+            if ns > 1:
+                self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
+            return out
+        q = self.rope_write(qkv, slots, pos, L, normed=True)
+        # gather the batch's slots up to `tb` positions, mask each row past its own length
+        k = L.kc[:, :, :tb].index_select(0, slots)  # [b, Hkv, tb, D]
+        v = L.vc[:, :, :tb].index_select(0, slots)
+        mask = (self._arange[:tb][None, :] <= pos[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(q.view(b, hkv, g, d), k, v, attn_mask=mask, scale=self.scale)
+        return o.reshape(b, hq * d) if out is None else out.copy_(o.reshape(b, hq * d))
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, tok, attn, last=None):
+        """Hidden states after the final norm; `attn(qkv, L)`: a layer's attention output from its
+        q/k/v rows (RoPE and the cache write included)."""
+        x = F.embedding(tok, self.embed)
+        res = None
+        for L in self.layers:
+            h, res = self.add_norm(x, res, L.in_norm)
+            qkv = F.linear(h, L.wqkv, L.bqkv)
+            o = F.linear(attn(qkv, L), L.wo, L.bo)
+            h, res = self.add_norm(o, res, L.post_norm)
+            x = F.linear(self.silu_mul(F.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
+        if last is not None:  # prefill: only the last row of each prompt goes on to the head
+            x, res = x[last], res[last]
+        h, _ = self.add_norm(x, res, self.norm)
+        return h
+
+    def decode_logits(self, tok, slots, pos, tb) -> torch.Tensor:
+        """Logits [rows, vocab] of a decode step: token `tok[i]` at position `pos[i]` of slot
+        `slots[i]`; `tb`: the SDPA attention's length bucket (None with the Triton attention)."""
+        h = self.forward(tok, lambda qkv, L: self.attn_decode(qkv, L, slots, pos, tb))
+        return F.linear(h, self.lm_head)
+
+    def prefill_logits(self, p: Prompts) -> torch.Tensor:
+        """Logits [prompts, vocab] (float32) of a prefill: projections and MLP over the packed
+        tokens, attention per prompt."""
+        def attn(qkv, L):
+            q = self.rope_write(qkv, p.slot_of, p.pos, L)
+            out = torch.empty((q.shape[0], q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
+            return self.attn_prompts(q, L, p, out)
+        h = self.forward(p.tok, attn, last=p.last)
+        return F.linear(h, self.lm_head).float()
+
+    def mixed_logits(self, tok, slots, pos, tb, p: Prompts) -> torch.Tensor:
+        """Logits [decode rows + prompt capacity, vocab] of a decode step that carries prompts:
+        the decode rows (`tok`, `slots`, `pos`) and the prompts' packed tokens (`p`) go through the
+        projections and the MLP as one batch (at decode batch sizes the products read the weights
+        once for both); attention is the decode kernel for the decode rows and the prompts' causal
+        attention for theirs. The head sees every decode row and each prompt's last row."""
+        b = tok.shape[0]
+        hq, d = self.num_heads, self.head_dim
+
+        def attn(qkv, L):
+            out = torch.empty((qkv.shape[0], hq * d), device=qkv.device, dtype=qkv.dtype)
+            if b:
+                self.attn_decode(qkv[:b], L, slots, pos, tb, out[:b])
+            self.attn_prompts(self.rope_write(qkv[b:], p.slot_of, p.pos, L), L, p, out[b:])
+            return out
+        last = torch.cat([self._arange[:b], p.last + b])
+        h = self.forward(torch.cat([tok, p.tok]), attn, last=last)
+        return F.linear(h, self.lm_head)

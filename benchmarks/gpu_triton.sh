@@ -21,9 +21,9 @@ export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 # "<no Python frame>" per server stop is the stub's teardown, after every response went out.
 export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
 cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
-python3 -m tritonchat.server --install
+python3 -m tritonchat.cli setup-server
 MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama
-[ -f $MODEL/config.json ] || python3 -m tritonchat.build.synthetic --arch llama --tokenizer llama2 --out $MODEL \
+[ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
     --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
 # postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml

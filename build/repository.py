@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 from pathlib import Path
@@ -21,7 +22,8 @@ def template_dir() -> Path:
     return Path(str(files("tritonchat.model_repository")))
 
 
-def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file: str) -> dict:
+def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file: str, vocab_size: int = 0) -> dict:
+    """`vocab_size`: the model's (0: unknown; the entry then checks token ids only for sign)."""
     m = settings["models"]
     values = {
         "max_batch_size": settings["max_batch_size"],
@@ -32,6 +34,9 @@ def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file
         "device": settings["device"],
         "dtype": settings["dtype"],
         "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or engine == "tensorrt" else "KIND_CPU",
+        "vocab_size": int(vocab_size),
+        # the entry runs at most the generator's slots plus its waiting line at once
+        "ensemble_max_in_flight": int(settings["max_batch_size"]) + int(m["generator"]["max_queue_size"]),
     }
     for model, opts in m.items():
         for key, value in opts.items():
@@ -67,6 +72,13 @@ def write_repository(out: Path, values: dict, *, tokenizer, generation_config: d
             shutil.copytree(path, dst)
         else:
             shutil.copy2(path, dst)
+    # onnx writes external data files 0600: a server running as another user (an image's) could not read
+    # them, so they get the read bits the umask gives any other file
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in gen_dir.rglob("*"):
+        if f.is_file():
+            f.chmod(f.stat().st_mode | (0o444 & ~umask))
     if generation_config:
         (gen_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     write_manifest(out, info)

@@ -17,7 +17,7 @@ example: docs/build-config.md).
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
-                       prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024}
+                       prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -27,9 +27,19 @@ example: docs/build-config.md).
                       # prefill_token_budget: prompt tokens prefilled together between decode steps
                       # prefill_wait_ms: while others decode, a request may wait this long for more
                       #   requests to share its prefill (0: admitted at the next step; see docs/benchmarks-gpu.md)
+                      # queue_timeout_ms: a request waiting longer for a KV-cache slot is refused (0: never)
                       # mix_prefill: torch engine: greedy requests that arrive while others decode are
                       #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
+      ensemble:       {max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
+                       cancel_poll_ms: 20, log_requests: 0}
+                      # the public entry (python_backend/entry.py): it runs at most max_batch_size +
+                      #   generator.max_queue_size requests at once; beyond, up to max_queue_size wait in
+                      #   Triton's queue, then Triton refuses with UNAVAILABLE (HTTP 503)
+                      # max_prompt_bytes: text_input cap in UTF-8 bytes before tokenization (0: 16 per
+                      #   token of context); max_words / max_word_bytes: stop and bad words per request
+                      # cancel_poll_ms: how often a running request's cancellation is polled
+                      # log_requests: fraction of requests logged as one JSON line (0: none, 1: all)
 """
 
 from __future__ import annotations
@@ -54,8 +64,10 @@ DEFAULTS: dict = {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
-                      "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024},
+                      "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
+        "ensemble": {"max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
+                     "cancel_poll_ms": 20, "log_requests": 0},
     },
 }
 
@@ -121,8 +133,17 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
     if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):
         raise SettingsError(f"models.generator.mix_tokens must be a whole number >= 0, got {g['mix_tokens']!r}")
+    if not _number(g["queue_timeout_ms"], 0):
+        raise SettingsError(f"models.generator.queue_timeout_ms must be a number >= 0, got {g['queue_timeout_ms']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
+    e = s["models"]["ensemble"]
+    for key, least in (("max_queue_size", 1), ("max_prompt_bytes", 0), ("max_words", 0), ("max_word_bytes", 1),
+                       ("cancel_poll_ms", 1)):
+        if not _number(e[key], least) or e[key] != int(e[key]):
+            raise SettingsError(f"models.ensemble.{key} must be a whole number >= {least}, got {e[key]!r}")
+    if not _number(e["log_requests"], 0) or e["log_requests"] > 1:
+        raise SettingsError(f"models.ensemble.log_requests must be a fraction in [0, 1], got {e['log_requests']!r}")
     if s["engine"] == "tensorrt":
         s["device"] = "cuda"  # a TensorRT plan runs on the GPU it was built for
     if s["engine"] == "torch" and s["precision"] != "fp32":

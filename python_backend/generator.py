@@ -8,19 +8,22 @@ cancellation, which the scheduler reads before every step.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
 import triton_python_backend_utils as pb_utils
 
+from . import faults
 from . import triton_io as io
 from .allocator import keep_freed_memory
 from .batching.sampling import InvalidParameter
 from .batching.scheduler import Scheduler
 from .batching.sequence import QueueFull
 from .engines import create_engine
+from .limits import Limits
 from .metrics import GeneratorMetrics
-from .request import model_end_ids, reject, to_sequence
+from .request import ENTRY_ID_PREFIX, FINAL, model_end_ids, reject, request_flag, to_sequence
 
 
 class TritonPythonModel:
@@ -35,7 +38,7 @@ class TritonPythonModel:
         self.max_seq_len = int(params["max_seq_len"])
         self.tokenizer = io.load_fast_tokenizer(version_dir)
         self.end_ids = model_end_ids(version_dir, self.tokenizer)
-        self.engine = create_engine(
+        self.engine = faults.wrap_from_env(create_engine(
             # `executor`: the name repositories built before this release used for the same parameter
             params.get("engine") or params.get("executor") or "onnxruntime",
             model_path=str(version_dir / params.get("model_file", "model.onnx")),
@@ -45,30 +48,63 @@ class TritonPythonModel:
             device=params.get("device", "cpu"),
             dtype=params.get("dtype", "float32"),
             **_engine_options(params),
-        )
+        ))  # faults: the isolation tests' injected failures (off unless TRITONCHAT_FAULTS is set)
         self.engine.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
+        self.metrics = GeneratorMetrics(self.model_name)
+        self.limits = Limits.from_params({**params, "vocab_size": str(self.engine.vocab_size)})
+        # generation requests of the entry model by request id (its cancellations name them), and
+        # ids cancelled before their request arrived
+        self.live: dict[str, object] = {}
+        self.cancelled_early: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.scheduler = Scheduler(self.engine, max_queue_size=int(params.get("max_waiting", "256")),
+                                   queue_timeout=float(params.get("queue_timeout_ms", "0") or 0) / 1e3,
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
                                    prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    mix_prefill=_flag(params.get("mix_prefill", "true")),
-                                   metrics=GeneratorMetrics(self.model_name))
+                                   metrics=self.metrics)
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
                                  f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            rid = request.request_id() or ""
             try:
-                seq = to_sequence(request, sender, tokenizer=self.tokenizer, end_ids=self.end_ids,
-                                  max_seq_len=self.max_seq_len)
+                if request_flag(request, "cancel"):
+                    self._cancel(rid)
+                    sender.send(flags=FINAL)
+                    continue
+                from_entry = rid.startswith(ENTRY_ID_PREFIX)
+                seq = to_sequence(request, sender, tokenizer=self.tokenizer, end_ids=self.end_ids, limits=self.limits,
+                                  poll_cancel=not from_entry,
+                                  on_final=(lambda rid=rid: self.live.pop(rid, None)) if from_entry else None)
+                if from_entry:
+                    self.live[rid] = seq
+                    if self.cancelled_early.pop(rid, 0) is None:
+                        seq.cancelled = True
                 self.scheduler.submit(seq)
             except InvalidParameter as exc:
+                self.live.pop(rid, None)
                 reject(sender, str(exc))
             except QueueFull as exc:
+                self.live.pop(rid, None)
+                self.scheduler.courier.call(lambda: self.metrics.rejected("queue_full"))
                 reject(sender, str(exc), pb_utils.TritonError.UNAVAILABLE)
         return None
+
+    def _cancel(self, rid: str) -> None:
+        """A control request of the entry: its client went away. The scheduler ends the sequence at
+        its next step boundary (or when it leaves the waiting line) and frees its slot."""
+        seq = self.live.get(rid)
+        if seq is not None:
+            seq.cancelled = True
+            self.scheduler.wake()
+            return
+        self.cancelled_early[rid] = None  # its request is still on its way (or already finished)
+        while len(self.cancelled_early) > 4096:
+            self.cancelled_early.popitem(last=False)
 
     def finalize(self):
         self.scheduler.shutdown()

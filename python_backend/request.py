@@ -10,27 +10,47 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from . import limits as lim
 from . import triton_io as io
 from .batching.detokenize import TextTracker
 from .batching.sampling import InvalidParameter, SamplingParams
 from .batching.sequence import Output, Sequence
+from .limits import Limits
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+#: generation requests of the entry model carry ids with this prefix: the entry watches its client
+#: for cancellation and tells the generator with a control request naming the id (flow.py)
+ENTRY_ID_PREFIX = "tc-"
 
 
-def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], max_seq_len: int) -> Sequence:
-    """Parse and validate one request (InvalidParameter: a message for the client); its outputs
-    go to `sender`, and its cancellation is asked of `sender` (or of the request)."""
+def request_flag(request, name: str) -> bool:
+    """True where the request carries the BOOL input `name` set to true."""
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return t is not None and bool(t.as_numpy().reshape(-1)[:1].any())
+
+
+def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], limits: Limits,
+                poll_cancel: bool = True, on_final=None) -> Sequence:
+    """Parse and validate one request as if it came from any client (InvalidParameter: a message
+    for the client); its outputs go to `sender`. `poll_cancel`: the courier asks `sender` about
+    cancellation (False where the caller, the entry model, watches the client for it).
+    `on_final`: called after the final output was sent."""
     inputs = io.inputs(request)
-    prompt = io.check_batch_of_one(inputs, "input_ids").reshape(-1).astype(np.int64)
+    max_seq_len, vocab = limits.max_seq_len, limits.vocab_size
+    prompt = io.check_batch_of_one(inputs, "input_ids")
+    prompt = lim.token_ids(prompt, "input_ids", vocab)
     if len(prompt) == 0:
         raise InvalidParameter("the prompt has no tokens")
     if len(prompt) + 1 > max_seq_len:
         raise InvalidParameter(f"prompt is {len(prompt)} tokens; the model's context is {max_seq_len}")
-    s = io.scalar
-    end_id = s(inputs, "end_id", int)
+    end_id = lim.integer(inputs, "end_id", 0, vocab - 1)
+    lim.integer(inputs, "pad_id", 0, vocab - 1)  # accepted for the contract; checked all the same
     if end_id is not None:
         end_ids = tuple(sorted(set(end_ids) | {end_id}))
+    bad_words = io.optional(inputs, "bad_words_ids")
+    if bad_words is not None:
+        bad_words = lim.token_ids(bad_words, "bad_words_ids", vocab, allow_separator=True)
+    s = io.scalar
     params = SamplingParams(
         max_tokens=s(inputs, "max_tokens", int, required=True),
         temperature=s(inputs, "temperature", float, 0.0),
@@ -42,13 +62,26 @@ def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], max_seq
         seed=s(inputs, "seed", int),
         min_tokens=s(inputs, "min_tokens", int, 0),
         end_ids=end_ids,
-        bad_words_ids=split_words(io.optional(inputs, "bad_words_ids")),
+        bad_words_ids=split_words(bad_words),
     ).validate(max_seq_len)
     include_prompt = not s(inputs, "exclude_input_in_output", bool, True)
-    tracker = TextTracker(tokenizer, prompt if include_prompt else (), io.strings(inputs, "stop_words"))
-    cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
-    return Sequence(prompt, params, tracker, sink=lambda out: send(sender, out),
-                    stream=s(inputs, "stream", bool, False), is_cancelled=cancelled)
+    tracker = TextTracker(tokenizer, prompt if include_prompt else (), lim.words(inputs, "stop_words", limits))
+    if poll_cancel:
+        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+    else:
+        cancelled = _never
+
+    def sink(out: Output) -> None:
+        send(sender, out)
+        if out.final and on_final is not None:
+            on_final()
+
+    return Sequence(prompt, params, tracker, sink=sink, stream=s(inputs, "stream", bool, False),
+                    is_cancelled=cancelled)
+
+
+def _never() -> bool:
+    return False
 
 
 def send(sender, out: Output) -> None:

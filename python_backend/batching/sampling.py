@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from ..engines.base import Ban
+from ..engines.base import NONFINITE, Ban
 
 
 class InvalidParameter(ValueError):
@@ -139,18 +139,40 @@ class Sampler:
         return int(self.rng.choice(len(probs), p=probs))
 
 
-def sample_batch(samplers: list[Sampler], logits: np.ndarray) -> list[int]:
-    """Next token for each row; rows whose request is plain greedy share one argmax."""
+NONFINITE_MESSAGE = "the model produced non-finite logits (NaN or inf) for this request"
+
+
+def sample_batch(samplers: list[Sampler], logits: np.ndarray) -> tuple[list[int], dict[int, str]]:
+    """Next token for each row, and the rows that failed (row -> message; their token is
+    NONFINITE). Rows whose request is plain greedy share one argmax. A failure stays with its row:
+    the other requests of the step go on."""
     plain = [i for i, s in enumerate(samplers) if s.p.plain]
     out = [0] * len(samplers)
+    errors: dict[int, str] = {}
     if plain:
         best = np.argmax(logits[plain], axis=-1)
-        for i, t in zip(plain, best):
-            out[i] = int(t)
+        # argmax picks a NaN or +inf where the row has one: checking the chosen logit finds them
+        ok = np.isfinite(logits[plain, best])
+        for i, t, good in zip(plain, best, ok):
+            out[i] = int(t) if good else NONFINITE
+            if not good:
+                errors[i] = NONFINITE_MESSAGE
     for i, s in enumerate(samplers):
         if not s.p.plain:
-            out[i] = s.choose(logits[i])
-    return out
+            out[i], err = choose_safely(s, logits[i])
+            if err:
+                errors[i] = err
+    return out, errors
+
+
+def choose_safely(sampler: Sampler, row: np.ndarray) -> tuple[int, str | None]:
+    """`sampler.choose(row)`, or (NONFINITE, message) where the row or the sampling fails."""
+    if np.isnan(row).any() or np.isposinf(row).any():
+        return NONFINITE, NONFINITE_MESSAGE
+    try:
+        return sampler.choose(row), None
+    except Exception as exc:  # noqa: BLE001 - one request's sampling must not fail the batch
+        return NONFINITE, f"sampling failed for this request ({type(exc).__name__})"
 
 
 def greedy_ban(samplers: list[Sampler], ahead=0):

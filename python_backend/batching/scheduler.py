@@ -34,7 +34,7 @@ import numpy as np
 
 from ..engines.base import Engine
 from .courier import Courier
-from .sampling import Sampler, ban_key, greedy_ban, sample_batch
+from .sampling import NONFINITE_MESSAGE, Sampler, ban_key, choose_safely, greedy_ban, sample_batch
 from .sequence import Output, QueueFull, Sequence, Stats
 
 log = logging.getLogger("tritonchat.scheduler")
@@ -46,7 +46,7 @@ __all__ = ["Courier", "Output", "QueueFull", "Scheduler", "Sequence", "Stats"]
 class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
-                 mix_prefill: bool = True):
+                 mix_prefill: bool = True, queue_timeout: float = 0.0):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -61,11 +61,13 @@ class Scheduler:
         on the courier's thread. `mix_prefill`: where the engine can (`can_mix`) and sequences are
         decoding, greedy requests are prefilled inside the next decode step (up to the engine's
         `mix_tokens` prompt tokens a step) instead of in a prefill of their own that stops every
-        stream."""
+        stream. `queue_timeout`: seconds a request may wait for a slot before it is refused (0: no
+        limit)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
         self.prefill_wait = float(prefill_wait)
+        self.queue_timeout = float(queue_timeout)
         self.mix_prefill = bool(mix_prefill) and engine.can_mix
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
@@ -100,6 +102,11 @@ class Scheduler:
         self._thread.join(timeout)
         self.courier.shutdown(timeout)
 
+    def wake(self) -> None:
+        """Have the loop look at its sequences now (a cancellation raised from outside)."""
+        with self._cv:
+            self._cv.notify()
+
     @property
     def load(self) -> tuple[int, int]:
         return len(self.running), len(self.waiting)
@@ -116,14 +123,18 @@ class Scheduler:
                     break
             try:
                 self._drop_cancelled()
+                if self.queue_timeout > 0:
+                    self._drop_timed_out()
                 admitted = self._admit() if self._admission_due() and not self._mix_next() else 0
                 if self.metrics and admitted:
                     self._report(admitted, 0)
                 self._step()
             except Exception as exc:  # an engine failure fails the batch, not the server
                 log.exception("generator step failed")
+                # the message names the failure, never its text: an engine's may hold file paths
                 for seq in self.running:
-                    self._finish(seq, "", error=f"generator failed: {exc}")
+                    self._finish(seq, "", error=f"generator failed: the engine raised {type(exc).__name__} "
+                                                "during a decode step (details in the server log)")
                 self.running = []
                 if self.metrics:
                     self._report(0, 0)
@@ -164,8 +175,10 @@ class Scheduler:
         slots = np.array([s.slot for s in rows], dtype=np.int64)
         last = np.array([s.last_token for s in rows], dtype=np.int64)
         t = time.perf_counter()
-        tokens = sample_batch([s.sampler for s in rows], self.engine.decode(slots, last))
+        tokens, errors = sample_batch([s.sampler for s in rows], self.engine.decode(slots, last))
         self.stats.decode_wait_s += time.perf_counter() - t
+        for i, message in errors.items():
+            rows[i].failure = message
         return tokens
 
     def _chain(self, seqs: list[Sequence], step):
@@ -226,22 +239,52 @@ class Scheduler:
             return 0
         self._place(batch)
         t = time.perf_counter()
-        try:
-            logits = self.engine.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
-            self.stats.prefill_exec_s += time.perf_counter() - t
-        except Exception as exc:
-            log.exception("prefill failed")
-            for seq in batch:
-                self._finish(seq, "", error=f"prefill failed: {exc}")
-            return 0
+        batch, logits = self._prefill(batch)
+        self.stats.prefill_exec_s += time.perf_counter() - t
         self.stats.prefills += len(batch)
         self.stats.prefill_calls += 1
         for seq, row in zip(batch, logits):
             self.running.append(seq)
-            if not self._advance(seq, seq.sampler.choose(row)):
+            token, seq.failure = choose_safely(seq.sampler, row)
+            if not self._advance(seq, token):
                 self.running.remove(seq)
         self.stats.prefill_s += time.perf_counter() - t
         return len(batch)
+
+    def _prefill(self, batch: list[Sequence]):
+        """Prefill `batch` in one engine call; if that fails, each prompt alone, so that a prompt
+        that breaks the engine fails alone. Returns the sequences that got logits, and the logits."""
+        try:
+            return batch, self.engine.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
+        except Exception as exc:  # noqa: BLE001
+            log.exception("prefill of %d prompts failed%s", len(batch), "; retrying each alone" if len(batch) > 1 else "")
+            if len(batch) == 1:
+                self._finish(batch[0], "", error=f"prefill failed: the engine raised {type(exc).__name__} "
+                                                 "on this prompt (details in the server log)")
+                return [], []
+        ok, rows = [], []
+        for seq in batch:
+            got, logits = self._prefill([seq])
+            if got:
+                ok.append(seq)
+                rows.append(logits[0])
+        return ok, rows
+
+    def _drop_timed_out(self) -> None:
+        """Refuse the requests that waited longer than `queue_timeout` for a slot (oldest first)."""
+        limit = time.perf_counter() - self.queue_timeout
+        while True:
+            with self._cv:
+                if not self.waiting or self.waiting[0].arrived > limit:
+                    return
+                seq = self.waiting.popleft()
+            waited = 1e3 * (time.perf_counter() - seq.arrived)
+            if self.metrics:
+                self.courier.call(lambda: self.metrics.rejected("queue_timeout"))
+            if self.metrics:
+                self._report(0, 0)
+            self._finish(seq, "", error=f"generator queue: timed out after waiting {waited:.0f} ms for a KV-cache slot "
+                                        f"(queue_timeout_ms {1e3 * self.queue_timeout:.0f}); retry later")
 
     def _pop_waiting(self, cap: int, budget: int, fits: Callable[[Sequence], bool],
                      first_always: bool = False) -> list[Sequence]:
@@ -343,6 +386,9 @@ class Scheduler:
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Account one sampled token; return False when the sequence finished."""
+        if token < 0:  # this row's logits or sampling failed: the request fails alone
+            self._finish(seq, "", error=seq.failure or NONFINITE_MESSAGE)
+            return False
         seq.sampler.observe(token)
         seq.generated += 1
         seq.last_token = token
@@ -381,7 +427,10 @@ class Scheduler:
         self.stats.finished += 1
         if self.metrics:
             e2e = time.perf_counter() - seq.arrived
-            self.courier.call(lambda: self.metrics.finished(reason, e2e))
+            # the request's mean time between tokens after the first (None for fewer than two)
+            itl = ((time.perf_counter() - seq.first_token_at) / (seq.generated - 1)
+                   if seq.first_token_at is not None and seq.generated > 1 else None)
+            self.courier.call(lambda: self.metrics.finished(reason, e2e, itl))
         rel = None if error else seq.tracker.final()
         self.courier.post(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
 
@@ -396,6 +445,8 @@ class Scheduler:
             else:
                 keep.append(seq)
         self.running = keep
+        if self.metrics:  # the running gauge must not keep a cancelled sequence (at once when none runs)
+            self._report(0, 0)
 
     def _report(self, new_tokens: int, steps: int) -> None:
         """Metrics since the last report, sent at most every `METRICS_INTERVAL` while sequences run

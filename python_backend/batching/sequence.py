@@ -50,7 +50,8 @@ class Sequence:
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     last_sent: float = 0.0  # when the last streamed response left the loop
-    cancelled: bool = False  # raised by the courier
+    cancelled: bool = False  # raised by the courier (or the generator, for the entry's requests)
+    failure: str | None = None  # why this row's last token could not be chosen (its request fails alone)
 
 
 @dataclasses.dataclass

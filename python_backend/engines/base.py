@@ -25,6 +25,23 @@ class Ban:
     ids: np.ndarray
 
 
+#: the token a greedy step returns for a row whose logits were not finite (NaN or inf): that
+#: request fails alone (batching/scheduler.py), the other rows of the step go on
+NONFINITE = -1
+
+
+def greedy_tokens(logits: np.ndarray, ban: Ban | None = None) -> np.ndarray:
+    """The argmax of each row of host logits (after `ban`), NONFINITE where the chosen logit is NaN
+    or inf: argmax picks a NaN or +inf where the row holds one, and -inf only where every logit is."""
+    if ban is not None:
+        logits[np.ix_(ban.rows, ban.ids)] = -np.inf
+    best = logits.argmax(axis=-1)
+    bad = ~np.isfinite(logits[np.arange(len(best)), best])
+    if bad.any():
+        best[bad] = NONFINITE
+    return best
+
+
 class Engine(abc.ABC):
     max_slots: int
     max_seq_len: int
@@ -50,12 +67,9 @@ class Engine(abc.ABC):
 
         `ban`: token ids that must not be chosen in some rows (a request's end ids before its
         `min_tokens`). Engines on a device override this to take the argmax there and copy back
-        only the ids.
+        only the ids. A row whose logits are not finite gets NONFINITE.
         """
-        logits = self.decode(slots, tokens)
-        if ban is not None:
-            logits[np.ix_(ban.rows, ban.ids)] = -np.inf
-        return logits.argmax(axis=-1)
+        return greedy_tokens(self.decode(slots, tokens), ban)
 
     #: True where `decode_greedy_begin(..., chain=step)` launches without waiting for `step`
     can_chain = False

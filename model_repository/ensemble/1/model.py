@@ -1,0 +1,1 @@
+from tritonchat.python_backend.entry import TritonPythonModel  # noqa: F401

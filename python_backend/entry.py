@@ -1,0 +1,80 @@
+"""`ensemble`: the public entry model. A decoupled Python model that runs the pipeline itself
+(preprocessing -> generator -> postprocessing, with BLS: flow.py), so that a client's cancellation
+reaches the generator, and that checks every input before any work (limits.py).
+
+Overload: at most `max_in_flight` requests run at once (the generator's slots plus its waiting
+line). Beyond that, `execute` blocks; Triton's queue in front of this model (dynamic batcher,
+`max_queue_size`) then fills and Triton itself refuses the next request in about a millisecond
+with UNAVAILABLE: HTTP 503 (over a gRPC stream: an error message "Exceeds maximum queue size",
+Triton 2.51 sends no status code inside a stream). A Python model cannot choose its error codes
+in Triton 2.51 (the backend drops them: every error is HTTP 400), so the server's own queue is
+the only way to a real 503.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import triton_python_backend_utils as pb_utils
+
+from . import triton_io as io
+from .flow import Context, Flow, Watcher
+from .limits import Limits
+from .metrics import EntryMetrics
+
+
+class Capacity:
+    """A counting gate: `acquire` blocks while `limit` requests run."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.used = 0
+        self._cv = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._cv:
+            while self.used >= self.limit:
+                self._cv.wait()
+            self.used += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self.used -= 1
+            self._cv.notify()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config, params, _ = io.model_setup(args)
+        self.model_name = args["model_name"]
+        self.capacity = Capacity(int(params.get("max_in_flight", "272")))
+        metrics = EntryMetrics(self.model_name, restarts=int(os.environ.get("TRITONCHAT_SERVER_RESTARTS", "0") or 0))
+        self.ctx = Context(limits=Limits.from_params(params),
+                           watcher=Watcher(float(params.get("cancel_poll_ms", "20")) / 1e3),
+                           metrics=metrics, known_inputs={i["name"] for i in config["input"]},
+                           log_requests=float(params.get("log_requests", "0") or 0))
+        # one thread per request in flight: each waits on its BLS calls (which release the GIL)
+        self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
+
+    def execute(self, requests):
+        for request in requests:
+            self.capacity.acquire()  # blocks at capacity: Triton's queue fills and refuses (503)
+            self.ctx.metrics.in_flight(self.capacity.used)
+            # the sender is taken in `execute`: one taken later, on another thread, sends fine but
+            # never reports the client's cancellation
+            self.pool.submit(self._run, request, request.get_response_sender())
+        return None
+
+    def _run(self, request, sender) -> None:
+        try:
+            Flow(request, sender, self.ctx).run()
+        finally:
+            self.capacity.release()
+            self.ctx.metrics.in_flight(self.capacity.used)
+
+    def finalize(self):
+        self.ctx.watcher.stop()
+        self.ctx.metrics.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,277 @@
+"""One request's way through the pipeline, run by the entry model on a worker thread:
+preprocessing (BLS) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
+call per generator response) -> the client. And the watcher that notices a client went away.
+
+Why BLS and not a Triton ensemble: Triton checks an ensemble's cancellation only between its
+steps, never inside the running decoupled generator step, so a cancelled stream (gRPC cancel,
+channel close, HTTP disconnect) kept its KV slot until max_tokens. Here the entry polls its own
+request's cancellation and tells the generator, which frees the slot at its next step boundary.
+Triton 2.51's Python backend cannot cancel a BLS request (its response iterator has no cancel),
+so the telling is a control request to the generator naming the generation request's id
+(docs/contract.md, "Cancellation").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from . import limits
+from .batching.sampling import InvalidParameter
+from .request import ENTRY_ID_PREFIX
+
+log = logging.getLogger("tritonchat.entry")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+PRE_INPUTS = ("text_input", "apply_chat_template", "stop_words", "bad_words")
+PRE_OUTPUTS = ["input_ids", "input_length", "bad_words_ids"]
+GEN_INPUTS = ("max_tokens", "stop_words", "stream", "temperature", "top_k", "top_p", "repetition_penalty",
+              "presence_penalty", "frequency_penalty", "seed", "min_tokens", "end_id", "pad_id",
+              "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens")
+GEN_OUTPUTS = ["tokens", "read_offset", "trim_chars", "num_input_tokens", "num_output_tokens", "finish_reason"]
+OUTPUTS = ["text_output", "output_ids", "num_input_tokens", "num_output_tokens", "finish_reason"]
+
+
+class Watcher:
+    """Asks the entry's in-flight requests about cancellation, on one thread, and cancels each
+    cancelled one once (`Flow.cancel`).
+
+    Never two calls to the server about one request at once: a flow polls itself before each send,
+    and the watcher polls only flows that are not sending (it skips a flow whose lock is taken);
+    talking to the server about one request from two threads at once lost cancellations. A flow is
+    forgotten, under its lock, before its final response: asking a request about cancellation after
+    its final response crashes tritonserver (the response factory is freed with it)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._flows: dict[int, "Flow"] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tritonchat-entry-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, flow: "Flow") -> None:
+        self._flows[id(flow)] = flow  # a dict write: atomic under the GIL
+
+    def forget(self, flow: "Flow") -> None:
+        with flow.io:  # waits for a poll of this flow in progress; no poll starts after this
+            self._flows.pop(id(flow), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            for key, flow in list(self._flows.items()):
+                if not flow.io.acquire(blocking=False):
+                    continue  # it is sending: it polls itself before its next send
+                try:
+                    gone = key in self._flows and _safe(flow.sender.is_cancelled)
+                    if gone:
+                        self._flows.pop(key, None)
+                finally:
+                    flow.io.release()
+                if gone:
+                    try:
+                        flow.cancel()
+                    except Exception:  # noqa: BLE001 - a failed cancel must not stop the watcher
+                        log.exception("could not cancel a generation request")
+
+
+def _safe(fn) -> bool:
+    try:
+        return bool(fn())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@dataclasses.dataclass
+class Context:
+    """What every flow shares (built once by the entry model)."""
+
+    limits: limits.Limits
+    watcher: Watcher
+    metrics: object  # EntryMetrics
+    known_inputs: set
+    log_requests: float = 0.0  # fraction of requests that get a log line
+
+
+class Flow:
+    def __init__(self, request, sender, ctx: Context):
+        self.request = request
+        self.ctx = ctx
+        self.sender = sender
+        self.gen_id = ENTRY_ID_PREFIX + uuid.uuid4().hex
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+        self.tokens_in = self.tokens_out = 0
+        self.finish_reason = ""
+        self.error_kind = ""
+        self.cancelled = False
+        self.io = threading.Lock()  # held while this flow's request is asked or sent anything (Watcher)
+        self._polled = 0.0
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> None:
+        final = None
+        try:
+            inputs = {t.name(): t for t in self.request.inputs()}
+            limits.unknown_parameters(self.request, self.ctx.known_inputs)
+            limits.check_public(inputs, self.ctx.limits)
+            pre = self._preprocess(inputs)
+            self.ctx.watcher.watch(self)
+            final = self._generate(inputs, pre)
+        except InvalidParameter as exc:
+            final = self._error(str(exc), "invalid_argument")
+        except Exception:  # noqa: BLE001 - a bug or a broken model must not leave the client hanging
+            log.exception("entry: request %s failed", self.gen_id)
+            final = self._error(f"internal error in the entry model (request {self.gen_id}; see the server log)",
+                                "internal")
+        finally:
+            self.ctx.watcher.forget(self)  # before the final response (see Watcher)
+            if final is not None:
+                self._send(final, FINAL)
+            else:  # every request ends with a final response, whatever happened before
+                try:
+                    self.sender.send(flags=FINAL)
+                except Exception:  # noqa: BLE001
+                    pass
+            self._account()
+
+    def _preprocess(self, inputs: dict):
+        req = pb_utils.InferenceRequest(model_name="preprocessing", requested_output_names=PRE_OUTPUTS,
+                                        inputs=[inputs[n] for n in PRE_INPUTS if n in inputs])
+        resp = req.exec()
+        if resp.has_error():
+            raise InvalidParameter(resp.error().message())
+        return [pb_utils.get_output_tensor_by_name(resp, n) for n in PRE_OUTPUTS]
+
+    def _generate(self, inputs: dict, pre: list):
+        """Stream the generator's responses through postprocessing to the client; return the
+        last response's tensors (sent with the FINAL flag by `run`), or None when it was sent."""
+        gen_in = pre + [inputs[n] for n in GEN_INPUTS if n in inputs]
+        stream = pb_utils.InferenceRequest(model_name="generator", requested_output_names=GEN_OUTPUTS,
+                                           inputs=gen_in, request_id=self.gen_id).exec(decoupled=True)
+        for g in stream:
+            if g.has_error():
+                msg = g.error().message()
+                return self._error(msg, _kind_of(msg))
+            tensors = g.output_tensors()
+            if not tensors:
+                continue  # the empty final response of a generator that already sent its last one
+            out = self._postprocess(tensors)
+            reason = _value(out, "finish_reason")
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
+            if reason:  # the generator's final response: the entry's too
+                self.finish_reason = reason
+                self.tokens_in = int(_value(out, "num_input_tokens") or 0)
+                self.tokens_out = int(_value(out, "num_output_tokens") or 0)
+                return out
+            if self._client_gone():
+                self.cancel()
+            self._send(out, 0)
+        return None
+
+    def _postprocess(self, tensors: list):
+        req = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=OUTPUTS, inputs=tensors)
+        resp = req.exec()
+        if resp.has_error():
+            raise RuntimeError(f"postprocessing failed: {resp.error().message()}")
+        return [pb_utils.get_output_tensor_by_name(resp, n) for n in OUTPUTS]
+
+    def _client_gone(self) -> bool:
+        """Poll our own request (at most every `cancel_poll`), between two sends."""
+        now = time.perf_counter()
+        if self.cancelled:
+            return False
+        self._polled = now
+        with self.io:
+            return _safe(self.sender.is_cancelled)
+
+    def cancel(self) -> None:
+        """The client went away: tell the generator (a control request naming ours), which ends
+        the sequence at its next step boundary and sends its final response (reason cancelled)."""
+        with self.io:  # the watcher and this flow may both see the client go
+            if self.cancelled:
+                return
+            self.cancelled = True
+        self.ctx.metrics.cancelled()
+        ctl = pb_utils.InferenceRequest(
+            model_name="generator", requested_output_names=GEN_OUTPUTS, request_id=self.gen_id,
+            inputs=[pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+                    pb_utils.Tensor("input_length", np.ones((1, 1), np.int32)),
+                    pb_utils.Tensor("max_tokens", np.ones((1, 1), np.int32)),
+                    pb_utils.Tensor("cancel", np.ones((1, 1), np.bool_))])
+        for _ in ctl.exec(decoupled=True):
+            pass
+
+    # -- responses ------------------------------------------------------------------------------
+    def _send(self, out, flags: int) -> None:
+        """Send `out` (a list of output tensors, or an error). The list is held until `send`
+        returns: the 24.10 stub's send releases the GIL and drops the outputs the client did not ask
+        for; a Tensor whose last reference were inside the response would be freed without the GIL
+        (heap corruption; see request.send)."""
+        response = (pb_utils.InferenceResponse(output_tensors=[], error=out) if isinstance(out, pb_utils.TritonError)
+                    else pb_utils.InferenceResponse(output_tensors=out))
+        try:
+            with self.io:
+                self.sender.send(response, flags=flags)
+        except Exception:  # noqa: BLE001 - a client that went away
+            if not self.cancelled:
+                log.warning("entry: could not send a response of %s", self.gen_id)
+        del response
+
+    def _error(self, message: str, kind: str):
+        self.error_kind = kind
+        self.ctx.metrics.error(kind)
+        return pb_utils.TritonError(message)
+
+    def _account(self) -> None:
+        if self.cancelled and not self.finish_reason:
+            self.finish_reason = "cancelled"
+        rate = self.ctx.log_requests
+        if rate > 0 and (rate >= 1 or random.random() < rate):
+            now = time.perf_counter()
+            pb_utils.Logger.log_info("request " + json.dumps({
+                "id": self.gen_id, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "ttft_ms": round(1e3 * (self.first_at - self.started), 2) if self.first_at else None,
+                "duration_ms": round(1e3 * (now - self.started), 2),
+                "finish_reason": self.finish_reason or None, "error_kind": self.error_kind or None,
+                "cancelled": self.cancelled}, separators=(",", ":")))
+
+
+def _value(tensors: list, name: str):
+    """The first value of output `name` (str for bytes), or None."""
+    for t in tensors:
+        if t is not None and t.name() == name:
+            v = t.as_numpy().reshape(-1)
+            if not len(v):
+                return None
+            return v[0].decode("utf-8") if isinstance(v[0], bytes) else v[0]
+    return None
+
+
+def _kind_of(message: str) -> str:
+    """The error kind a generator message reports (metrics and the request log)."""
+    m = message.lower()
+    if "queue is full" in m or "timed out" in m or "shutting down" in m:
+        return "unavailable"
+    if "non-finite" in m:
+        return "nan_logits"
+    if "prefill failed" in m:
+        return "prefill"
+    if "sampling failed" in m:
+        return "sampling"
+    if "generator failed" in m or "engine" in m:
+        return "engine"
+    return "invalid_argument"

@@ -13,8 +13,8 @@
 """
 
 from .aio import AsyncChatClient, AsyncDeltaStream
-from .api import DEFAULT_PORTS, Health, normalize_url
-from .errors import (InvalidRequest, ModelNotFound, RequestCancelled, RequestTimeout, ServerError,
+from .api import DEFAULT_PORTS, ENV_API_KEY, Health, normalize_url
+from .errors import (AccessDenied, InvalidRequest, ModelNotFound, RequestCancelled, RequestTimeout, ServerError,
                      ServerUnavailable, TritonChatError, error_from_exception, error_from_http, error_from_status)
 from .params import GenerationParams, Prompt, build_arrays, build_grpc_inputs, build_json_body
 from .results import Completion, Delta
@@ -22,9 +22,10 @@ from .sse import SSEParser, parse_sse
 from .sync import ChatClient, DeltaStream
 
 __all__ = [
-    "ChatClient", "AsyncChatClient", "DeltaStream", "AsyncDeltaStream", "Health", "DEFAULT_PORTS", "normalize_url",
+    "ChatClient", "AsyncChatClient", "DeltaStream", "AsyncDeltaStream", "Health", "DEFAULT_PORTS", "ENV_API_KEY",
+    "normalize_url",
     "GenerationParams", "Prompt", "Completion", "Delta",
     "TritonChatError", "InvalidRequest", "ModelNotFound", "ServerUnavailable", "RequestCancelled",
-    "RequestTimeout", "ServerError", "error_from_exception", "error_from_http", "error_from_status",
+    "RequestTimeout", "ServerError", "AccessDenied", "error_from_exception", "error_from_http", "error_from_status",
     "build_arrays", "build_grpc_inputs", "build_json_body", "SSEParser", "parse_sse",
 ]

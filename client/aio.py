@@ -58,8 +58,9 @@ class AsyncChatClient(ClientSettings):
     running loop on first use.  Close with ``await client.close()`` or ``async with``."""
 
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model: str = "ensemble",
-                 timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False):
-        ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose)
+                 timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False,
+                 api_key: Optional[str] = None):
+        ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose, api_key)
         self._grpc = None
         self._session = None
 
@@ -85,18 +86,19 @@ class AsyncChatClient(ClientSettings):
         return AsyncDeltaStream(self._http_stream_deltas(prompt, p))
 
     async def health(self) -> Health:
-        t = self.connect_timeout
+        t, h = self.connect_timeout, self.headers
         if self.protocol == "grpc":
             client = await self._grpc_client()
-            return Health(await _asafe(client.is_server_live(client_timeout=t)),
-                          await _asafe(client.is_server_ready(client_timeout=t)),
-                          await _asafe(client.is_model_ready(self.model, client_timeout=t)))
+            return Health(await _asafe(client.is_server_live(headers=h, client_timeout=t)),
+                          await _asafe(client.is_server_ready(headers=h, client_timeout=t)),
+                          await _asafe(client.is_model_ready(self.model, headers=h, client_timeout=t)))
         import tritonclient.http.aio as aiohttpclient
 
         client = aiohttpclient.InferenceServerClient(self.url, conn_timeout=t)
         try:
-            return Health(await _asafe(client.is_server_live()), await _asafe(client.is_server_ready()),
-                          await _asafe(client.is_model_ready(self.model)))
+            return Health(await _asafe(client.is_server_live(headers=h)),
+                          await _asafe(client.is_server_ready(headers=h)),
+                          await _asafe(client.is_model_ready(self.model, headers=h)))
         finally:
             await _asafe(client.close())
 
@@ -147,7 +149,7 @@ class AsyncChatClient(ClientSettings):
         finished = False
         try:
             try:
-                call = client.stream_infer(requests(), stream_timeout=self.timeout)
+                call = client.stream_infer(requests(), stream_timeout=self.timeout, headers=self.headers or None)
             except Exception as exc:
                 raise error_from_exception(exc) from None
             while True:
@@ -190,7 +192,7 @@ class AsyncChatClient(ClientSettings):
         body = json.dumps(build_json_body(prompt, params, False)).encode("utf-8")
         try:
             async with session.post(self._endpoint(False), data=body,
-                                    headers={"Content-Type": "application/json"}) as resp:
+                                    headers={"Content-Type": "application/json", **self.headers}) as resp:
                 raw = await resp.read()
                 status = resp.status
         except TritonChatError:
@@ -210,7 +212,7 @@ class AsyncChatClient(ClientSettings):
             try:
                 resp = await session.post(self._endpoint(True), data=body,
                                           headers={"Content-Type": "application/json",
-                                                   "Accept": "text/event-stream"})
+                                                   "Accept": "text/event-stream", **self.headers})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

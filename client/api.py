@@ -17,17 +17,21 @@ cancels the request on the server: the gRPC call is cancelled, the HTTP connecti
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
+
+from tritonchat.security import key_headers
 
 from .errors import ModelNotFound, ServerUnavailable, TritonChatError, error_from_http
 from .params import GenerationParams
 from .results import Delta, delta_from_json
 from .sse import SSEParser, iter_json_objects
 
-__all__ = ["Health", "DEFAULT_PORTS", "normalize_url"]
+__all__ = ["Health", "DEFAULT_PORTS", "normalize_url", "ENV_API_KEY", "resolve_api_key"]
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+ENV_API_KEY = "TRITONCHAT_API_KEY"  # the key a client sends when none is given (`tritonchat serve --api-key-file`)
 
 
 @dataclass
@@ -117,17 +121,29 @@ def generate_body_deltas(raw: bytes, status: int) -> List[Delta]:
     return [delta_from_json(o) for o in objs if isinstance(o, dict)]
 
 
+def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
+    """`api_key`; when None, ``$TRITONCHAT_API_KEY``; an empty string means: send no key."""
+    if api_key is None:
+        api_key = os.environ.get(ENV_API_KEY, "")
+    return api_key.strip() or None
+
+
 class ClientSettings:
-    """Where and how to connect: what the sync and the asyncio client share."""
+    """Where and how to connect: what the sync and the asyncio client share.
+
+    ``api_key``: sent with every request (``authorization: Bearer <key>`` over HTTP; over gRPC the same under
+    the name Triton expects, ``triton-grpc-protocol-authorization``); None reads ``$TRITONCHAT_API_KEY``."""
 
     def __init__(self, url: Optional[str], protocol: str, model: str, timeout: Optional[float],
-                 connect_timeout: float, verbose: bool):
+                 connect_timeout: float, verbose: bool, api_key: Optional[str] = None):
         self.protocol = check_protocol(protocol)
         self.url = normalize_url(url, self.protocol)
         self.model = model
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.verbose = verbose
+        self.api_key = resolve_api_key(api_key)
+        self.headers = key_headers(self.protocol, api_key=self.api_key)  # empty without a key
 
 
 def not_ready_error(url: str, model: str, timeout: float, h: Health) -> TritonChatError:

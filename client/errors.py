@@ -11,6 +11,10 @@ The mapping looks at the code first and at well-known message texts second.  A b
 matches nothing is an :class:`InvalidRequest` (the ensemble's models refuse bad values with
 INVALID_ARG, which is by far the common in-stream error); one that says the Python stub is not
 healthy, or an HTTP 500, is a :class:`ServerError`.
+
+A missing or wrong API key (`tritonchat serve --api-key-file`) is an :class:`AccessDenied`: Triton answers
+HTTP 403 "This API is restricted, expecting header 'authorization'" and, over gRPC, ``UNAVAILABLE`` (sic)
+"This protocol is restricted, expecting header 'triton-grpc-protocol-authorization'"; the text decides.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "RequestCancelled",
     "RequestTimeout",
     "ServerError",
+    "AccessDenied",
     "error_from_status",
     "error_from_http",
     "error_from_exception",
@@ -68,6 +73,10 @@ class ServerError(TritonChatError):
     """Anything else the server reports (internal error, unsupported, ...)."""
 
 
+class AccessDenied(TritonChatError):
+    """The server wants an API key this request did not carry (or carried a wrong one)."""
+
+
 _GRPC_CODE = {
     "INVALID_ARGUMENT": InvalidRequest,
     "OUT_OF_RANGE": InvalidRequest,
@@ -83,12 +92,13 @@ _GRPC_CODE = {
     "UNIMPLEMENTED": ServerError,
     "DATA_LOSS": ServerError,
     "ABORTED": ServerError,
-    "PERMISSION_DENIED": ServerError,
-    "UNAUTHENTICATED": ServerError,
+    "PERMISSION_DENIED": AccessDenied,
+    "UNAUTHENTICATED": AccessDenied,
 }
 
 # Message texts that say more than the code (or stand in for a code that was dropped).
 _MESSAGE_RULES = [
+    (re.compile(r"this (?:api|protocol) is restricted", re.I), AccessDenied),
     (re.compile(r"unknown model|model '[^']*' (?:is )?not found|is not found|"
                 r"no model|model is not ready|not ready for inference|unavailable model|"
                 r"model .* is not (?:loaded|available)", re.I), ModelNotFound),
@@ -125,7 +135,9 @@ def error_from_http(code: int, message: str) -> TritonChatError:
     """Map an HTTP status + the server's ``error`` text to a typed error."""
     status = str(code)
     by_msg = _by_message(message)
-    if code == 404:
+    if code in (401, 403) or by_msg is AccessDenied:
+        cls = AccessDenied
+    elif code == 404:
         cls = ModelNotFound
     elif code in (503, 429, 502, 504):
         cls = ServerUnavailable if code != 504 else RequestTimeout
@@ -150,6 +162,8 @@ def error_from_status(status: Union[str, int, None], message: str) -> TritonChat
     by_msg = _by_message(message)
     if name is not None and name in _GRPC_CODE:
         cls = _GRPC_CODE[name]
+        if by_msg is AccessDenied:  # Triton refuses a missing key with UNAVAILABLE, which is not retryable here
+            cls = AccessDenied
         # A better-informed message wins over generic codes (Triton reports an unknown model
         # as INVALID_ARGUMENT from some paths and a full queue as UNAVAILABLE/RESOURCE_EXHAUSTED).
         if by_msg is ModelNotFound and cls in (InvalidRequest, ServerError, ServerUnavailable):

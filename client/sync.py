@@ -118,8 +118,9 @@ class ChatClient(ClientSettings):
     """
 
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model: str = "ensemble",
-                 timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False):
-        ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose)
+                 timeout: Optional[float] = 600.0, connect_timeout: float = 5.0, verbose: bool = False,
+                 api_key: Optional[str] = None):
+        ClientSettings.__init__(self, url, protocol, model, timeout, connect_timeout, verbose, api_key)
         self._pool: List[Any] = []  # idle tritonclient.grpc clients
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -149,11 +150,11 @@ class ChatClient(ClientSettings):
         """Server live / ready and model ready; never raises for an unreachable server."""
         if self.protocol == "grpc":
             client = self._acquire()
+            h, t = self.headers, self.connect_timeout
             try:
-                return Health(*(_safe(lambda: client.is_server_live(client_timeout=self.connect_timeout)),
-                                _safe(lambda: client.is_server_ready(client_timeout=self.connect_timeout)),
-                                _safe(lambda: client.is_model_ready(self.model,
-                                                                    client_timeout=self.connect_timeout))))
+                return Health(*(_safe(lambda: client.is_server_live(headers=h, client_timeout=t)),
+                                _safe(lambda: client.is_server_ready(headers=h, client_timeout=t)),
+                                _safe(lambda: client.is_model_ready(self.model, headers=h, client_timeout=t))))
             finally:
                 self._release(client)
         try:
@@ -164,8 +165,10 @@ class ChatClient(ClientSettings):
         except Exception:
             return Health(False, False, False)
         try:
-            return Health(_safe(client.is_server_live), _safe(client.is_server_ready),
-                          _safe(lambda: client.is_model_ready(self.model)))
+            h = self.headers
+            return Health(_safe(lambda: client.is_server_live(headers=h)),
+                          _safe(lambda: client.is_server_ready(headers=h)),
+                          _safe(lambda: client.is_model_ready(self.model, headers=h)))
         finally:
             _safe(client.close)
 
@@ -224,7 +227,7 @@ class ChatClient(ClientSettings):
         try:
             try:
                 client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                                    stream_timeout=self.timeout)
+                                    stream_timeout=self.timeout, headers=self.headers or None)
                 handle.set_cancel_hook(lambda: client.stop_stream(cancel_requests=True))
                 client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             except Exception as exc:
@@ -281,7 +284,8 @@ class ChatClient(ClientSettings):
         try:
             try:
                 conn.request("POST", self._path(False), body=body,
-                             headers={"Content-Type": "application/json", "Accept": "application/json"})
+                             headers={"Content-Type": "application/json", "Accept": "application/json",
+                                      **self.headers})
                 resp = conn.getresponse()
                 raw = resp.read()
             except Exception as exc:
@@ -307,7 +311,8 @@ class ChatClient(ClientSettings):
             handle.set_cancel_hook(cancel)
             try:
                 conn.request("POST", self._path(True), body=body,
-                             headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+                             headers={"Content-Type": "application/json", "Accept": "text/event-stream",
+                                      **self.headers})
                 resp = conn.getresponse()
             except Exception as exc:
                 if handle.cancelled:

@@ -1,22 +1,24 @@
 """Run the real NVIDIA Triton Inference Server (`tritonserver`): as a child process (:class:`TritonServer`,
-used by tests, `quickstart` and `bench`) or in the foreground (`tritonchat serve`).
+used by tests, `quickstart` and `bench`) or in the foreground, supervised (`tritonchat serve`).
 
 Finding the server and preparing its backend folder and environment: :mod:`tritonchat.install`; reading
-its log for the reason it did not start: :mod:`tritonchat.server_log`.
+its log for the reason it did not start: :mod:`tritonchat.server_log`; watching and restarting it:
+:mod:`tritonchat.supervisor`; API keys: :mod:`tritonchat.security`.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
 import json
+import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +28,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from tritonchat.install import (STUB_NAME, ServerNotFoundError, backend_directory, check_stub, install_backends,
                                 locate_server, python_tag, record_server_version, server_env, state_file)
-from tritonchat.server_log import failure_reason, is_failure_line
+from tritonchat.security import Access
+from tritonchat.server_log import failure_reason
+from tritonchat.supervisor import RestartPolicy, Supervisor
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,8 +64,25 @@ def server_command(repo: PathLike, http_port: int, grpc_port: int, metrics_port:
         cmd += [f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}"]
     cmd += ["--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true",
             f"--log-verbose={int(log_verbose)}"]
+    if not any(str(a).startswith("--backend-config=python,thread-pool-size") for a in extra_args):
+        cmd.append(f"--backend-config=python,thread-pool-size={python_thread_pool(repo)}")
     cmd += [str(a) for a in extra_args]
     return cmd
+
+
+def python_thread_pool(repo: PathLike) -> int:
+    """Threads the Python backend gets for its models' BLS calls and responses. A stream the entry
+    model runs on the generator holds one of them for its whole life, so with the backend's default
+    (32) a busy entry starved every other call: client cancellations were seen seconds late (gRPC:
+    36 of 100 abandoned streams cancelled, 85 with 512 threads). Enough for every request the entry
+    runs at once (its `max_in_flight`) and its pre- and postprocessing calls."""
+    cfg = Path(repo) / "ensemble" / "config.pbtxt"
+    try:
+        m = re.search(r'key:\s*"max_in_flight",\s*value:\s*\{\s*string_value:\s*"(\d+)"', cfg.read_text())
+    except OSError:
+        m = None
+    in_flight = int(m.group(1)) if m else 272
+    return max(64, 2 * in_flight + 32)
 
 
 # --------------------------------------------------------------------------------------------- process
@@ -162,8 +183,13 @@ class TritonServer:
             picked = iter(free_ports(3, self.host))
             self.http_port, self.grpc_port, self.metrics_port = (
                 p if p else next(picked) for p in self._fixed_ports)
+            extra = self.extra_args
+            if not any(str(a).startswith("--exit-timeout-secs") for a in extra):
+                # bounded: after Triton's queue refused a request of a gRPC stream, Triton 2.51 did not
+                # unload the entry model at shutdown until the exit timeout (docs/operations.md)
+                extra = ("--exit-timeout-secs=10",) + tuple(extra)
             self.command = server_command(self.model_repository, self.http_port, self.grpc_port,
-                                          self.metrics_port, self.log_verbose, self.extra_args,
+                                          self.metrics_port, self.log_verbose, extra,
                                           address=self.host, backend_dir=backend_dir)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "wb") as log:
@@ -282,13 +308,29 @@ def setup_server(probe: bool = True) -> int:
     return 0
 
 
+# `tritonchat serve`: every model loaded at start, more through the repository API later (`tritonchat deploy`)
+SERVE_MODEL_CONTROL = ("--model-control-mode=explicit", "--load-model=*")
+
+
+def serve_args(shutdown_timeout: float = 4.0) -> List[str]:
+    """The flags `tritonchat serve` adds to :func:`server_command`: explicit model control with every model
+    loaded, and a short wait for requests in flight at shutdown (the supervisor kills what is left at
+    `shutdown_timeout`)."""
+    return list(SERVE_MODEL_CONTROL) + [f"--exit-timeout-secs={max(1, int(shutdown_timeout) - 2)}"]
+
+
 def command_line(repo: PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 log_verbose: int = 0) -> str:
-    """The shell line that runs tritonserver on `repo` by hand (its PATH and LD_LIBRARY_PATH included)."""
+                 log_verbose: int = 0, *, host: str = "127.0.0.1", access: Optional[Access] = None,
+                 shutdown_timeout: float = 4.0) -> str:
+    """The shell line that runs tritonserver on `repo` by hand as `tritonchat serve` would (its PATH and
+    LD_LIBRARY_PATH included, keys redacted)."""
+    access = access or Access()
     env = server_env()
-    return ("PATH=" + env["PATH"].split(os.pathsep)[0] + ":$PATH "
-            + (f"LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']} " if env.get("LD_LIBRARY_PATH") else "")
-            + " ".join(server_command(repo, http_port, grpc_port, metrics_port, log_verbose)))
+    cmd = server_command(repo, http_port, grpc_port, metrics_port, log_verbose,
+                         serve_args(shutdown_timeout) + access.server_args(), address=host)
+    return access.redact("PATH=" + env["PATH"].split(os.pathsep)[0] + ":$PATH "
+                         + (f"LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']} " if env.get("LD_LIBRARY_PATH") else "")
+                         + " ".join(shlex.quote(c) for c in cmd))
 
 
 # --------------------------------------------------------------------------------------------- foreground
@@ -305,11 +347,34 @@ def _repo_problem(repo: Path) -> Optional[str]:
     return None
 
 
-def serve_foreground(repo: PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                     log_verbose: int = 0, extra_args: Sequence[str] = ()) -> int:
-    """Run tritonserver in the foreground, passing its output through; Ctrl-C stops it cleanly.
+def _local_address(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (a wildcard address means loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
-    Returns the server's exit status; on a failed start the reason (failed model loads) is printed.
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("tritonchat.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s tritonchat serve %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def serve_foreground(repo: PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                     log_verbose: int = 0, extra_args: Sequence[str] = (), *, host: str = "127.0.0.1",
+                     access: Optional[Access] = None, policy: Optional[RestartPolicy] = None,
+                     gateway=None) -> int:
+    """`tritonchat serve`: run tritonserver under :class:`~tritonchat.supervisor.Supervisor` (restarts on faults,
+    stops within `policy.shutdown_timeout_s` on SIGINT/SIGTERM), passing its output through.
+
+    Returns the exit status: 0 after Ctrl-C / SIGTERM; on a failed first start the reason (failed model
+    loads) is printed and the server's status returned; 1 when the supervisor gave up restarting.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -317,6 +382,8 @@ def serve_foreground(repo: PathLike, http_port: int = 8000, grpc_port: int = 800
 
     console = Console(stderr=True)
     repo = Path(repo).absolute()
+    access = access or Access()
+    policy = policy or RestartPolicy()
     problem = _repo_problem(repo)
     if problem:
         console.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
@@ -324,66 +391,42 @@ def serve_foreground(repo: PathLike, http_port: int = 8000, grpc_port: int = 800
     try:
         backend_dir = install_backends()
         problems = check_stub(backend_dir)
-        cmd = server_command(repo, http_port, grpc_port, metrics_port, log_verbose, extra_args,
-                             backend_dir=backend_dir)
+        cmd = server_command(repo, http_port, grpc_port, metrics_port, log_verbose,
+                             serve_args(policy.shutdown_timeout_s) + access.server_args() + list(extra_args),
+                             address=host, backend_dir=backend_dir)
     except ServerNotFoundError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     for p in problems:
         console.print(f"[yellow]warning:[/] {escape(p)}", soft_wrap=True)
-    console.print(f"[dim]$ {escape(' '.join(cmd))}[/]", soft_wrap=True)
-    console.print(f"[bold]tritonserver[/] HTTP :{http_port}  gRPC :{grpc_port}  metrics :{metrics_port}  "
-                  f"(Ctrl-C to stop)")
+    console.print(f"[dim]$ {escape(access.redact(' '.join(shlex.quote(c) for c in cmd)))}[/]", soft_wrap=True)
+    console.print(f"[bold]tritonserver[/] on {escape(host)}: HTTP :{http_port}  gRPC :{grpc_port}  "
+                  f"metrics :{metrics_port}  (Ctrl-C to stop)")
+    console.print(f"[dim]keys: {escape(access.describe())}[/]", soft_wrap=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not access.api_key:
+        console.print(f"[yellow]warning:[/] listening on {escape(host)} without --api-key-file: anyone who "
+                      "reaches these ports can run inference (metrics carry no key at all)", soft_wrap=True)
 
-    # keep every line that may explain a failure, plus the tail
-    tail: collections.deque = collections.deque(maxlen=400)
-    important: List[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=server_env(),
-                            stdin=subprocess.DEVNULL)
+    _log_to_stderr()
+    local = _local_address(host)
+    supervisor = Supervisor(cmd, server_env(), f"{local}:{http_port}", metrics_url=f"{local}:{metrics_port}",
+                            policy=policy, redact=access.redact, admin_headers=access.admin_headers("http"))
+    gw = None
+    if gateway is not None:  # a child process of its own, stopped by pid (its /health/ready follows Triton's)
+        from tritonchat.gateway.process import GatewayProcess, GatewayStartError
 
-    def pump():
-        assert proc.stdout is not None
-        out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-        for raw in iter(proc.stdout.readline, b""):
-            if out is not None:
-                out.write(raw)
-                out.flush()
-            else:
-                sys.stdout.write(raw.decode(errors="replace"))
-            line = raw.decode(errors="replace")
-            tail.append(line)
-            if is_failure_line(line):
-                important.append(line)
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-
-    interrupted = []
-
-    def forward(signum, _frame):
-        # a terminal's Ctrl-C reaches the server too (same process group); a second SIGINT is harmless
-        interrupted.append(signum)
-        if proc.poll() is None:  # tritonserver shuts down cleanly on SIGINT/SIGTERM only
-            proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
-
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, forward) for sig in handled}
+        try:
+            gw = GatewayProcess(gateway, log_path=Path("/dev/stderr")).start()
+        except GatewayStartError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            return 2
+        console.print(f"[bold]gateway[/] (OpenAI API, playground) on http://{escape(host)}:{gateway.port}/")
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # only when no handler could be installed (not the main thread)
-                forward(signal.SIGINT, None)
+        rc = supervisor.run()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        reader.join(timeout=5)
-    if rc == 0 or (interrupted and rc in (-signal.SIGINT, -signal.SIGTERM, 130, 143)):
-        return 0
-    reason = failure_reason("".join(important + list(tail)))
-    console.print(Panel(escape(reason), title=f"tritonserver exited with code {rc}", border_style="red", expand=False))
-    return rc if rc > 0 else 128 - rc
-
+        if gw is not None:
+            gw.stop()
+    if supervisor.failure is not None:
+        console.print(Panel(escape(access.redact(supervisor.failure)), title=f"tritonserver did not start (exit {rc})",
+                            border_style="red", expand=False))
+    return rc

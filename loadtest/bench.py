@@ -47,7 +47,7 @@ class BenchConfig:
     url: Optional[str] = None  # host:port of the chosen protocol (a running server)
     model_repository: Optional[Path] = None  # start tritonserver on it (and stop it afterwards)
     http_url: Optional[str] = None  # for the statistics API (defaults: the server's, or --url with http)
-    protocol: str = "grpc"
+    protocol: str = "grpc"  # grpc | http (Triton) | openai (the gateway: loadtest/openai_client.py)
     concurrency: List[int] = field(default_factory=lambda: list(DEFAULT_CONCURRENCY))
     prompt_len: int = 32
     output_len: int = 128
@@ -175,10 +175,10 @@ def _level_process(url: str, protocol: str, model_name: str, timeout: float, pro
                    workers: int, n_requests: int, offset: int, max_seconds: float, barrier, out) -> None:
     """One client process of a level (see `run_level_processes`): records go to `out` as they finish,
     then ("done", capped, stalled); a failure before the start goes as ("error", message)."""
-    from tritonchat.client import AsyncChatClient
+    from .openai_client import make_client
 
     async def main() -> None:
-        async with AsyncChatClient(url, protocol=protocol, model=model_name, timeout=timeout) as client:
+        async with make_client(url, protocol, model_name, timeout) as client:
             await client.wait_ready(timeout=60)  # the connection is up before the clock starts
             await asyncio.to_thread(barrier.wait, 120)
             rotated = prompts[offset % len(prompts):] + prompts[:offset % len(prompts)]
@@ -315,12 +315,12 @@ def best_of_peer_rounds(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 async def _sweep(cfg: BenchConfig, url: str, http_url: Optional[str], grpc_url: Optional[str],
                  prompts: List[str], progress, with_overhead: bool = True, tag: str = "") -> Dict[str, Any]:
-    from tritonchat.client import AsyncChatClient
+    from .openai_client import make_client
 
     params = _params(cfg)
     levels: List[Dict[str, Any]] = []
     overhead = None
-    async with AsyncChatClient(url, protocol=cfg.protocol, model=cfg.model_name, timeout=cfg.timeout) as client:
+    async with make_client(url, cfg.protocol, cfg.model_name, cfg.timeout) as client:
         await client.wait_ready(timeout=60)
         for i in range(cfg.warmup):  # first requests load kernels, caches, the tokenizer...
             rec = await one_request(client, prompts[i % len(prompts)], params, timeout=cfg.timeout)

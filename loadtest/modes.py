@@ -1,5 +1,6 @@
-"""What `tritonchat bench [sweep | perf-analyzer | locust]` runs: the mode's runner (sweep: bench.py,
-perf-analyzer: perf.py) and locust's headless run. The command itself is in tritonchat/cli.py."""
+"""What `tritonchat bench [sweep | perf-analyzer | locust]` runs: the mode's runner (sweep: bench.py; with
+--gateway / --openai-url: gateway_bench.py, the gateway against direct gRPC; perf-analyzer: perf.py) and
+locust's headless run. The command itself is in tritonchat/cli.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                       model: Optional[str], tokenizer: Optional[Path], max_seconds_per_level: float,
                       streaming_overhead: int, run_time: str, label: Optional[str], rounds: int = 1,
                       client_processes: int = 0, perf_configs: Optional[List[str]] = None,
-                      perf_analyzer: Optional[Path] = None, perf_timeout: float = 300.0) -> int:
+                      perf_analyzer: Optional[Path] = None, perf_timeout: float = 300.0,
+                      openai_url: Optional[str] = None, gateway: bool = False,
+                      openai_model: str = "ensemble") -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -47,7 +50,17 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                           tokenizer=tokenizer, max_seconds_per_level=max_seconds_per_level,
                           overhead_repeats=streaming_overhead, label=label, rounds=rounds,
                           client_processes=client_processes)
+        if protocol == "openai" and model_repository:
+            raise ValueError("--protocol openai sweeps a running gateway (--url); to start one beside the "
+                             "server, use --gateway")
         try:
+            if openai_url or gateway:  # gateway vs direct gRPC, the same run
+                from .gateway_bench import run_gateway_compare
+
+                result = run_gateway_compare(cfg, openai_url, gateway, openai_model)
+                return 1 if any(row["errors"] for row in result["overhead"]) else 0
+            if protocol == "openai":
+                cfg.model_name = openai_model
             result = run_bench(cfg)
         except BenchError as exc:
             console.print(f"[red]error:[/] {exc}")

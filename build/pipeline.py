@@ -28,13 +28,12 @@ def resolve_model(model: str) -> Path:
         if not (p / "config.json").exists():
             raise BuildError(f"{p} has no config.json: not a Hugging Face model folder")
         return p
-    try:
-        from huggingface_hub import snapshot_download
+    from tritonchat.download import DownloadError, download_model  # resumable; HF_ENDPOINT for a mirror
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                              "*.jinja", "*.tiktoken"]))
-    except Exception as exc:
-        raise BuildError(f"{model!r} is neither a local folder nor a reachable hub id: {exc}") from exc
+    try:
+        return download_model(model)
+    except DownloadError as exc:
+        raise BuildError(str(exc)) from exc
 
 
 @contextlib.contextmanager
@@ -111,7 +110,8 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             if engine == "tensorrt":
                 model_file = _tensorrt(progress, chosen, tmp, settings, max_seq_len, files)
 
-        values = template_values(settings, max_seq_len=max_seq_len, engine=engine, model_file=model_file)
+        values = template_values(settings, max_seq_len=max_seq_len, engine=engine, model_file=model_file,
+                                 vocab_size=spec.vocab_size)
         with _step(progress, f"Write Triton repository {output}"):
             write_repository(output, values, tokenizer=tokenizer, generation_config=gen_cfg,
                              generator_files=files, info=info)

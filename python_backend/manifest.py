@@ -33,8 +33,10 @@ def write_manifest(repo: Path, info: dict) -> Path:
     return path
 
 
-def verify_model_dir(model_dir: Path) -> dict:
-    """Check the artifacts of one model folder (`REPO/<model>`) against `REPO/manifest.json`.
+def verify_model_dir(model_dir: Path, version: str | None = None) -> dict:
+    """Check the artifacts of one model folder (`REPO/<model>`) against `REPO/manifest.json`; with
+    `version`, only that version's folder and the files outside version folders (a version staged beside
+    it by `tritonchat deploy` cannot stop the serving one from loading).
 
     Raises ManifestError naming the first file that is missing or does not match; returns the
     manifest's info (everything but the file table).
@@ -48,6 +50,9 @@ def verify_model_dir(model_dir: Path) -> dict:
     prefix = model_dir.name + "/"
     for rel, entry in manifest["files"].items():
         if not rel.startswith(prefix):
+            continue
+        sub = rel[len(prefix):].split("/", 1)[0]
+        if version is not None and sub.isdigit() and sub != str(version):
             continue
         f = repo / rel
         if not f.exists():

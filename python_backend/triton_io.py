@@ -20,7 +20,7 @@ def model_setup(args: dict) -> tuple[dict, dict, Path]:
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
     model_dir = Path(args["model_repository"])
-    verify_model_dir(model_dir)
+    verify_model_dir(model_dir, str(args["model_version"]))
     return config, params, model_dir / str(args["model_version"])
 
 

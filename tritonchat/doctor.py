@@ -1,4 +1,5 @@
-"""`tritonchat doctor`: what is installed, and whether the server can run models.
+"""`tritonchat doctor`: what is installed, and whether the server can run models; with `--url`, the
+checklist for a 503 against a running deployment (:func:`run_doctor_url`), a fix per failure.
 
 Nothing is started. The server version comes from, in this order: ``$TRITON_SERVER_VERSION`` /
 ``$TRITONSERVER_VERSION`` (the NGC container sets the first), the version recorded when ``./setup.sh`` started
@@ -13,8 +14,9 @@ import importlib.metadata as md
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 # pytriton release -> the tritonserver its wheel ships (checked by starting it: GET /v2 -> version)
 PYTRITON_SERVER = {"0.7.0": "2.51.0"}
@@ -152,3 +154,316 @@ def run_doctor() -> int:
         return 0
     console.print("[bold red]The server cannot run the models yet.[/] Fix: " + "; ".join(dict.fromkeys(fixes)))
     return 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# `tritonchat doctor --url`: the checklist for a 503, against a running deployment
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok" | "warn" | "fail" | "skip"
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Target:
+    """Where the deployment answers, and the keys it wants (`tritonchat serve --api-key-file/--admin-key-file`)."""
+
+    url: str  # Triton's HTTP host:port
+    metrics_url: Optional[str] = None
+    gateway_url: Optional[str] = None
+    model: str = "ensemble"
+    api_key: Optional[str] = None
+    admin_key: Optional[str] = None
+    repo: Optional[Path] = None  # the model repository on this machine (disk check)
+
+    def headers(self, admin: bool = False) -> Dict[str, str]:
+        from tritonchat.security import key_headers
+
+        return key_headers("http", api_key=self.api_key, admin_key=self.admin_key if admin else None)
+
+
+# Docker's default /dev/shm is 64 MB; each Python stub maps its own region in it (and grows it with tensors)
+SHM_MIN_TOTAL, SHM_MIN_FREE = 256 << 20, 64 << 20
+DISK_MIN_FREE = 256 << 20
+
+
+def _request(url: str, *, data: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+             timeout: float = 10.0) -> Tuple[Optional[int], str]:
+    """(HTTP status or None when nothing answered, body or the connection error)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url if "://" in url else f"http://{url}", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})},
+                                 method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, str(getattr(exc, "reason", exc))
+
+
+def _load_fix(reason: str) -> str:
+    """A fix for a model that did not load, from Triton's reason."""
+    low = reason.lower()
+    if "manifest" in low:
+        return ("the repository's files do not match its manifest.json: rebuild it with `tritonchat build`, or "
+                "remove a half-copied version folder (`tritonchat deploy` stages whole folders)")
+    if "out of memory" in low or "oom" in low or "cannot allocate" in low:
+        return "not enough memory: lower max_batch_size or max_seq_len in the build config, or give it more memory"
+    if "no module named" in low:
+        return "the models' Python lacks a package: rebuild the image, or re-run ./setup.sh"
+    if "stub" in low or "shared memory" in low or "shm" in low:
+        return "the Python backend stub failed: give /dev/shm room (--shm-size=1g; emptyDir medium: Memory)"
+    if "unload" in low:
+        return ("it is being or was unloaded: load it again (`tritonchat deploy --version N`) or restart "
+                "`tritonchat serve`")
+    if "is not ready" in low:
+        return "a model it calls is not loaded: the model rows above say which and why"
+    if "permission denied" in low:
+        return ("the server cannot read the repository: its files must be readable by the server's user "
+                "(uid 10001 in the image): chmod -R a+rX REPO")
+    return "read the server's log for the whole reason (`tritonchat serve` prints it; docker logs / kubectl logs)"
+
+
+def _metric_values(text: str, name: str) -> List[float]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
+            try:
+                out.append(float(line.rsplit(" ", 1)[1]))
+            except ValueError:
+                pass
+    return out
+
+
+def check_deployment(t: Target) -> List[Check]:
+    """Walk the 503 checklist: reachable, ready, each model ready, an answer (the stubs), overload, metrics,
+    GPU and driver / CUDA / torch, shared memory and disk, the gateway."""
+    checks: List[Check] = []
+    base = t.url if "://" in t.url else f"http://{t.url}"
+    status, body = _request(f"{base}/v2/health/live", timeout=5)
+    if status != 200:
+        checks.append(Check("server reachable", "fail", f"{base}/v2/health/live: {status or body}",
+                            "start it (`tritonchat serve`; docker ps / kubectl get pods); check the port, and that "
+                            "it listens where you call it (serve binds 127.0.0.1 unless --host 0.0.0.0; a "
+                            "NetworkPolicy admits only the gateway and the monitoring namespace)"))
+        checks.append(Check("models, inference, metrics", "skip", "the server does not answer"))
+        return checks + _local_checks(t)
+    _, meta = _request(f"{base}/v2", headers=t.headers())
+    version = _json(meta).get("version", "?")
+    checks.append(Check("server reachable", "ok", f"tritonserver {version} at {base}"))
+
+    status, _ = _request(f"{base}/v2/health/ready", timeout=5)
+    checks.append(Check("server ready", "ok" if status == 200 else "fail",
+                        "every model loaded" if status == 200 else f"/v2/health/ready answers {status}",
+                        "" if status == 200 else "a model is not ready: the rows below say which and why"))
+    checks += _model_checks(t, base)
+    checks.append(_inference_check(t, base))
+    checks += _metrics_checks(t)
+    checks += _local_checks(t)
+    if t.gateway_url:
+        gw = t.gateway_url if "://" in t.gateway_url else f"http://{t.gateway_url}"
+        status, body = _request(f"{gw}/health/ready", timeout=5)
+        checks.append(Check("gateway ready", "ok" if status == 200 else "fail", f"{gw}/health/ready: {status or body}",
+                            "" if status == 200 else "start `tritonchat gateway` (or serve --openai-port); its "
+                            "--triton-url must reach Triton's gRPC port"))
+    return checks
+
+
+def _json(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {}
+
+
+def _model_checks(t: Target, base: str) -> List[Check]:
+    status, body = _request(f"{base}/v2/repository/index", data=b"{}", headers=t.headers(admin=True))
+    if status != 200:
+        detail = f"repository index: {status} {body[:120]}"
+        fix = ("the index is an admin API: pass --admin-key-file" if status in (401, 403)
+               else "explicit model control (`tritonchat serve`) serves the index")
+        names = [t.model, "preprocessing", "generator", "postprocessing"]
+        rows = [Check("models", "warn", detail, fix)]
+        for name in dict.fromkeys(names):
+            s, _ = _request(f"{base}/v2/models/{name}/ready", headers=t.headers())
+            rows.append(Check(f"model {name}", "ok" if s == 200 else "fail", "ready" if s == 200 else f"ready: {s}",
+                              "" if s == 200 else _load_fix("")))
+        return rows
+    index = _json(body) or []
+    if not index:
+        return [Check("models", "fail", "the repository index is empty", "point --model-repository at a repository "
+                      "built by `tritonchat build`")]
+    rows = []
+    by_model: Dict[str, list] = {}
+    for e in index:
+        by_model.setdefault(e.get("name", "?"), []).append(e)
+    for name, entries in sorted(by_model.items()):
+        ready = [e for e in entries if e.get("state") == "READY"]
+        if ready:
+            rows.append(Check(f"model {name}", "ok", "ready: version " + ", ".join(e["version"] for e in ready)))
+        else:
+            reason = "; ".join(f"{e.get('version', '?')}: {e.get('state', '?')} {e.get('reason', '')}".strip()
+                               for e in entries)
+            rows.append(Check(f"model {name}", "fail", reason, _load_fix(reason)))
+    if t.model not in by_model:
+        rows.append(Check(f"model {t.model}", "fail", "not in the repository", "the entry model is missing: "
+                          "rebuild the repository, or pass --model NAME"))
+    return rows
+
+
+def _inference_check(t: Target, base: str) -> Check:
+    import json
+    import time
+
+    body = json.dumps({"text_input": "Hello", "max_tokens": 1}).encode()
+    t0 = time.perf_counter()
+    status, text = _request(f"{base}/v2/models/{t.model}/generate", data=body, headers=t.headers(), timeout=60)
+    ms = (time.perf_counter() - t0) * 1e3
+    name = "inference (Python stubs)"
+    if status == 200:
+        return Check(name, "ok", f"one token from {t.model} in {ms:.0f} ms")
+    error = _json(text).get("error", text)[:200] if text else ""
+    if status in (401, 403):
+        return Check(name, "fail", f"{status}: {error}", "inference needs the API key: pass --api-key-file")
+    if status == 503 or "unavailable" in error.lower():
+        return Check(name, "fail", f"{status}: {error}", "overloaded (every KV-cache slot busy and the waiting line "
+                     "full) or not ready: scale out, or raise generator.max_queue_size / max_batch_size")
+    if "stub" in error.lower() and "not healthy" in error.lower():
+        return Check(name, "fail", f"{status}: {error}", "a Python backend stub died (a crash, or the OOM killer: "
+                     "dmesg); `tritonchat serve` restarts the server; give /dev/shm and memory room")
+    return Check(name, "fail", f"{status or 'no answer'}: {error}", _load_fix(error))
+
+
+def _metrics_checks(t: Target) -> List[Check]:
+    url = t.metrics_url
+    if url is None:
+        host, _, port = t.url.rpartition(":")
+        url = f"{host}:8002" if port == "8000" else None
+    if url is None:
+        return [Check("metrics", "skip", "pass --metrics-url host:port (not the default port layout)")]
+    murl = url if "://" in url else f"http://{url}"
+    status, text = _request(f"{murl}/metrics", timeout=10)
+    if status != 200:
+        return [Check("metrics scrape", "fail", f"{murl}/metrics: {status or text}",
+                      "the metrics port must answer for Prometheus and the HPA: check --metrics-port and "
+                      "--allow-metrics (serve turns it on)")]
+    rows = []
+    has_triton, has_ours = "nv_inference_count" in text, "tritonchat_" in text
+    rows.append(Check("metrics scrape", "ok" if has_triton and has_ours else "warn",
+                      f"{murl}/metrics: Triton's {'yes' if has_triton else 'no'}, the generator's "
+                      f"{'yes' if has_ours else 'no'}",
+                      "" if has_ours else "the generator's metrics appear once it has loaded"))
+    rejected = sum(_metric_values(text, "tritonchat_rejected_requests_total"))
+    waiting = sum(_metric_values(text, "tritonchat_waiting_requests"))
+    running = sum(_metric_values(text, "tritonchat_running_sequences"))
+    rows.append(Check("overload", "warn" if rejected else "ok",
+                      f"{running:.0f} running, {waiting:.0f} waiting, {rejected:.0f} refused since start",
+                      "" if not rejected else "requests were refused (503): scale out (the HPA's waiting-requests "
+                      "target), or raise generator.max_queue_size / queue_timeout_ms"))
+    restarts = max(_metric_values(text, "tritonchat_server_restarts") or [0])
+    if restarts:
+        rows.append(Check("restarts", "warn", f"`tritonchat serve` restarted the server {restarts:.0f} time(s)",
+                          "a fault killed it: the serve log says which (a stub crash, a hang)"))
+    gpus = _metric_values(text, "nv_gpu_memory_total_bytes")
+    rows.append(Check("GPUs the server sees", "ok", f"{len(gpus)} GPU(s)" if gpus else "none (serving on CPU)"))
+    return rows
+
+
+def _local_checks(t: Target) -> List[Check]:
+    """What this machine shows (run doctor where the server runs: `docker exec`, `kubectl exec`)."""
+    import shutil
+    import subprocess
+
+    rows = []
+    smi = shutil.which("nvidia-smi")
+    driver_cuda = None
+    if smi:
+        out = subprocess.run([smi], capture_output=True, text=True, timeout=30)
+        import re
+
+        m = re.search(r"Driver Version:\s*([\d.]+).*?CUDA Version:\s*([\d.]+)", out.stdout)
+        if out.returncode != 0 or not m:
+            rows.append(Check("GPU driver", "fail", (out.stderr or out.stdout).strip()[:200],
+                              "nvidia-smi fails: the driver is not loaded, or the container has no GPU "
+                              "(--gpus all; nvidia.com/gpu in the pod; the NVIDIA Container Toolkit)"))
+        else:
+            driver_cuda = m.group(2)
+            rows.append(Check("GPU driver", "ok", f"driver {m.group(1)}, supports CUDA up to {driver_cuda}"))
+    try:
+        import torch
+
+        built = torch.version.cuda
+        major_minor = lambda v: tuple(map(int, v.split(".")[:2]))  # noqa: E731
+        if built and driver_cuda and major_minor(built) > major_minor(driver_cuda):
+            rows.append(Check("driver / CUDA / torch", "fail", f"torch {torch.__version__} needs CUDA {built}, the "
+                              f"driver supports {driver_cuda}", "update the driver, or install a torch built for "
+                              f"CUDA <= {driver_cuda}"))
+        elif built and driver_cuda and not torch.cuda.is_available():
+            rows.append(Check("driver / CUDA / torch", "fail", f"torch {torch.__version__} (CUDA {built}) sees no GPU",
+                              "the GPU is not visible here: CUDA_VISIBLE_DEVICES, --gpus, the device plugin"))
+        else:
+            what = f"CUDA {built}" if built else "CPU-only build"
+            rows.append(Check("driver / CUDA / torch", "ok", f"torch {torch.__version__} ({what})"
+                              + ("" if driver_cuda or not built else "; no NVIDIA driver here: serving on CPU")))
+    except Exception as exc:  # noqa: BLE001 - torch is optional for serving ONNX
+        rows.append(Check("driver / CUDA / torch", "warn", f"torch not importable: {_first_line(exc)}"))
+    rows.append(_space_check("shared memory", Path("/dev/shm"), SHM_MIN_TOTAL, SHM_MIN_FREE,
+                             "give the container a larger /dev/shm: docker run --shm-size=1g; compose shm_size; "
+                             "Kubernetes: an emptyDir with medium: Memory at /dev/shm"))
+    if t.repo is not None:
+        rows.append(_space_check("disk (repository)", Path(t.repo), 0, DISK_MIN_FREE,
+                                 "free space where the repository lives: a hot update copies a version beside the old"))
+    return rows
+
+
+def _space_check(name: str, path: Path, least_total: int, least_free: int, fix: str) -> Check:
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        return Check(name, "warn", f"{path}: {exc}")
+    total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    detail = f"{path}: {free / 2**20:,.0f} MB free of {total / 2**20:,.0f} MB"
+    if free < least_free:
+        return Check(name, "fail", detail, fix)
+    if total < least_total:
+        return Check(name, "warn", detail, fix)
+    return Check(name, "ok", detail)
+
+
+MARK = {"ok": OK, "warn": "[yellow]warn[/]", "fail": "[red]fail[/]", "skip": "[dim]skip[/]"}
+
+
+def run_doctor_url(target: Target) -> int:
+    """Print the checklist and a fix per failure; 1 when anything failed."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    checks = check_deployment(target)
+    table = Table(title=f"tritonchat doctor --url {target.url}")
+    table.add_column("check")
+    table.add_column("", justify="center")
+    table.add_column("details", overflow="fold")
+    for c in checks:
+        table.add_row(escape(c.name), MARK[c.status], escape(c.detail))
+    console.print(table)
+    fixes = [c for c in checks if c.fix and c.status in ("fail", "warn")]
+    for i, c in enumerate(fixes, 1):
+        console.print(f"{i}. [bold]{escape(c.name)}[/]: {escape(c.fix)}", soft_wrap=True)
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} check(s) failed.[/]")
+        return 1
+    console.print("[green]The deployment answers.[/]")
+    return 0

@@ -139,6 +139,8 @@ def python_tag() -> str:
 def state_dir() -> Path:
     """<venv>/share/tritonchat (or ~/.cache/tritonchat outside a writable prefix)."""
     base = Path(sys.prefix) / "share" / "tritonchat"
+    if (base / "backends").is_dir():  # assembled by setup-server: used as is, even read-only (an image)
+        return base
     probe = base
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -77,14 +77,10 @@ def run_chat(prompt: str, url: Optional[str] = None, protocol: str = "grpc", str
     try:
         if stream:
             handle = client.stream(prompt, params)
-            for delta in handle:
-                if delta.text:
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    out.write(delta.text)
-                    out.flush()
-                    printed_any = True
-                    last_char = delta.text[-1]
+            pieces: List[str] = []
+            t_first = _echo(handle, out, pieces)
+            if pieces:
+                printed_any, last_char = True, pieces[-1][-1]
             completion = handle.completion
         else:
             completion = client.generate(prompt, params)
@@ -208,6 +204,19 @@ def run_repl(first: Optional[str] = None, url: Optional[str] = None, protocol: s
         client.close()
 
 
+def _echo(handle, out, pieces: List[str]) -> Optional[float]:
+    """Write a stream's text to `out` as it arrives (kept in `pieces`); when its first text came."""
+    t_first = None
+    for delta in handle:
+        if delta.text:
+            if t_first is None:
+                t_first = time.perf_counter()
+            out.write(delta.text)
+            out.flush()
+            pieces.append(delta.text)
+    return t_first
+
+
 def _one_turn(client: ChatClient, messages: List[dict], params: GenerationParams, console) -> Optional[str]:
     """Stream one answer to stdout; the text that arrived (also when stopped with Ctrl-C), None if refused."""
     from rich.text import Text
@@ -218,13 +227,7 @@ def _one_turn(client: ChatClient, messages: List[dict], params: GenerationParams
     t_first: Optional[float] = None
     handle = client.stream(messages, params)
     try:
-        for delta in handle:
-            if delta.text:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                out.write(delta.text)
-                out.flush()
-                pieces.append(delta.text)
+        t_first = _echo(handle, out, pieces)
         comp = handle.completion
         if pieces and not pieces[-1].endswith("\n"):
             out.write("\n")

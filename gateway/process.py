@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import urllib.request
 import weakref
 from pathlib import Path
 from typing import Dict, Optional
+
+from tritonchat.procs import free_ports, stop_process
 
 from .config import GatewayConfig
 
@@ -40,14 +41,6 @@ def _stop_leftovers() -> None:  # a gateway must not outlive the Python process 
 
 class GatewayStartError(RuntimeError):
     pass
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class GatewayProcess:
@@ -75,7 +68,7 @@ class GatewayProcess:
 
     def start(self) -> "GatewayProcess":
         if self.config.port == 0:
-            self.config = self.config.model_copy(update={"port": _free_port(self.config.host)})
+            self.config = self.config.model_copy(update={"port": free_ports(1, self.config.host)[0]})
         cfg_file = Path(self._tmp) / "gateway.json"  # JSON is YAML: load_config reads it
         cfg_file.write_text(json.dumps(self.config.model_dump(mode="json")))
         cmd = [sys.executable, "-m", "tritonchat.gateway", "--config", str(cfg_file)]
@@ -111,17 +104,7 @@ class GatewayProcess:
         if proc is None:
             return None
         _RUNNING.discard(self)
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process(proc, ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)))
         # the config file (and the log, unless the caller chose where it goes) go with the process
         import shutil
 

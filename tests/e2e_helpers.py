@@ -43,7 +43,8 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> li
     return [t for t in new if t not in eos]
 
 
-def memorize(model_dir: Path, text: str, steps: int = 80, seed: int = 0) -> None:
+def memorize(model_dir: Path, text: str, steps: int = 80, seed: int = 0, *, bos: bool = False, repeat: int = 3,
+             max_ids: int | None = 96, lr: float = 1e-2) -> None:
     """Train the tiny model in `model_dir` to continue `text` (repeated) greedily; save in place.
 
     Used to make a model that *answers in Chinese and emoji*, so that streaming through byte-level
@@ -55,9 +56,10 @@ def memorize(model_dir: Path, text: str, steps: int = 80, seed: int = 0) -> None
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = tok(text * 3, add_special_tokens=False)["input_ids"][:96]
-    batch = torch.tensor([ids])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = tok(text * repeat, add_special_tokens=False)["input_ids"][:max_ids]
+    # bos: from the start of a sequence, as the server's prompts have it
+    batch = torch.tensor([([tok.bos_token_id] if bos else []) + ids])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=batch, labels=batch).loss

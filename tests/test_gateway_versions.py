@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import STORIES, build_repo, need
+from e2e_helpers import STORIES, build_repo, memorize, need
 
 pytestmark = pytest.mark.slow
 
@@ -52,25 +52,9 @@ def served(tmp_path_factory):
 
 
 def _teach(model_dir: Path, text: str, steps: int = 150) -> None:
-    """Train the tiny model in place to continue `text` greedily from the start of a sequence (BOS first,
-    as the server's prompts have it; e2e_helpers.memorize trains without one, which this byte-level
-    text does not survive)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    batch = torch.tensor([[tok.bos_token_id] + tok(text * 4, add_special_tokens=False)["input_ids"]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(str(model_dir))
+    """Train the tiny model in place to continue `text` greedily from the start of a sequence (BOS first:
+    this byte-level text does not survive training without one)."""
+    memorize(model_dir, text, steps, bos=True, repeat=4, max_ids=None, lr=3e-3)
 
 
 def _client(gw):

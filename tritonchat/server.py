@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from tritonchat.install import (STUB_NAME, ServerNotFoundError, backend_directory, check_stub, install_backends,
                                 locate_server, python_tag, record_server_version, server_env, state_file)
+from tritonchat.procs import free_ports, stop_process  # noqa: F401 - free_ports: part of this module's API
 from tritonchat.security import Access
 from tritonchat.server_log import failure_reason
 from tritonchat.supervisor import RestartPolicy, Supervisor
@@ -86,20 +86,6 @@ def python_thread_pool(repo: PathLike) -> int:
 
 
 # --------------------------------------------------------------------------------------------- process
-
-
-def free_ports(n: int = 3, host: str = "127.0.0.1") -> List[int]:
-    """`n` distinct ports that are free on `host` right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _http_get(url: str, timeout: float = 2.0) -> Optional[int]:
@@ -237,17 +223,7 @@ class TritonServer:
         if proc is None:
             return None
         _RUNNING.discard(self)
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process(proc, ((signal.SIGINT, timeout), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)))
         # the stubs are the server's children (same session): make sure none outlives it
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -17,7 +17,8 @@ example: docs/build-config.md).
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
-                       prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0}
+                       prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
+                       prefix_reuse: true}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -30,6 +31,8 @@ example: docs/build-config.md).
                       # queue_timeout_ms: a request waiting longer for a KV-cache slot is refused (0: never)
                       # mix_prefill: torch engine: greedy requests that arrive while others decode are
                       #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
+                      # prefix_reuse: a prompt reuses the KV of its longest prefix a slot still holds
+                      #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0}
@@ -64,7 +67,8 @@ DEFAULTS: dict = {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
-                      "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0},
+                      "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
+                      "prefix_reuse": True},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
                      "cancel_poll_ms": 20, "log_requests": 0},
@@ -131,6 +135,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.generator.prefill_wait_ms must be a number >= 0, got {g['prefill_wait_ms']!r}")
     if not isinstance(g["mix_prefill"], bool):
         raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
+    if not isinstance(g["prefix_reuse"], bool):
+        raise SettingsError(f"models.generator.prefix_reuse must be true or false, got {g['prefix_reuse']!r}")
     if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):
         raise SettingsError(f"models.generator.mix_tokens must be a whole number >= 0, got {g['mix_tokens']!r}")
     if not _number(g["queue_timeout_ms"], 0):

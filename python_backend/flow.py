@@ -192,7 +192,7 @@ class Flow:
     def _client_gone(self) -> bool:
         """Poll our own request (at most every `cancel_poll`), between two sends."""
         now = time.perf_counter()
-        if self.cancelled:
+        if self.cancelled or now - self._polled < self.ctx.watcher.interval:
             return False
         self._polled = now
         with self.io:

@@ -63,6 +63,7 @@ class TritonPythonModel:
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    mix_prefill=_flag(params.get("mix_prefill", "true")),
+                                   prefix_reuse=_flag(params.get("prefix_reuse", "true")),
                                    metrics=self.metrics)
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
                                  f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")

@@ -12,7 +12,7 @@ ITL_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.
 
 
 class GeneratorMetrics:
-    """Implements the scheduler's metrics hooks (`step`, `first_token`, `finished`), which the
+    """Implements the scheduler's metrics hooks (`step`, `first_token`, `finished`, `reused`), which the
     scheduler calls on its courier's thread (batching/courier.py: every call into the server
     process from one thread, off the decode loop). The shutdown log's counters are the other
     flow: `batching.sequence.Stats`."""
@@ -32,8 +32,10 @@ class GeneratorMetrics:
               "(one observation per request of two tokens or more)", F.HISTOGRAM),
             F("tritonchat_rejected_requests_total", "Requests the generator refused: its waiting line was full "
               "(queue_full) or they waited longer than queue_timeout_ms (queue_timeout)", F.COUNTER),
+            F("tritonchat_prefix_reused_tokens_total", "Prompt tokens not computed again: their KV was still in "
+              "the cache from an earlier request with the same prefix (prefix reuse)", F.COUNTER),
         ]
-        running, waiting, tokens, steps, self._requests, ttft, e2e, itl, self._rejected = self._families
+        running, waiting, tokens, steps, self._requests, ttft, e2e, itl, self._rejected, reused = self._families
         self.running = running.Metric(labels=labels)
         self.waiting = waiting.Metric(labels=labels)
         self.tokens = tokens.Metric(labels=labels)
@@ -41,6 +43,7 @@ class GeneratorMetrics:
         self.ttft = ttft.Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.e2e = e2e.Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.itl = itl.Metric(labels=labels, buckets=ITL_BUCKETS)
+        self.reused_tokens = reused.Metric(labels=labels)
         self._labels = labels
         self._by_reason = {}
         self._rejected_by = {}
@@ -69,6 +72,9 @@ class GeneratorMetrics:
         self.e2e.observe(seconds)
         if itl is not None:
             self.itl.observe(itl)
+
+    def reused(self, tokens: int) -> None:
+        self.reused_tokens.increment(tokens)
 
     def rejected(self, reason: str) -> None:
         if reason not in self._rejected_by:

@@ -11,6 +11,11 @@ one. The logits of hash target `t` are `-((v - t) % vocab)`: the argmax is `t`, 
 rules checked on every call: a chained step's rows must be slots the previous step wrote, prompts go
 into empty slots only, never past the context. `calls` records every engine call.
 
+`can_reuse` switches on prefix reuse (`prefill_cached`, `copy_prefix`): a slot remembers the tokens it
+was fed (kept after `release`), and a prefill that claims to reuse a prefix the slot does not hold,
+or leaves fewer than `reuse_min_new` tokens to compute, raises; `reused` logs (slot, cached tokens)
+of every prefill and `copies` every copy, so tests check the slot choice and the reused length.
+
 `FakeTokenizer` decodes id `i` to " t{i}" (text for `TextTracker` and `detokenize.delta`), and
 `run_jobs` drives a scheduler with a list of jobs (with this engine or a real one).
 """
@@ -47,15 +52,21 @@ class FakeStep:
 class FakeEngine(Engine):
     def __init__(self, max_slots: int = 4, max_seq_len: int = 256, vocab_size: int = 64, *,
                  can_chain: bool = False, can_mix: bool = False, mix_tokens: int = 64, mix_prompts: int = 8,
-                 step_s: float = 0.0, fail_after: int | None = None):
+                 step_s: float = 0.0, fail_after: int | None = None, can_reuse: bool = False,
+                 reuse_min_new: int = 2):
         """`step_s`: seconds each decode step and prefill call takes (sleeping, the GIL free).
         `fail_after`: decode steps after which every decode step raises (an engine failure)."""
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.can_chain, self.can_mix = can_chain, can_mix
         self.mix_tokens, self.mix_prompts = (mix_tokens, mix_prompts) if can_mix else (0, 0)
         self.step_s, self.fail_after = step_s, fail_after
+        self.can_reuse = self.can_reuse_prefix = can_reuse
+        self.reuse_min_new = reuse_min_new
         self.state = [0] * max_slots  # hash of each slot's tokens
         self.lengths = [0] * max_slots
+        self.tokens: list[list[int]] = [[] for _ in range(max_slots)]  # each slot's tokens (its "KV")
+        self.reused: list[tuple[int, int]] = []  # (slot, cached tokens) of every prefill
+        self.copies: list[tuple[int, int, int]] = []  # (src, dst, n) of every copy_prefix
         self.calls: list[tuple] = []  # ("prefill", n) | ("decode", rows) | ("greedy", rows, prompts, chained)
         self.steps: list[FakeStep] = []
 
@@ -92,19 +103,25 @@ class FakeEngine(Engine):
             raise ValueError("a sequence reached the end of its KV cache")
         self.state[slot] = _mix(self.state[slot], token)
         self.lengths[slot] += 1
+        self.tokens[slot].append(int(token))
         return self.logits_of(self.state[slot])
 
-    def _fill(self, slot: int, ids) -> np.ndarray:
+    def _fill(self, slot: int, ids, cached: int = 0) -> np.ndarray:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} out of range")
         if self.lengths[slot]:
             raise ValueError(f"prefill into slot {slot}, which holds a sequence")
         if len(ids) == 0 or len(ids) + 1 > self.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens")
+        ids = [int(t) for t in ids]
+        if cached and (not self.can_reuse or cached > len(ids) - self.reuse_min_new
+                       or self.tokens[slot][:cached] != ids[:cached]):
+            raise ValueError(f"slot {slot} does not hold the {cached} first tokens of this prompt")
+        self.reused.append((slot, cached))
         state = 0
         for t in ids:
             state = _mix(state, t)
-        self.state[slot], self.lengths[slot] = state, len(ids)
+        self.state[slot], self.lengths[slot], self.tokens[slot] = state, len(ids), ids
         return self.logits_of(state)
 
     def _decode_rows(self, slots, tokens) -> list[np.ndarray]:
@@ -127,6 +144,20 @@ class FakeEngine(Engine):
         self.calls.append(("prefill", len(prompts)))
         self._sleep()
         return super().prefill_batch(slots, prompts)
+
+    def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
+        if not self.can_reuse:
+            return super().prefill_cached(slots, prompts, cached)
+        self.calls.append(("prefill", len(prompts)))
+        self._sleep()
+        return np.stack([self._fill(int(s), list(np.asarray(p).reshape(-1)), int(c))
+                         for s, p, c in zip(slots, prompts, cached)])
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        if not self.can_reuse or self.lengths[dst] or src == dst or n > len(self.tokens[src]):
+            raise ValueError(f"cannot copy {n} tokens of slot {src} into slot {dst}")
+        self.tokens[dst] = self.tokens[src][:n]
+        self.copies.append((src, dst, n))
 
     def decode(self, slots, tokens) -> np.ndarray:
         self.calls.append(("decode", len(slots)))
@@ -169,7 +200,7 @@ class FakeEngine(Engine):
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
-        self.state[slot] = 0
+        self.state[slot] = 0  # its tokens stay: the KV a released slot keeps
 
     def length(self, slot: int) -> int:
         return self.lengths[slot]

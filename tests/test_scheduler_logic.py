@@ -14,7 +14,9 @@ from fake_engine import FakeEngine, FakeTokenizer, fake, run_jobs
 
 _run = run_jobs
 VARIANTS = {"plain": {}, "chain": {"can_chain": True}, "mix": {"can_mix": True},
-            "chain+mix": {"can_chain": True, "can_mix": True}}
+            "chain+mix": {"can_chain": True, "can_mix": True},
+            # prefix reuse (tests/test_prefix_reuse.py): slots taken by prefix, else least recently freed
+            "reuse": {"can_reuse": True}}
 
 
 @pytest.fixture

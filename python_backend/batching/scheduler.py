@@ -17,6 +17,8 @@ things where the engine can:
 - prompts inside decode steps (`engine.can_mix`, `mix_prefill`): waiting greedy requests are
   prefilled inside the next decode step instead of in a prefill of their own that stops every
   stream (`_mix_due`, `_pop_mix`).
+Where the engine can (`engine.can_reuse_prefix`, `prefix_reuse`), a prompt goes into the free slot
+that still holds the KV of its longest prefix, and only the rest is prefilled (prefix.py).
 
 Reading order: `_loop` (one round), `_step` (the decode steps), then their parts, admission
 (`_admit`; `_pop_mix` for prompts inside decode steps) and accounting (`_take`, `_advance`, `_finish`).
@@ -34,6 +36,7 @@ import numpy as np
 
 from ..engines.base import Engine
 from .courier import Courier
+from .prefix import PrefixCache
 from .sampling import NONFINITE_MESSAGE, Sampler, ban_key, choose_safely, greedy_ban, sample_batch
 from .sequence import Output, QueueFull, Sequence, Stats
 
@@ -46,7 +49,7 @@ __all__ = ["Courier", "Output", "QueueFull", "Scheduler", "Sequence", "Stats"]
 class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
-                 mix_prefill: bool = True, queue_timeout: float = 0.0):
+                 mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -62,7 +65,8 @@ class Scheduler:
         decoding, greedy requests are prefilled inside the next decode step (up to the engine's
         `mix_tokens` prompt tokens a step) instead of in a prefill of their own that stops every
         stream. `queue_timeout`: seconds a request may wait for a slot before it is refused (0: no
-        limit)."""
+        limit). `prefix_reuse`: where the engine can (`can_reuse_prefix`), a prompt reuses the KV of
+        its longest prefix that a slot holds (prefix.py; `metrics.reused(tokens)` counts them)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
@@ -75,7 +79,8 @@ class Scheduler:
         self.metrics = metrics
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        self.free_slots = list(range(engine.max_slots - 1, -1, -1))
+        self.free_slots = list(range(engine.max_slots - 1, -1, -1))  # in the order they were freed
+        self.prefixes = PrefixCache(engine.reuse_min_new) if prefix_reuse and engine.can_reuse_prefix else None
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
         self.courier = Courier(stats=self.stats)
@@ -243,6 +248,8 @@ class Scheduler:
         self.stats.prefill_exec_s += time.perf_counter() - t
         self.stats.prefills += len(batch)
         self.stats.prefill_calls += 1
+        if self.prefixes is not None:
+            self._count_reuse(batch)
         for seq, row in zip(batch, logits):
             self.running.append(seq)
             token, seq.failure = choose_safely(seq.sampler, row)
@@ -254,8 +261,11 @@ class Scheduler:
     def _prefill(self, batch: list[Sequence]):
         """Prefill `batch` in one engine call; if that fails, each prompt alone, so that a prompt
         that breaks the engine fails alone. Returns the sequences that got logits, and the logits."""
+        slots, prompts = [s.slot for s in batch], [s.prompt_ids for s in batch]
         try:
-            return batch, self.engine.prefill_batch([s.slot for s in batch], [s.prompt_ids for s in batch])
+            if any(s.reused for s in batch):
+                return batch, self.engine.prefill_cached(slots, prompts, [s.reused for s in batch])
+            return batch, self.engine.prefill_batch(slots, prompts)
         except Exception as exc:  # noqa: BLE001
             log.exception("prefill of %d prompts failed%s", len(batch), "; retrying each alone" if len(batch) > 1 else "")
             if len(batch) == 1:
@@ -307,11 +317,20 @@ class Scheduler:
             budget -= len(seq.prompt_ids)
         return batch
 
-    def _place(self, batch: list[Sequence]) -> None:
-        """Give admitted sequences their slots, samplers and limits."""
+    def _place(self, batch: list[Sequence], reuse: bool = True) -> None:
+        """Give admitted sequences their slots (`reuse`: with the KV of their longest cached prefix,
+        prefix.py), samplers and limits."""
         t = time.perf_counter()
         for seq in batch:
-            seq.slot = self.free_slots.pop()
+            if self.prefixes is None:
+                seq.slot = self.free_slots.pop()
+            elif reuse:
+                seq.slot, seq.reused, source = self.prefixes.take(self.free_slots, seq.prompt_ids)
+                if source is not None:
+                    self._copy_prefix(seq, source)
+            else:
+                seq.slot = self.free_slots.pop()
+                self.prefixes.forget(seq.slot)
             self.stats.queue_s += t - seq.arrived
             freed = self._freed_at.pop(seq.slot, None)
             if freed is not None:
@@ -320,6 +339,28 @@ class Scheduler:
             if seq.sampler is None:
                 seq.sampler = Sampler(seq.params, seq.prompt_ids, self.engine.vocab_size)
             seq.limit = min(seq.params.max_tokens, self.engine.max_seq_len - len(seq.prompt_ids))
+
+    def _copy_prefix(self, seq: Sequence, source: int) -> None:
+        """Copy the KV of `seq`'s cached prefix from slot `source` into its own; where that fails,
+        its prompt is prefilled whole (the request must not be lost between the line and a slot)."""
+        try:
+            self.engine.copy_prefix(source, seq.slot, seq.reused)
+            self.stats.copied_tokens += seq.reused
+        except Exception:  # noqa: BLE001
+            log.exception("copying %d cached tokens from slot %d to slot %d failed", seq.reused, source, seq.slot)
+            self.prefixes.forget(seq.slot)
+            seq.reused = 0
+
+    def _count_reuse(self, batch: list[Sequence]) -> None:
+        """The prefilled `batch`'s slots hold their prompts' KV now; count the tokens reused."""
+        for seq in batch:
+            self.prefixes.prefilled(seq.slot, seq.prompt_ids)
+        reused = sum(s.reused for s in batch)
+        if reused:
+            self.stats.reused_tokens += reused
+            self.stats.reused_prefills += sum(s.reused > 0 for s in batch)
+            if self.metrics:
+                self.courier.call(lambda: self.metrics.reused(reused))
 
     # -- admission: prompts inside a decode step (mix_prefill) ---------------------------
     def _mix_next(self) -> bool:
@@ -352,7 +393,7 @@ class Scheduler:
                                   min(self.engine.mix_tokens, self.prefill_token_budget),
                                   lambda seq: self._mixable(seq, key))
         if batch:
-            self._place(batch)
+            self._place(batch, reuse=False)  # the engines that mix prompts into steps cannot reuse KV
             self.running.extend(batch)
             self.stats.prefills += len(batch)
             self.stats.mixed_steps += 1
@@ -420,6 +461,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.slot >= 0:
+            if error and self.prefixes is not None:
+                self.prefixes.forget(seq.slot)  # a failed prefill or step may have left bad KV
             self.engine.release(seq.slot)
             self.free_slots.append(seq.slot)
             self._freed_at[seq.slot] = time.perf_counter()

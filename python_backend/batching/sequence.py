@@ -45,6 +45,7 @@ class Sequence:
     slot: int = -1
     sampler: Sampler | None = None
     limit: int = 0  # tokens it may generate: max_tokens, or fewer where the context ends first
+    reused: int = 0  # prompt tokens whose KV its slot held before its prefill (prefix reuse)
     generated: int = 0
     last_token: int = -1
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
@@ -69,6 +70,11 @@ class Stats:
     chained: int = 0  # steps launched before the host had the previous step's tokens
     prefill_calls: int = 0
     mixed_steps: int = 0  # decode steps that carried prompts (prefilled inside the step)
+    # prefix reuse: prompt tokens whose KV was reused (copied from another slot: `copied_tokens` of
+    # them), and the prefills that reused some
+    reused_tokens: int = 0
+    reused_prefills: int = 0
+    copied_tokens: int = 0
     # where the scheduler thread's time went (seconds): in prefill calls (prompts in, first tokens
     # out; `prefill_exec_s` of it inside the engine), launching decode steps, waiting for a decode
     # step's tokens, in the per-token bookkeeping, idle (nothing to run)

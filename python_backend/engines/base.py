@@ -4,6 +4,10 @@ An engine owns the model and the KV cache of `max_slots` sequences. A sequence l
 slot from its prefill until `release`; the scheduler never copies KV data, it only names slots.
 Every call returns float32 logits on the host as a numpy array (the sampler's input).
 
+Prefix reuse (`can_reuse_prefix`): a released slot keeps its KV until the next prefill into it, and
+`prefill_cached` computes only the prompt tokens past a prefix whose KV the slot still holds (the
+scheduler remembers which tokens that is: batching/prefix.py).
+
 Implementations: `engines.ort.OrtEngine` (ONNX Runtime, CPU: the embedded default),
 `engines.torch.TorchEngine` (PyTorch, CUDA graphs) and `engines.trt.TrtEngine` (TensorRT plan);
 `engines.create_engine` builds the one a repository names.
@@ -62,6 +66,26 @@ class Engine(abc.ABC):
         """
         return np.stack([self.prefill(int(s), p) for s, p in zip(slots, prompts)])
 
+    #: True where `prefill_cached` runs a prompt on top of the KV a slot still holds; the engines
+    #: without it (torch: its prefills run in CUDA graphs captured for empty slots) keep this default
+    can_reuse_prefix = False
+    #: prompt tokens `prefill_cached` must compute at least (where fewer would run another kernel
+    #: path whose rounding differs from a full prefill's: see engines/ort.py)
+    reuse_min_new = 1
+
+    def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
+        """Prefill `prompts[i]` into `slots[i]`, whose KV positions [0, cached[i]) still hold the KV of
+        `prompts[i][:cached[i]]` (left by the slot's previous sequence, or put there by
+        `copy_prefix`); only the tokens after them are computed (`cached[i] <= len(prompts[i]) -
+        reuse_min_new`). Returns the last logits [n, vocab], as `prefill_batch` does. This default,
+        for engines that cannot (`can_reuse_prefix` False), ignores the cache: a full prefill."""
+        return self.prefill_batch(slots, prompts)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the KV of positions [0, n) of slot `src` (running or released) into released slot
+        `dst`, for a `prefill_cached` into `dst` that reuses them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy KV between slots")
+
     def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban: Ban | None = None) -> np.ndarray:
         """`decode` followed by argmax: the next token of each slot (int64 [len(slots)]).
 
@@ -95,7 +119,8 @@ class Engine(abc.ABC):
         """Prepare for the first request (the torch engine captures its CUDA graphs); called at load."""
 
     def release(self, slot: int) -> None:
-        """Forget the sequence in `slot` (its KV storage is reused by the next prefill)."""
+        """Forget the sequence in `slot` (its KV storage is reused by the next prefill; where
+        `can_reuse_prefix`, the KV stays readable by `prefill_cached` and `copy_prefix` until then)."""
 
     def length(self, slot: int) -> int:
         """Tokens currently cached for `slot`."""

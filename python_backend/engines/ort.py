@@ -6,6 +6,13 @@ different lengths feeds `past = cache[slots, :, :Lmax]` with an attention mask t
 slot's unused positions [L, Lmax), and writes back only the new column (`present[:, :, Lmax]`)
 into position L of each slot: sequences join and leave the batch between steps without any
 re-packing, and the only per-step copy is the gather ONNX Runtime needs as a contiguous input.
+
+Prefix reuse: a released slot keeps its KV; `prefill_cached` feeds `past = cache[slot, :, :L]` and
+only the prompt's tokens after L (the exported graph takes a past of any length and several new
+tokens). Its logits and KV are bitwise those of a full prefill wherever it computes 2 tokens or
+more, in every precision the build writes (ONNX Runtime's CPU kernels compute each row of a matrix
+product alike for any row count of 2 or more; one row takes another path whose rounding differs):
+hence `reuse_min_new = 2` (tests/test_prefix_reuse.py; docs/benchmarks.md, "Prefix reuse").
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 class OrtEngine(Engine):
+    can_reuse_prefix = True
+    reuse_min_new = 2  # one new token: another kernel path, whose rounding differs (module docstring)
+
     def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
                  threads: int = 0, providers: list[str] | None = None, **_unused):
         import onnxruntime as ort
@@ -53,24 +63,45 @@ class OrtEngine(Engine):
         # np.zeros maps pages lazily: memory is touched only as sequences grow
         self.cache = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         self.lengths = np.zeros(self.max_slots, dtype=np.int64)
+        # positions of each released slot whose KV is still valid (prefix reuse)
+        self.kept = np.zeros(self.max_slots, dtype=np.int64)
 
     # -- Engine API ------------------------------------------------------------------------
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        return self._prefill(int(slot), token_ids, 0)
+
+    def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
+        return np.stack([self._prefill(int(s), p, int(c)) for s, p, c in zip(slots, prompts, cached)])
+
+    def _prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
+        """Run `token_ids[start:]` into `slot` on top of the KV of `token_ids[:start]` it holds."""
         n = len(token_ids)
         if n + 1 > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
-        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        valid = self.lengths[slot] or self.kept[slot]  # a prefill retried after a failed batch: its own
+        if start and not start <= min(valid, n - self.reuse_min_new):
+            raise ValueError(f"slot {slot} cannot reuse {start} cached tokens for a prompt of {n} "
+                             f"(valid: {valid}, at least {self.reuse_min_new} must be computed)")
         feeds = {
-            "input_ids": np.asarray(token_ids, dtype=np.int64)[None, :],
+            "input_ids": np.asarray(token_ids[start:], dtype=np.int64)[None, :],
             "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None, :],
-            **{name: empty for name in self.past_names},
+            "position_ids": np.arange(start, n, dtype=np.int64)[None, :],
         }
+        for name, store in zip(self.past_names, self.cache):
+            feeds[name] = store[slot:slot + 1, :, :start]
         logits, *present = self.session.run(self.output_names, feeds)
         for store, new in zip(self.cache, present):
-            store[slot, :, :n] = new[0]
+            store[slot, :, start:n] = new[0, :, start:n]  # present = past + the new tokens' KV
         self.lengths[slot] = n
         return logits[0, -1].astype(np.float32, copy=False)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        valid = self.lengths[src] or self.kept[src]
+        if self.lengths[dst] or n > valid or src == dst:
+            raise ValueError(f"cannot copy {n} positions of slot {src} (valid: {valid}) into slot {dst}")
+        for store in self.cache:
+            store[dst, :, :n] = store[src, :, :n]
+        self.kept[dst] = n
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)
@@ -94,6 +125,7 @@ class OrtEngine(Engine):
         return logits[:, -1].astype(np.float32, copy=False)
 
     def release(self, slot: int) -> None:
+        self.kept[slot] = self.lengths[slot]
         self.lengths[slot] = 0
 
     def length(self, slot: int) -> int:

@@ -71,10 +71,14 @@ class Watcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
+            now = time.perf_counter()
             for key, flow in list(self._flows.items()):
+                if now - flow.polled < self.interval:
+                    continue  # it asked itself lately, between two of its sends
                 if not flow.io.acquire(blocking=False):
                     continue  # it is sending: it polls itself before its next send
                 try:
+                    flow.polled = now
                     gone = key in self._flows and _safe(flow.sender.is_cancelled)
                     if gone:
                         self._flows.pop(key, None)
@@ -118,7 +122,7 @@ class Flow:
         self.error_kind = ""
         self.cancelled = False
         self.io = threading.Lock()  # held while this flow's request is asked or sent anything (Watcher)
-        self._polled = 0.0
+        self.polled = 0.0  # when its request was last asked about cancellation (by the flow or the watcher)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -192,9 +196,9 @@ class Flow:
     def _client_gone(self) -> bool:
         """Poll our own request (at most every `cancel_poll`), between two sends."""
         now = time.perf_counter()
-        if self.cancelled or now - self._polled < self.ctx.watcher.interval:
+        if self.cancelled or now - self.polled < self.ctx.watcher.interval:
             return False
-        self._polled = now
+        self.polled = now
         with self.io:
             return _safe(self.sender.is_cancelled)
 

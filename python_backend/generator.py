@@ -28,11 +28,6 @@ from .request import ENTRY_ID_PREFIX, FINAL, model_end_ids, reject, request_flag
 
 class TritonPythonModel:
     def initialize(self, args):
-        if os.environ.get("TRITONCHAT_FAULTHANDLER"):  # a file for the Python stacks of a crashing stub
-            import faulthandler
-
-            self._fault_file = open(os.environ["TRITONCHAT_FAULTHANDLER"], "a")
-            faulthandler.enable(self._fault_file, all_threads=True)
         config, params, version_dir = io.model_setup(args)
         self.model_name = args["model_name"]
         self.max_seq_len = int(params["max_seq_len"])

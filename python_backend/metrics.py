@@ -1,4 +1,5 @@
-"""Generator metrics on Triton's Prometheus endpoint (`:8002/metrics`), via pb_utils.MetricFamily."""
+"""The generator's and the entry's metrics on Triton's Prometheus endpoint (`:8002/metrics`), via
+pb_utils.MetricFamily."""
 
 from __future__ import annotations
 

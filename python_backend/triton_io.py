@@ -1,8 +1,9 @@
-"""Small helpers shared by the three Python-backend models: inputs, outputs, errors, config."""
+"""Small helpers shared by the Python-backend models: inputs, outputs, errors, config."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,20 @@ from .allocator import keep_freed_memory
 from .manifest import verify_model_dir
 from .batching.sampling import InvalidParameter
 
+_FAULT_FILE = None
+
 
 def model_setup(args: dict) -> tuple[dict, dict, Path]:
     """(model config, string parameters, version folder); verifies the manifest first, and sets
-    this stub process's malloc to keep freed memory (see allocator.py)."""
+    this stub process's malloc to keep freed memory (see allocator.py). With TRITONCHAT_FAULTHANDLER
+    set to a file, a crashing stub appends its threads' Python stacks there."""
+    fault_file = os.environ.get("TRITONCHAT_FAULTHANDLER")
+    if fault_file:
+        import faulthandler
+
+        global _FAULT_FILE
+        _FAULT_FILE = open(fault_file, "a")  # kept open for the life of the process
+        faulthandler.enable(_FAULT_FILE, all_threads=True)
     keep_freed_memory()
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

@@ -58,7 +58,9 @@ def test_restart_delay_doubles_after_the_first_fast_failure_and_is_capped():
 def test_a_dead_child_is_seen_as_a_zombie_with_its_status():
     child = subprocess.Popen(["sleep", "30"])
     try:
-        assert process_state(child.pid)[0] in "SR"
+        # A child just forked may still be in "D" (uninterruptible, mid-exec) on a busy machine: only
+        # "alive, not a zombie" is certain here.
+        assert process_state(child.pid)[0] != "Z"
         os.kill(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while process_state(child.pid)[0] != "Z" and time.monotonic() < deadline:

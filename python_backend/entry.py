@@ -17,8 +17,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import triton_python_backend_utils as pb_utils
-
 from . import triton_io as io
 from .flow import Context, Flow, Watcher
 from .limits import Limits

@@ -20,7 +20,6 @@ import random
 import threading
 import time
 import uuid
-from typing import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils

@@ -24,6 +24,14 @@ def build_repo(model_dir: Path, out: Path, **overrides) -> Path:
     return run_build(str(model_dir), out, settings)
 
 
+def overload_repo(tmp_path_factory) -> Path:
+    """stories260K with one slot and a queue of one in front of the generator and the entry: a
+    repository that overloads at once (the overload tests, direct and through the gateway)."""
+    need(STORIES)
+    return build_repo(STORIES, tmp_path_factory.mktemp("overload") / "repo", max_batch_size=1,
+                      models={"generator": {"max_queue_size": 1}, "ensemble": {"max_queue_size": 1}})
+
+
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers generate(do_sample=False): the reference answer, without end ids."""
     import torch

@@ -222,6 +222,17 @@ class TritonPythonModel:
 """
 
 
+# a model whose loading fails with a message the tests look for
+BROKEN_MODEL = """
+class TritonPythonModel:
+    def initialize(self, args):
+        raise RuntimeError("tokenizer.json is missing: kaboom-4711")
+
+    def execute(self, requests):
+        return []
+"""
+
+
 def echo_repo(root: Path, *names: str, model_py: str = ECHO_MODEL) -> Path:
     """A repository of tiny Python models (load in about a second)."""
     for name in names:

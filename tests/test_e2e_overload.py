@@ -5,10 +5,11 @@ UNAVAILABLE (HTTP 503), and the server keeps serving."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 
 import pytest
 
-from e2e_helpers import STORIES, build_repo, need
+from e2e_helpers import overload_repo
 
 pytestmark = pytest.mark.slow
 
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.slow
 def small_server(tmp_path_factory):
     from tritonchat.server import TritonServer
 
-    need(STORIES)
-    repo = build_repo(STORIES, tmp_path_factory.mktemp("overload") / "repo", max_batch_size=1,
-                      models={"generator": {"max_queue_size": 1}, "ensemble": {"max_queue_size": 1}})
+    repo = overload_repo(tmp_path_factory)
     with TritonServer(repo) as srv:
         yield srv
 
@@ -31,8 +30,11 @@ def test_a_full_waiting_line_refuses_with_unavailable_and_the_server_keeps_servi
 
     url = small_server.grpc_url if protocol == "grpc" else small_server.http_url
 
+    start = threading.Barrier(6)  # all six at once, whatever each client's set-up cost
+
     def one(_):
         with ChatClient(url, protocol=protocol) as c:
+            start.wait(30)
             try:
                 return c.generate("Once upon a time", max_tokens=400, min_tokens=400).text
             except ServerUnavailable as exc:

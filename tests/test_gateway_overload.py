@@ -8,7 +8,7 @@ import concurrent.futures as cf
 
 import pytest
 
-from e2e_helpers import STORIES, build_repo, need
+from e2e_helpers import overload_repo
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +19,7 @@ def gateway(tmp_path_factory):
     from tritonchat.gateway.process import GatewayProcess
     from tritonchat.server import TritonServer
 
-    need(STORIES)
-    repo = build_repo(STORIES, tmp_path_factory.mktemp("overload") / "repo", max_batch_size=1,
-                      models={"generator": {"max_queue_size": 1}, "ensemble": {"max_queue_size": 1}})
+    repo = overload_repo(tmp_path_factory)
     with TritonServer(repo) as srv, GatewayProcess(GatewayConfig(triton_url=srv.grpc_url, port=0, cache="off")) as gw:
         yield gw
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serve_helpers import BROKEN_MODEL
+
 from tritonchat import install, server_log
 from tritonchat import server as srv
 
@@ -53,16 +55,6 @@ max_batch_size: 0
 input [ { name: "X", data_type: TYPE_FP32, dims: [ 1 ] } ]
 output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
 """
-
-BROKEN_MODEL = """
-class TritonPythonModel:
-    def initialize(self, args):
-        raise RuntimeError("tokenizer.json is missing: kaboom-4711")
-
-    def execute(self, requests):
-        return []
-"""
-
 
 def write_model(repo: Path, name: str, config: str, model_py: str) -> None:
     (repo / name / "1").mkdir(parents=True)

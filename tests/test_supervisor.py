@@ -12,19 +12,9 @@ import subprocess
 import time
 
 import pytest
-from serve_helpers import Serve, alive, echo_repo, http_status
+from serve_helpers import BROKEN_MODEL, Serve, alive, echo_repo, http_status
 
 from tritonchat.supervisor import RestartPolicy, describe_status, find_stubs, process_state, scan_stubs
-
-BROKEN_MODEL = """
-class TritonPythonModel:
-    def initialize(self, args):
-        raise RuntimeError("tokenizer.json is missing: kaboom-4711")
-
-    def execute(self, requests):
-        return []
-"""
-
 
 def infer(srv: Serve, model: str) -> int:
     body = json.dumps({"inputs": [{"name": "X", "shape": [1], "datatype": "FP32", "data": [1.5]}]}).encode()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from tritonchat.procs import http_request
+
 # pytriton release -> the tritonserver its wheel ships (checked by starting it: GET /v2 -> version)
 PYTRITON_SERVER = {"0.7.0": "2.51.0"}
 
@@ -194,19 +196,9 @@ DISK_MIN_FREE = 256 << 20
 def _request(url: str, *, data: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
              timeout: float = 10.0) -> Tuple[Optional[int], str]:
     """(HTTP status or None when nothing answered, body or the connection error)."""
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url if "://" in url else f"http://{url}", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})},
-                                 method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return None, str(getattr(exc, "reason", exc))
+    status, body = http_request(url if "://" in url else f"http://{url}", data=data, timeout=timeout,
+                                headers={"Content-Type": "application/json", **(headers or {})})
+    return status, body.decode("utf-8", "replace")
 
 
 def _load_fix(reason: str) -> str:

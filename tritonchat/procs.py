@@ -1,11 +1,13 @@
-"""Child processes and ports, shared by the server launcher (server.py) and the gateway's launcher
-(gateway/process.py)."""
+"""Child processes, ports and a plain HTTP call, shared by the server launcher (server.py), the
+gateway's launcher (gateway/process.py), the supervisor and `doctor`."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
-from typing import List, Optional
+import urllib.error
+import urllib.request
+from typing import Dict, List, Optional, Tuple
 
 
 def stop_process(proc: subprocess.Popen, steps) -> Optional[int]:
@@ -36,3 +38,17 @@ def free_ports(n: int = 3, host: str = "127.0.0.1") -> List[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def http_request(url: str, *, data: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+                 timeout: float = 2.0) -> Tuple[Optional[int], bytes]:
+    """GET (POST with `data`) `url`; never raises: (HTTP status, body), or (None, the connection
+    error's reason) when nothing answered."""
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, str(getattr(exc, "reason", exc)).encode()

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import weakref
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from tritonchat.install import (STUB_NAME, ServerNotFoundError, backend_directory, check_stub, install_backends,
                                 locate_server, python_tag, record_server_version, server_env, state_file)
-from tritonchat.procs import free_ports, stop_process  # noqa: F401 - free_ports: part of this module's API
+from tritonchat.procs import free_ports, http_request, stop_process  # noqa: F401 - free_ports: part of this module's API
 from tritonchat.security import Access
 from tritonchat.server_log import failure_reason
 from tritonchat.supervisor import RestartPolicy, Supervisor
@@ -86,16 +85,6 @@ def python_thread_pool(repo: PathLike) -> int:
 
 
 # --------------------------------------------------------------------------------------------- process
-
-
-def _http_get(url: str, timeout: float = 2.0) -> Optional[int]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
 
 
 _RUNNING: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
@@ -201,7 +190,7 @@ class TritonServer:
             rc = self.process.poll()
             if rc is not None:
                 self._raise(f"tritonserver exited with code {rc} while starting", rc)
-            if _http_get(url, timeout=1.0) == 200:
+            if http_request(url, timeout=1.0)[0] == 200:
                 return
             if time.monotonic() > deadline:
                 self._raise(f"tritonserver was not ready after {self.startup_timeout:.0f} s", None)
@@ -239,7 +228,7 @@ class TritonServer:
 
     def model_ready(self, name: str, version: str = "") -> bool:
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/ready"
-        return _http_get(f"http://{self.http_url}{path}") == 200
+        return http_request(f"http://{self.http_url}{path}")[0] == 200
 
     def metadata(self) -> dict:
         with urllib.request.urlopen(f"http://{self.http_url}/v2", timeout=5) as resp:

@@ -40,12 +40,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
+from tritonchat.procs import http_request
 from tritonchat.server_log import failure_reason, is_failure_line
 
 __all__ = ["Supervisor", "RestartPolicy", "Stub", "find_stubs", "scan_stubs", "process_state", "describe_status",
@@ -173,18 +172,6 @@ def _prepare_die_with_parent() -> Callable[[], None]:
     return hook
 
 
-def _http(url: str, timeout: float, data: Optional[bytes] = None,
-          headers: Optional[Dict[str, str]] = None) -> Tuple[Optional[int], bytes]:
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError, ValueError):
-        return None, b""
-
-
 # --------------------------------------------------------------------------------------------- policy
 
 
@@ -249,7 +236,7 @@ class _Liveness(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            if _http(self.url, timeout=self.timeout)[0] == 200:
+            if http_request(self.url, timeout=self.timeout)[0] == 200:
                 self.last_ok = time.monotonic()
             self.done.wait(1.0)
 
@@ -419,7 +406,7 @@ class Supervisor:
                     server.pump.join(timeout=2)  # the whole log, for the reason
                 return (f"tritonserver {describe_status(rc, waitpid=False)} while starting: "
                         f"{failure_reason(server.output())}")
-            if _http(url, timeout=1.0)[0] == 200:
+            if http_request(url, timeout=1.0)[0] == 200:
                 return None
             if limit is not None and time.monotonic() - server.started > limit:
                 return f"tritonserver was not ready {limit:.0f} s after starting"
@@ -484,7 +471,7 @@ class Supervisor:
 
     def _index(self) -> Optional[Dict[Tuple[str, str], str]]:
         """{(model, version): state} from tritonserver's repository index (None: no answer)."""
-        status, body = _http(f"http://{self.http_url}/v2/repository/index", timeout=1.0, data=b"{}",
+        status, body = http_request(f"http://{self.http_url}/v2/repository/index", timeout=1.0, data=b"{}",
                              headers=self.admin_headers)
         if status != 200:
             return None
@@ -500,7 +487,7 @@ class Supervisor:
         """(running sequences, waiting requests) summed over the generator models, from the metrics port."""
         if not self.metrics_url:
             return None
-        status, body = _http(f"http://{self.metrics_url}/metrics", timeout=0.5)
+        status, body = http_request(f"http://{self.metrics_url}/metrics", timeout=0.5)
         if status != 200:
             return None
         from prometheus_client.parser import text_string_to_metric_families

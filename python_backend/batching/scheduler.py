@@ -291,7 +291,6 @@ class Scheduler:
             waited = 1e3 * (time.perf_counter() - seq.arrived)
             if self.metrics:
                 self.courier.call(lambda: self.metrics.rejected("queue_timeout"))
-            if self.metrics:
                 self._report(0, 0)
             self._finish(seq, "", error=f"generator queue: timed out after waiting {waited:.0f} ms for a KV-cache slot "
                                         f"(queue_timeout_ms {1e3 * self.queue_timeout:.0f}); retry later")

@@ -472,3 +472,40 @@ def test_metrics_hooks_add_up_and_run_on_the_courier_thread(variant):
     assert metrics.steps == sched.stats.steps
     # the mean inter-token time of each request of two tokens or more ("The cat" asked for one)
     assert sum(i is None for i in metrics.itl) == 1 and all(i > 0 for i in metrics.itl if i is not None)
+
+
+def test_the_waiting_gauge_drops_a_request_cancelled_while_it_waited():
+    """A request cancelled in the waiting line leaves it when a slot frees; the last report of the
+    load must then say 0 waiting, also when no other request was admitted with it (seen: the gauge
+    stayed at 1 with the scheduler idle)."""
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    class Metrics:
+        def __init__(self):
+            self.loads = []
+
+        def step(self, running, waiting, new_tokens, steps=1):
+            self.loads.append((running, waiting))
+
+        def first_token(self, seconds):
+            pass
+
+        def finished(self, reason, seconds, itl=None):
+            pass
+
+    ex, tok = fake(max_slots=1, step_s=0.002)
+    metrics = Metrics()
+    sched = Scheduler(ex, metrics=metrics)
+    outs, finals, sink_of = _collect(2)
+    sched.submit(_seq(tok, "Once upon a time", 30, sink_of(0)))
+    waiting = _seq(tok, "The cat", 5, sink_of(1))
+    sched.submit(waiting)
+    waiting.cancelled = True  # as the entry's control request does (generator._cancel)
+    for _ in range(2):
+        assert finals.acquire(timeout=10)
+    deadline = time.monotonic() + 5
+    while (not metrics.loads or metrics.loads[-1] != (0, 0)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sched.shutdown()
+    assert outs[1][-1].finish_reason == "cancelled"
+    assert metrics.loads[-1] == (0, 0), metrics.loads[-5:]

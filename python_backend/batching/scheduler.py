@@ -130,8 +130,10 @@ class Scheduler:
                 self._drop_cancelled()
                 if self.queue_timeout > 0:
                     self._drop_timed_out()
+                waiting = len(self.waiting)
                 admitted = self._admit() if self._admission_due() and not self._mix_next() else 0
-                if self.metrics and admitted:
+                # also when only cancelled requests left the line: the waiting gauge must not keep them
+                if self.metrics and (admitted or len(self.waiting) != waiting):
                     self._report(admitted, 0)
                 self._step()
             except Exception as exc:  # an engine failure fails the batch, not the server

@@ -104,10 +104,12 @@ _MESSAGE_RULES = [
                 r"model .* is not (?:loaded|available)", re.I), ModelNotFound),
     (re.compile(r"exceeds maximum queue size|queue (?:is )?full|server is not ready|"
                 r"failed to connect|connection refused|connect failed|"
-                r"socket closed|server unavailable|unavailable", re.I), ServerUnavailable),
+                r"socket closed|server unavailable|unavailable|"
+                # a model's process died (Triton's words, any code): the server restarts it under `serve`
+                r"stub process (?:'[^']*' )?(?:is )?not healthy", re.I), ServerUnavailable),
     (re.compile(r"\bcancel+ed\b|\bcancel+ation\b", re.I), RequestCancelled),
     (re.compile(r"deadline exceeded|timed out|timeout", re.I), RequestTimeout),
-    (re.compile(r"stub process (?:is )?not healthy|internal error|segmentation fault", re.I), ServerError),
+    (re.compile(r"internal error|segmentation fault", re.I), ServerError),
 ]
 
 

@@ -3,7 +3,7 @@ stream, SSE or one JSON object, cache write, metrics, and cancellation when the 
 
 Streamed requests wait for Triton's first response before sending headers, so that what Triton
 refuses (a prompt longer than the context, a full queue) is a proper 400 / 503, not an error event
-inside a 200 stream. From then on, a client that disconnects cancels the stream's task (Starlette
+inside a 200 stream. From then on, a client that disconnects cancels the stream's task (gateway/sse.py
 listens for ``http.disconnect``), which cancels the gRPC call; a non-streamed request races its
 Triton call against the disconnect.
 """
@@ -14,11 +14,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Optional
 
-import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from tritonchat.client.errors import TritonChatError
 
@@ -28,13 +27,13 @@ from .limits import Lease
 from .metrics import GatewayMetrics
 from .responses import DONE, Shaper
 from .schemas import Prepared
+from .sse import SSEResponse
 from .upstream import Upstream
 
 __all__ = ["Generation", "ClientGone"]
 
 log = logging.getLogger("tritonchat.gateway")
 _COMPLETE = ("stop", "length")
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class ClientGone(Exception):
@@ -43,8 +42,8 @@ class ClientGone(Exception):
 
 class _Ending:
     """What ends a streamed answer, run once, whichever comes first: the body generator's own end, or
-    the response's end when the body never started (a client gone before the first chunk was sent:
-    Starlette then cancels the stream before iterating it, and an unstarted generator runs no finally)."""
+    the response's end (SSEResponse), which also covers a body that never started (an unstarted
+    generator runs no finally)."""
 
     def __init__(self, gen: "Generation", lease: Lease, stream=None):
         self.gen, self.lease, self.stream = gen, lease, stream
@@ -54,25 +53,14 @@ class _Ending:
         if self.done:
             return
         self.done = True
-        with anyio.CancelScope(shield=True):
-            if self.stream is not None:
-                await _close(self.stream)  # cancels the gRPC call if Triton has not finished
-            self.gen.metrics.in_flight.dec()
-            self.lease.release()
-            if not (self.complete or self.failed):
-                self.gen.metrics.disconnects.inc()
-
-
-class _EndingStream(StreamingResponse):
-    def __init__(self, body, ending: _Ending, headers: Dict[str, str]):
-        super().__init__(body, media_type="text/event-stream", headers=headers)
-        self._ending = ending
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._ending()
+        # the bookkeeping first and without awaiting, so that a second cancellation cannot skip it;
+        # closing the stream cancels the gRPC call synchronously in its first step
+        self.gen.metrics.in_flight.dec()
+        self.lease.release()
+        if not (self.complete or self.failed):
+            self.gen.metrics.disconnects.inc()
+        if self.stream is not None:
+            await _close(self.stream)  # cancels the gRPC call if Triton has not finished
 
 
 @dataclass
@@ -113,7 +101,7 @@ class Generation:
                 handed_over = True
                 ending = _Ending(self, lease, stream)
                 body = self._stream_body(stream, first, shaper, prep, key, fingerprint, endpoint, t0, ending)
-                return _EndingStream(body, ending, {**_SSE_HEADERS, **headers})
+                return SSEResponse(body, ending, headers)
             completion = await _until_disconnect(request, self.upstream.generate(prep.prompt, prep.params))
             self._count(endpoint, 200, completion.num_input_tokens, completion.num_output_tokens, t0)
             if key and completion.finish_reason in _COMPLETE:
@@ -204,7 +192,7 @@ class Generation:
             finally:
                 await ending()
 
-        return _EndingStream(body(), ending, {**_SSE_HEADERS, **headers})
+        return SSEResponse(body(), ending, headers)
 
     # ---- streaming ------------------------------------------------------------------------------
 

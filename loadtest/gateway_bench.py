@@ -4,7 +4,10 @@ the same run.
 For each concurrency level, the same sweep as ``tritonchat bench`` (bench.py: greedy, exactly
 ``output_len`` tokens on prompts of exactly ``prompt_len`` tokens, streamed) runs twice back to back:
 straight to Triton over gRPC (tritonchat.client), then through the gateway (``POST /v1/completions``,
-loadtest/openai_client.py). With ``--rounds N`` the pair repeats N times and each keeps its best round.
+loadtest/openai_client.py). With ``--rounds N`` the pair repeats N times, the order swapped every round
+(so that neither side always runs on the machine the other warmed or heated), and each keeps its best
+round; beside the best rounds, the paired figures: each round's gateway ÷ direct and TTFT p50 difference,
+their median and range (on a shared machine the two sides drift together, so pairs see less noise).
 The gateway the bench starts itself has its response cache off (the bench's repeated prompts would
 otherwise be cache hits), and so does every request (``Cache-Control: no-store``).
 
@@ -81,8 +84,9 @@ def run_gateway_compare(cfg: BenchConfig, openai_url: Optional[str], start_gatew
                 tag = f"[{r + 1}/{n_rounds}] " if n_rounds > 1 else ""
                 for name in rounds:
                     rounds[name].append([])
+                sides = (("direct", direct_cfg, grpc_url), ("gateway", gw_cfg, openai_url))
                 for c in cfg.concurrency:  # the two sides back to back at each level: the same machine state
-                    for name, side_cfg, url in (("direct", direct_cfg, grpc_url), ("gateway", gw_cfg, openai_url)):
+                    for name, side_cfg, url in (sides if r % 2 == 0 else sides[::-1]):
                         one = dataclasses.replace(side_cfg, concurrency=[c], overhead_repeats=0)
                         out = asyncio.run(_sweep(one, url, http_url, grpc_url, prompts, progress,
                                                  with_overhead=False, tag=f"{tag}{name:<8}"))
@@ -95,6 +99,7 @@ def run_gateway_compare(cfg: BenchConfig, openai_url: Optional[str], start_gatew
         if server is not None:
             server.stop()
     result["overhead"] = compare_levels(result["direct"]["levels"], result["gateway"]["levels"])
+    add_paired(result["overhead"], rounds)
     console.print(rich_table(result))
     if cfg.out:
         out = Path(cfg.out)
@@ -126,8 +131,30 @@ def compare_levels(direct: List[Dict[str, Any]], gateway: List[Dict[str, Any]]) 
     return out
 
 
+def add_paired(rows: List[Dict[str, Any]], rounds: Dict[str, List[List[Dict[str, Any]]]]) -> None:
+    """Per level, each round's gateway ÷ direct tokens/s and TTFT p50 difference: median, min, max."""
+    import statistics
+
+    for row in rows:
+        ratios, deltas = [], []
+        for d_levels, g_levels in zip(rounds["direct"], rounds["gateway"]):
+            d = next((lv for lv in d_levels if lv["concurrency"] == row["concurrency"]), None)
+            g = next((lv for lv in g_levels if lv["concurrency"] == row["concurrency"]), None)
+            if not d or not g:
+                continue
+            if d.get("output_tokens_per_s") and g.get("output_tokens_per_s"):
+                ratios.append(g["output_tokens_per_s"] / d["output_tokens_per_s"])
+            a, b = (d.get("ttft_ms") or {}).get("p50"), (g.get("ttft_ms") or {}).get("p50")
+            if a is not None and b is not None:
+                deltas.append(b - a)
+        row["paired_tok_s_ratios"], row["paired_ttft_p50_deltas_ms"] = ratios, deltas
+        row["paired_tok_s_ratio_median"] = statistics.median(ratios) if ratios else None
+        row["paired_ttft_p50_delta_median_ms"] = statistics.median(deltas) if deltas else None
+
+
 HEAD = ["C", "direct tok/s", "gateway tok/s", "gateway ÷ direct", "TTFT p50 direct", "TTFT p50 gateway", "Δ p50",
-        "TTFT p99 direct", "TTFT p99 gateway", "Δ p99", "ITL p50 direct", "ITL p50 gateway", "errors"]
+        "TTFT p99 direct", "TTFT p99 gateway", "Δ p99", "ITL p50 direct", "ITL p50 gateway", "errors",
+        "paired ÷ median [min–max]", "paired Δ p50 median [min–max]"]
 
 
 def _cells(row: Dict[str, Any]) -> List[str]:
@@ -139,7 +166,15 @@ def _cells(row: Dict[str, Any]) -> List[str]:
             "–" if ratio is None else f"{ratio:.3f} ({(ratio - 1) * 100:+.1f} %)",
             f(row["direct_ttft_p50_ms"], 2), f(row["gateway_ttft_p50_ms"], 2), f(row["ttft_p50_delta_ms"], 2),
             f(row["direct_ttft_p99_ms"], 2), f(row["gateway_ttft_p99_ms"], 2), f(row["ttft_p99_delta_ms"], 2),
-            f(row["direct_itl_p50_ms"], 2), f(row["gateway_itl_p50_ms"], 2), str(row["errors"])]
+            f(row["direct_itl_p50_ms"], 2), f(row["gateway_itl_p50_ms"], 2), str(row["errors"]),
+            _spread(row.get("paired_tok_s_ratio_median"), row.get("paired_tok_s_ratios"), 3),
+            _spread(row.get("paired_ttft_p50_delta_median_ms"), row.get("paired_ttft_p50_deltas_ms"), 2)]
+
+
+def _spread(median, values, d: int) -> str:
+    if median is None or not values:
+        return "–"
+    return f"{median:.{d}f} [{min(values):.{d}f}–{max(values):.{d}f}]"
 
 
 def _title(result: Dict[str, Any]) -> str:

@@ -196,8 +196,11 @@ class _FakeRpcError(Exception):
     (None, "max_tokens must be >= 1", InvalidRequest),  # in-stream error: Triton drops the code
     (None, "Request for unknown model: 'nope' is not found", ModelNotFound),
     (None, "Exceeds maximum queue size", ServerUnavailable),
+    # a model's process died: retry later (503), whether Triton names the stub or not, with any code
     (None, "Failed to process the request(s) for model 'generator', message: Stub process is not healthy.",
-     ServerError),
+     ServerUnavailable),
+    (None, "Stub process 'ensemble_0_0' is not healthy.", ServerUnavailable),
+    ("StatusCode.INVALID_ARGUMENT", "Stub process 'ensemble_0_0' is not healthy.", ServerUnavailable),
     (400, "top_k must be >= 0", InvalidRequest), ("400", "bad", InvalidRequest),
     (400, "Request for unknown model: 'y' is not found", ModelNotFound),
     (404, "Request for unknown model: 'y' is not found", ModelNotFound),

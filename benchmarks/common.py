@@ -18,6 +18,8 @@ import torch
 
 try:
     from tritonchat.python_backend.engines.torch.kernels import cdiv, next_pow2
+    # median device time of fn() over `reps` calls, CUDA events around each (the engine's kernel tuner's)
+    from tritonchat.python_backend.engines.torch.quant import cuda_median_ms
 except ImportError as exc:  # the checkout alone does not import as `tritonchat`: its folders are mapped
     raise SystemExit(f"{exc}: install the package first, from the repository root: "
                      "python3 -m pip install --no-deps --no-build-isolation -e .") from exc
@@ -25,22 +27,6 @@ except ImportError as exc:  # the checkout alone does not import as `tritonchat`
 
 def log(*a) -> None:
     print(*a, flush=True)
-
-
-def cuda_median_ms(fn, reps: int, warm: int = 3) -> float:
-    """Median device time of `fn()` in ms (CUDA events around each call) over `reps` calls."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
 
 
 def wall_median_ms(fn, reps: int, warm: int = 2) -> float:

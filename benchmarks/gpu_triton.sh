@@ -22,13 +22,15 @@ export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
 cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
 python3 -m tritonchat.cli setup-server
-MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama
+# PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
+MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}
 [ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
     --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
 # postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
 [ -f $REPO/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $REPO --engine torch \
-    --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml
+    --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml \
+    ${PRECISION:+--precision $PRECISION}
 # PROFILE=S: py-spy of the generator stub S seconds into the bench (ready: 6 s after the generator
 # is ready), for $PROFILE_SECONDS (10) s;
 # PYSPY_ARGS=--gil samples only the thread holding the GIL. PEERS= (empty): no peers.
@@ -42,4 +44,4 @@ if [ -n "${PROFILE:-}" ]; then
       > "$OUT/py-spy.log" 2>&1 ) &
 fi
 python3 -m tritonchat.cli bench --model-repository $REPO --concurrency ${LEVELS:-1,16,64,128} \
-    --prompt-len 128 --output-len 128 ${PEERS---peers transformers} --model $MODEL --out "$OUT/bench" "$@"
+    --prompt-len 128 --output-len 128 ${PEERS---peers transformers} --model $MODEL --out "$OUT/bench${PRECISION:+-$PRECISION}" "$@"

@@ -41,6 +41,9 @@ VARIANTS = {
     "torch-sdpa+graphs": ("torch", "sdpa", True, 256),
     "torch-sdpa+graphs T=1024": ("torch", "sdpa", True, MAX_SEQ),
     "torch-sdpa eager": ("torch", "sdpa", False, 256),
+    # the products' weights in 8 bits (python_backend/engines/torch/quant.py); timed, not in the HF check
+    "triton+graphs int8": ("triton", "triton", True, 256, {"weights": "int8"}),
+    "triton+graphs fp8": ("triton", "triton", True, 256, {"weights": "fp8"}),
 }
 
 
@@ -54,10 +57,13 @@ def copy_bandwidth() -> float:
 
 
 def make_engine(model, variant, **kw):
-    kernels, attention, graphs, bucket = VARIANTS[variant]
+    kernels, attention, graphs, bucket, *extra = VARIANTS[variant]
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
-    return TorchEngine(**{**args, **kw})
+    ex = TorchEngine(**{**args, **(extra[0] if extra else {}), **kw})
+    if ex.llama.weights != "dtype":
+        ex.llama.mm.tune(ex.llama.quantized_weights(), [16, 32, 64, 128])  # as warmup() does before the graphs
+    return ex
 
 
 def rel(a, b) -> float:
@@ -87,7 +93,7 @@ def check_correctness(model, ref32, res):
                 g = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                max_new_tokens=steps, min_new_tokens=steps)
                 hf_tok[name].append(g[0, len(p):].tolist())
-    cases = [(v, {}) for v in VARIANTS if "T=1024" not in v] + [("triton+graphs", {"dtype": "float32"})]
+    cases = [(v, {}) for v in VARIANTS if "T=1024" not in v and len(VARIANTS[v]) == 4] + [("triton+graphs", {"dtype": "float32"})]
     for variant, kw in cases:
         label = variant + (" fp32" if kw else "")
         try:
@@ -188,6 +194,7 @@ def iter_prefix(a, b):
 def time_variant(model, variant, res, long_ctx=False):
     ex = make_engine(model, variant)
     out = res.setdefault("timings", {}).setdefault(variant, {})
+    out["weight_bytes"] = ex.llama.weight_bytes()  # what a decode step reads of the weights
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 32000, CTX)
     # prefill 128 tokens (eager for every variant)
@@ -247,6 +254,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-results"))
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--only-correctness", action="store_true")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of VARIANTS to time")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--skip-long", action="store_true", help="no context-896 timings, no profile")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,9 +279,10 @@ def main():
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s; weights {wbytes / 1e9:.2f} GB; batch-1 bound "
         f"{res['bound_b1_ms']:.3f} ms; model built at {time.time() - t0:.1f} s")
 
-    ref32 = copy.deepcopy(model).float()
-    check_correctness(model, ref32, res)
-    del ref32
+    if not args.skip_correctness:
+        ref32 = copy.deepcopy(model).float()
+        check_correctness(model, ref32, res)
+        del ref32
     gc.collect()
     torch.cuda.empty_cache()
     log(f"correctness done at {time.time() - t0:.1f} s")
@@ -279,20 +290,21 @@ def main():
         (out_dir / "results.json").write_text(json.dumps(res, indent=1))
         return
 
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         try:
             time_variant(model, variant, res)
         except Exception:  # noqa: BLE001
             log(f"[{variant}] timing FAILED\n{traceback.format_exc()}")
             res.setdefault("errors", []).append(f"timing {variant}: {traceback.format_exc()}")
         (out_dir / "results.json").write_text(json.dumps(res, indent=1))
-    for variant in ("triton+graphs", "torch-sdpa+graphs"):
+    for variant in ("triton+graphs", "torch-sdpa+graphs") if not args.skip_long else ():
         try:
             time_variant(model, variant, res, long_ctx=True)
         except Exception:  # noqa: BLE001
             log(f"[{variant}] long-context timing FAILED\n{traceback.format_exc()}")
     try:
-        profile_step(model, res)
+        if not args.skip_long:
+            profile_step(model, res)
     except Exception:  # noqa: BLE001
         log(f"[profile] FAILED\n{traceback.format_exc()}")
     if not args.skip_hf:
@@ -328,6 +340,16 @@ def table(res):
     for b in (1, 64):
         if f"b{b}" in hf:
             lines.append(f"{'HF generate (bf16)':26s} {b:5d} {hf[f'b{b}']['step_ms']:8.3f}")
+    timings = res.get("timings", {})
+    base = timings.get("triton+graphs", {})
+    for fmt in ("int8", "fp8"):  # the 8-bit steps against the bf16 one, and against their own bound
+        q = timings.get(f"triton+graphs {fmt}", {})
+        for b in BATCHES:
+            if f"b{b}" in base and f"b{b}" in q:
+                own = (q["weight_bytes"] + b * (CTX + 1) * kv_row) / bw * 1e3
+                lines.append(f"{fmt} ÷ bf16 step at batch {b}: {q[f'b{b}']['step_ms'] / base[f'b{b}']['step_ms']:.3f} "
+                             f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
+                             f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
     lines.append("prefill 128 tokens (ms): " + ", ".join(
         f"{k} {v['prefill128_ms']:.2f}" for k, v in res.get("timings", {}).items() if "prefill128_ms" in v)
         + (f", HF forward {hf['prefill128_ms']:.2f}" if "prefill128_ms" in hf else ""))

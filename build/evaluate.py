@@ -35,7 +35,7 @@ from .precision import graph_precision, normalize_precision
 from .text import bos_id, builtin_sample, encode
 
 # max relative perplexity increase over the reference (0.02 = +2 %), as in the build config's accuracy_bounds
-DEFAULT_BOUNDS = {"fp32": 0.001, "fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02}
+DEFAULT_BOUNDS = {"fp32": 0.001, "fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02, "fp8": 0.01}
 DEFAULT_PROMPTS = (
     "Once upon a time, there was a little",
     "The dog ran to the park and",
@@ -207,7 +207,11 @@ class _TorchModel:
         return KVSpec.from_config(self.model.config).max_position_embeddings
 
     def describe(self) -> str:
-        return f"{self.name} (PyTorch FP32)"
+        return f"{self.name} (PyTorch {str(self.device_dtype()[1]).replace('torch.', '')})"
+
+    def device_dtype(self):
+        p = next(self.model.parameters())
+        return p.device, p.dtype
 
     def size(self) -> int | None:
         return self._size
@@ -215,20 +219,24 @@ class _TorchModel:
     def logits(self, ids: np.ndarray) -> np.ndarray:
         import torch
 
+        dev = self.device_dtype()[0]
         with torch.no_grad(), _torch_threads(self.threads):
-            return self.model(input_ids=torch.as_tensor(ids[None], dtype=torch.long)).logits[0].float().numpy()
+            ids = torch.as_tensor(ids[None], dtype=torch.long, device=dev)
+            return self.model(input_ids=ids).logits[0].float().cpu().numpy()
 
     def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         import torch
 
         outs = []
+        dev = self.device_dtype()[0]
         with torch.no_grad(), _torch_threads(self.threads):
             for p in prompts:
-                o = self.model(input_ids=torch.as_tensor([list(p)], dtype=torch.long), use_cache=True)
+                o = self.model(input_ids=torch.as_tensor([list(p)], dtype=torch.long, device=dev), use_cache=True)
                 toks = [int(o.logits[0, -1].argmax())]
                 past = o.past_key_values
                 for _ in range(new_tokens - 1):
-                    o = self.model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
+                    o = self.model(input_ids=torch.tensor([[toks[-1]]], device=dev), past_key_values=past,
+                                   use_cache=True)
                     past = o.past_key_values
                     toks.append(int(o.logits[0, -1].argmax()))
                 outs.append(toks)
@@ -330,7 +338,49 @@ def evaluate(reference_model_dir_or_model, onnx_path: Path, *, text: str | None 
     ref = _as_model(reference_model_dir_or_model, threads)
     if precision is None:
         precision = test.spec.get("precision") or graph_precision(test.path)
+    return _evaluate(ref, test, str(onnx_path), precision, t0, text=text, prompts=prompts, new_tokens=new_tokens,
+                     tokenizer=tokenizer, window=window, stride=stride, max_eval_tokens=max_eval_tokens)
 
+
+def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "cpu", text: str | None = None,
+                           prompts: Sequence[str] | None = None, new_tokens: int = 64,
+                           max_eval_tokens: int = 4096) -> EvalReport:
+    """The torch engine's 8-bit weights (`--precision int8-weight-only` or `fp8`) against the model in
+    its own dtype: the same model with every product's weight rounded through the format
+    (python_backend/engines/torch/quant.py, `fake_quantize`), which is what the engine's products
+    compute with, up to the order of the sums. Both run on `device`; `size_bytes` is what the engine
+    keeps (8-bit products, their scales, the embedding and norms in the dtype)."""
+    import copy
+
+    import torch
+
+    from tritonchat.python_backend.engines import TORCH_WEIGHTS
+    from tritonchat.python_backend.engines.torch.quant import fake_quantize
+
+    t0 = time.perf_counter()
+    ref_module = model.to(device).eval()
+    test_module = copy.deepcopy(ref_module)
+    fake_quantize(test_module, TORCH_WEIGHTS[precision])
+    embed = ref_module.get_input_embeddings().weight
+    linear = [p for n, p in ref_module.named_parameters() if p.dim() == 2 and p is not embed]
+    head = ref_module.get_output_embeddings().weight
+    size = sum(p.numel() + p.shape[0] * 4 for p in linear) + embed.numel() * embed.element_size() \
+        + (head.numel() + head.shape[0] * 4 if head is embed else 0) \
+        + sum(p.numel() * p.element_size() for p in ref_module.parameters() if p.dim() == 1)
+    ref = _TorchModel(ref_module, "reference", sum(p.numel() * p.element_size() for p in ref_module.parameters()))
+    test = _TorchModel(test_module, f"{precision} weights", int(size))
+    try:
+        return _evaluate(ref, test, f"torch engine, {precision} weights", precision, t0, text=text, prompts=prompts,
+                         new_tokens=new_tokens, tokenizer=tokenizer, window=None, stride=None,
+                         max_eval_tokens=max_eval_tokens)
+    finally:
+        del test_module
+        if device != "cpu":
+            torch.cuda.empty_cache()
+
+
+def _evaluate(ref, test, label: str, precision: str, t0: float, *, text, prompts, new_tokens, tokenizer,
+              window, stride, max_eval_tokens) -> EvalReport:
     text = text if text is not None else default_eval_text()
     ids = encode(tokenizer, text)
     bos = bos_id(tokenizer)
@@ -342,7 +392,7 @@ def evaluate(reference_model_dir_or_model, onnx_path: Path, *, text: str | None 
     stride = int(stride or max(1, window // 2))
 
     ppl, ref_ppl, kl = perplexity(test, ids, window, stride, ref)
-    report = EvalReport(onnx_path=str(onnx_path), precision=precision, size_bytes=test.size(),
+    report = EvalReport(onnx_path=label, precision=precision, size_bytes=test.size(),
                         perplexity=ppl, eval_tokens=len(ids) - 1, window=window, stride=stride,
                         reference_perplexity=ref_ppl, kl_divergence=kl)
     if ref is not None:
@@ -383,7 +433,7 @@ def gate(report: EvalReport, precision: str | None = None,
     if not np.isfinite(report.perplexity) or delta > bound_pct:
         raise AccuracyGateError(
             f"{precision} accuracy gate failed: perplexity {report.perplexity:.4f} vs "
-            f"{report.reference_perplexity:.4f} for the FP32 reference ({delta:+.2f} %, bound {bound_pct:+.2f} %)"
+            f"{report.reference_perplexity:.4f} for the reference ({delta:+.2f} %, bound {bound_pct:+.2f} %)"
             + (f"; KL {report.kl_divergence:.4f} nats/token" if report.kl_divergence is not None else "")
             + (f"; greedy agreement {report.prefix_agreement:.3f} before first divergence, "
                f"{report.token_agreement:.3f} position-wise" if report.token_agreement is not None else "")

@@ -76,11 +76,14 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
         if max_seq_len > spec.max_position_embeddings:
             raise BuildError(f"max_seq_len {max_seq_len} exceeds the model's {spec.max_position_embeddings} positions")
         info = {"model": model_id, "architecture": model.config.model_type, "engine": engine,
-                "precision": precision if engine != "torch" else settings["dtype"], "max_seq_len": max_seq_len,
+                "precision": precision if engine != "torch" or precision != "fp32" else settings["dtype"],
+                "max_seq_len": max_seq_len,
                 "max_batch_size": settings["max_batch_size"], "kv_spec": spec.to_json()}
         files: dict[str, Path] = {}
 
         if engine == "torch":
+            if precision != "fp32" and accuracy_gate:
+                _weights_gate(progress, con, model, tokenizer, settings, info)
             with _step(progress, "Save weights for the torch engine"):
                 model.save_pretrained(str(tmp / "hf"))
                 (tmp / "hf" / "kv_spec.json").write_text(json.dumps(spec.to_json()))
@@ -137,6 +140,23 @@ def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, sett
         info["accuracy"] = report.to_dict()
         gate(report, precision, settings["accuracy_bounds"])
     return out
+
+
+def _weights_gate(progress, con, model, tokenizer, settings, info) -> None:
+    """The torch engine's 8-bit weights are made when it loads (from the weights saved in the build's
+    dtype); the gate measures their rounding here, on the build's device."""
+    import torch
+
+    from tritonchat.build.evaluate import evaluate_torch_weights, gate, render_report
+
+    precision = settings["precision"]
+    device = settings["device"] if settings["device"] != "cuda" or torch.cuda.is_available() else "cpu"
+    with _step(progress, f"Accuracy gate: {precision} weights against {settings['dtype']} ({device})"):
+        report = evaluate_torch_weights(model, precision, tokenizer=tokenizer, device=device, prompts=EVAL_PROMPTS)
+    model.to("cpu")
+    render_report(report, console=con)
+    info["accuracy"] = report.to_dict()
+    gate(report, precision, settings["accuracy_bounds"])
 
 
 def _tensorrt(progress, onnx_path: Path, tmp: Path, settings, max_seq_len: int, files: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weight-only")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weight-only", "fp8")  # fp8: the torch engine's weights
 
 ProgressFn = Callable[[str], None]
 

@@ -29,7 +29,8 @@ def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file
         "max_batch_size": settings["max_batch_size"],
         "max_seq_len": max_seq_len,
         "engine": engine,
-        "precision": settings["precision"] if engine != "torch" else settings["dtype"],
+        # the torch engine: its dtype, or the 8-bit weights' precision (python_backend/engines: TORCH_WEIGHTS)
+        "precision": settings["precision"] if engine != "torch" or settings["precision"] != "fp32" else settings["dtype"],
         "model_file": model_file,
         "device": settings["device"],
         "dtype": settings["dtype"],

@@ -3,7 +3,8 @@ example: docs/build-config.md).
 
     max_batch_size: 16          # sequences in flight in the generator; Triton max_batch_size
     max_seq_len: null           # context (prompt + answer); default min(model's, 2048)
-    precision: fp32             # fp32 | fp16 | int8 | int8-weight-only
+    precision: fp32             # fp32 | fp16 | int8 | int8-weight-only; torch engine: fp32 (= dtype) |
+                                #   int8-weight-only | fp8 (8-bit weights, products in dtype)
     engine: onnxruntime         # onnxruntime | tensorrt | torch
     device: cpu                 # cpu | cuda
     dtype: float32              # torch engine: float32 | float16 | bfloat16
@@ -13,6 +14,7 @@ example: docs/build-config.md).
       fp16: 0.005
       int8: 0.02
       int8-weight-only: 0.02
+      fp8: 0.01
     models:                     # per-model Triton settings, visible in each config.pbtxt
       preprocessing:  {instances: 2, max_queue_delay_microseconds: 500, max_queue_size: 1024}
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
@@ -61,7 +63,7 @@ DEFAULTS: dict = {
     "dtype": "float32",
     "calibration_data": None,
     "parity_tolerance": 1e-3,
-    "accuracy_bounds": {"fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02},
+    "accuracy_bounds": {"fp16": 0.005, "int8": 0.02, "int8-weight-only": 0.02, "fp8": 0.01},
     "tensorrt": {"workspace_gb": 8, "opt_batch_size": None, "opt_seq_len": 128},
     "models": {
         "preprocessing": {"instances": 2, "max_queue_delay_microseconds": 500, "max_queue_size": 1024},
@@ -76,7 +78,7 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    "precision": ("fp32", "fp16", "int8", "int8-weight-only"),
+    "precision": ("fp32", "fp16", "int8", "int8-weight-only", "fp8"),
     "engine": ("onnxruntime", "tensorrt", "torch"),
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "float16", "bfloat16"),
@@ -152,6 +154,12 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.ensemble.log_requests must be a fraction in [0, 1], got {e['log_requests']!r}")
     if s["engine"] == "tensorrt":
         s["device"] = "cuda"  # a TensorRT plan runs on the GPU it was built for
-    if s["engine"] == "torch" and s["precision"] != "fp32":
-        raise SettingsError("the torch engine takes --dtype, not --precision")
+    if s["engine"] == "torch" and s["precision"] not in ("fp32", "fp8", "int8-weight-only"):
+        raise SettingsError("the torch engine takes --dtype, and --precision int8-weight-only or fp8 for 8-bit "
+                            f"weights (not {s['precision']!r})")
+    if s["precision"] == "fp8" and s["engine"] != "torch":
+        raise SettingsError("--precision fp8 (FP8 weights) is the torch engine's: add --engine torch")
+    if s["engine"] == "torch" and s["precision"] != "fp32" and s["dtype"] == "float32":
+        raise SettingsError(f"--precision {s['precision']} widens the weights to bfloat16 or float16 products: "
+                            "add --dtype bfloat16 (or float16)")
     return s

@@ -20,7 +20,7 @@ from .allocator import keep_freed_memory
 from .batching.sampling import InvalidParameter
 from .batching.scheduler import Scheduler
 from .batching.sequence import QueueFull
-from .engines import create_engine
+from .engines import create_engine, engine_options, parse_flag
 from .limits import Limits
 from .metrics import GeneratorMetrics
 from .request import ENTRY_ID_PREFIX, FINAL, model_end_ids, reject, request_flag, to_sequence
@@ -42,7 +42,7 @@ class TritonPythonModel:
             threads=int(params.get("threads", "0")),
             device=params.get("device", "cpu"),
             dtype=params.get("dtype", "float32"),
-            **_engine_options(params),
+            **engine_options(params),
         ))  # faults: the isolation tests' injected failures (off unless TRITONCHAT_FAULTS is set)
         self.engine.warmup()  # e.g. CUDA graphs of every batch size now, not on a user's request
         self.metrics = GeneratorMetrics(self.model_name)
@@ -57,8 +57,8 @@ class TritonPythonModel:
                                    prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
-                                   mix_prefill=_flag(params.get("mix_prefill", "true")),
-                                   prefix_reuse=_flag(params.get("prefix_reuse", "true")),
+                                   mix_prefill=parse_flag(params.get("mix_prefill", "true")),
+                                   prefix_reuse=parse_flag(params.get("prefix_reuse", "true")),
                                    metrics=self.metrics)
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
                                  f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
@@ -125,17 +125,3 @@ def _stream_rate(value: str) -> float:
         return min(AUTO_RATE_PER_CORE * (os.cpu_count() or 1), AUTO_RATE_MAX)
     return float(value or 0)
 
-
-def _engine_options(params: dict) -> dict:
-    """Optional engine knobs a repository may set as parameters (absent: the engine's defaults)."""
-    opts = {k: params[k] for k in ("kernels", "attention") if params.get(k)}
-    for flag in ("cuda_graphs", "prefill_graphs"):
-        if params.get(flag):
-            opts[flag] = _flag(params[flag])
-    if params.get("mix_tokens"):
-        opts["mix_tokens"] = int(params["mix_tokens"])
-    return opts
-
-
-def _flag(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")

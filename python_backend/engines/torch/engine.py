@@ -61,7 +61,7 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -74,7 +74,9 @@ class TorchEngine(Engine):
         graphs pay most for a few prompts (figures: docs/benchmarks-gpu.md, "Figures behind settings
         in the code"; benchmarks/gpu_prefill.py, which also checks both agree in float32).
         `mix_tokens`: prompt tokens (of at most MIX_PROMPTS prompts) that one decode step can carry
-        (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False)."""
+        (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False). `weights`: "dtype" | "int8" |
+        "fp8" (the products' weights in 8 bits with a scale per output channel: `quant.py`; native
+        path only)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -97,6 +99,8 @@ class TorchEngine(Engine):
         self.blocker = native_blocker(model, self.max_seq_len)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
 
+        if self.blocker is not None and weights != "dtype":
+            raise ValueError(f"weights={weights!r} needs the native forward, which this model has not: {self.blocker}")
         if self.blocker is not None:
             warnings.warn(f"TorchEngine: no native forward ({self.blocker}); using the slow "
                           "transformers fallback (one DynamicCache per slot, one sequence at a time)")
@@ -128,7 +132,7 @@ class TorchEngine(Engine):
             raise ValueError(f"attention must be auto, triton or sdpa, not {attention!r}")
         self.attention = attention
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
-                           dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk)
+                           dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights)
         if owned:
             del model
 
@@ -279,6 +283,9 @@ class TorchEngine(Engine):
         that is every token bucket (budget 2,048: 10 graphs), so no prefill is captured while
         serving; with SDPA one prompt of every width bucket (buckets of several prompts are
         captured on first use)."""
+        if self.path == "native" and self.llama.weights != "dtype":
+            # the 8-bit products' configurations, timed now: a graph captures the one it was given
+            self.llama.mm.tune(self.llama.quantized_weights(), [16, 32, 64, 128])
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)
@@ -475,6 +482,8 @@ class TorchEngine(Engine):
              "path": self.path, "kernels": self.kernels, "attention": self.attention,
              "cuda_graphs": self.cuda_graphs}
         if self.path == "native":
+            d["weights"] = self.llama.weights
+            d["weight_bytes"] = self.llama.weight_bytes()
             d["graph_batch_sizes"] = self.graph_batch_sizes
             d["graphs_captured"] = sorted(self.graphs.decode, key=lambda k: (k[0], k[1] or 0))
             d["captures"] = {k: round(v, 3) for k, v in self.captures.items()}

@@ -8,8 +8,11 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
   * attn_split (+ attn_combine when a sequence is split): split-K decode attention reading the cache
     in place through the slot indices and lengths (flash-decoding style), RoPE and the cache write
     of the step's new key and value included;
-  * prefill_attn: varlen causal attention of packed prompts, one program per block of queries.
-Their callers are in `llama.py`; `benchmarks/common.py` launches the decode attention directly
+  * prefill_attn: varlen causal attention of packed prompts, one program per block of queries;
+  * w8_matmul: X @ W^T with 8-bit weights (int8 or FP8 E4M3) and a scale per output channel, the
+    weights widened to X's type in registers (a decode step reads half the bytes); split-K with
+    fp32 atomics.
+Their callers are in `llama.py` and `quant.py`; `benchmarks/common.py` launches the decode attention directly
 (for `gpu_attn.py` and `gpu_l2.py`).
 """
 
@@ -271,6 +274,40 @@ def load_kernels():
             tl.store(O + rows[:, None] * (HQ * D) + h * D + d[None, :], out.to(O.dtype.element_ty),
                      mask=qm[:, None] & dm[None, :])
 
+    @triton.jit
+    def w8_matmul_kernel(X, W, S, Y, M, N, K, KS, stride_xm, stride_wn, stride_ym,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
+                         IEEE: tl.constexpr):
+        # Y[m-block, n-block] (+)= (X[m-block, k-split] @ W[n-block, k-split]^T) * S[n-block]: W is
+        # int8 or FP8 with one scale per output channel, widened to X's type tile by tile; with ATOMIC, each
+        # of several K splits adds its fp32 partial sums into a zeroed Y (enough programs for a
+        # narrow N). K and KS are not compile-time constants: one compile serves every shape
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        pm = tl.program_id(2)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        mm = rm < M
+        nm = rn < N
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(pk * KS, pk * KS + KS, BK):
+            ks = k0 + rk
+            km = ks < K
+            x = tl.load(X + rm[:, None] * stride_xm + ks[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            w = tl.load(W + rn[:, None] * stride_wn + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+        out = Y + rm[:, None] * stride_ym + rn[None, :]
+        om = mm[:, None] & nm[None, :]
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=om, sem="relaxed")
+        else:
+            tl.store(out, acc.to(Y.dtype.element_ty), mask=om)
+
     _KERNELS = types.SimpleNamespace(
         add_rmsnorm=add_rmsnorm_kernel,
         rope_kv=rope_kv_kernel,
@@ -278,5 +315,6 @@ def load_kernels():
         attn_split=attn_split_kernel,
         attn_combine=attn_combine_kernel,
         prefill_attn=prefill_attn_kernel,
+        w8_matmul=w8_matmul_kernel,
     )
     return _KERNELS

@@ -7,7 +7,9 @@ q/k/v and the gate/up projections into one matrix each, and owns the KV cache: o
 and K/V, shaped [max_slots + 1, kv_heads, max_seq_len, head_dim] (the extra last slot is the target
 of padded rows). The forward is written here: RMSNorm, RoPE from the HF rotary module (so every
 `rope_parameters` type HF knows is honoured), GQA attention, SwiGLU MLP, optional q/k/v/o biases,
-Qwen3's q/k norms, tied embeddings. Two sets of kernels implement the small ops:
+Qwen3's q/k norms, tied embeddings. `weights="int8"` / `"fp8"`: the products' weights (q/k/v, o,
+gate/up, down, the head) in 8 bits with a scale per output channel (`quant.py`; the embedding lookup
+keeps the engine's dtype). Two sets of kernels implement the small ops:
   * "triton" (`kernels.py`; CUDA default when Triton imports): fused add+RMSNorm, RoPE + KV-cache
     write, SiLU*up, a split-K decode attention that reads the cache in place through the slot
     indices and per-slot lengths (flash-decoding style; no gather, no host sync; a combine kernel
@@ -29,6 +31,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul
 from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
 from .layout import PREFILL_BLOCK, Prompts
 
@@ -105,10 +108,14 @@ class Llama:
 
     `kernels`: "triton" | "torch" (the small ops); `attention`: "triton" (in-place split-K decode,
     varlen prefill) | "sdpa"; `tk`: the Triton kernels (`kernels.load_kernels()`) where either is
-    Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`)."""
+    Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`).
+    `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring)."""
 
     def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
-                 kernels: str, attention: str, tk):
+                 kernels: str, attention: str, tk, weights: str = "dtype"):
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
+        self.weights = weights
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
         self.device, self.dtype = device, dtype
         self.kernels, self.attention, self._tk = kernels, attention, tk
@@ -158,6 +165,33 @@ class Llama:
             self._arange = torch.arange(self.max_seq_len, device=dev)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
         self.split_min = SPLIT_MIN_POSITIONS
+        self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms)
+        if weights != "dtype":
+            self._quantize(weights)
+
+    def _quantize(self, fmt: str):
+        """Replace the products' weights by their 8-bit form, one at a time (the peak is one weight over)."""
+        with torch.no_grad():
+            for L in self.layers:
+                for name in ("wqkv", "wo", "wgu", "wd"):
+                    setattr(L, name, QuantWeight(getattr(L, name), fmt, self.dtype))
+            self.lm_head = QuantWeight(self.lm_head, fmt, self.dtype)  # a tied head gets its own copy
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def quantized_weights(self) -> list:
+        return [w for L in self.layers for w in (L.wqkv, L.wo, L.wgu, L.wd)] + [self.lm_head] \
+            if self.weights != "dtype" else []
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads (the products' and the norms'; not the embedding)."""
+        def size(w):
+            return 0 if w is None else (w.nbytes() if isinstance(w, QuantWeight) else w.numel() * w.element_size())
+        return sum(size(getattr(L, n)) for L in self.layers for n in ("wqkv", "wo", "wgu", "wd", "in_norm",
+                                                                       "post_norm")) + size(self.lm_head)
+
+    def linear(self, x, w, b=None):
+        return self.mm(x, w, b) if isinstance(w, QuantWeight) else F.linear(x, w, b)
 
     # -- small ops ---------------------------------------------------------------------------
     def rms(self, x, w):
@@ -309,10 +343,10 @@ class Llama:
         res = None
         for L in self.layers:
             h, res = self.add_norm(x, res, L.in_norm)
-            qkv = F.linear(h, L.wqkv, L.bqkv)
-            o = F.linear(attn(qkv, L), L.wo, L.bo)
+            qkv = self.linear(h, L.wqkv, L.bqkv)
+            o = self.linear(attn(qkv, L), L.wo, L.bo)
             h, res = self.add_norm(o, res, L.post_norm)
-            x = F.linear(self.silu_mul(F.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
+            x = self.linear(self.silu_mul(self.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
         if last is not None:  # prefill: only the last row of each prompt goes on to the head
             x, res = x[last], res[last]
         h, _ = self.add_norm(x, res, self.norm)
@@ -322,7 +356,7 @@ class Llama:
         """Logits [rows, vocab] of a decode step: token `tok[i]` at position `pos[i]` of slot
         `slots[i]`; `tb`: the SDPA attention's length bucket (None with the Triton attention)."""
         h = self.forward(tok, lambda qkv, L: self.attn_decode(qkv, L, slots, pos, tb))
-        return F.linear(h, self.lm_head)
+        return self.linear(h, self.lm_head)
 
     def prefill_logits(self, p: Prompts) -> torch.Tensor:
         """Logits [prompts, vocab] (float32) of a prefill: projections and MLP over the packed
@@ -332,7 +366,7 @@ class Llama:
             out = torch.empty((q.shape[0], q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
             return self.attn_prompts(q, L, p, out)
         h = self.forward(p.tok, attn, last=p.last)
-        return F.linear(h, self.lm_head).float()
+        return self.linear(h, self.lm_head).float()
 
     def mixed_logits(self, tok, slots, pos, tb, p: Prompts) -> torch.Tensor:
         """Logits [decode rows + prompt capacity, vocab] of a decode step that carries prompts:
@@ -351,4 +385,4 @@ class Llama:
             return out
         last = torch.cat([self._arange[:b], p.last + b])
         h = self.forward(torch.cat([tok, p.tok]), attn, last=last)
-        return F.linear(h, self.lm_head)
+        return self.linear(h, self.lm_head)

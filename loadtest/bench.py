@@ -520,7 +520,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
                 if cfg.peers:
                     from .peers import run_peers
 
-                    peer_rounds.append(run_peers(cfg, peer_dir, prompts, progress, console, tag=tag))
+                    peer_rounds.append(run_peers(cfg, peer_dir, prompts, progress, console, tag=tag, sweep=_sweep))
             result["server"] = best_of_rounds(server_rounds)
             if cfg.peers:
                 result["peers"] = best_of_peer_rounds(peer_rounds)

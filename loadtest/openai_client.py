@@ -64,17 +64,33 @@ class OpenAIBenchClient:
                 body[name] = f[name]
         if "stop" in f:
             body["stop"] = f["stop"]
+        if f.get("min_tokens") is not None and f["min_tokens"] >= f["max_tokens"]:
+            body["ignore_eos"] = True  # the same ask in the words llama.cpp's server (and vLLM) know
         if stream:
             body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         return body
+
+    async def _post(self, session, body: Dict[str, Any]):
+        """POST a streamed request; again (up to 4 tries) when a kept-alive connection turned out to be
+        closed by the server before it took the request: llama.cpp's server closes a connection after a
+        few requests (cpp-httplib's keep-alive count), and aiohttp then fails the write or sees the
+        disconnect before any response byte. The failed connection leaves the pool each time."""
+        import aiohttp
+
+        headers = {"Cache-Control": "no-store", "Accept": "text/event-stream"}
+        for attempt in range(4):
+            try:
+                return await session.post(self.base + "/v1/completions", json=body, headers=headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == 3:
+                    raise
 
     def stream(self, prompt: str, params: GenerationParams) -> AsyncDeltaStream:
         return AsyncDeltaStream(self._deltas(prompt, params))
 
     async def _deltas(self, prompt: str, params: GenerationParams) -> AsyncIterator[Delta]:
         session = await self._http()
-        resp = await session.post(self.base + "/v1/completions", json=self._body(prompt, params, True),
-                                  headers={"Cache-Control": "no-store", "Accept": "text/event-stream"})
+        resp = await self._post(session, self._body(prompt, params, True))
         done = False
         try:
             if resp.status != 200:
@@ -91,10 +107,16 @@ class OpenAIBenchClient:
                     if "error" in obj:
                         raise error_from_http(500, str(obj["error"].get("message")))
                     usage = obj.get("usage") or {}
-                    n = usage.get("completion_tokens", seen)
-                    if not obj.get("choices"):
-                        continue  # the closing usage chunk
-                    choice = obj["choices"][0]
+                    choices = obj.get("choices")
+                    # a server without per-chunk usage (llama.cpp's) streams a token per event
+                    n = usage.get("completion_tokens", seen + (1 if choices and choices[0].get("text") else 0))
+                    if not choices:  # the closing usage chunk: the tokens no event counted yet
+                        if n > seen:
+                            yield Delta(text="", output_ids=[-1] * (n - seen), num_output_tokens=n,
+                                        num_input_tokens=usage.get("prompt_tokens"))
+                            seen = n
+                        continue
+                    choice = choices[0]
                     yield Delta(text=choice.get("text", ""), output_ids=[-1] * max(0, n - seen),
                                 finish_reason=choice.get("finish_reason"), num_output_tokens=n,
                                 num_input_tokens=usage.get("prompt_tokens"))
@@ -124,12 +146,13 @@ class OpenAIBenchClient:
         session = await self._http()
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                async with session.get(self.base + "/health/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
+            for path in ("/health/ready", "/health"):  # the gateway's, then llama.cpp's server's
+                try:
+                    async with session.get(self.base + path) as resp:
+                        if resp.status == 200:
+                            return
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
             if time.monotonic() >= deadline:
                 raise ServerUnavailable(f"the gateway at {self.base} is not ready after {timeout:g} s")
             await asyncio.sleep(interval)

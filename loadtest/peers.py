@@ -5,20 +5,30 @@
   repository's generator runs on. This is the best a plain script does without a server: one static
   batch, every sequence the same length. TTFT is a separate ``generate(max_new_tokens=1)`` of the
   same batch; ITL = (batch time - TTFT) / (output_len - 1).
-* ``llama.cpp`` (CPU): llama-cpp-python on a GGUF written by ``loadtest/gguf_convert.py``. Its
-  ``Llama`` object runs one sequence at a time, so it is measured sequentially (C = 1) and that rate
-  is the reference at every C. Skipped, with the reason, when llama-cpp-python is not installed or the
-  model cannot be converted.
+* ``llama.cpp`` (CPU): llama.cpp's own server, ``llama-server`` (``tritonchat install-llama-server``
+  builds it; loadtest/install_llama_server.py), on a GGUF of the same model written by
+  ``loadtest/gguf_convert.py`` (f32; ``q8_0`` when the repository is INT8). It batches continuously,
+  ``-np`` = the largest C sequences at once on every core, and the same sweep as the server's runs
+  against its OpenAI endpoint (``/v1/completions``, streamed, ``ignore_eos``): the same prompts, lengths
+  and clients, so the ratios compare servers. Without a built ``llama-server``: llama-cpp-python
+  where installed (one sequence at a time, measured at C = 1 and that rate taken at every C);
+  without either, skipped with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import math
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .stats import mean, pcts
 
@@ -57,7 +67,9 @@ def generator_device(repo: Optional[Path]) -> str:
 
 
 def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], progress, console,
-              tag: str = "") -> Dict[str, Any]:
+              tag: str = "", sweep=None) -> Dict[str, Any]:
+    """`sweep`: the bench's own sweep (bench._sweep), run against llama.cpp's server (passed in, not
+    imported: bench imports this module)."""
     results: Dict[str, Any] = {}
     for name in normalize_peers(cfg.peers):
         if model_dir is None or not Path(model_dir).is_dir():
@@ -67,7 +79,8 @@ def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], progress, cons
             if name == "transformers":
                 results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress, tag)
             else:
-                results[name] = llama_cpp_peer(cfg, Path(model_dir), prompts, progress, tag)
+                results[name] = llama_server_peer(cfg, Path(model_dir), prompts, progress, sweep, tag) \
+                    or llama_cpp_peer(cfg, Path(model_dir), prompts, progress, tag)
         except Exception as exc:  # noqa: BLE001 - a peer failing must not lose the server's figures
             results[name] = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
             console.print(f"[yellow]peer {name} failed:[/] {exc}")
@@ -146,6 +159,92 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
 
 
 # -------------------------------------------------------------------------------------------- llama.cpp
+
+
+def _gguf(cfg, model_dir: Path, quantize: Optional[Path]) -> Tuple[Path, str]:
+    """The model as GGUF for llama.cpp (cached beside the bench's output): f32, or q8_0 when the
+    repository is INT8 (its own quantizer, `llama-quantize`, as llama.cpp users make it)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        from .install_llama_server import gguf_py_dir
+
+        vendored = gguf_py_dir()
+        if vendored is None:
+            raise PeerSkipped("the gguf package is not installed (pip install gguf): cannot convert the model")
+        sys.path.insert(0, str(vendored))
+    from .gguf_convert import ConvertError, convert
+
+    cache = Path(cfg.out) if cfg.out else Path(tempfile.gettempdir())
+    cache.mkdir(parents=True, exist_ok=True)
+    f32 = cache / f"{model_dir.name}.f32.gguf"
+    try:
+        if not f32.is_file():
+            convert(model_dir, f32)
+    except ConvertError as exc:
+        raise PeerSkipped(f"GGUF conversion not possible: {exc}") from None
+    if quantize is None or _repo_precision(cfg) not in ("int8", "int8-weight-only"):
+        return f32, "f32"
+    q8 = cache / f"{model_dir.name}.q8_0.gguf"
+    if not q8.is_file():
+        r = subprocess.run([str(quantize), str(f32), str(q8), "q8_0"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise PeerSkipped(f"llama-quantize failed: {(r.stdout + r.stderr)[-300:]}")
+    return q8, "q8_0"
+
+
+def _repo_precision(cfg) -> str:
+    try:
+        return json.loads((Path(cfg.model_repository) / "manifest.json").read_text()).get("precision", "")
+    except (OSError, TypeError, ValueError):
+        return ""
+
+
+class PeerSkipped(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server_peer(cfg, model_dir: Path, prompts: List[str], progress, sweep,
+                      tag: str = "") -> Optional[Dict[str, Any]]:
+    """llama.cpp's server at every level of `sweep` (None when no llama-server is built)."""
+    from .install_llama_server import find_llama_server
+
+    binary = find_llama_server()
+    if binary is None or sweep is None:
+        return None
+    try:
+        gguf_path, kind = _gguf(cfg, model_dir, binary.with_name("llama-quantize")
+                                if binary.with_name("llama-quantize").is_file() else None)
+    except PeerSkipped as exc:
+        return {"skipped": str(exc)}
+    slots = max(cfg.concurrency)
+    per_slot = cfg.prompt_len + cfg.output_len + 64
+    threads = os.cpu_count() or 1
+    port = _free_port()
+    cmd = [str(binary), "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+           "-c", str(slots * per_slot), "-t", str(threads), "-tb", str(threads), "-b", "2048", "--no-webui"]
+    log = open(Path(tempfile.gettempdir()) / f"llama-server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        one = dataclasses.replace(cfg, protocol="openai", model_name="peer", overhead_repeats=0, warmup=max(cfg.warmup, 2))
+        out = asyncio.run(sweep(one, f"127.0.0.1:{port}", None, None, prompts, progress, with_overhead=False,
+                                tag=f"{tag}llama-server "))
+    finally:
+        proc.terminate()  # stopped by its pid, whatever happened
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return {"mode": f"llama-server -np {slots} -t {threads} (continuous batching), {kind}", "levels": out["levels"],
+            "gguf": str(gguf_path), "binary": str(binary), "command": " ".join(cmd)}
 
 
 def llama_cpp_available() -> Optional[str]:

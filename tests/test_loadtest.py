@@ -166,6 +166,13 @@ def test_gguf_conversion_matches_transformers(tmp_path):
     assert got == hf_greedy(STORIES, ids, 20)
 
 
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_locust_refuses_non_loopback(tmp_path):
     res = _run([sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--headless", "--host", "http://10.9.8.7:8000",
                 "-u", "1", "-r", "1", "--run-time", "2s"], timeout=60)
@@ -204,6 +211,17 @@ def test_bench_smoke(stories_server, tmp_path):
     assert sorted(ratios) == ["1", "2"] and all(v > 0 for v in ratios.values())
     llama = result["peers"]["llama.cpp"]
     assert llama.get("skipped") or llama["levels"][0]["tokens_per_request"] == 6
+    from tritonchat.loadtest.install_llama_server import find_llama_server
+
+    if find_llama_server() is not None:  # .ci/run builds it: llama.cpp's server ran the same sweep
+        assert llama["mode"].startswith("llama-server -np 2"), llama
+        assert [lv["concurrency"] for lv in llama["levels"]] == [1, 2]
+        assert all(lv["errors"] == 0 and lv["tokens_per_request"] == 6 for lv in llama["levels"])
+        assert sorted(result["ratios"]["llama.cpp"]) == ["1", "2"]
+        # and it was stopped: no process of it is left
+        left = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).startswith(llama["binary"])
+                and str(out) in _cmdline(p)]
+        assert not left
     assert result["server"]["streaming_overhead"]["tokens"] == 6
     md = (out / "bench.md").read_text()
     assert "tritonserver (grpc)" in md and "TTFT p50" in md

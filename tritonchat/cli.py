@@ -27,7 +27,7 @@ def build(
     config: Optional[Path] = typer.Option(None, "--config", help="Build config YAML (see docs/build-config.md)."),
     max_batch_size: Optional[int] = typer.Option(None, "--max-batch-size"),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-weight-only"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-weight-only; torch engine: fp8 (FP8 weights)"),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Text file for INT8 calibration."),
     engine: Optional[str] = typer.Option(None, "--engine", help="onnxruntime | tensorrt | torch"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (torch engine)"),
@@ -385,6 +385,21 @@ def install_perf_analyzer(
     from tritonchat.loadtest.install_perf_analyzer import DEFAULT_VERSION, run_install
 
     raise typer.Exit(run_install(version or DEFAULT_VERSION, force, root))
+
+
+@app.command("install-llama-server", rich_help_panel=SETUP)
+def install_llama_server(
+    version: Optional[str] = typer.Option(None, "--version", help="llama-cpp-python sdist whose vendored llama.cpp is "
+                                                      "built (default: DEFAULT_VERSION in loadtest/install_llama_server.py)."),
+    sdist: Optional[Path] = typer.Option(None, "--sdist", help="A llama-cpp-python sdist already downloaded."),
+    jobs: int = typer.Option(0, "--jobs", help="Parallel compile jobs (0: every core)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a build of this version is there."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Repository root (default: this checkout)."),
+):
+    """Build llama.cpp's llama-server (CPU) into <repo>/.tools/bin/: the bench's llama.cpp peer (idempotent)."""
+    from tritonchat.loadtest.install_llama_server import DEFAULT_VERSION, run_install
+
+    raise typer.Exit(run_install(version or DEFAULT_VERSION, force, root, sdist, jobs))
 
 
 # ----------------------------------------------------------------------------------------------- tools

@@ -13,15 +13,20 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Awaitable, Callable, Dict, Optional
 
-__all__ = ["SSEResponse"]
+__all__ = ["SSEResponse", "Last"]
 
 _HEADERS = ((b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"))
 
 
+class Last(bytes):
+    """A body's last chunk: it goes out with the end of the HTTP body in one write."""
+
+
 class SSEResponse:
-    """An ASGI response: `body`'s byte chunks as they come; `ending` runs once when the response is
-    over, whether it completed, failed, or the client disconnected."""
+    """An ASGI response: `body`'s byte chunks as they come (a `Last` chunk ends the HTTP body with it);
+    `ending` runs once when the response is over, whether it completed, failed, or the client
+    disconnected."""
 
     def __init__(self, body: AsyncIterator[bytes], ending: Callable[[], Awaitable[None]],
                  headers: Optional[Dict[str, str]] = None):
@@ -45,9 +50,15 @@ class SSEResponse:
         watch.add_done_callback(disconnected)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async for chunk in self.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ended = False
+            async for chunk in self.body:  # to the body's own end: its bookkeeping after `Last` runs too
+                if not ended:
+                    ended = isinstance(chunk, Last)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                    if ended:  # the response is complete: uvicorn now answers receive() with a disconnect
+                        over = True
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:
                 raise

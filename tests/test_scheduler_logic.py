@@ -432,6 +432,26 @@ def test_a_full_waiting_line_refuses_requests():
     assert [o[-1].finish_reason for o in outs[:2]] == ["length"] * 2 and not outs[2]
 
 
+def test_a_burst_before_any_admission_fills_the_free_slots_and_the_line():
+    """Requests arriving together, before the loop admits any: the free slots take as many as they
+    hold, the waiting line its own length, and only the rest are refused."""
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+    from tritonchat.python_backend.batching.sequence import QueueFull
+
+    ex, tok = FakeEngine(max_slots=2), FakeTokenizer()
+    sched = Scheduler(ex, max_queue_size=1)
+    outs, finals, sink_of = _collect(4)
+    with sched._cv:  # the loop cannot admit while we hold its lock: all four arrive "at once"
+        for i in range(3):
+            sched.submit(_seq(tok, "Once upon a time", 5, sink_of(i)))
+        with pytest.raises(QueueFull, match="generator queue is full"):
+            sched.submit(_seq(tok, "Tom", 5, sink_of(3)))
+    for _ in range(3):
+        assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert [o[-1].finish_reason for o in outs[:3]] == ["length"] * 3 and not outs[3]
+
+
 # -- metrics: the hooks run on the courier's thread and add up to the scheduler's counters ------------
 
 @pytest.mark.parametrize("variant", ["plain", "chain+mix"])

@@ -94,7 +94,10 @@ class Scheduler:
     # -- public --------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         with self._cv:
-            if len(self.waiting) >= self.max_queue_size:
+            # a request that a free slot takes at the next step is not in the waiting line: without
+            # counting them, a burst that arrives before the loop admits anyone was refused while slots
+            # stood free (seen through the gateway: 1 slot, a line of 1, 6 at once, 1 answered)
+            if len(self.waiting) >= self.max_queue_size + len(self.free_slots):
                 raise QueueFull(f"generator queue is full ({self.max_queue_size} waiting requests); retry later")
             self.courier.watch(seq)  # before the loop can finish it (its final response unwatches it)
             self.waiting.append(seq)

@@ -23,7 +23,6 @@ Peers run the same prompts on the same model without a server (``loadtest/peers.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import multiprocessing
 import os
@@ -32,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from tritonchat.python_backend.manifest import read_manifest
 
 from .stats import mean, model_stats, pcts, percentile, stats_delta, to_int
 
@@ -433,19 +434,10 @@ def _resolve_prompts(cfg: BenchConfig, console) -> Dict[str, Any]:
     return {"prompts": build_prompts(tok, cfg.prompt_len, count), "tokenizer": str(tok_dir), "tok": tok}
 
 
-def _manifest(repo: Optional[Path]) -> Dict[str, Any]:
-    if repo is None:
-        return {}
-    try:
-        return json.loads((Path(repo) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def peer_model_dir(cfg: BenchConfig) -> Optional[Path]:
     if cfg.model:
         return Path(cfg.model)
-    model = _manifest(cfg.model_repository).get("model")
+    model = read_manifest(cfg.model_repository).get("model")
     if model and Path(model).is_dir():
         return Path(model)
     return None
@@ -478,7 +470,7 @@ def run_bench(cfg: BenchConfig) -> Dict[str, Any]:
     malloc_tuned = keep_freed_memory()
     prompt_info = _resolve_prompts(cfg, console)
     prompts = prompt_info["prompts"]
-    manifest = _manifest(cfg.model_repository)
+    manifest = read_manifest(cfg.model_repository)
     result: Dict[str, Any] = {
         "label": cfg.label or (Path(manifest["model"]).name if manifest.get("model") else None)
         or (Path(cfg.model).name if cfg.model else None),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -29,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
+
+from tritonchat.python_backend.manifest import read_manifest
 
 from .stats import mean, pcts
 
@@ -183,7 +184,7 @@ def _gguf(cfg, model_dir: Path, quantize: Optional[Path]) -> Tuple[Path, str]:
             convert(model_dir, f32)
     except ConvertError as exc:
         raise PeerSkipped(f"GGUF conversion not possible: {exc}") from None
-    if quantize is None or _repo_precision(cfg) not in ("int8", "int8-weight-only"):
+    if quantize is None or read_manifest(cfg.model_repository).get("precision") not in ("int8", "int8-weight-only"):
         return f32, "f32"
     q8 = cache / f"{model_dir.name}.q8_0.gguf"
     if not q8.is_file():
@@ -191,13 +192,6 @@ def _gguf(cfg, model_dir: Path, quantize: Optional[Path]) -> Tuple[Path, str]:
         if r.returncode != 0:
             raise PeerSkipped(f"llama-quantize failed: {(r.stdout + r.stderr)[-300:]}")
     return q8, "q8_0"
-
-
-def _repo_precision(cfg) -> str:
-    try:
-        return json.loads((Path(cfg.model_repository) / "manifest.json").read_text()).get("precision", "")
-    except (OSError, TypeError, ValueError):
-        return ""
 
 
 class PeerSkipped(Exception):

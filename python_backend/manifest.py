@@ -33,6 +33,16 @@ def write_manifest(repo: Path, info: dict) -> Path:
     return path
 
 
+def read_manifest(repo) -> dict:
+    """`REPO/manifest.json` as a dict; {} when there is none (or `repo` is None) or it does not parse."""
+    if repo is None:
+        return {}
+    try:
+        return json.loads((Path(repo) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def verify_model_dir(model_dir: Path, version: str | None = None) -> dict:
     """Check the artifacts of one model folder (`REPO/<model>`) against `REPO/manifest.json`; with
     `version`, only that version's folder and the files outside version folders (a version staged beside

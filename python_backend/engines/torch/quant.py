@@ -62,10 +62,6 @@ class QuantWeight:
         self.q, self.scale = quantize(w, fmt)
         self.dtype = dtype
 
-    @property
-    def shape(self):
-        return self.q.shape
-
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * 4
 

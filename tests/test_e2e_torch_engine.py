@@ -61,3 +61,44 @@ def test_a_request_arriving_while_others_decode_rides_in_a_decode_step(torch_ser
     assert line, "no scheduler statistics in the server log"
     stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
     assert stats["mixed_steps"] >= 1, stats
+
+
+def test_int8_weights_through_the_real_server(tmp_path):
+    """A `--precision int8-weight-only` torch repository (CPU, bfloat16) in tritonserver: the generator
+    loads the 8-bit weights (its describe line says so) and answers, one request at a time, exactly what
+    the same engine gives in-process; a bad request beside it is refused and the server keeps serving."""
+    import re
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from tritonchat.client import ChatClient
+    from tritonchat.client.errors import InvalidRequest
+    from tritonchat.python_backend.engines.torch import TorchEngine
+    from tritonchat.server import TritonServer
+
+    need(STORIES)
+    repo = build_repo(STORIES, tmp_path / "repo", engine="torch", device="cpu", dtype="bfloat16",
+                      precision="int8-weight-only", max_batch_size=2)
+    assert 'key: "precision", value: { string_value: "int8-weight-only" }' in \
+        (repo / "generator" / "config.pbtxt").read_text()
+    ref = TorchEngine(str(repo / "generator" / "1" / "hf"), max_slots=1, max_seq_len=64, device="cpu",
+                      dtype="bfloat16", cuda_graphs=False, weights="int8")
+    tok = AutoTokenizer.from_pretrained(str(STORIES))
+
+    def greedy(prompt: str, n: int) -> list:
+        ids = np.asarray(tok(prompt)["input_ids"], dtype=np.int64)
+        out = [int(np.argmax(ref.prefill(0, ids)))]
+        while len(out) < n:
+            out.append(int(np.argmax(ref.decode(np.array([0]), np.array([out[-1]]))[0])))
+        ref.release(0)
+        return out
+
+    with TritonServer(repo) as srv, ChatClient(srv.grpc_url) as client:
+        for prompt in ("Once upon a time", "The cat"):
+            assert client.generate(prompt, max_tokens=20).output_ids == greedy(prompt, 20), prompt
+        with pytest.raises(InvalidRequest, match="max_tokens"):
+            client.generate("Once upon a time", max_tokens=0)
+        assert len(client.generate("Once upon a time", max_tokens=8).output_ids) == 8
+        srv.stop()  # the stub's log lines are all in the server log once it has stopped
+        assert re.search(r'weights\\?": \\?"int8', srv.log_text())  # Triton's log escapes the JSON's quotes

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, List, Optional
 from urllib.parse import quote
 
 from .api import ClientSettings, Health, generate_body_deltas, http_error_message, not_ready_error, resolve_params
-from .errors import TritonChatError, error_from_exception, error_from_http
+from .errors import GRPC_CORE_INTERNAL, TritonChatError, error_from_exception, error_from_http
 from .params import GenerationParams, Prompt, build_grpc_inputs, build_json_body
 from .results import Completion, Delta, delta_from_infer_result, delta_from_json, has_outputs, \
     is_final_response, merge_deltas
@@ -145,34 +145,38 @@ class AsyncChatClient(ClientSettings):
             # empty final-response flag: "triton_" parameters are reserved there).
             yield {"model_name": self.model, "inputs": inputs}
 
-        call = None
-        finished = False
-        try:
+        for attempt in (1, 2):
+            call = None
+            finished = answered = False
             try:
-                call = client.stream_infer(requests(), stream_timeout=self.timeout, headers=self.headers or None)
-            except Exception as exc:
-                raise error_from_exception(exc) from None
-            while True:
                 try:
-                    result, error = await call.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except Exception as exc:  # grpc.aio.AioRpcError, InferenceServerException, ...
+                    call = client.stream_infer(requests(), stream_timeout=self.timeout, headers=self.headers or None)
+                except Exception as exc:
                     raise error_from_exception(exc) from None
-                if error is not None:
-                    raise error_from_exception(error)
-                if has_outputs(result):
-                    yield delta_from_infer_result(result)
-                if is_final_response(result):
-                    finished = True
-                    return
-        finally:
-            if call is not None and not finished:
-                try:
-                    call.cancel()
-                except Exception:
-                    pass
+                while True:
+                    try:
+                        result, error = await call.__anext__()
+                    except StopAsyncIteration:
+                        finished = True
+                        return
+                    except Exception as exc:  # grpc.aio.AioRpcError, InferenceServerException, ...
+                        if attempt == 1 and not answered and GRPC_CORE_INTERNAL in str(exc):
+                            break  # grpc's error for a stream Triton ended at once: once more (errors.py)
+                        raise error_from_exception(exc) from None
+                    answered = True
+                    if error is not None:
+                        raise error_from_exception(error)
+                    if has_outputs(result):
+                        yield delta_from_infer_result(result)
+                    if is_final_response(result):
+                        finished = True
+                        return
+            finally:
+                if call is not None and not finished:
+                    try:
+                        call.cancel()
+                    except Exception:
+                        pass
 
     # ---- HTTP ---------------------------------------------------------------------------------
 

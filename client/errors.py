@@ -34,7 +34,14 @@ __all__ = [
     "error_from_status",
     "error_from_http",
     "error_from_exception",
+    "GRPC_CORE_INTERNAL",
 ]
+
+#: what grpc's asyncio client says when a write fails on a stream the server has already ended: Triton
+#: ends a stream at once when it refuses it (a missing key), and a request written in that moment gets
+#: this instead of Triton's status. Nothing was answered, so the clients send such a request once more
+#: on a new stream, whose failure then carries the real status (seen in full test runs, never alone).
+GRPC_CORE_INTERNAL = "Internal error from Core"
 
 
 class TritonChatError(Exception):

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Dict, List, Optional
 import struct
 
 from tritonchat.client import AsyncDeltaStream, Completion, Delta, GenerationParams, build_arrays, normalize_url
-from tritonchat.client.errors import RequestTimeout, ServerUnavailable, error_from_exception, error_from_status
+from tritonchat.client.errors import GRPC_CORE_INTERNAL, RequestTimeout, ServerUnavailable, error_from_exception, error_from_status
 from tritonchat.client.results import delta_from_infer_result, merge_deltas
 from tritonchat.security import key_headers
 
@@ -172,11 +172,18 @@ class Upstream:
             return error_from_exception(exc) if isinstance(exc, Exception) else exc
 
         try:
-            try:
-                call = self._lane()
-                await call.write(request)
-            except BaseException as exc:  # noqa: BLE001 - grpc.aio.AioRpcError and the like
-                raise failed(exc) from None
+            for attempt in (1, 2):
+                try:
+                    call = self._lane()
+                    await call.write(request)
+                    break
+                except BaseException as exc:  # noqa: BLE001 - grpc.aio.AioRpcError and the like
+                    # a stream Triton ends at once (refusing the gateway's credentials) can fail the
+                    # write with grpc's own error, hiding Triton's status (client/errors.py)
+                    if attempt == 1 and GRPC_CORE_INTERNAL in str(exc) and not timed_out:
+                        call.cancel()
+                        continue
+                    raise failed(exc) from None
             # armed after the write: a call cancelled while grpc.aio writes to it can leave the write
             # waiting for ever (seen with grpcio 1.85); the write of one request does not wait on Triton
             timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)

@@ -117,11 +117,11 @@ class _OnnxModel:
 
     def _engine(self, slots: int = 1):
         """The engine, with at least `slots` KV slots of the whole context (KV memory is mapped lazily)."""
-        from tritonchat.python_backend.engines.ort import OrtEngine
+        from tritonchat.python_backend.engines import open_ort_engine
 
         if self._ex is None or self._ex.max_slots < slots:
-            # threads 0 here: ONNX Runtime's own default (all cores); the server's default is half
-            self._ex = OrtEngine(self.path, max_slots=slots, max_seq_len=self.max_context,
+            # threads 0 here: ONNX Runtime's own default (all cores), as the server's on up to 4 cores
+            self._ex = open_ort_engine(self.path, max_slots=slots, max_seq_len=self.max_context,
                                    threads=self.threads or (os.cpu_count() or 1))
         return self._ex
 
@@ -136,12 +136,7 @@ class _OnnxModel:
         return artifact_size(self.path)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
-        ex = self._engine()
-        n = len(ids)
-        empty = np.zeros((1, ex.num_kv_heads, 0, ex.head_dim), dtype=ex.kv_dtype)
-        feeds = {"input_ids": ids[None].astype(np.int64), "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None], **{p: empty for p in ex.past_names}}
-        return ex.session.run(["logits"], feeds)[0][0].astype(np.float32)
+        return self._engine().logits_all(ids)
 
     def greedy(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         """All prompts at once through OrtEngine: one slot each, batched decode (holes mask)."""

@@ -154,12 +154,12 @@ def reference_logits(model, ids: Sequence[int]) -> np.ndarray:
 
 
 def _engine(onnx_path, max_slots: int, max_seq_len: int, threads: int = 0):
-    from ..python_backend.engines.ort import OrtEngine
+    from ..python_backend.engines import open_ort_engine
 
     onnx_path = Path(onnx_path)
     if not (onnx_path.parent / "kv_spec.json").is_file():
         raise FileNotFoundError(f"{onnx_path.parent / 'kv_spec.json'} is missing (export.write_spec writes it)")
-    return OrtEngine(onnx_path, max_slots=max_slots, max_seq_len=max_seq_len, threads=threads)
+    return open_ort_engine(onnx_path, max_slots=max_slots, max_seq_len=max_seq_len, threads=threads)
 
 
 def _row(check: str, tokens: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float) -> ParityRow:
@@ -204,12 +204,7 @@ def check_parity(model, onnx_path, tokenizer=None, prompts: Sequence = DEFAULT_P
 
     for i, (slot, x, ref) in enumerate(zip(slots, seqs, refs)):
         # every prompt position: the graph itself at past length 0 ...
-        empty = np.zeros((1, ex.num_kv_heads, 0, ex.head_dim), dtype=ex.kv_dtype)
-        feeds = {"input_ids": np.asarray([x], dtype=np.int64),
-                 "attention_mask": np.ones((1, len(x)), dtype=np.int64),
-                 "position_ids": np.arange(len(x), dtype=np.int64)[None, :],
-                 **{name: empty for name in ex.past_names}}
-        full = ex.session.run(["logits"], feeds)[0][0]
+        full = ex.logits_all(x)
         rows.append(_row(f"prefill p{i}", f"{len(x)} positions", full, ref, atol, rtol))
         # ... and the engine's prefill into its slot (last position)
         last = ex.prefill(slot, np.asarray(x, dtype=np.int64))

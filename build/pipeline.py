@@ -91,10 +91,22 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             model_file = "hf"
         else:
             onnx_dir = tmp / "onnx"
-            with _step(progress, "Export to ONNX with KV cache (prefill + decode)"):
-                fp32 = onnx_dir / "model.onnx"
-                export.export_onnx(model, fp32)
-                export.write_spec(spec, onnx_dir / "kv_spec.json")
+            fp32 = onnx_dir / "model.onnx"
+            fused, why = _fused_graph(model, settings)
+            info["graph"] = "fused" if fused else "export"
+            if fused:
+                from tritonchat.build import ort_graph
+
+                with _step(progress, "Write the fused CPU graph (GroupQueryAttention, KV cache in place)"):
+                    cache = ort_graph.write_graph(model, fp32)  # head_dim padded to a multiple of 16
+                    export.write_spec(cache, onnx_dir / "kv_spec.json", kv_layout=ort_graph.LAYOUT,
+                                      model_head_dim=spec.head_dim)
+            else:
+                with _step(progress, "Export to ONNX with KV cache (prefill + decode)"):
+                    export.export_onnx(model, fp32)
+                    export.write_spec(spec, onnx_dir / "kv_spec.json")
+                if why:
+                    con.print(f"  graph: the TorchScript export ({why})")
             with _step(progress, "Parity: ONNX Runtime vs PyTorch logits"):
                 from tritonchat.build.parity import check_parity
 
@@ -121,6 +133,18 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
     con.print(f"[green]Built[/green] {output}  (engine {engine}, {info['precision']}, context {max_seq_len}, "
               f"{settings['max_batch_size']} sequences in flight)")
     return Path(output)
+
+
+def _fused_graph(model, settings) -> tuple[bool, str]:
+    """(write build/ort_graph.py's fused graph?, why not where it was wanted but cannot be)."""
+    if settings["engine"] != "onnxruntime" or settings.get("graph", "auto") != "auto":
+        return False, ""
+    if settings["precision"] not in ("fp32", "int8-weight-only"):
+        return False, f"the fused graph is written for fp32 and int8-weight-only, not {settings['precision']}"
+    from tritonchat.build import ort_graph
+
+    ok, why = ort_graph.supported(model)
+    return ok, "" if ok else f"the fused graph cannot express this model: {why}"
 
 
 def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, settings, info, accuracy_gate) -> Path:

@@ -204,7 +204,9 @@ def _check_model(path: Path, precision: str) -> None:
     model = onnx.load(str(path), load_external_data=False)
     ins = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     outs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    for name in ("input_ids", "attention_mask", "position_ids"):
+    # the TorchScript export's inputs, or the fused graph's (ort_graph.py)
+    names = ("input_ids", "logits_index") if "seqlens_k" in ins else ("input_ids", "attention_mask", "position_ids")
+    for name in names:
         if ins.get(name) != onnx.TensorProto.INT64:
             raise QuantizationError(f"{precision} graph: input {name} is not int64")
     if outs.get("logits") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):

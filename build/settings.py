@@ -6,6 +6,10 @@ example: docs/build-config.md).
     precision: fp32             # fp32 | fp16 | int8 | int8-weight-only; torch engine: fp32 (= dtype) |
                                 #   int8-weight-only | fp8 (8-bit weights, products in dtype)
     engine: onnxruntime         # onnxruntime | tensorrt | torch
+    graph: auto                 # onnxruntime engine: auto = the fused CPU graph (build/ort_graph.py: KV in
+                                #   place) where the model and precision allow (Llama/Mistral, head_dim a
+                                #   multiple of 16, fp32 or int8-weight-only), else the TorchScript export;
+                                #   export = always the TorchScript export
     device: cpu                 # cpu | cuda
     dtype: float32              # torch engine: float32 | float16 | bfloat16
     calibration_data: null      # text file for INT8 calibration (default: built-in sample)
@@ -59,6 +63,7 @@ DEFAULTS: dict = {
     "max_seq_len": None,
     "precision": "fp32",
     "engine": "onnxruntime",
+    "graph": "auto",
     "device": "cpu",
     "dtype": "float32",
     "calibration_data": None,
@@ -80,6 +85,7 @@ DEFAULTS: dict = {
 CHOICES = {
     "precision": ("fp32", "fp16", "int8", "int8-weight-only", "fp8"),
     "engine": ("onnxruntime", "tensorrt", "torch"),
+    "graph": ("auto", "export"),
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "float16", "bfloat16"),
 }

@@ -30,6 +30,8 @@ def build(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | fp16 | int8 | int8-weight-only; torch engine: fp8 (FP8 weights)"),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Text file for INT8 calibration."),
     engine: Optional[str] = typer.Option(None, "--engine", help="onnxruntime | tensorrt | torch"),
+    graph: Optional[str] = typer.Option(None, "--graph", help="onnxruntime engine: auto (the fused CPU graph where "
+                                        "the model allows) | export (the TorchScript export)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (torch engine)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (torch engine)"),
     skip_gate: bool = typer.Option(False, "--skip-accuracy-gate", help="Do not run the accuracy gate."),
@@ -39,7 +41,7 @@ def build(
     from tritonchat.build.settings import load_settings
 
     overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                       precision=precision, engine=engine, device=device, dtype=dtype,
+                                       precision=precision, engine=engine, graph=graph, device=device, dtype=dtype,
                                        calibration_data=str(calibration_data) if calibration_data else None).items()
                  if v is not None}
     settings = load_settings(config, **overrides)

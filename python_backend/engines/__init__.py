@@ -16,9 +16,7 @@ TORCH_WEIGHTS = {"fp8": "fp8", "int8-weight-only": "int8"}
 def create_engine(kind: str, **kwargs) -> Engine:
     """Build the engine a generated repository names in its `engine` parameter."""
     if kind == "onnxruntime":
-        from .ort import OrtEngine
-
-        return OrtEngine(**kwargs)
+        return open_ort_engine(**kwargs)
     if kind == "torch":
         from .torch import TorchEngine
 
@@ -28,6 +26,22 @@ def create_engine(kind: str, **kwargs) -> Engine:
 
         return TrtEngine(**kwargs)
     raise ValueError(f"unknown engine {kind!r} (expected {', '.join(KINDS)})")
+
+
+def open_ort_engine(model_path, max_slots: int, max_seq_len: int, threads: int = 0, **kwargs) -> Engine:
+    """The ONNX Runtime engine for the graph at `model_path`: its kv_spec.json's `kv_layout` says which
+    graph it is (build/ort_graph.py's fused graph: ort_gqa.py; the TorchScript export: ort.py)."""
+    import json
+    from pathlib import Path
+
+    spec = json.loads((Path(model_path).parent / "kv_spec.json").read_text())
+    if spec.get("kv_layout") == "gqa":
+        from .ort_gqa import OrtGqaEngine
+
+        return OrtGqaEngine(model_path, max_slots, max_seq_len, threads=threads, **kwargs)
+    from .ort import OrtEngine
+
+    return OrtEngine(model_path, max_slots, max_seq_len, threads=threads, **kwargs)
 
 
 def engine_options(params: dict) -> dict:

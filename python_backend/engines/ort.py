@@ -29,6 +29,44 @@ from .slots import decode_layout
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
+def session_options(threads: int, model_path) -> "onnxruntime.SessionOptions":
+    """The generator's ONNX Runtime session settings (both graphs: this module's and ort_gqa.py's)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads) or default_threads(weight_bytes(model_path))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # work handed out in small blocks as threads free up, not split evenly up front: on a machine the
+    # server's other processes share, a worker they preempt no longer holds up every operator
+    # (docs/benchmarks.md, "The CPU engine's own graph")
+    opts.add_session_config_entry("session.dynamic_block_base", "4")
+    return opts
+
+
+# below this many bytes of weights a decode step is too short for a second thread to pay for its
+# fork/join and for the core it takes from the server's other processes
+PARALLEL_MIN_WEIGHT_BYTES = 8 << 20
+
+
+def default_threads(weights: int) -> int:
+    """Intra-op threads when the repository says 0. Measured on 2 cores, 1 to 16 streams, same runs
+    (docs/benchmarks.md, "The CPU engine's own graph"): stories260K (1 MB of weights) serves 1.2-1.7x
+    more tokens/s on 1 thread than on 2; the stories15M-shaped model (98 MB fp32, 28 MB INT8) more on 2.
+    So: 1 thread for a model under PARALLEL_MIN_WEIGHT_BYTES; otherwise every core on a machine of up to
+    4, half of them beyond (Triton, the pre/postprocessing models and often the clients need the rest)."""
+    cores = os.cpu_count() or 1
+    if weights < PARALLEL_MIN_WEIGHT_BYTES:
+        return 1
+    return cores if cores <= 4 else cores // 2
+
+
+def weight_bytes(model_path) -> int:
+    """The graph file and its external data, in bytes (0 where absent)."""
+    path = Path(model_path)
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
+
+
 class OrtEngine(Engine):
     can_reuse_prefix = True
     reuse_min_new = 2  # one new token: another kernel path, whose rounding differs (module docstring)
@@ -46,14 +84,7 @@ class OrtEngine(Engine):
         self.max_slots = int(max_slots)
         self.max_seq_len = int(max_seq_len)
 
-        opts = ort.SessionOptions()
-        # 0: half the cores (at least 1): the server's other processes (Triton, pre/postprocessing,
-        # often the clients) need the rest; on 2 cores a decode step is faster with 1 thread than
-        # with ONNX Runtime's default of 2 (figures: docs/benchmarks.md, "CPU results, second session")
-        opts.intra_op_num_threads = int(threads) or max(1, (os.cpu_count() or 2) // 2)
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_path), opts,
+        self.session = ort.InferenceSession(str(model_path), session_options(threads, model_path),
                                             providers=providers or ["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = _NP_DTYPES.get(inputs["past_key_values.0.key"].type, np.float32)
@@ -124,6 +155,16 @@ class OrtEngine(Engine):
         self.lengths[slots] = lengths + 1
         return logits[:, -1].astype(np.float32, copy=False)
 
+    def logits_all(self, token_ids) -> np.ndarray:
+        """Logits [n, vocab] of every position of `token_ids` run as a fresh sequence (parity and the
+        accuracy gate); the cache is not touched."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        n = len(ids)
+        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None], **{p: empty for p in self.past_names}}
+        return self.session.run(["logits"], feeds)[0][0].astype(np.float32, copy=False)
+
     def release(self, slot: int) -> None:
         self.kept[slot] = self.lengths[slot]
         self.lengths[slot] = 0
@@ -134,3 +175,4 @@ class OrtEngine(Engine):
     def describe(self) -> dict:
         return {**super().describe(), "kv_dtype": np.dtype(self.kv_dtype).name,
                 "providers": self.session.get_providers()}
+

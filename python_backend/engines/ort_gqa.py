@@ -1,0 +1,225 @@
+"""ONNX Runtime engine for the fused CPU graph (build/ort_graph.py): the KV cache is read and written in place.
+
+The cache is one array per layer and K/V, shaped [slots, kv_heads, max_seq_len, head_dim], bound to the
+graph both as the past input and as the present output, so GroupQueryAttention writes each new token's
+KV at its row's own length and attends over that length only: no gather, no Concat, no scatter, no
+mask. A run covers a contiguous range of rows, so the engine keeps a slot -> row map and swaps two rows'
+KV (their valid positions only) to bring the slots of a step into rows [0, n): the running sequences
+stay in front, and a swap happens when a sequence leaves from the middle or joins behind a hole.
+
+Prefix reuse works as in engines/ort.py: a released slot keeps its KV (swaps carry it along), and
+`prefill_cached` runs only the prompt's tokens after the cached ones on top of it (GroupQueryAttention's
+prompt-with-past path, one sequence per run). Its logits and KV are bitwise those of a full prefill
+because every prompt run computes an even number of rows: GroupQueryAttention's CPU kernel computes
+the last row of a run of 96k + 1 rows on another path whose rounding differs (found by
+tests/test_ort_graph.py; 97, 193, 289 on this machine's ONNX Runtime 1.32), so an odd run gets one
+filler token after the prompt, treated as a real one whose KV the next decode step overwrites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .base import Engine
+from .ort import session_options
+
+
+def _even(rows: int) -> int:
+    """The rows a prompt run computes: `rows`, or one more where odd (module docstring)."""
+    return rows + rows % 2
+
+
+class OrtGqaEngine(Engine):
+    can_reuse_prefix = True
+    reuse_min_new = 2  # as engines/ort.py: one new token runs another kernel path (tests/test_prefix_reuse.py)
+
+    def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
+                 threads: int = 0, providers: list[str] | None = None, **_unused):
+        import onnxruntime as ort
+
+        self._ort = ort
+        model_path = Path(model_path)
+        spec = json.loads((model_path.parent / "kv_spec.json").read_text())
+        self.num_layers, self.num_kv_heads = spec["num_layers"], spec["num_kv_heads"]
+        self.head_dim, self.vocab_size = spec["head_dim"], spec["vocab_size"]
+        self.max_slots, self.max_seq_len = int(max_slots), int(max_seq_len)
+        if self.max_seq_len > int(spec["max_position_embeddings"]):
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the graph's rotary table "
+                             f"({spec['max_position_embeddings']} positions)")
+        self.session = ort.InferenceSession(str(model_path), session_options(threads, model_path),
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.kv_dtype = np.float32
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        shape = (self.max_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
+        self.cache = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]  # pages mapped as touched
+        self.lengths = np.zeros(self.max_slots, dtype=np.int64)
+        self.kept = np.zeros(self.max_slots, dtype=np.int64)  # valid KV of a released slot (prefix reuse)
+        self.row = np.arange(self.max_slots)  # slot -> row of the cache arrays
+        self.slot_at = np.arange(self.max_slots)  # row -> slot
+        self._logits = np.zeros((self.max_slots, 1, self.vocab_size), dtype=np.float32)  # decode's output
+        self.swaps = 0
+        self._bindings: dict = {}  # (first row, rows) -> a decode step's binding
+
+    # -- rows ---------------------------------------------------------------------------------
+    def _valid(self, slot: int) -> int:
+        return int(self.lengths[slot] or self.kept[slot])
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange rows a and b (their slots' valid KV and the maps)."""
+        sa, sb = int(self.slot_at[a]), int(self.slot_at[b])
+        n = max(self._valid(sa), self._valid(sb))
+        if n:
+            for store in self.cache:
+                tmp = store[a, :, :n].copy()
+                store[a, :, :n] = store[b, :, :n]
+                store[b, :, :n] = tmp
+        self.slot_at[a], self.slot_at[b] = sb, sa
+        self.row[sa], self.row[sb] = b, a
+        self.swaps += 1
+
+    def _place(self, slots: np.ndarray, start: int) -> np.ndarray:
+        """Move `slots` into rows [start, start + n) (swapping out what is there); their rows."""
+        n = len(slots)
+        rows = self.row[slots]
+        outside = [int(s) for s, r in zip(slots, rows) if not start <= r < start + n]
+        if outside:
+            wanted = set(int(s) for s in slots)
+            free = [r for r in range(start, start + n) if int(self.slot_at[r]) not in wanted]
+            for s, r in zip(outside, free):
+                self._swap(int(self.row[s]), r)
+            rows = self.row[slots]
+        return rows
+
+    # -- running the graph --------------------------------------------------------------------
+    def _run(self, r0: int, ids: np.ndarray, seqlens: np.ndarray, total: int, index: np.ndarray,
+             logits_out: np.ndarray | None = None) -> np.ndarray:
+        """One run over rows [r0, r0 + len(ids)): `ids` [b, s], `seqlens` (total length - 1 per row),
+        `index` [b, k]: the positions whose logits come back ([b, k, vocab])."""
+        b = len(ids)
+        key = (r0, b)
+        io = self._bindings.get(key) if logits_out is not None else None
+        if io is None:
+            io = self._bind(r0, b, logits_out)
+            if logits_out is not None:
+                self._bindings[key] = io  # a decode step's: the same views every time (bound once)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
+        io.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        io.bind_cpu_input("logits_index", np.ascontiguousarray(index, dtype=np.int64))
+        self.session.run_with_iobinding(io)
+        return logits_out if logits_out is not None else io.get_outputs()[0].numpy()
+
+    def _bind(self, r0: int, b: int, logits_out: np.ndarray | None):
+        """A binding of rows [r0, r0 + b) of the cache as past and present, and of the logits."""
+        ort = self._ort
+        io = self.session.io_binding()
+        if logits_out is not None:  # first: get_outputs() lists the outputs in binding order
+            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_out))
+        else:
+            io.bind_output("logits")
+        for past, present, store in zip(self.past_names, self.present_names, self.cache):
+            value = ort.OrtValue.ortvalue_from_numpy(store[r0:r0 + b])  # a view: shared, not copied
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        return io
+
+    # -- Engine API ---------------------------------------------------------------------------
+    def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
+        return self.prefill_batch([slot], [token_ids])[0]
+
+    def prefill_batch(self, slots, prompts) -> np.ndarray:
+        """All prompts in one run (right-padded to the longest), behind the running sequences' rows."""
+        slots = np.asarray(slots, dtype=np.int64)
+        lens = np.array([len(p) for p in prompts], dtype=np.int64)
+        if lens.max() + 1 > self.max_seq_len:
+            raise ValueError(f"prompt of {lens.max()} tokens does not fit the context of {self.max_seq_len}")
+        self.lengths[slots] = 0
+        # behind the running sequences' rows, where the next decode step wants them
+        rows = self._place(slots, int(np.count_nonzero(self.lengths)))
+        r0 = int(rows.min())
+        pos = rows - r0  # each prompt's row within the run
+        width = _even(int(lens.max()))
+        # every row runs `width` tokens (the padding after a prompt as real tokens, overwritten by the
+        # decode steps that follow): each computes the same even number of rows (module docstring)
+        ids = np.zeros((len(slots), width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[pos[i], :lens[i]] = p
+        lens_run = np.empty_like(lens)
+        lens_run[pos] = lens
+        logits = self._run(r0, ids, np.full(len(slots), width - 1), width, (lens_run - 1)[:, None])
+        self.lengths[slots] = lens
+        self.kept[slots] = 0
+        return logits[pos, 0].astype(np.float32, copy=False)
+
+    def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
+        out = []
+        for s, p, c in zip(slots, prompts, cached):
+            s, c = int(s), int(c)
+            if not c:
+                out.append(self.prefill(s, p))
+                continue
+            n = len(p)
+            if n + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+            if not c <= min(self._valid(s), n - self.reuse_min_new):
+                raise ValueError(f"slot {s} cannot reuse {c} cached tokens for a prompt of {n} "
+                                 f"(valid: {self._valid(s)}, at least {self.reuse_min_new} must be computed)")
+            new = np.zeros(_even(n - c), dtype=np.int64)  # a filler token after an odd run (module docstring)
+            new[:n - c] = p[c:]
+            end = c + len(new)
+            logits = self._run(int(self.row[s]), new[None], np.array([end - 1]), end, np.array([[n - c - 1]]))
+            self.lengths[s], self.kept[s] = n, 0
+            out.append(logits[0, 0].astype(np.float32, copy=False))
+        return np.stack(out)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        if self.lengths[dst] or n > self._valid(src) or src == dst:
+            raise ValueError(f"cannot copy {n} positions of slot {src} (valid: {self._valid(src)}) into slot {dst}")
+        a, b = int(self.row[src]), int(self.row[dst])
+        for store in self.cache:
+            store[b, :, :n] = store[a, :, :n]
+        self.kept[dst] = n
+
+    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        b = len(slots)
+        lengths = self.lengths[slots]
+        if np.any(lengths == 0) or np.any(lengths + 1 > self.max_seq_len):
+            raise ValueError(f"decode over slots {slots.tolist()} of lengths {lengths.tolist()} "
+                             f"(each must hold a sequence shorter than {self.max_seq_len})")
+        rows = self._place(slots, 0)
+        ids = np.empty((b, 1), dtype=np.int64)
+        ids[rows, 0] = tokens
+        seqlens = np.empty(b, dtype=np.int64)
+        seqlens[rows] = lengths
+        logits = self._run(0, ids, seqlens, int(lengths.max()) + 1, np.zeros((b, 1), np.int64), self._logits[:b])
+        self.lengths[slots] = lengths + 1
+        return logits[rows, 0]
+
+    def logits_all(self, token_ids) -> np.ndarray:
+        """Logits [n, vocab] of every position of `token_ids` run as a fresh sequence (parity and the
+        accuracy gate); uses (and then frees) the last slot."""
+        slot = self.max_slots - 1
+        if self.lengths[slot]:
+            raise ValueError("logits_all needs the last slot free")
+        ids = np.asarray(token_ids, dtype=np.int64)
+        n = len(ids)
+        logits = self._run(int(self.row[slot]), ids[None], np.array([n - 1]), n, np.arange(n)[None])
+        self.kept[slot] = 0
+        return logits[0].astype(np.float32, copy=False)
+
+    def release(self, slot: int) -> None:
+        self.kept[slot] = self.lengths[slot]
+        self.lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        return int(self.lengths[slot])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kv_dtype": "float32", "kv_layout": "gqa",
+                "providers": self.session.get_providers()}

@@ -24,7 +24,7 @@ example: docs/build-config.md).
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
-                       prefix_reuse: true}
+                       prefix_reuse: true, prefill_chunk: 128}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -39,6 +39,8 @@ example: docs/build-config.md).
                       #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
                       # prefix_reuse: a prompt reuses the KV of its longest prefix a slot still holds
                       #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
+                      # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many
+                      #   tokens at a time, one piece between two decode steps (0: whole)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0}
@@ -75,7 +77,7 @@ DEFAULTS: dict = {
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
-                      "prefix_reuse": True},
+                      "prefix_reuse": True, "prefill_chunk": 128},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
                      "cancel_poll_ms": 20, "log_requests": 0},
@@ -149,6 +151,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.generator.mix_tokens must be a whole number >= 0, got {g['mix_tokens']!r}")
     if not _number(g["queue_timeout_ms"], 0):
         raise SettingsError(f"models.generator.queue_timeout_ms must be a number >= 0, got {g['queue_timeout_ms']!r}")
+    if not _number(g["prefill_chunk"], 0) or g["prefill_chunk"] != int(g["prefill_chunk"]):
+        raise SettingsError(f"models.generator.prefill_chunk must be a whole number >= 0 (0: off), got {g['prefill_chunk']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     e = s["models"]["ensemble"]

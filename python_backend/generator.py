@@ -54,6 +54,7 @@ class TritonPythonModel:
         self.scheduler = Scheduler(self.engine, max_queue_size=int(params.get("max_waiting", "256")),
                                    queue_timeout=float(params.get("queue_timeout_ms", "0") or 0) / 1e3,
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
+                                   prefill_chunk=int(params.get("prefill_chunk", "0")),
                                    prefill_wait=float(params.get("prefill_wait_ms", "0")) / 1e3,
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),

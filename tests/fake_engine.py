@@ -109,7 +109,7 @@ class FakeEngine(Engine):
     def _fill(self, slot: int, ids, cached: int = 0) -> np.ndarray:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} out of range")
-        if self.lengths[slot]:
+        if self.lengths[slot] and cached != self.lengths[slot]:  # the next piece of its own prompt only
             raise ValueError(f"prefill into slot {slot}, which holds a sequence")
         if len(ids) == 0 or len(ids) + 1 > self.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens")

@@ -18,7 +18,9 @@ things where the engine can:
   prefilled inside the next decode step instead of in a prefill of their own that stops every
   stream (`_mix_due`, `_pop_mix`).
 Where the engine can (`engine.can_reuse_prefix`, `prefix_reuse`), a prompt goes into the free slot
-that still holds the KV of its longest prefix, and only the rest is prefilled (prefix.py).
+that still holds the KV of its longest prefix, and only the rest is prefilled (prefix.py). On such an
+engine a prompt longer than `prefill_chunk` tokens is prefilled a piece at a time, one piece between
+two decode steps (`_chunk`), so that a long prompt does not stop every stream for its whole prefill.
 
 Reading order: `_loop` (one round), `_step` (the decode steps), then their parts, admission
 (`_admit`; `_pop_mix` for prompts inside decode steps) and accounting (`_take`, `_advance`, `_finish`).
@@ -49,7 +51,8 @@ __all__ = ["Courier", "Output", "QueueFull", "Scheduler", "Sequence", "Stats"]
 class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
-                 mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True):
+                 mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True,
+                 prefill_chunk: int = 0):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -66,7 +69,11 @@ class Scheduler:
         `mix_tokens` prompt tokens a step) instead of in a prefill of their own that stops every
         stream. `queue_timeout`: seconds a request may wait for a slot before it is refused (0: no
         limit). `prefix_reuse`: where the engine can (`can_reuse_prefix`), a prompt reuses the KV of
-        its longest prefix that a slot holds (prefix.py; `metrics.reused(tokens)` counts them)."""
+        its longest prefix that a slot holds (prefix.py; `metrics.reused(tokens)` counts them).
+        `prefill_chunk`: where the engine can run a prompt on top of KV its slot holds
+        (`can_reuse_prefix`), a prompt with more tokens than this left to compute is prefilled this
+        many at a time, one piece between two decode steps (0: whole). Each piece runs on the KV of
+        the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
@@ -81,6 +88,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots = list(range(engine.max_slots - 1, -1, -1))  # in the order they were freed
         self.prefixes = PrefixCache(engine.reuse_min_new) if prefix_reuse and engine.can_reuse_prefix else None
+        self.prefill_chunk = max(int(prefill_chunk), engine.reuse_min_new) if prefill_chunk and engine.can_reuse_prefix else 0
+        self.chunked: collections.deque[list] = collections.deque()  # [sequence, prompt tokens in its KV]
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
         self.courier = Courier(stats=self.stats)
@@ -117,14 +126,14 @@ class Scheduler:
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self.running), len(self.waiting)
+        return len(self.running) + len(self.chunked), len(self.waiting)
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
                 t = time.perf_counter()
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.waiting and not self.running and not self.chunked:
                     self._cv.wait()
                 self.stats.idle_s += time.perf_counter() - t
                 if self._stop:
@@ -138,6 +147,8 @@ class Scheduler:
                 # also when only cancelled requests left the line: the waiting gauge must not keep them
                 if self.metrics and (admitted or len(self.waiting) != waiting):
                     self._report(admitted, 0)
+                if self.chunked:
+                    self._chunk()
                 self._step()
             except Exception as exc:  # an engine failure fails the batch, not the server
                 log.exception("generator step failed")
@@ -148,7 +159,7 @@ class Scheduler:
                 self.running = []
                 if self.metrics:
                     self._report(0, 0)
-        for seq in list(self.running) + list(self.waiting):
+        for seq in list(self.running) + [c[0] for c in self.chunked] + list(self.waiting):
             self._finish(seq, "cancelled", error="server is shutting down")
 
     def _step(self) -> None:
@@ -243,11 +254,19 @@ class Scheduler:
         return sum(len(s.prompt_ids) for s in list(waiting)) >= self.prefill_token_budget
 
     def _admit(self) -> int:
-        """Move waiting requests into free slots, all prefilled in one engine call; return how many."""
+        """Move waiting requests into free slots, all prefilled in one engine call (a long prompt:
+        a piece at a time, `_chunk`); return how many."""
         batch = self._pop_waiting(len(self.free_slots), self.prefill_token_budget, lambda seq: True, first_always=True)
         if not batch:
             return 0
         self._place(batch)
+        admitted = len(batch)
+        if self.prefill_chunk:
+            long = [s for s in batch if len(s.prompt_ids) - s.reused > self.prefill_chunk]
+            self.chunked.extend([s, s.reused] for s in long)
+            batch = [s for s in batch if len(s.prompt_ids) - s.reused <= self.prefill_chunk]
+            if not batch:
+                return admitted
         t = time.perf_counter()
         batch, logits = self._prefill(batch)
         self.stats.prefill_exec_s += time.perf_counter() - t
@@ -261,7 +280,43 @@ class Scheduler:
             if not self._advance(seq, token):
                 self.running.remove(seq)
         self.stats.prefill_s += time.perf_counter() - t
-        return len(batch)
+        return admitted
+
+    def _chunk(self) -> None:
+        """The next piece of the oldest long prompt: `prefill_chunk` more of its tokens on top of the KV
+        its slot holds; after the last piece it has its first token and joins the decode steps."""
+        entry = self.chunked[0]
+        seq, start = entry
+        n = len(seq.prompt_ids)
+        end = start + self.prefill_chunk
+        if n - end < self.engine.reuse_min_new:  # a last piece too short to compute alone joins this one
+            end = n
+        t = time.perf_counter()
+        try:
+            logits = self.engine.prefill_cached([seq.slot], [seq.prompt_ids[:end]], [start])[0]
+        except Exception as exc:  # noqa: BLE001 - this prompt fails alone
+            log.exception("prefill of tokens [%d, %d) of a %d-token prompt failed", start, end, n)
+            self.chunked.popleft()
+            self._finish(seq, "", error=f"prefill failed: the engine raised {type(exc).__name__} "
+                                        "on this prompt (details in the server log)")
+            return
+        self.stats.prefill_exec_s += time.perf_counter() - t
+        self.stats.prefill_chunks += 1
+        entry[1] = end
+        if self.prefixes is not None:
+            self.prefixes.prefilled(seq.slot, seq.prompt_ids[:end])  # a prefill's KV, reusable as such
+        if end < n:
+            return
+        self.chunked.popleft()
+        self.stats.prefills += 1
+        self.stats.prefill_calls += 1
+        if self.prefixes is not None and seq.reused:
+            self._count_reuse([seq])
+        self.running.append(seq)
+        token, seq.failure = choose_safely(seq.sampler, logits)
+        if not self._advance(seq, token):
+            self.running.remove(seq)
+        self.stats.prefill_s += time.perf_counter() - t
 
     def _prefill(self, batch: list[Sequence]):
         """Prefill `batch` in one engine call; if that fails, each prompt alone, so that a prompt
@@ -482,6 +537,10 @@ class Scheduler:
         self.courier.post(seq, Output(rel, len(seq.prompt_ids), seq.generated, reason, final=True, error=error))
 
     def _drop_cancelled(self) -> None:
+        for entry in [c for c in self.chunked if c[0].cancelled]:  # a long prompt between two pieces
+            self.chunked.remove(entry)
+            self.stats.cancelled += 1
+            self._finish(entry[0], "cancelled")
         if not any(s.cancelled for s in self.running):  # after every step: no new list then
             return
         keep = []

@@ -69,6 +69,7 @@ class Stats:
     batch_size_sum: int = 0
     chained: int = 0  # steps launched before the host had the previous step's tokens
     prefill_calls: int = 0
+    prefill_chunks: int = 0  # pieces of long prompts run between decode steps (prefill_chunk)
     mixed_steps: int = 0  # decode steps that carried prompts (prefilled inside the step)
     # prefix reuse: prompt tokens whose KV was reused (copied from another slot: `copied_tokens` of
     # them), and the prefills that reused some

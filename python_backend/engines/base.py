@@ -75,8 +75,9 @@ class Engine(abc.ABC):
 
     def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
         """Prefill `prompts[i]` into `slots[i]`, whose KV positions [0, cached[i]) still hold the KV of
-        `prompts[i][:cached[i]]` (left by the slot's previous sequence, or put there by
-        `copy_prefix`); only the tokens after them are computed (`cached[i] <= len(prompts[i]) -
+        `prompts[i][:cached[i]]` (left by the slot's previous sequence, put there by `copy_prefix`, or
+        by the pieces of the same prompt prefilled before: the scheduler's `prefill_chunk`); only the
+        tokens after them are computed (`cached[i] <= len(prompts[i]) -
         reuse_min_new`). Returns the last logits [n, vocab], as `prefill_batch` does. This default,
         for engines that cannot (`can_reuse_prefix` False), ignores the cache: a full prefill."""
         return self.prefill_batch(slots, prompts)

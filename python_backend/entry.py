@@ -45,20 +45,14 @@ class Capacity:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params, version_dir = io.model_setup(args)
+        config, params, _ = io.model_setup(args)
         self.model_name = args["model_name"]
-        detokenize = None
-        if params.get("detokenize", "postprocessing") == "inline":
-            from .postprocessing import Detokenizer
-
-            # postprocessing's own tokenizer files, in the same repository (the manifest checked them)
-            detokenize = Detokenizer(version_dir.parent.parent / "postprocessing" / "1", int(params.get("vocab_size") or 0))
         self.capacity = Capacity(int(params.get("max_in_flight", "272")))
         metrics = EntryMetrics(self.model_name, restarts=int(os.environ.get("TRITONCHAT_SERVER_RESTARTS", "0") or 0))
         self.ctx = Context(limits=Limits.from_params(params),
                            watcher=Watcher(float(params.get("cancel_poll_ms", "20")) / 1e3),
                            metrics=metrics, known_inputs={i["name"] for i in config["input"]},
-                           log_requests=float(params.get("log_requests", "0") or 0), detokenize=detokenize)
+                           log_requests=float(params.get("log_requests", "0") or 0))
         # one thread per request in flight: each waits on its BLS calls (which release the GIL)
         self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
 

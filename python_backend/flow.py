@@ -1,7 +1,6 @@
 """One request's way through the pipeline, run by the entry model on a worker thread:
 preprocessing (BLS) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
-call per generator response; with `detokenize: inline` the same code in this process) -> the client.
-And the watcher that notices a client went away.
+call per generator response) -> the client. And the watcher that notices a client went away.
 
 Why BLS and not a Triton ensemble: Triton checks an ensemble's cancellation only between its
 steps, never inside the running decoupled generator step, so a cancelled stream (gRPC cancel,
@@ -107,9 +106,6 @@ class Context:
     metrics: object  # EntryMetrics
     known_inputs: set
     log_requests: float = 0.0  # fraction of requests that get a log line
-    # `detokenize: inline`: postprocessing's work done here (postprocessing.Detokenizer) instead of a
-    # BLS call per generator response; None: the call
-    detokenize: object = None
 
 
 class Flow:
@@ -175,7 +171,7 @@ class Flow:
             tensors = g.output_tensors()
             if not tensors:
                 continue  # the empty final response of a generator that already sent its last one
-            out = self._postprocess(tensors) if self.ctx.detokenize is None else self._detokenize(tensors)
+            out = self._postprocess(tensors)
             reason = _value(out, "finish_reason")
             if self.first_at is None:
                 self.first_at = time.perf_counter()
@@ -195,12 +191,6 @@ class Flow:
         if resp.has_error():
             raise RuntimeError(f"postprocessing failed: {resp.error().message()}")
         return [pb_utils.get_output_tensor_by_name(resp, n) for n in OUTPUTS]
-
-    def _detokenize(self, tensors: list):
-        try:
-            return self.ctx.detokenize({t.name(): t for t in tensors})
-        except InvalidParameter as exc:  # the generator's window, not the client's input: as the BLS call fails
-            raise RuntimeError(f"postprocessing failed: {exc}") from None
 
     def _client_gone(self) -> bool:
         """Poll our own request (at most every `cancel_poll`), between two sends."""

@@ -19,18 +19,26 @@ log = logging.getLogger("tritonchat.postprocessing")
 PASS_THROUGH = ("num_input_tokens", "num_output_tokens", "finish_reason")
 
 
-class Detokenizer:
-    """A generator response's tensors -> the client's (text_output, output_ids and the pass-through
-    counts and finish reason): this model's work, also run inside the entry where the repository says
-    `detokenize: inline` (flow.py)."""
-
-    def __init__(self, version_dir, vocab_size: int = 0):
+class TritonPythonModel:
+    def initialize(self, args):
+        _, params, version_dir = io.model_setup(args)
         self.tokenizer = io.load_fast_tokenizer(version_dir)
         # the model's vocabulary (its logits' width), which may differ from the tokenizer's
-        self.vocab_size = int(vocab_size or 0) or self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = int(params.get("vocab_size") or 0) or self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, inputs: dict) -> list:
-        """`inputs`: tensors by name. Raises InvalidParameter for a window that is not one."""
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._one(io.inputs(request)))
+            except InvalidParameter as exc:
+                responses.append(io.error_response(str(exc)))
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                log.exception("postprocessing failed")
+                responses.append(io.error_response(f"could not detokenize this response ({type(exc).__name__})"))
+        return responses
+
+    def _one(self, inputs: dict):
         tokens = io.optional(inputs, "tokens")
         window = [] if tokens is None else lim.token_ids(tokens, "tokens", self.vocab_size).tolist()
         read_offset = lim.integer(inputs, "read_offset", 0, len(window), 0)
@@ -40,22 +48,5 @@ class Detokenizer:
             io.bytes_tensor("text_output", text),
             io.tensor("output_ids", window[read_offset:], np.int32),
         ]
-        return outputs + [pb_utils.Tensor(name, io.optional(inputs, name)) for name in PASS_THROUGH]
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        _, params, version_dir = io.model_setup(args)
-        self.detokenize = Detokenizer(version_dir, int(params.get("vocab_size") or 0))
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=self.detokenize(io.inputs(request))))
-            except InvalidParameter as exc:
-                responses.append(io.error_response(str(exc)))
-            except Exception as exc:  # noqa: BLE001 - this request fails alone
-                log.exception("postprocessing failed")
-                responses.append(io.error_response(f"could not detokenize this response ({type(exc).__name__})"))
-        return responses
+        outputs += [pb_utils.Tensor(name, io.optional(inputs, name)) for name in PASS_THROUGH]
+        return pb_utils.InferenceResponse(output_tensors=outputs)

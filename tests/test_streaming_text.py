@@ -76,7 +76,7 @@ def test_stop_string_inside_multibyte_text(name):
 
 # -- through the real server ---------------------------------------------------------------------
 
-def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessing"):
+def _memorized_repo(tmp_path_factory, arch, tokenizer):
     from tritonchat.build.synthetic import make_random_model
 
     need(SHARED / "tokenizers" / tokenizer)
@@ -84,16 +84,11 @@ def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessin
     model = make_random_model(arch, root / "hf", tokenizer=tokenizer, seed=1)
     memorize(model, MEMO)
     # every token its own response (no stream interval), so multi-token characters meet response edges
-    every_token = {"generator": {"stream_interval_ms": 0, "stream_responses_per_s": 0},
-                   "ensemble": {"detokenize": detokenize}}
+    every_token = {"generator": {"stream_interval_ms": 0, "stream_responses_per_s": 0}}
     return model, build_repo(model, root / "repo", models=every_token)
 
 
-# the entry calls the postprocessing model per response by default; with `detokenize: inline` it runs
-# the same code in its own process: both must give the same text
-@pytest.fixture(scope="module", params=[("gpt2", "gpt2", "postprocessing"), ("llama", "llama2", "postprocessing"),
-                                        ("gpt2", "gpt2", "inline")],
-                ids=["gpt2-bpe", "llama2-spm", "gpt2-bpe-inline"])
+@pytest.fixture(scope="module", params=[("gpt2", "gpt2"), ("llama", "llama2")], ids=["gpt2-bpe", "llama2-spm"])
 def served(request, tmp_path_factory):
     from tritonchat.client import ChatClient
     from tritonchat.server import TritonServer

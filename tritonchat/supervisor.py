@@ -446,6 +446,11 @@ class Supervisor:
                     stub = known.get(pid) or Stub(pid, "?", "?", "?")
                     fault = self._judge_dead_stub(stub, status)
                     if fault:
+                        # the stubs abort when tritonserver dies: a server killed since this round's
+                        # first look is the cause, not the stub that followed it (seen in a full test run)
+                        rc = server.proc.poll()
+                        if rc is not None:
+                            return f"tritonserver (pid {server.pid}) {describe_status(rc, waitpid=False)}"
                         return fault
                     dismissed.add(pid)
                 silent = live.silent_for()

@@ -69,6 +69,7 @@ def test_decode_over_any_subset_of_slots_in_any_order(fused):
     """Sequences start, leave and decode in random subsets and orders; each step's logits are those of
     the whole sequence run fresh (rows are swapped to bring a step's slots together: it happened)."""
     ex = _engine(fused["fp32"])
+    probe = _engine(fused["fp32"], slots=1)  # each sequence's logits run fresh
     rng = np.random.default_rng(0)
     seqs: dict[int, list[int]] = {}
     for step in range(60):
@@ -86,7 +87,6 @@ def test_decode_over_any_subset_of_slots_in_any_order(fused):
         got = ex.decode(np.array(chosen), tokens)
         for s, t, row in zip(chosen, tokens, got):
             seqs[int(s)].append(int(t))
-            probe = _engine(fused["fp32"], slots=1)
             want = probe.logits_all(seqs[int(s)])[-1]
             assert np.allclose(row, want, atol=1e-4), f"step {step}, slot {s}: {np.abs(row - want).max()}"
     assert ex.swaps > 0
@@ -202,7 +202,8 @@ def test_a_fused_repository_through_the_real_server(hf_model, tmp_path):
     assert json.loads((repo / "manifest.json").read_text())["graph"] == "fused"
     tok = AutoTokenizer.from_pretrained(str(src))
     prompts = ["Once upon a time", "The little dog ran", "Hello", "A long time ago in a land far away",
-               "She said", "It was a dark and stormy night"]
+               "She said", "It was a dark and stormy night",
+               "Once upon a time " * 30]  # over prefill_chunk (128 tokens): prefilled in pieces
     refs = {p: hf_greedy(src, tok(p)["input_ids"], 24 + 4 * i) for i, p in enumerate(prompts)}
     with TritonServer(repo) as srv, ChatClient(srv.grpc_url) as client:
         def ask(i):

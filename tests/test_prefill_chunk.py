@@ -151,3 +151,27 @@ def test_pieces_give_the_answers_of_whole_prefills_through_the_scheduler(fused_g
     pieces, chunks = answers(chunk)
     assert none == 0 and chunks >= 20
     assert pieces == whole
+
+
+def test_a_piece_that_fails_fails_its_request_alone_and_the_next_is_served():
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    ex = FakeEngine(max_slots=2, max_seq_len=512, vocab_size=64, can_reuse=True)
+    real = ex.prefill_cached
+
+    def breaks_on_a_later_piece(slots, prompts, cached):
+        if cached[0] >= 16:
+            raise RuntimeError("engine fault")
+        return real(slots, prompts, cached)
+
+    ex.prefill_cached = breaks_on_a_later_piece
+    sched = Scheduler(ex, prefill_chunk=16, prefix_reuse=False)
+    try:
+        outs, done, _ = _submit(sched, list(range(3, 63)), 8)
+        assert done.wait(10)
+        assert outs[-1].error == "prefill failed: the engine raised RuntimeError on this prompt (details in the server log)"
+        ex.prefill_cached = real
+        after, done2, _ = _submit(sched, [5, 6, 7], 4)
+        assert done2.wait(10) and _tokens(after) == ex.reference([5, 6, 7], 4)[0]
+    finally:
+        sched.shutdown()

@@ -262,11 +262,15 @@ class Scheduler:
         self._place(batch)
         admitted = len(batch)
         if self.prefill_chunk:
-            long = [s for s in batch if len(s.prompt_ids) - s.reused > self.prefill_chunk]
-            self.chunked.extend([s, s.reused] for s in long)
-            batch = [s for s in batch if len(s.prompt_ids) - s.reused <= self.prefill_chunk]
-            if not batch:
+            whole = []
+            for s in batch:
+                if len(s.prompt_ids) - s.reused > self.prefill_chunk:
+                    self.chunked.append([s, s.reused])
+                else:
+                    whole.append(s)
+            if not whole:
                 return admitted
+            batch = whole
         t = time.perf_counter()
         batch, logits = self._prefill(batch)
         self.stats.prefill_exec_s += time.perf_counter() - t

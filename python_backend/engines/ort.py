@@ -29,7 +29,7 @@ from .slots import decode_layout
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
 
 
-def session_options(threads: int, model_path) -> "onnxruntime.SessionOptions":
+def session_options(threads: int, model_path):
     """The generator's ONNX Runtime session settings (both graphs: this module's and ort_gqa.py's)."""
     import onnxruntime as ort
 
@@ -67,7 +67,11 @@ def weight_bytes(model_path) -> int:
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
 
 
-class OrtEngine(Engine):
+class OrtSlots(Engine):
+    """What both ONNX Runtime engines share: the graph's KV spec and session, one cache array per layer
+    and K/V shaped [slots, kv_heads, max_seq_len, head_dim], and each slot's length and the valid KV a
+    released slot keeps for prefix reuse. `OrtEngine` (this module) and `ort_gqa.OrtGqaEngine`."""
+
     can_reuse_prefix = True
     reuse_min_new = 2  # one new token: another kernel path, whose rounding differs (module docstring)
 
@@ -76,26 +80,61 @@ class OrtEngine(Engine):
         import onnxruntime as ort
 
         model_path = Path(model_path)
-        spec = json.loads((model_path.parent / "kv_spec.json").read_text())
-        self.num_layers = spec["num_layers"]
-        self.num_kv_heads = spec["num_kv_heads"]
-        self.head_dim = spec["head_dim"]
-        self.vocab_size = spec["vocab_size"]
+        self.spec = json.loads((model_path.parent / "kv_spec.json").read_text())
+        self.num_layers = self.spec["num_layers"]
+        self.num_kv_heads = self.spec["num_kv_heads"]
+        self.head_dim = self.spec["head_dim"]
+        self.vocab_size = self.spec["vocab_size"]
         self.max_slots = int(max_slots)
         self.max_seq_len = int(max_seq_len)
-
         self.session = ort.InferenceSession(str(model_path), session_options(threads, model_path),
                                             providers=providers or ["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.kv_dtype = _NP_DTYPES.get(inputs["past_key_values.0.key"].type, np.float32)
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         shape = (self.max_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
         # np.zeros maps pages lazily: memory is touched only as sequences grow
         self.cache = [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
         self.lengths = np.zeros(self.max_slots, dtype=np.int64)
         # positions of each released slot whose KV is still valid (prefix reuse)
         self.kept = np.zeros(self.max_slots, dtype=np.int64)
+
+    def _valid(self, slot: int) -> int:
+        """Positions of `slot` whose KV is valid: its sequence's, or what a released one left."""
+        return int(self.lengths[slot] or self.kept[slot])
+
+    def _check_prompt(self, slot: int, n: int, cached: int) -> None:
+        """Refuse a prompt of `n` tokens that does not fit, or `cached` tokens `slot` cannot reuse."""
+        if n + 1 > self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+        valid = self._valid(slot)  # a prefill retried after a failed batch: its own
+        if cached and not cached <= min(valid, n - self.reuse_min_new):
+            raise ValueError(f"slot {slot} cannot reuse {cached} cached tokens for a prompt of {n} "
+                             f"(valid: {valid}, at least {self.reuse_min_new} must be computed)")
+
+    def _check_copy(self, src: int, dst: int, n: int) -> None:
+        if self.lengths[dst] or n > self._valid(src) or src == dst:
+            raise ValueError(f"cannot copy {n} positions of slot {src} (valid: {self._valid(src)}) into slot {dst}")
+
+    def release(self, slot: int) -> None:
+        self.kept[slot] = self.lengths[slot]
+        self.lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        return int(self.lengths[slot])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kv_dtype": np.dtype(self.kv_dtype).name,
+                "providers": self.session.get_providers()}
+
+
+class OrtEngine(OrtSlots):
+    """The TorchScript export: past KV gathered in, past + new out (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.output_names = ["logits"] + self.present_names
 
     # -- Engine API ------------------------------------------------------------------------
     def prefill(self, slot: int, token_ids: np.ndarray) -> np.ndarray:
@@ -107,12 +146,7 @@ class OrtEngine(Engine):
     def _prefill(self, slot: int, token_ids: np.ndarray, start: int) -> np.ndarray:
         """Run `token_ids[start:]` into `slot` on top of the KV of `token_ids[:start]` it holds."""
         n = len(token_ids)
-        if n + 1 > self.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
-        valid = self.lengths[slot] or self.kept[slot]  # a prefill retried after a failed batch: its own
-        if start and not start <= min(valid, n - self.reuse_min_new):
-            raise ValueError(f"slot {slot} cannot reuse {start} cached tokens for a prompt of {n} "
-                             f"(valid: {valid}, at least {self.reuse_min_new} must be computed)")
+        self._check_prompt(slot, n, start)
         feeds = {
             "input_ids": np.asarray(token_ids[start:], dtype=np.int64)[None, :],
             "attention_mask": np.ones((1, n), dtype=np.int64),
@@ -127,9 +161,7 @@ class OrtEngine(Engine):
         return logits[0, -1].astype(np.float32, copy=False)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        valid = self.lengths[src] or self.kept[src]
-        if self.lengths[dst] or n > valid or src == dst:
-            raise ValueError(f"cannot copy {n} positions of slot {src} (valid: {valid}) into slot {dst}")
+        self._check_copy(src, dst, n)
         for store in self.cache:
             store[dst, :, :n] = store[src, :, :n]
         self.kept[dst] = n
@@ -164,15 +196,3 @@ class OrtEngine(Engine):
         feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, n), np.int64),
                  "position_ids": np.arange(n, dtype=np.int64)[None], **{p: empty for p in self.past_names}}
         return self.session.run(["logits"], feeds)[0][0].astype(np.float32, copy=False)
-
-    def release(self, slot: int) -> None:
-        self.kept[slot] = self.lengths[slot]
-        self.lengths[slot] = 0
-
-    def length(self, slot: int) -> int:
-        return int(self.lengths[slot])
-
-    def describe(self) -> dict:
-        return {**super().describe(), "kv_dtype": np.dtype(self.kv_dtype).name,
-                "providers": self.session.get_providers()}
-

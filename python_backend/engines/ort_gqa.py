@@ -18,14 +18,11 @@ filler token after the prompt, treated as a real one whose KV the next decode st
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from .base import Engine
-from .ort import session_options
+from .ort import OrtSlots
 
 
 def _even(rows: int) -> int:
@@ -33,32 +30,15 @@ def _even(rows: int) -> int:
     return rows + rows % 2
 
 
-class OrtGqaEngine(Engine):
-    can_reuse_prefix = True
-    reuse_min_new = 2  # as engines/ort.py: one new token runs another kernel path (tests/test_prefix_reuse.py)
-
-    def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int,
-                 threads: int = 0, providers: list[str] | None = None, **_unused):
+class OrtGqaEngine(OrtSlots):
+    def __init__(self, model_path: str | os.PathLike, max_slots: int, max_seq_len: int, **kwargs):
         import onnxruntime as ort
 
+        super().__init__(model_path, max_slots, max_seq_len, **kwargs)
         self._ort = ort
-        model_path = Path(model_path)
-        spec = json.loads((model_path.parent / "kv_spec.json").read_text())
-        self.num_layers, self.num_kv_heads = spec["num_layers"], spec["num_kv_heads"]
-        self.head_dim, self.vocab_size = spec["head_dim"], spec["vocab_size"]
-        self.max_slots, self.max_seq_len = int(max_slots), int(max_seq_len)
-        if self.max_seq_len > int(spec["max_position_embeddings"]):
+        if self.max_seq_len > int(self.spec["max_position_embeddings"]):
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the graph's rotary table "
-                             f"({spec['max_position_embeddings']} positions)")
-        self.session = ort.InferenceSession(str(model_path), session_options(threads, model_path),
-                                            providers=providers or ["CPUExecutionProvider"])
-        self.kv_dtype = np.float32
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
-        shape = (self.max_slots, self.num_kv_heads, self.max_seq_len, self.head_dim)
-        self.cache = [np.zeros(shape, dtype=np.float32) for _ in self.past_names]  # pages mapped as touched
-        self.lengths = np.zeros(self.max_slots, dtype=np.int64)
-        self.kept = np.zeros(self.max_slots, dtype=np.int64)  # valid KV of a released slot (prefix reuse)
+                             f"({self.spec['max_position_embeddings']} positions)")
         self.row = np.arange(self.max_slots)  # slot -> row of the cache arrays
         self.slot_at = np.arange(self.max_slots)  # row -> slot
         self._logits = np.zeros((self.max_slots, 1, self.vocab_size), dtype=np.float32)  # decode's output
@@ -66,9 +46,6 @@ class OrtGqaEngine(Engine):
         self._bindings: dict = {}  # (first row, rows) -> a decode step's binding
 
     # -- rows ---------------------------------------------------------------------------------
-    def _valid(self, slot: int) -> int:
-        return int(self.lengths[slot] or self.kept[slot])
-
     def _swap(self, a: int, b: int) -> None:
         """Exchange rows a and b (their slots' valid KV and the maps)."""
         sa, sb = int(self.slot_at[a]), int(self.slot_at[b])
@@ -136,8 +113,7 @@ class OrtGqaEngine(Engine):
         """All prompts in one run (right-padded to the longest), behind the running sequences' rows."""
         slots = np.asarray(slots, dtype=np.int64)
         lens = np.array([len(p) for p in prompts], dtype=np.int64)
-        if lens.max() + 1 > self.max_seq_len:
-            raise ValueError(f"prompt of {lens.max()} tokens does not fit the context of {self.max_seq_len}")
+        self._check_prompt(int(slots[0]), int(lens.max()), 0)
         self.lengths[slots] = 0
         # behind the running sequences' rows, where the next decode step wants them
         rows = self._place(slots, int(np.count_nonzero(self.lengths)))
@@ -164,11 +140,7 @@ class OrtGqaEngine(Engine):
                 out.append(self.prefill(s, p))
                 continue
             n = len(p)
-            if n + 1 > self.max_seq_len:
-                raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
-            if not c <= min(self._valid(s), n - self.reuse_min_new):
-                raise ValueError(f"slot {s} cannot reuse {c} cached tokens for a prompt of {n} "
-                                 f"(valid: {self._valid(s)}, at least {self.reuse_min_new} must be computed)")
+            self._check_prompt(s, n, c)
             new = np.zeros(_even(n - c), dtype=np.int64)  # a filler token after an odd run (module docstring)
             new[:n - c] = p[c:]
             end = c + len(new)
@@ -178,8 +150,7 @@ class OrtGqaEngine(Engine):
         return np.stack(out)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        if self.lengths[dst] or n > self._valid(src) or src == dst:
-            raise ValueError(f"cannot copy {n} positions of slot {src} (valid: {self._valid(src)}) into slot {dst}")
+        self._check_copy(src, dst, n)
         a, b = int(self.row[src]), int(self.row[dst])
         for store in self.cache:
             store[b, :, :n] = store[a, :, :n]
@@ -213,13 +184,5 @@ class OrtGqaEngine(Engine):
         self.kept[slot] = 0
         return logits[0].astype(np.float32, copy=False)
 
-    def release(self, slot: int) -> None:
-        self.kept[slot] = self.lengths[slot]
-        self.lengths[slot] = 0
-
-    def length(self, slot: int) -> int:
-        return int(self.lengths[slot])
-
     def describe(self) -> dict:
-        return {**super().describe(), "kv_dtype": "float32", "kv_layout": "gqa",
-                "providers": self.session.get_providers()}
+        return {**super().describe(), "kv_layout": "gqa"}

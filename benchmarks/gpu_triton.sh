@@ -5,23 +5,7 @@
 # tokenizer in $TRITONCHAT_SHARED/tokenizers/llama2/ (see docs/benchmarks.md).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# into the image's own environment: the Python backend stub imports from there.
-# numpy 1.26: the 24.10 Python backend stub (pybind11 built for numpy 1.x; nvidia-pytriton pins
-# numpy<2) reads numpy 2 arrays with the wrong item size (seen: every prompt arrived as its first
-# byte repeated). scipy and scikit-learn go: they need numpy 2 and transformers imports them.
-# The nvidia-pytriton wheel may come as a trimmed tarball (only the stub of this Python) to fit
-# the 64 MiB that travel to the GPU machine.
-python3 -m pip uninstall -y -q scikit-learn scipy 2>/dev/null || true
-SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
-[ -f .whl/pytriton-min.tar.xz ] && tar -xJf .whl/pytriton-min.tar.xz -C "$SITE"
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
-export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
-# Python stacks of a crashing generator stub (python_backend/generator.py reads it). One entry with
-# "<no Python frame>" per server stop is the stub's teardown, after every response went out.
-export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
-cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
-python3 -m tritonchat.cli setup-server
+source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver; cd /tmp
 # PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
 MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}
 [ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \

@@ -65,6 +65,10 @@ class BenchConfig:
     label: Optional[str] = None
     rounds: int = 1  # > 1: server sweep and peers alternate; each (source, C) keeps its best round
     client_processes: int = 0  # client processes per level; 0: auto (see `client_processes_for`)
+    peer_concurrency: Optional[List[int]] = None  # the levels the batch peers run (default: the sweep's)
+
+    def peer_levels(self) -> List[int]:
+        return list(self.peer_concurrency or self.concurrency)
 
     def requests_for(self, c: int) -> int:
         return int(self.requests_per_level) if self.requests_per_level else max(2 * c, 8)

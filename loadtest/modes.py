@@ -20,7 +20,7 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                       client_processes: int = 0, perf_configs: Optional[List[str]] = None,
                       perf_analyzer: Optional[Path] = None, perf_timeout: float = 300.0,
                       openai_url: Optional[str] = None, gateway: bool = False,
-                      openai_model: str = "ensemble") -> int:
+                      openai_model: str = "ensemble", peer_concurrency: Optional[str] = None) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -49,7 +49,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                           peers=normalize_peers(peers.split(",")) if peers else [], model=model,
                           tokenizer=tokenizer, max_seconds_per_level=max_seconds_per_level,
                           overhead_repeats=streaming_overhead, label=label, rounds=rounds,
-                          client_processes=client_processes)
+                          client_processes=client_processes,
+                          peer_concurrency=parse_levels(peer_concurrency) if peer_concurrency else None)
         if protocol == "openai" and model_repository:
             raise ValueError("--protocol openai sweeps a running gateway (--url); to start one beside the "
                              "server, use --gateway")

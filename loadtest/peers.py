@@ -5,6 +5,10 @@
   repository's generator runs on. This is the best a plain script does without a server: one static
   batch, every sequence the same length. TTFT is a separate ``generate(max_new_tokens=1)`` of the
   same batch; ITL = (batch time - TTFT) / (output_len - 1).
+* ``transformers-compiled``: the same ``generate`` with a static KV cache, which transformers
+  compiles (``torch.compile``, its ``CompileConfig``: mode reduce-overhead, CUDA graphs) on a GPU:
+  the strongest plain-script peer there (issue 18). Each batch size compiles once, in the level's
+  warm-up answer, outside the timing. On a CPU transformers does not compile: the mode says so.
 * ``llama.cpp`` (CPU): llama.cpp's own server, ``llama-server`` (``tritonchat install-llama-server``
   builds it; loadtest/install_llama_server.py), on a GGUF of the same model written by
   ``loadtest/gguf_convert.py`` (f32; ``q8_0`` when the repository is INT8). It batches continuously,
@@ -33,9 +37,11 @@ from tritonchat.python_backend.manifest import read_manifest
 
 from .stats import mean, pcts
 
-PEERS = ("transformers", "llama.cpp")
+PEERS = ("transformers", "transformers-compiled", "llama.cpp")
 ALIASES = {"hf": "transformers", "transformers": "transformers", "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp",
-           "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
+           "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp", "transformers-compiled": "transformers-compiled",
+           "compiled": "transformers-compiled", "hf-compiled": "transformers-compiled",
+           "transformers-static": "transformers-compiled"}
 
 
 def normalize_peers(names: List[str]) -> List[str]:
@@ -77,8 +83,9 @@ def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], progress, cons
             results[name] = {"skipped": "no Hugging Face model folder: pass --model HF_DIR"}
             continue
         try:
-            if name == "transformers":
-                results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress, tag)
+            if name.startswith("transformers"):
+                results[name] = transformers_peer(cfg, Path(model_dir), prompts, progress, tag,
+                                                  compiled=name == "transformers-compiled")
             else:
                 results[name] = llama_server_peer(cfg, Path(model_dir), prompts, progress, sweep, tag) \
                     or llama_cpp_peer(cfg, Path(model_dir), prompts, progress, tag)
@@ -91,9 +98,10 @@ def run_peers(cfg, model_dir: Optional[Path], prompts: List[str], progress, cons
 # -------------------------------------------------------------------------------------------- transformers
 
 
-def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: str = "") -> Dict[str, Any]:
+def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: str = "",
+                      compiled: bool = False) -> Dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompileConfig
 
     device = generator_device(cfg.model_repository)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -105,6 +113,13 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     M = cfg.output_len
     gen_kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+    name = "transformers"
+    if compiled:
+        # transformers compiles the decode forward itself when the cache is static (on CUDA, not on
+        # a CPU); the config spelled out so the figures say what ran
+        gen_kw.update(cache_implementation="static",
+                      compile_config=CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead"))
+        name = "transformers-compiled"
 
     def sync():
         if device == "cuda":
@@ -117,16 +132,17 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
         return out
 
     levels = []
-    for c in cfg.concurrency:
+    for c in cfg.peer_levels():
         n_req = cfg.requests_for(c)
         n_batches = max(1, math.ceil(n_req / c))
-        task = progress.add_task(f"{tag}transformers B={c:<3}", total=n_batches)
+        task = progress.add_task(f"{tag}{name} B={c:<3}", total=n_batches)
         batch = [prompts[i % len(prompts)] for i in range(c)]
         enc = tok(batch, return_tensors="pt", padding=True).to(device)
         # warm-up: one whole answer at this batch size. A 2-token warm-up left the first timed batch
         # several times slower than the next ones, which made the peer look slower than it is when a
         # level ran only 2 batches (figures: docs/benchmarks-gpu.md, "The peer was understated").
         generate(enc, M)
+        generate(enc, 1)  # (a static cache of another length: its own warm-up)
         t = time.perf_counter()
         generate(enc, 1)
         ttft = (time.perf_counter() - t) * 1e3
@@ -155,7 +171,11 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
             "ttft_ms": {"p50": ttft, "p90": None, "p99": None, "mean": ttft},
             "itl_ms": pcts(itl), "e2e_ms": pcts(e2e),
         })
-    return {"mode": f"generate, batch = C, {device}", "device": device, "levels": levels,
+    mode = "generate, batch = C"
+    if compiled:
+        mode += ", static cache, " + ("compiled (reduce-overhead, CUDA graphs)" if device == "cuda"
+                                      else "not compiled (transformers compiles on GPUs only)")
+    return {"mode": f"{mode}, {device}", "device": device, "levels": levels,
             "torch_threads": torch.get_num_threads()}
 
 

@@ -145,6 +145,26 @@ def test_best_of_rounds_keeps_the_fastest_round():
     assert peers["x"] == {"skipped": "no"} and peers["hf"]["levels"][0]["output_tokens_per_s"] == 10.0
 
 
+def test_static_cache_peer_runs_its_own_levels():
+    """The transformers-compiled peer (static cache; transformers compiles it on GPUs only) generates
+    exactly output_len tokens a request and runs only --peer-concurrency's levels; its mode says
+    that nothing was compiled on a CPU."""
+    from rich.progress import Progress
+
+    from e2e_helpers import STORIES
+    from tritonchat.loadtest.bench import BenchConfig
+    from tritonchat.loadtest.peers import normalize_peers, transformers_peer
+
+    assert normalize_peers(["compiled", "hf"]) == ["transformers-compiled", "transformers"]
+    cfg = BenchConfig(concurrency=[1, 2], peer_concurrency=[2], output_len=5, requests_per_level=4)
+    with Progress(disable=True) as progress:
+        res = transformers_peer(cfg, Path(STORIES), ["Once upon a time", "The cat sat"], progress,
+                                compiled=True)
+    assert [lv["concurrency"] for lv in res["levels"]] == [2]
+    assert res["levels"][0]["tokens_per_request"] == 5 and res["levels"][0]["requests"] == 4
+    assert "static cache, not compiled" in res["mode"]
+
+
 def test_gguf_conversion_matches_transformers(tmp_path):
     """The llama.cpp peer runs the same model: greedy tokens equal transformers' (stories260K)."""
     pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")

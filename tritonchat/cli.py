@@ -251,7 +251,11 @@ def bench(
                                                      help="Requests per level (default max(2C, 8))."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for bench.json / bench.md / bench.png."),
     protocol: str = typer.Option("grpc", "--protocol", help="grpc | http | openai (a gateway at --url)"),
-    peers: Optional[str] = typer.Option(None, "--peers", help="Comma list: transformers,llama.cpp"),
+    peers: Optional[str] = typer.Option(None, "--peers",
+                                        help="Comma list: transformers, transformers-compiled, llama.cpp"),
+    peer_concurrency: Optional[str] = typer.Option(None, "--peer-concurrency",
+                                                   help="Levels the transformers peers run (default: "
+                                                        "--concurrency's; a compiled peer compiles once a level)."),
     model: Optional[str] = typer.Option(None, "--model", help="HF folder for the peers (default: the repo's model)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (with --url alone)."),
     max_seconds_per_level: float = typer.Option(300.0, "--max-seconds-per-level", help="No new requests after this."),
@@ -289,7 +293,7 @@ def bench(
                                        streaming_overhead=streaming_overhead, run_time=run_time, label=label,
                                        rounds=rounds, perf_configs=perf_config, perf_analyzer=perf_analyzer,
                                        perf_timeout=perf_timeout, openai_url=openai_url, gateway=gateway,
-                                       openai_model=openai_model))
+                                       openai_model=openai_model, peer_concurrency=peer_concurrency))
 
 
 @app.command("deploy")

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 18 on the GPU machine in one call (device tool, from the repository root, carrying .whl and
+# .carry): the 8-bit kernel's GPU test, the decode step of bf16 / INT8 / FP8 weights against the
+# memory bound, and the server sweep beside the static-cache compiled `generate` peer.
+# STEPS picks the parts (default: test step sweep); LEVELS and PEER_LEVELS the sweep's levels.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+for step in ${STEPS:-test step sweep}; do
+  echo "=== $step at $(date +%T)"
+  case $step in
+    test) timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" -k gpu \
+            2>&1 | tee "$OUT/test-8bit.txt" ;;
+    step) timeout 300 python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
+            --skip-long --skip-hf --variants "${VARIANTS:-triton+graphs,triton+graphs int8,triton+graphs fp8}" \
+            2>&1 | tee "$OUT/step.txt" ;;
+    sweep) (cd "$REPO_ROOT" && LEVELS=${LEVELS:-1,16,64} \
+              PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
+              bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
+            2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
+    sweep-8bit) for p in ${PRECISIONS:-"" int8-weight-only}; do
+              (cd "$REPO_ROOT" && PRECISION=$p LEVELS=${LEVELS:-1,16,64} PEERS= \
+                 bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
+                2>&1 | tail -40 | tee "$OUT/sweep-${p:-bf16}.txt"; done ;;
+  esac
+done
+echo "=== done at $(date +%T)"

@@ -1,0 +1,25 @@
+# Sourced by the GPU scripts (gpu_triton.sh, gpu_issue18.sh) on the GPU machine, from the repository
+# root with the wheels in .whl/: installs them, the package and tritonserver's Python backend, then
+# leaves the shell in /tmp with REPO_ROOT set to the checkout.
+REPO_ROOT=$PWD
+# into the image's own environment: the Python backend stub imports from there.
+# numpy 1.26: the 24.10 Python backend stub (pybind11 built for numpy 1.x; nvidia-pytriton pins
+# numpy<2) reads numpy 2 arrays with the wrong item size (seen: every prompt arrived as its first
+# byte repeated). scipy and scikit-learn go: they need numpy 2 and transformers imports them.
+# The nvidia-pytriton wheel may come as a trimmed tarball (only the stub of this Python) to fit
+# the 64 MiB that travel to the GPU machine.
+SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -f /tmp/.tritonchat-gpu-setup ]; then  # once a machine: a second script in the same call skips it
+python3 -m pip uninstall -y -q scikit-learn scipy 2>/dev/null || true
+SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
+[ -f .whl/pytriton-min.tar.xz ] && tar -xJf .whl/pytriton-min.tar.xz -C "$SITE"
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
+touch /tmp/.tritonchat-gpu-setup
+fi
+export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+# Python stacks of a crashing generator stub (python_backend/generator.py reads it). One entry with
+# "<no Python frame>" per server stop is the stub's teardown, after every response went out.
+export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
+cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
+[ -f /tmp/.tritonchat-gpu-server ] || { python3 -m tritonchat.cli setup-server && touch /tmp/.tritonchat-gpu-server; }

@@ -370,8 +370,9 @@ async def streaming_overhead(client, prompt: str, params, repeats: int, progress
     """The same request (greedy, fixed length), alternately streamed and not, one at a time.
 
     (median streamed e2e - median non-streamed e2e) / tokens = what streaming costs per token end to end:
-    one postprocessing call, one response on the wire and one client-side parse per token, minus
-    nothing else (the engine does identical work in both).
+    one response's text (made by the generator, or a postprocessing call with `detokenize:
+    postprocessing`), one response on the wire and one client-side parse per token, minus nothing
+    else (the engine does identical work in both).
     """
     task = progress.add_task("streamed vs not", total=2 * repeats)
     streamed, whole = [], []

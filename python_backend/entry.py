@@ -52,7 +52,8 @@ class TritonPythonModel:
         self.ctx = Context(limits=Limits.from_params(params),
                            watcher=Watcher(float(params.get("cancel_poll_ms", "20")) / 1e3),
                            metrics=metrics, known_inputs={i["name"] for i in config["input"]},
-                           log_requests=float(params.get("log_requests", "0") or 0))
+                           log_requests=float(params.get("log_requests", "0") or 0),
+                           text_from_generator=params.get("detokenize", "postprocessing") == "generator")
         # one thread per request in flight: each waits on its BLS calls (which release the GIL)
         self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
 

@@ -1,6 +1,7 @@
 """One request's way through the pipeline, run by the entry model on a worker thread:
 preprocessing (BLS) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
-call per generator response) -> the client. And the watcher that notices a client went away.
+call per generator response; with `detokenize: generator` the generator sends the text itself) ->
+the client. And the watcher that notices a client went away.
 
 Why BLS and not a Triton ensemble: Triton checks an ensemble's cancellation only between its
 steps, never inside the running decoupled generator step, so a cancelled stream (gRPC cancel,
@@ -13,6 +14,7 @@ so the telling is a control request to the generator naming the generation reque
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -48,11 +50,20 @@ class Watcher:
     and the watcher polls only flows that are not sending (it skips a flow whose lock is taken);
     talking to the server about one request from two threads at once lost cancellations. A flow is
     forgotten, under its lock, before its final response: asking a request about cancellation after
-    its final response crashes tritonserver (the response factory is freed with it)."""
+    its final response crashes tritonserver (the response factory is freed with it).
+
+    It also holds each finished generator stream (the BLS response iterator) for RETIRE_S before
+    dropping it (`retire`): an iterator freed as soon as its last response is read crashed the
+    24.10 stub now and then (SIGSEGV in a thread of its own, or SIGABRT; about 1 hot update in 3 under
+    streaming traffic once the entry answered the generator's last response at once, without a
+    postprocessing call in between; 8 of 8 passed holding them; docs/operations.md)."""
+
+    RETIRE_S = 1.0
 
     def __init__(self, interval: float):
         self.interval = interval
         self._flows: dict[int, "Flow"] = {}
+        self._retired: collections.deque = collections.deque()  # (when, iterator), oldest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tritonchat-entry-watcher", daemon=True)
         self._thread.start()
@@ -64,6 +75,10 @@ class Watcher:
         with flow.io:  # waits for a poll of this flow in progress; no poll starts after this
             self._flows.pop(id(flow), None)
 
+    def retire(self, stream) -> None:
+        """Keep a finished BLS response iterator for RETIRE_S, then let it go (see the class)."""
+        self._retired.append((time.perf_counter(), stream))  # deque appends: atomic under the GIL
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -71,6 +86,8 @@ class Watcher:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             now = time.perf_counter()
+            while self._retired and now - self._retired[0][0] > self.RETIRE_S:
+                self._retired.popleft()
             for key, flow in list(self._flows.items()):
                 if now - flow.polled < self.interval:
                     continue  # it asked itself lately, between two of its sends
@@ -106,6 +123,9 @@ class Context:
     metrics: object  # EntryMetrics
     known_inputs: set
     log_requests: float = 0.0  # fraction of requests that get a log line
+    # `detokenize: generator`: the generator's responses carry the text (request.send), forwarded as
+    # they are; else each goes through a postprocessing call
+    text_from_generator: bool = False
 
 
 class Flow:
@@ -162,28 +182,32 @@ class Flow:
         """Stream the generator's responses through postprocessing to the client; return the
         last response's tensors (sent with the FINAL flag by `run`), or None when it was sent."""
         gen_in = pre + [inputs[n] for n in GEN_INPUTS if n in inputs]
-        stream = pb_utils.InferenceRequest(model_name="generator", requested_output_names=GEN_OUTPUTS,
-                                           inputs=gen_in, request_id=self.gen_id).exec(decoupled=True)
-        for g in stream:
-            if g.has_error():
-                msg = g.error().message()
-                return self._error(msg, _kind_of(msg))
-            tensors = g.output_tensors()
-            if not tensors:
-                continue  # the empty final response of a generator that already sent its last one
-            out = self._postprocess(tensors)
-            reason = _value(out, "finish_reason")
-            if self.first_at is None:
-                self.first_at = time.perf_counter()
-            if reason:  # the generator's final response: the entry's too
-                self.finish_reason = reason
-                self.tokens_in = int(_value(out, "num_input_tokens") or 0)
-                self.tokens_out = int(_value(out, "num_output_tokens") or 0)
-                return out
-            if self._client_gone():
-                self.cancel()
-            self._send(out, 0)
-        return None
+        direct = self.ctx.text_from_generator
+        stream = pb_utils.InferenceRequest(model_name="generator", requested_output_names=OUTPUTS if direct
+                                           else GEN_OUTPUTS, inputs=gen_in, request_id=self.gen_id).exec(decoupled=True)
+        try:
+            for g in stream:
+                if g.has_error():
+                    msg = g.error().message()
+                    return self._error(msg, _kind_of(msg))
+                tensors = g.output_tensors()
+                if not tensors:
+                    continue  # the empty final response of a generator that already sent its last one
+                out = _in_order(tensors, OUTPUTS) if direct else self._postprocess(tensors)
+                reason = _value(out, "finish_reason")
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
+                if reason:  # the generator's final response: the entry's too
+                    self.finish_reason = reason
+                    self.tokens_in = int(_value(out, "num_input_tokens") or 0)
+                    self.tokens_out = int(_value(out, "num_output_tokens") or 0)
+                    return out
+                if self._client_gone():
+                    self.cancel()
+                self._send(out, 0)
+            return None
+        finally:
+            self.ctx.watcher.retire(stream)  # not freed right after its last response (Watcher)
 
     def _postprocess(self, tensors: list):
         req = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=OUTPUTS, inputs=tensors)
@@ -215,8 +239,10 @@ class Flow:
                     pb_utils.Tensor("input_length", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("max_tokens", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("cancel", np.ones((1, 1), np.bool_))])
-        for _ in ctl.exec(decoupled=True):
+        replies = ctl.exec(decoupled=True)
+        for _ in replies:
             pass
+        self.ctx.watcher.retire(replies)
 
     # -- responses ------------------------------------------------------------------------------
     def _send(self, out, flags: int) -> None:
@@ -251,6 +277,12 @@ class Flow:
                 "duration_ms": round(1e3 * (now - self.started), 2),
                 "finish_reason": self.finish_reason or None, "error_kind": self.error_kind or None,
                 "cancelled": self.cancelled}, separators=(",", ":")))
+
+
+def _in_order(tensors: list, names: list) -> list:
+    """The tensors named `names`, in that order (a response's tensors by name)."""
+    by_name = {t.name(): t for t in tensors}
+    return [by_name[n] for n in names if n in by_name]
 
 
 def _value(tensors: list, name: str):

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from . import limits as lim
 from . import triton_io as io
-from .batching.detokenize import TextTracker
+from .batching.detokenize import TextTracker, delta
 from .batching.sampling import InvalidParameter, SamplingParams
 from .batching.sequence import Output, Sequence
 from .limits import Limits
@@ -71,8 +71,11 @@ def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], limits:
     else:
         cancelled = _never
 
+    # a requester that asks for text gets each response's text made here (as postprocessing makes it)
+    text_tokenizer = tokenizer if "text_output" in _requested_outputs(request) else None
+
     def sink(out: Output) -> None:
-        send(sender, out)
+        send(sender, out, text_tokenizer)
         if out.final and on_final is not None:
             on_final()
 
@@ -84,8 +87,16 @@ def _never() -> bool:
     return False
 
 
-def send(sender, out: Output) -> None:
-    """Send one output as a response (the final one with the FINAL flag; an error as INTERNAL)."""
+def _requested_outputs(request) -> set:
+    try:
+        return set(request.requested_output_names())
+    except Exception:  # noqa: BLE001 - a stub without the call: the four outputs, as before
+        return set()
+
+
+def send(sender, out: Output, tokenizer=None) -> None:
+    """Send one output as a response (the final one with the FINAL flag; an error as INTERNAL).
+    With `tokenizer`, also its text and new ids (postprocessing's text_output and output_ids)."""
     if out.error:
         sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
         return
@@ -105,6 +116,10 @@ def send(sender, out: Output) -> None:
         io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
         io.bytes_tensor("finish_reason", out.finish_reason),
     ]
+    if tokenizer is not None:
+        offset = rel.read_offset if rel else len(window)
+        tensors += [io.bytes_tensor("text_output", delta(tokenizer, window, offset, rel.trim_chars if rel else 0)),
+                    io.tensor("output_ids", window[offset:], np.int32)]
     sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.final else 0)
     del tensors  # only now, with the GIL held
 

@@ -225,9 +225,9 @@ def test_bench_smoke(stories_server, tmp_path):
         # the gaps between deltas: none where a fast server's 6 tokens all came in the first two responses'
         # time and the courier merged them (seen under a full test run), else positive
         assert lv["itl_ms"]["p50"] is None or lv["itl_ms"]["p50"] > 0
-        # one postprocessing call per streamed piece: at most one per token, fewer when the
-        # generator's courier merged a stream's backlog (loaded machine)
-        assert 4 <= lv["server_stats"]["postprocessing"]["inference_count"] <= 4 * 6 + 4
+        # the default repository (`detokenize: generator`): the generator sent the text, the entry
+        # called postprocessing for none of it (tests/test_streaming_text.py serves both ways)
+        assert lv["server_stats"]["postprocessing"]["inference_count"] == 0
     peer = result["peers"]["transformers"]
     assert [lv["concurrency"] for lv in peer["levels"]] == [1, 2] and peer["levels"][0]["tokens_per_request"] == 6
     ratios = result["ratios"]["transformers"]  # JSON: the concurrency keys are strings

@@ -90,7 +90,7 @@ def _never() -> bool:
 def _requested_outputs(request) -> set:
     try:
         return set(request.requested_output_names())
-    except Exception:  # noqa: BLE001 - a stub without the call: the four outputs, as before
+    except Exception:  # noqa: BLE001 - a stub without the call: no text outputs, as before
         return set()
 
 

@@ -11,7 +11,6 @@ REPO_ROOT=$PWD
 SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ ! -f /tmp/.tritonchat-gpu-setup ]; then  # once a machine: a second script in the same call skips it
 python3 -m pip uninstall -y -q scikit-learn scipy 2>/dev/null || true
-SITE=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
 [ -f .whl/pytriton-min.tar.xz ] && tar -xJf .whl/pytriton-min.tar.xz -C "$SITE"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2

@@ -142,7 +142,8 @@ def transformers_peer(cfg, model_dir: Path, prompts: List[str], progress, tag: s
         # several times slower than the next ones, which made the peer look slower than it is when a
         # level ran only 2 batches (figures: docs/benchmarks-gpu.md, "The peer was understated").
         generate(enc, M)
-        generate(enc, 1)  # (a static cache of another length: its own warm-up)
+        if compiled:
+            generate(enc, 1)  # a static cache of another length: its own warm-up
         t = time.perf_counter()
         generate(enc, 1)
         ttft = (time.perf_counter() - t) * 1e3

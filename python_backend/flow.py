@@ -193,7 +193,8 @@ class Flow:
                 tensors = g.output_tensors()
                 if not tensors:
                     continue  # the empty final response of a generator that already sent its last one
-                out = _in_order(tensors, OUTPUTS) if direct else self._postprocess(tensors)
+                # direct: the generator's response holds just the entry's OUTPUTS (it asked for those)
+                out = tensors if direct else self._postprocess(tensors)
                 reason = _value(out, "finish_reason")
                 if self.first_at is None:
                     self.first_at = time.perf_counter()
@@ -277,12 +278,6 @@ class Flow:
                 "duration_ms": round(1e3 * (now - self.started), 2),
                 "finish_reason": self.finish_reason or None, "error_kind": self.error_kind or None,
                 "cancelled": self.cancelled}, separators=(",", ":")))
-
-
-def _in_order(tensors: list, names: list) -> list:
-    """The tensors named `names`, in that order (a response's tensors by name)."""
-    by_name = {t.name(): t for t in tensors}
-    return [by_name[n] for n in names if n in by_name]
 
 
 def _value(tensors: list, name: str):

@@ -50,6 +50,8 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"prefill_wait_ms": "soon"}}}, r"prefill_wait_ms must be a number >= 0, got 'soon'"),
     ({"models": {"generator": {"mix_prefill": "yes"}}}, r"mix_prefill must be true or false, got 'yes'"),
     ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
+    ({"models": {"ensemble": {"detokenize": "inline"}}},
+     r"models.ensemble.detokenize must be postprocessing or generator, got 'inline'"),
 ])
 def test_bad_values_are_refused(bad, message):
     with pytest.raises(SettingsError, match=message):

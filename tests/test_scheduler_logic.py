@@ -115,7 +115,8 @@ def test_stream_interval_sends_fewer_larger_deltas(engine):
 
 def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
     """While the courier is busy, queued deltas of one stream merge into one response, and a first
-    token or a final response waiting behind them goes out first; each stream's text stays in order."""
+    token or a final response waiting behind them goes out first; each stream's text stays in order.
+    A first token goes alone: what was queued after it follows as its own response."""
     from tritonchat.python_backend.batching.courier import Courier
     from tritonchat.python_backend.batching.detokenize import Release
     from tritonchat.python_backend.batching.sequence import Output, Sequence
@@ -140,14 +141,16 @@ def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
     courier.post(a, delta(2, [3]))  # merges with a's first delta
     courier.post(b, delta(0, [4]))
     courier.post(c, delta(0, [5], urgent=True))  # a first token
+    courier.post(c, delta(1, [7]))  # queued behind it, but never merged into it
     courier.post(b, delta(1, [6], final=True, finish_reason="length"))  # a final, carries b's queued delta
     gate.set()
     courier.shutdown()
-    assert [n for n, _ in sent] == ["d", "c", "b", "a"]
+    assert [n for n, _ in sent] == ["d", "c", "c", "b", "a"]
+    assert [o.release.window for n, o in sent if n == "c"] == [[5], [7]]
     outs = dict(sent)
     assert outs["a"].release.window == [1, 2, 3] and not outs["a"].final
     assert outs["b"].release.window == [4, 6] and outs["b"].final and outs["b"].finish_reason == "length"
-    assert courier.stats.sends == 4 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1
+    assert courier.stats.sends == 5 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1
 
 
 def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch):

@@ -26,12 +26,12 @@ log = logging.getLogger("tritonchat.scheduler")
 class Courier:
     """Sends outputs and polls cancellation, off the decode loop.
 
-    A sequence's outputs not yet sent wait as one merged output (a stream that falls behind gets
-    fewer, larger deltas instead of slowing the loop). Sends go one at a time: first the urgent
-    ones (a stream's first token, a final response, an error: a client's time to first token
-    and the moment its slot's next request can come), in the order they became urgent, then the
-    oldest waiting delta. Each sequence's outputs still go out in order: an urgent output carries
-    the deltas queued before it.
+    A sequence's outputs not yet sent after its first text wait as one merged output (a stream
+    that falls behind gets fewer, larger deltas instead of slowing the loop). Sends go one at a
+    time: first the urgent ones (a stream's first token, a final response, an error: a client's
+    time to first token and the moment its slot's next request can come), in the order they
+    became urgent, then the oldest waiting delta. Each sequence's outputs still go out in order:
+    an urgent output carries the deltas queued before it.
 
     A sequence is watched (polled for cancellation) from `watch` until its final output is taken
     for sending: tritonserver must never be asked about a request after its final response."""
@@ -55,8 +55,7 @@ class Courier:
                 self.pending[seq] = [out]
             elif _mergeable(outs[-1], out):
                 prev = outs[-1]
-                outs[-1] = dataclasses.replace(out, release=prev.release.merge(out.release), posted=prev.posted,
-                                               urgent=prev.urgent or out.urgent)
+                outs[-1] = dataclasses.replace(out, release=prev.release.merge(out.release), posted=prev.posted)
             else:
                 outs.append(out)
             if out.urgent or out.final or out.error:
@@ -138,5 +137,9 @@ class Courier:
 
 def _mergeable(prev: Output, out: Output) -> bool:
     """Can `out` join the unsent `prev` of the same sequence as one response? (Text deltas: yes;
-    an error, or an output without text, stays on its own.)"""
-    return not (prev.final or prev.error or out.error or prev.release is None or out.release is None)
+    an error, or an output without text, stays on its own. A stream's first text goes alone even
+    when the courier is behind: a client times its first token by the first response, and a tiny
+    model on a busy host could otherwise finish its whole answer before that send and stream it
+    as one response.)"""
+    return not (prev.final or prev.urgent or prev.error or out.error or prev.release is None
+                or out.release is None)

@@ -64,7 +64,7 @@ def write_repository(out: Path, values: dict, *, tokenizer, generation_config: d
         code = src / model / "1" / "model.py"
         if code.exists():
             shutil.copy2(code, out / model / "1" / "model.py")
-    for model in ("preprocessing", "generator", "postprocessing"):
+    for model in ("preprocessing", "generator", "postprocessing", "ensemble"):
         tokenizer.save_pretrained(str(out / model / "1" / "tokenizer"))
     gen_dir = out / "generator" / "1"
     for name, path in generator_files.items():

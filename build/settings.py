@@ -43,7 +43,7 @@ example: docs/build-config.md).
                       #   tokens at a time, one piece between two decode steps (0: whole)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
-                       cancel_poll_ms: 20, log_requests: 0, detokenize: generator}
+                       cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry}
                       # the public entry (python_backend/entry.py): it runs at most max_batch_size +
                       #   generator.max_queue_size requests at once; beyond, up to max_queue_size wait in
                       #   Triton's queue, then Triton refuses with UNAVAILABLE (HTTP 503)
@@ -54,6 +54,8 @@ example: docs/build-config.md).
                       # detokenize: postprocessing (a call to the postprocessing model per generator
                       #   response) | generator (the generator sends each response's text itself, the
                       #   same code: one process hop less per response; docs/build-config.md)
+                      # tokenize: preprocessing (a call to the preprocessing model per request) | entry
+                      #   (the entry prepares the prompt itself, the same code: one process hop less)
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ DEFAULTS: dict = {
                       "prefix_reuse": True, "prefill_chunk": 128},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
-                     "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator"},
+                     "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry"},
     },
 }
 
@@ -165,6 +167,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
             raise SettingsError(f"models.ensemble.{key} must be a whole number >= {least}, got {e[key]!r}")
     if e["detokenize"] not in ("postprocessing", "generator"):
         raise SettingsError(f"models.ensemble.detokenize must be postprocessing or generator, got {e['detokenize']!r}")
+    if e["tokenize"] not in ("preprocessing", "entry"):
+        raise SettingsError(f"models.ensemble.tokenize must be preprocessing or entry, got {e['tokenize']!r}")
     if not _number(e["log_requests"], 0) or e["log_requests"] > 1:
         raise SettingsError(f"models.ensemble.log_requests must be a fraction in [0, 1], got {e['log_requests']!r}")
     if s["engine"] == "tensorrt":

@@ -1,5 +1,6 @@
 """`ensemble`: the public entry model. A decoupled Python model that runs the pipeline itself
-(preprocessing -> generator -> postprocessing, with BLS: flow.py), so that a client's cancellation
+(preprocessing -> generator -> postprocessing, with BLS: flow.py; `tokenize: entry` prepares the
+prompt here and `detokenize: generator` has the generator send the text), so that a client's cancellation
 reaches the generator, and that checks every input before any work (limits.py).
 
 Overload: at most `max_in_flight` requests run at once (the generator's slots plus its waiting
@@ -21,6 +22,7 @@ from . import triton_io as io
 from .flow import Context, Flow, Watcher
 from .limits import Limits
 from .metrics import EntryMetrics
+from .prompt import Prompter
 
 
 class Capacity:
@@ -45,11 +47,14 @@ class Capacity:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config, params, _ = io.model_setup(args)
+        config, params, version_dir = io.model_setup(args)
         self.model_name = args["model_name"]
         self.capacity = Capacity(int(params.get("max_in_flight", "272")))
         metrics = EntryMetrics(self.model_name, restarts=int(os.environ.get("TRITONCHAT_SERVER_RESTARTS", "0") or 0))
-        self.ctx = Context(limits=Limits.from_params(params),
+        limits = Limits.from_params(params)
+        # tokenize: entry -> the prompt is prepared here (its own tokenizer copy, written by the build)
+        prompter = Prompter(version_dir / "tokenizer", limits) if params.get("tokenize") == "entry" else None
+        self.ctx = Context(limits=limits, prompter=prompter,
                            watcher=Watcher(float(params.get("cancel_poll_ms", "20")) / 1e3),
                            metrics=metrics, known_inputs={i["name"] for i in config["input"]},
                            log_requests=float(params.get("log_requests", "0") or 0),

@@ -1,5 +1,5 @@
 """One request's way through the pipeline, run by the entry model on a worker thread:
-preprocessing (BLS) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
+preprocessing (BLS; with `tokenize: entry` done here, prompt.py) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
 call per generator response; with `detokenize: generator` the generator sends the text itself) ->
 the client. And the watcher that notices a client went away.
 
@@ -27,7 +27,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import limits
+from . import triton_io as io
 from .batching.sampling import InvalidParameter
+from .prompt import Prompter
 from .request import ENTRY_ID_PREFIX
 
 log = logging.getLogger("tritonchat.entry")
@@ -126,6 +128,8 @@ class Context:
     # `detokenize: generator`: the generator's responses carry the text (request.send), forwarded as
     # they are; else each goes through a postprocessing call
     text_from_generator: bool = False
+    # `tokenize: entry`: the entry prepares the prompt itself (prompt.py), no preprocessing call
+    prompter: Prompter | None = None
 
 
 class Flow:
@@ -171,6 +175,16 @@ class Flow:
             self._account()
 
     def _preprocess(self, inputs: dict):
+        if self.ctx.prompter is not None:
+            try:
+                ids, bad = self.ctx.prompter.prepare(inputs)
+            except InvalidParameter:
+                raise
+            except Exception as exc:  # noqa: BLE001 - as preprocessing answers it: this prompt fails alone
+                log.exception("entry: could not prepare the prompt of %s", self.gen_id)
+                raise InvalidParameter(f"could not prepare this prompt ({type(exc).__name__})") from None
+            return [io.tensor("input_ids", ids, np.int32), io.tensor("input_length", [len(ids)], np.int32),
+                    io.tensor("bad_words_ids", bad, np.int32)]
         req = pb_utils.InferenceRequest(model_name="preprocessing", requested_output_names=PRE_OUTPUTS,
                                         inputs=[inputs[n] for n in PRE_INPUTS if n in inputs])
         resp = req.exec()

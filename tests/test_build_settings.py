@@ -52,6 +52,8 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
     ({"models": {"ensemble": {"detokenize": "inline"}}},
      r"models.ensemble.detokenize must be postprocessing or generator, got 'inline'"),
+    ({"models": {"ensemble": {"tokenize": "client"}}},
+     r"models.ensemble.tokenize must be preprocessing or entry, got 'client'"),
 ])
 def test_bad_values_are_refused(bad, message):
     with pytest.raises(SettingsError, match=message):

@@ -9,8 +9,9 @@ import pytest
 from e2e_helpers import SHARED, build_repo, hf_greedy, need
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
+# tokenize: both ways a prompt becomes ids (the entry's own tokenizer, or a call to preprocessing)
+@pytest.fixture(scope="module", params=["entry", "preprocessing"], ids=["tokenized-by-entry", "by-preprocessing"])
+def qwen(request, tmp_path_factory):
     from tritonchat.build.synthetic import make_random_model
     from tritonchat.client import ChatClient
     from tritonchat.server import TritonServer
@@ -18,7 +19,7 @@ def qwen(tmp_path_factory):
     need(SHARED / "tokenizers" / "gpt2")
     root = tmp_path_factory.mktemp("qwen2")
     model = make_random_model("qwen2", root / "hf", tokenizer="gpt2", seed=3)
-    repo = build_repo(model, root / "repo", max_batch_size=8)
+    repo = build_repo(model, root / "repo", max_batch_size=8, models={"ensemble": {"tokenize": request.param}})
     with TritonServer(repo) as srv, ChatClient(srv.grpc_url) as client:
         yield model, repo, client
 

@@ -36,8 +36,10 @@ def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file
         "dtype": settings["dtype"],
         "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or engine == "tensorrt" else "KIND_CPU",
         "vocab_size": int(vocab_size),
-        # the entry runs at most the generator's slots plus its waiting line at once
-        "ensemble_max_in_flight": int(settings["max_batch_size"]) + int(m["generator"]["max_queue_size"]),
+        # the entry runs at most the generator's slots plus its waiting line at once, shared by its
+        # instances (each process gates its own part)
+        "ensemble_max_in_flight": -(-(int(settings["max_batch_size"]) + int(m["generator"]["max_queue_size"]))
+                                    // int(m["ensemble"]["instances"])),
     }
     for model, opts in m.items():
         for key, value in opts.items():

@@ -42,11 +42,14 @@ example: docs/build-config.md).
                       # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many
                       #   tokens at a time, one piece between two decode steps (0: whole)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
-      ensemble:       {max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
+      ensemble:       {instances: 2, max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry}
                       # the public entry (python_backend/entry.py): it runs at most max_batch_size +
-                      #   generator.max_queue_size requests at once; beyond, up to max_queue_size wait in
-                      #   Triton's queue, then Triton refuses with UNAVAILABLE (HTTP 503)
+                      #   generator.max_queue_size requests at once (shared by its instances); beyond, up
+                      #   to max_queue_size wait in Triton's queue, then Triton refuses with UNAVAILABLE
+                      #   (HTTP 503). instances: 2, so that a request arriving while one instance hands
+                      #   out a batch is taken by the other (with one, Triton 2.51's dynamic batcher
+                      #   could leave it queued for 500 ms; docs/benchmarks.md, "The prompt in the entry")
                       # max_prompt_bytes: text_input cap in UTF-8 bytes before tokenization (0: 16 per
                       #   token of context); max_words / max_word_bytes: stop and bad words per request
                       # cancel_poll_ms: how often a running request's cancellation is polled
@@ -84,7 +87,7 @@ DEFAULTS: dict = {
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
                       "prefix_reuse": True, "prefill_chunk": 128},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
-        "ensemble": {"max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
+        "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
                      "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry"},
     },
 }
@@ -161,7 +164,7 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     e = s["models"]["ensemble"]
-    for key, least in (("max_queue_size", 1), ("max_prompt_bytes", 0), ("max_words", 0), ("max_word_bytes", 1),
+    for key, least in (("instances", 1), ("max_queue_size", 1), ("max_prompt_bytes", 0), ("max_words", 0), ("max_word_bytes", 1),
                        ("cancel_poll_ms", 1)):
         if not _number(e[key], least) or e[key] != int(e[key]):
             raise SettingsError(f"models.ensemble.{key} must be a whole number >= {least}, got {e[key]!r}")

@@ -3,8 +3,8 @@
 prompt here and `detokenize: generator` has the generator send the text), so that a client's cancellation
 reaches the generator, and that checks every input before any work (limits.py).
 
-Overload: at most `max_in_flight` requests run at once (the generator's slots plus its waiting
-line). Beyond that, `execute` blocks; Triton's queue in front of this model (dynamic batcher,
+Overload: at most `max_in_flight` requests run at once in each instance (the generator's slots plus
+its waiting line, shared by the instances). Beyond that, `execute` blocks; Triton's queue in front of this model (dynamic batcher,
 `max_queue_size`) then fills and Triton itself refuses the next request in about a millisecond
 with UNAVAILABLE: HTTP 503 (over a gRPC stream: an error message "Exceeds maximum queue size",
 Triton 2.51 sends no status code inside a stream). A Python model cannot choose its error codes
@@ -65,7 +65,7 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             self.capacity.acquire()  # blocks at capacity: Triton's queue fills and refuses (503)
-            self.ctx.metrics.in_flight(self.capacity.used)
+            self.ctx.metrics.in_flight(+1)
             # the sender is taken in `execute`: one taken later, on another thread, sends fine but
             # never reports the client's cancellation
             self.pool.submit(self._run, request, request.get_response_sender())
@@ -76,7 +76,7 @@ class TritonPythonModel:
             Flow(request, sender, self.ctx).run()
         finally:
             self.capacity.release()
-            self.ctx.metrics.in_flight(self.capacity.used)
+            self.ctx.metrics.in_flight(-1)
 
     def finalize(self):
         self.ctx.watcher.stop()

@@ -108,13 +108,15 @@ class EntryMetrics:
         self._cancelled = cancelled.Metric(labels=labels)
         self._by_kind = {}
         self._restarts = restarts_family.Metric(labels=labels)  # kept: a dropped Metric leaves the family
-        self._restarts.set(restarts)
+        self._restarts.set(restarts)  # every instance sets the same value
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._apply, name="tritonchat-entry-metrics", daemon=True)
         self._thread.start()
 
-    def in_flight(self, n: int) -> None:
-        self._todo.put(("in_flight", n))
+    def in_flight(self, change: int) -> None:
+        """A request entered (+1) or left (-1). Changes, not values: the entry's instances are
+        processes that share one series per label set (Triton keeps one), so each adds its own."""
+        self._todo.put(("in_flight", change))
 
     def cancelled(self) -> None:
         self._todo.put(("cancelled", None))
@@ -131,13 +133,14 @@ class EntryMetrics:
             what, value = item
             try:
                 if what == "in_flight":
-                    while not self._todo.empty():  # only the latest value matters
+                    while not self._todo.empty():  # one call for the changes queued together
                         nxt = self._todo.get()
                         if nxt is None or nxt[0] != "in_flight":
                             self._todo.put(nxt)  # keep it (order among other updates does not matter)
                             break
-                        value = nxt[1]
-                    self._in_flight.set(value)
+                        value += nxt[1]
+                    if value:
+                        self._in_flight.increment(value)
                 elif what == "cancelled":
                     self._cancelled.increment(1)
                 else:

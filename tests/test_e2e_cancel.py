@@ -220,6 +220,12 @@ def test_abandoned_grpc_streams_are_all_cancelled(slow_server):
             clients.append(client)
         for _ in range(16):  # 16 slots: 16 stream, 84 wait for a slot
             firsts.get(timeout=60)
+        # all 100 are in the entry: its in-flight gauge adds what its two instances (processes) hold
+        deadline, most = time.perf_counter() + 30, 0
+        while most < 100 and time.perf_counter() < deadline:
+            most = max(most, gauge(slow_server, "tritonchat_entry_in_flight"))
+            time.sleep(0.01)
+        assert most == 100, f"entry in flight: at most {most} of 100"
         at_close = metrics(slow_server)
     finally:
         for client in clients:

@@ -74,13 +74,15 @@ def python_thread_pool(repo: PathLike) -> int:
     model runs on the generator holds one of them for its whole life, so with the backend's default
     (32) a busy entry starved every other call: client cancellations were seen seconds late (gRPC:
     36 of 100 abandoned streams cancelled, 85 with 512 threads). Enough for every request the entry
-    runs at once (its `max_in_flight`) and its pre- and postprocessing calls."""
+    runs at once (its `max_in_flight` in each of its instances) and its pre- and postprocessing calls."""
     cfg = Path(repo) / "ensemble" / "config.pbtxt"
     try:
-        m = re.search(r'key:\s*"max_in_flight",\s*value:\s*\{\s*string_value:\s*"(\d+)"', cfg.read_text())
+        text = cfg.read_text()
     except OSError:
-        m = None
-    in_flight = int(m.group(1)) if m else 272
+        text = ""
+    m = re.search(r'key:\s*"max_in_flight",\s*value:\s*\{\s*string_value:\s*"(\d+)"', text)
+    count = re.search(r'instance_group\s*\[\s*\{\s*count:\s*(\d+)', text)
+    in_flight = (int(m.group(1)) if m else 272) * (int(count.group(1)) if count else 1)
     return max(64, 2 * in_flight + 32)
 
 

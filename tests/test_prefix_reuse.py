@@ -383,3 +383,35 @@ def test_the_build_setting_is_a_boolean_and_reaches_the_generator_config(tmp_pat
                                  engine="onnxruntime", model_file="model.onnx")
         assert values["generator_prefix_reuse"] == str(value).lower()
     assert 'key: "prefix_reuse", value: { string_value: "${generator_prefix_reuse}" }' in config
+
+
+def test_prompts_with_nothing_cached_are_prefilled_together_beside_the_cached_ones():
+    """One admission of three prompts, one of them on a cached prefix: the two with nothing cached go
+    to the engine as one batched prefill and the cached one on its prefix (an engine may run cached
+    prompts one at a time: ONNX Runtime's fused graph must), not all three one by one; each gets its
+    own logits, in the order the scheduler returns."""
+    from tritonchat.python_backend.batching.sequence import Sequence
+
+    rng = np.random.default_rng(3)
+    ex = FakeEngine(max_slots=4, can_reuse=True)
+    sched = _scheduler(ex)
+    kinds = []
+    batch_real, cached_real = ex.prefill_batch, ex.prefill_cached
+    ex.prefill_batch = lambda slots, prompts: kinds.append(("batch", list(slots))) or batch_real(slots, prompts)
+    ex.prefill_cached = lambda slots, prompts, cached: (kinds.append(("cached", list(slots)))
+                                                        or cached_real(slots, prompts, cached))
+    try:
+        old = _ids(rng, 10)
+        ex.prefill(0, old)
+        ex.release(0)
+        prompts = [np.array(old + _ids(rng, 4)), np.array(_ids(rng, 7)), np.array(_ids(rng, 9))]
+        seqs = [Sequence(p, None, None, sink=lambda out: None) for p in prompts]
+        for seq, slot, reused in zip(seqs, [0, 1, 2], [10, 0, 0]):
+            seq.slot, seq.reused = slot, reused
+        got, rows = sched._prefill(seqs)
+    finally:
+        sched.shutdown()
+    assert kinds == [("batch", [1, 2]), ("cached", [0])]
+    assert got == [seqs[1], seqs[2], seqs[0]]
+    for seq, row in zip(got, rows):
+        assert np.array_equal(row, ex.logits_of(ex.state[seq.slot]))

@@ -325,6 +325,15 @@ class Scheduler:
     def _prefill(self, batch: list[Sequence]):
         """Prefill `batch` in one engine call; if that fails, each prompt alone, so that a prompt
         that breaks the engine fails alone. Returns the sequences that got logits, and the logits."""
+        fresh = [s for s in batch if not s.reused]
+        if fresh and len(fresh) < len(batch):
+            # the prompts with nothing cached in one batched prefill, the others on their cached
+            # prefixes: an engine may run those one at a time (ONNX Runtime's fused graph must), and
+            # a whole admission sent that way made every prompt of it wait for the others
+            cached = [s for s in batch if s.reused]
+            got_fresh, rows_fresh = self._prefill(fresh)
+            got_cached, rows_cached = self._prefill(cached)
+            return got_fresh + got_cached, list(rows_fresh) + list(rows_cached)
         slots, prompts = [s.slot for s in batch], [s.prompt_ids for s in batch]
         try:
             if any(s.reused for s in batch):

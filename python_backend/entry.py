@@ -1,15 +1,15 @@
 """`ensemble`: the public entry model. A decoupled Python model that runs the pipeline itself
 (preprocessing -> generator -> postprocessing, with BLS: flow.py; `tokenize: entry` prepares the
-prompt here and `detokenize: generator` has the generator send the text), so that a client's cancellation
-reaches the generator, and that checks every input before any work (limits.py).
+prompt here and `detokenize: generator` has the generator send the text), so that a client's
+cancellation reaches the generator, and that checks every input before any work (limits.py).
 
 Overload: at most `max_in_flight` requests run at once in each instance (the generator's slots plus
-its waiting line, shared by the instances). Beyond that, `execute` blocks; Triton's queue in front of this model (dynamic batcher,
-`max_queue_size`) then fills and Triton itself refuses the next request in about a millisecond
-with UNAVAILABLE: HTTP 503 (over a gRPC stream: an error message "Exceeds maximum queue size",
-Triton 2.51 sends no status code inside a stream). A Python model cannot choose its error codes
-in Triton 2.51 (the backend drops them: every error is HTTP 400), so the server's own queue is
-the only way to a real 503.
+its waiting line, shared by the instances). Beyond that, `execute` blocks; Triton's queue in front
+of this model (dynamic batcher, `max_queue_size`) then fills and Triton itself refuses the next
+request in about a millisecond with UNAVAILABLE: HTTP 503 (over a gRPC stream: an error message
+"Exceeds maximum queue size", Triton 2.51 sends no status code inside a stream). A Python model
+cannot choose its error codes in Triton 2.51 (the backend drops them: every error is HTTP 400), so
+the server's own queue is the only way to a real 503.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One request's way through the pipeline, run by the entry model on a worker thread:
-preprocessing (BLS; with `tokenize: entry` done here, prompt.py) -> generator (BLS, decoupled: a stream of responses) -> postprocessing (BLS, one
-call per generator response; with `detokenize: generator` the generator sends the text itself) ->
-the client. And the watcher that notices a client went away.
+preprocessing (BLS; with `tokenize: entry` done here, prompt.py) -> generator (BLS, decoupled: a
+stream of responses) -> postprocessing (BLS, one call per generator response; with `detokenize:
+generator` the generator sends the text itself) -> the client. And the watcher that notices a client went away.
 
 Why BLS and not a Triton ensemble: Triton checks an ensemble's cancellation only between its
 steps, never inside the running decoupled generator step, so a cancelled stream (gRPC cancel,

@@ -115,7 +115,9 @@ class EntryMetrics:
 
     def in_flight(self, change: int) -> None:
         """A request entered (+1) or left (-1). Changes, not values: the entry's instances are
-        processes that share one series per label set (Triton keeps one), so each adds its own."""
+        processes that share one series per label set (Triton keeps one), so each adds its own. (A
+        stub that died with requests in flight leaves them counted: `tritonchat serve` restarts the
+        whole server on a dead stub, which starts the gauge again at 0.)"""
         self._todo.put(("in_flight", change))
 
     def cancelled(self) -> None:

@@ -27,9 +27,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import limits
-from . import triton_io as io
 from .batching.sampling import InvalidParameter
-from .prompt import Prompter
+from .prompt import Prompter, prompt_tensors
 from .request import ENTRY_ID_PREFIX
 
 log = logging.getLogger("tritonchat.entry")
@@ -183,8 +182,7 @@ class Flow:
             except Exception as exc:  # noqa: BLE001 - as preprocessing answers it: this prompt fails alone
                 log.exception("entry: could not prepare the prompt of %s", self.gen_id)
                 raise InvalidParameter(f"could not prepare this prompt ({type(exc).__name__})") from None
-            return [io.tensor("input_ids", ids, np.int32), io.tensor("input_length", [len(ids)], np.int32),
-                    io.tensor("bad_words_ids", bad, np.int32)]
+            return prompt_tensors(ids, bad)
         req = pb_utils.InferenceRequest(model_name="preprocessing", requested_output_names=PRE_OUTPUTS,
                                         inputs=[inputs[n] for n in PRE_INPUTS if n in inputs])
         resp = req.exec()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import limits as lim
 from . import triton_io as io
 from .batching.sampling import InvalidParameter
-from .prompt import Prompter
+from .prompt import Prompter, prompt_tensors
 
 log = logging.getLogger("tritonchat.preprocessing")
 
@@ -47,11 +46,7 @@ class TritonPythonModel:
         for i, token_ids in ids.items():
             try:
                 bad = self.prompter.check(inputs[i], token_ids)
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    io.tensor("input_ids", token_ids, np.int32),
-                    io.tensor("input_length", [len(token_ids)], np.int32),
-                    io.tensor("bad_words_ids", bad, np.int32),
-                ])
+                responses[i] = pb_utils.InferenceResponse(output_tensors=prompt_tensors(token_ids, bad))
             except InvalidParameter as exc:
                 responses[i] = io.error_response(str(exc))
             except Exception as exc:  # noqa: BLE001

@@ -16,6 +16,8 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from . import limits as lim
 from . import triton_io as io
 from .batching.sampling import InvalidParameter
@@ -75,6 +77,12 @@ class Prompter:
             text, templated = self.text(inputs)
             ids = self.encode([text], not templated)[0]
             return ids, self.check(inputs, ids)
+
+
+def prompt_tensors(ids, bad) -> list:
+    """A prepared prompt as the generator reads it: input_ids, input_length, bad_words_ids."""
+    return [io.tensor("input_ids", ids, np.int32), io.tensor("input_length", [len(ids)], np.int32),
+            io.tensor("bad_words_ids", bad, np.int32)]
 
 
 ROLES = ("system", "user", "assistant", "developer", "tool")

@@ -102,6 +102,8 @@ def send(sender, out: Output, tokenizer=None) -> None:
         return
     rel = out.release
     window = rel.window if rel else []
+    offset = rel.read_offset if rel else len(window)
+    trim = rel.trim_chars if rel else 0
     # `tensors` must outlive `send`: the 24.10 stub's ResponseSender.send releases the GIL and then
     # drops the outputs the requester did not ask for (a client calling the generator directly may
     # ask for a subset). If the response held the last reference to such a Tensor, its numpy array is
@@ -110,15 +112,14 @@ def send(sender, out: Output, tokenizer=None) -> None:
     # then on CPU). Holding the list here keeps that last reference on this side, freed with the GIL.
     tensors = [
         io.tensor("tokens", window, np.int32),
-        io.tensor("read_offset", [rel.read_offset if rel else len(window)], np.int32),
-        io.tensor("trim_chars", [rel.trim_chars if rel else 0], np.int32),
+        io.tensor("read_offset", [offset], np.int32),
+        io.tensor("trim_chars", [trim], np.int32),
         io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
         io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
         io.bytes_tensor("finish_reason", out.finish_reason),
     ]
     if tokenizer is not None:
-        offset = rel.read_offset if rel else len(window)
-        tensors += [io.bytes_tensor("text_output", delta(tokenizer, window, offset, rel.trim_chars if rel else 0)),
+        tensors += [io.bytes_tensor("text_output", delta(tokenizer, window, offset, trim)),
                     io.tensor("output_ids", window[offset:], np.int32)]
     sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.final else 0)
     del tensors  # only now, with the GIL held

@@ -187,12 +187,16 @@ class TritonServer:
     def _wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
-        url = f"http://{self.http_url}/v2/health/ready"
+        # Triton opens its endpoints in turn (gRPC, HTTP, then metrics): HTTP answers ready before the
+        # metrics port listens, and on a busy 2-core host a scrape right after "ready" was refused
+        urls = [f"http://{self.http_url}/v2/health/ready", f"http://{self.metrics_url}/metrics"]
         while True:
             rc = self.process.poll()
             if rc is not None:
                 self._raise(f"tritonserver exited with code {rc} while starting", rc)
-            if http_request(url, timeout=1.0)[0] == 200:
+            while urls and http_request(urls[0], timeout=1.0)[0] == 200:
+                urls.pop(0)
+            if not urls:
                 return
             if time.monotonic() > deadline:
                 self._raise(f"tritonserver was not ready after {self.startup_timeout:.0f} s", None)

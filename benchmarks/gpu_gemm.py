@@ -1,23 +1,16 @@
 #!/usr/bin/env python3
-"""The decode step's matrix products at small batch: cuBLAS against a skinny Triton kernel.
+"""The decode step's matrix products at small batch: cuBLAS on bf16 weights against the engine's
+8-bit kernel (`w8_matmul`, python_backend/engines/torch/quant.py) on INT8 and FP8 weights.
 
 A decode step of the TinyLlama-shaped model reads ~2.07 GB of bf16 weights through five products
-(q/k/v fused, o, gate/up fused, down per layer; the head). Measured on an H100 (2026-11-22): the card
-reads at ~3.0 TB/s (copies at 2.4); cuBLAS reaches 2.3-2.4 TB/s on gate/up and the head but 1.1-1.7 on
-the narrow q/k/v, o and down products (one step's products 1.12 ms at batch 64), and this simple
-Triton kernel is slower everywhere but the head (1.26 ms at its best configurations): the engine
-keeps cuBLAS. This times, for each shape and batch M, the 22 products
-of a step (22 weight copies, so no run reads from L2) as one CUDA-graph replay:
+(q/k/v fused, o, gate/up fused, down per layer; the head). Each product here is timed as the 22 of a
+step (22 weight copies, so no run reads from L2), replayed as one CUDA graph: for each shape and
+batch M, cuBLAS bf16, then every candidate configuration of the 8-bit kernel, grouped by form —
+one row on the CUDA cores (`gemv`), `tl.dot` with the rows as the MMA's M (`dot`) or the weight
+(`dot-t`); whole K (`k1`) or split-K fixed up in the launch (`kN`). Prints GB/s of the weight bytes, the error against a float32
+product of the widened weights, and per M the sum over a step's products.
 
-  cublas     F.linear as the engine calls it now
-  cublaslt   the same with torch.backends.cuda.preferred_blas_library("cublaslt")
-  triton     `skinny_matmul` below (the engine's w8_matmul kernel on bf16 weights, a scale of ones: all
-             rows in one tile, split-K with fp32 atomics where N is narrow) at each of its configurations
-
-and prints GB/s per variant, the best Triton configuration per shape, and the error of each against
-a float32 product.
-
-    python3 benchmarks/gpu_gemm.py [--m 1,16,64,128]
+    python3 benchmarks/gpu_gemm.py [--m 1,16,64] [--formats fp8,int8]
 """
 
 from __future__ import annotations
@@ -29,64 +22,7 @@ import torch.nn.functional as F
 from common import cuda_median_ms
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
-
-
-def _kernel():
-    # the engine's 8-bit product kernel (kernels.py, w8_matmul) runs bf16 weights too: widening them is
-    # a no-op, and with a scale of ones it is the plain skinny product (every row in one tile, split-K
-    # with fp32 atomics where N is narrow) this benchmark measured before the engine had it
-    return load_kernels().w8_matmul
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _split(n: int, k: int, bn: int, bk: int) -> int:
-    split, sms = 1, torch.cuda.get_device_properties(0).multi_processor_count
-    while _cdiv(n, bn) * split < sms and k // (split * 2) >= bk:
-        split *= 2
-    return split
-
-
-def skinny_default(m: int, n: int, k: int) -> dict:
-    return dict(BN=64, BK=128, SPLIT=_split(n, k, 64, 128), num_warps=4, num_stages=4)
-
-
-def skinny_configs(m: int, n: int, k: int) -> list[dict]:
-    out = []
-    for bn in (32, 64, 128):
-        for bk in (128, 256):
-            s0 = _split(n, k, bn, bk)
-            for split in sorted({s0, s0 * 2}):
-                for stages in (3, 4, 6):
-                    out.append(dict(BN=bn, BK=bk, SPLIT=split, num_warps=4, num_stages=stages))
-    return out
-
-
-def skinny_matmul(x: torch.Tensor, w: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    m, k = x.shape
-    n = w.shape[0]
-    cfg = dict(config or skinny_default(m, n, k))
-    bn, bk, split = cfg.pop("BN"), cfg.pop("BK"), cfg.pop("SPLIT")
-    ks = _cdiv(_cdiv(k, split), bk) * bk
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if split == 1 else \
-        torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    ones = _ones(n, x.device)
-    _kernel()[(_cdiv(n, bn), split, 1)](x, w, ones, y, m, n, k, ks, x.stride(0), w.stride(0), y.stride(0),
-                                        BM=max(16, 1 << (m - 1).bit_length()), BN=bn, BK=bk, ATOMIC=split > 1,
-                                        IEEE=False, **cfg)
-    return y if split == 1 else y.to(x.dtype)
-
-
-_ONES: dict = {}
-
-
-def _ones(n: int, device) -> torch.Tensor:
-    if n not in _ONES:
-        _ONES[n] = torch.ones(n, device=device, dtype=torch.float32)
-    return _ONES[n]
-
+from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, row_bucket
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -109,7 +45,7 @@ def graph_ms(fn, reps: int = 20) -> float:
     return cuda_median_ms(g.replay, reps)
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth() -> tuple[float, float]:
     x = torch.empty(2 ** 29, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
     ms = graph_ms(lambda: y.copy_(x))
@@ -117,65 +53,69 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / ms / 1e6, x.numel() * 2 / read / 1e6
 
 
+def form(cfg: dict, m: int) -> str:
+    return FORMS[cfg["FORM"] if cfg["FORM"] or m == 1 else 1] + f"/k{cfg['SPLIT']}"
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--m", default="1,16,64,128")
+    ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--formats", default="fp8,int8")
     args = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy / read "
-          "{:.0f} / {:.0f} GB/s".format(*copy_bandwidth()))
-    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {sms} SMs  copy / read "
+          "{:.0f} / {:.0f} GB/s".format(*copy_bandwidth()), flush=True)
+    mm = W8Matmul(load_kernels(), sms)
+    total: dict = {}
+    print("| shape | M | weights | ms | GB/s | config | rel. err |\n|---|---:|---|---:|---:|---|---:|")
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         layers = 1 if name == "head" else LAYERS
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
-        nbytes = layers * n * k * 2
         for m in [int(v) for v in args.m.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = (x.float() @ ws[0].float().t())
-            out = {}
-            torch.backends.cuda.preferred_blas_library("cublas")
-            out["cublas"] = graph_ms(lambda: [F.linear(x, w) for w in ws])
-            try:
-                torch.backends.cuda.preferred_blas_library("cublaslt")
-                out["cublaslt"] = graph_ms(lambda: [F.linear(x, w) for w in ws])
-            finally:
-                torch.backends.cuda.preferred_blas_library("cublas")
-            best, best_cfg, errs = None, None, []
-            for cfg in skinny_configs(m, n, k):
-                try:
-                    y = skinny_matmul(x, ws[0], config=cfg)
-                except Exception as exc:  # noqa: BLE001 - e.g. OutOfResources (shared memory)
-                    print(f"  {name} m={m} {cfg}: {type(exc).__name__}")
-                    continue
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                errs.append(err)
-                if not err < 1e-2:
-                    print(f"  {name} m={m} {cfg}: rel err {err:.2e} WRONG")
-                    continue
-                ms = graph_ms(lambda: [skinny_matmul(x, w, config=cfg) for w in ws])
-                if best is None or ms < best:
-                    best, best_cfg = ms, cfg
-            auto = skinny_matmul(x, ws[0])
-            auto_err = ((auto.float() - ref).norm() / ref.norm()).item()
-            out["triton"] = graph_ms(lambda: [skinny_matmul(x, w) for w in ws])
-            lin_err = ((F.linear(x, ws[0]).float() - ref).norm() / ref.norm()).item()
-            rows.append((name, m, out["cublas"], out["cublaslt"], out["triton"], best, best_cfg, nbytes,
-                         lin_err, auto_err))
-            print(f"{name:8s} m={m:4d} cublas {out['cublas']:.3f} ms ({nbytes / out['cublas'] / 1e6:.0f} GB/s)"
-                  f"  cublaslt {out['cublaslt']:.3f}  triton(default) {out['triton']:.3f}"
-                  f"  triton(best) {best:.3f} {best_cfg}  err cublas {lin_err:.1e} triton {auto_err:.1e}",
+            ms = graph_ms(lambda: [F.linear(x, w) for w in ws])
+            err = rel_err(F.linear(x, ws[0]), x.float() @ ws[0].float().t())
+            total.setdefault((m, "bf16"), 0.0)
+            total[(m, "bf16")] += ms
+            print(f"| {name} | {m} | bf16 cuBLAS | {ms:.3f} | {layers * n * k * 2 / ms / 1e6:.0f} | | {err:.1e} |",
                   flush=True)
-    print("\n| shape | M | cuBLAS ms (GB/s) | cuBLASLt ms | Triton default ms (GB/s) | best config ms | best config |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, m, cb, lt, tr, best, cfg, nbytes, _, _ in rows:
-        print(f"| {name} | {m} | {cb:.3f} ({nbytes / cb / 1e6:.0f}) | {lt:.3f} | {tr:.3f} ({nbytes / tr / 1e6:.0f}) "
-              f"| {best:.3f} | {cfg} |")
-    for m in sorted({r[1] for r in rows}):
-        sel = [r for r in rows if r[1] == m]
-        print(f"M={m}: step products cuBLAS {sum(r[2] for r in sel):.3f} ms, Triton default "
-              f"{sum(r[4] for r in sel):.3f} ms, Triton best {sum(r[5] for r in sel):.3f} ms")
+            for fmt in args.formats.split(","):
+                qs = [QuantWeight(w, fmt, torch.bfloat16) for w in ws]
+                nbytes = layers * n * k
+                ref = x.float() @ qs[0].widened().float().t()
+                best: dict = {}
+                for cfg in candidate_configs(row_bucket(m), n, k, sms):
+                    try:
+                        err = rel_err(mm.launch(x, qs[0], cfg), ref)
+                        t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this tile
+                        print(f"  {name} m={m} {fmt} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                        continue
+                    if not err < 2e-2:
+                        print(f"  {name} m={m} {fmt} {cfg}: rel err {err:.2e} WRONG")
+                        continue
+                    f = form(cfg, m)
+                    if f not in best or t < best[f][0]:
+                        best[f] = (t, cfg, err)
+                for f, (t, cfg, err) in sorted(best.items(), key=lambda kv: kv[1][0]):
+                    print(f"| {name} | {m} | {fmt} {f} | {t:.3f} | {nbytes / t / 1e6:.0f} | {cfg} | {err:.1e} |",
+                          flush=True)
+                if best:
+                    t, cfg, _ = min(best.values(), key=lambda v: v[0])
+                    total.setdefault((m, fmt), 0.0)
+                    total[(m, fmt)] += t
+                del qs
+    print()
+    for (m, fmt), t in sorted(total.items()):
+        print(f"M={m} {fmt}: a step's products {t:.3f} ms"
+              + (f" ({t / total[(m, 'bf16')]:.2f}x bf16)" if fmt != "bf16" else ""))
 
 
 if __name__ == "__main__":

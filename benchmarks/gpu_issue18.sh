@@ -2,7 +2,7 @@
 # Issue 18 on the GPU machine in one call (device tool, from the repository root, carrying .whl and
 # .carry): the 8-bit kernel's GPU test, the decode step of bf16 / INT8 / FP8 weights against the
 # memory bound, and the server sweep beside the static-cache compiled `generate` peer.
-# STEPS picks the parts (default: test step sweep); LEVELS and PEER_LEVELS the sweep's levels.
+# STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py); LEVELS and PEER_LEVELS the sweep's levels.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout
@@ -12,9 +12,10 @@ for step in ${STEPS:-test step sweep}; do
   case $step in
     test) timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" -k gpu \
             2>&1 | tee "$OUT/test-8bit.txt" ;;
+    gemm) timeout 300 python3 "$REPO_ROOT/benchmarks/gpu_gemm.py" --m "${GEMM_M:-1,16,64}" 2>&1 | tee "$OUT/gemm.txt" ;;
     step) timeout 300 python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
             --skip-long --skip-hf --variants "${VARIANTS:-triton+graphs,triton+graphs int8,triton+graphs fp8}" \
-            2>&1 | tee "$OUT/step.txt" ;;
+            --profile "${PROFILE:-triton+graphs,triton+graphs fp8}" 2>&1 | tee "$OUT/step.txt" ;;
     sweep) (cd "$REPO_ROOT" && LEVELS=${LEVELS:-1,16,64} \
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

@@ -29,6 +29,7 @@ import torch
 from common import build_model, cuda_median_ms, log, wall_median_ms
 
 from tritonchat.python_backend.engines.torch import TorchEngine
+from tritonchat.python_backend.engines.torch.quant import TUNE_ROWS
 
 CTX = 128  # context length the decode timings run at
 MAX_SEQ = 1024
@@ -62,7 +63,7 @@ def make_engine(model, variant, **kw):
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     ex = TorchEngine(**{**args, **(extra[0] if extra else {}), **kw})
     if ex.llama.weights != "dtype":
-        ex.llama.mm.tune(ex.llama.quantized_weights(), [16, 32, 64, 128])  # as warmup() does before the graphs
+        ex.llama.mm.tune(ex.llama.quantized_weights(), TUNE_ROWS)  # as warmup() does before the graphs
     return ex
 
 
@@ -140,13 +141,13 @@ def check_correctness(model, ref32, res):
         torch.cuda.empty_cache()
 
 
-def profile_step(model, res, batches=(1, 64)):
+def profile_step(model, res, variant="triton+graphs", batches=(1, 64)):
     """Kernel-time breakdown of one graph-captured decode step (torch.profiler over graph replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ex = make_engine(model, "triton+graphs")
+    ex = make_engine(model, variant)
     ex._lengths[:] = CTX
-    out = res.setdefault("profile", {})
+    out = res.setdefault("profile", {}).setdefault(variant, {})
     for b in batches:
         slots = np.arange(b, dtype=np.int64)
         toks = np.full(b, 5, dtype=np.int64)
@@ -166,7 +167,8 @@ def profile_step(model, res, batches=(1, 64)):
             name = ev.key
             if t <= 0 or name.startswith("cudaGraph") or "Memcpy" in name and "HtoD" not in name:
                 continue
-            k = ("gemm (cuBLAS)" if any(x in name.lower() for x in ("gemm", "gemv", "sm90", "cutlass", "nvjet"))
+            k = ("w8_matmul" if "w8_matmul" in name
+                 else "gemm (cuBLAS)" if any(x in name.lower() for x in ("gemm", "gemv", "sm90", "cutlass", "nvjet"))
                  else "attn_split" if "attn_split" in name else "attn_combine" if "attn_combine" in name
                  else "add_rmsnorm" if "rmsnorm" in name else "rope_kv" if "rope" in name
                  else "silu_mul" if "silu" in name else name[:40])
@@ -176,7 +178,7 @@ def profile_step(model, res, batches=(1, 64)):
         out[f"b{b}"] = {k: {"ms": round(v[0], 4), "kernels": v[1]} for k, v in
                         sorted(groups.items(), key=lambda kv: -kv[1][0])}
         tot = sum(v[0] for v in groups.values())
-        log(f"[profile triton+graphs b={b}] kernel time {tot:.3f} ms/step in "
+        log(f"[profile {variant} b={b}] kernel time {tot:.3f} ms/step in "
             f"{sum(v[1] for v in groups.values())} kernels: " +
             ", ".join(f"{k} {v[0]:.3f} ms/{v[1]}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])[:8]))
     del ex
@@ -257,6 +259,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of VARIANTS to time")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-long", action="store_true", help="no context-896 timings, no profile")
+    ap.add_argument("--profile", default="", help="comma list of VARIANTS whose step is profiled (with "
+                    "--skip-long too)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,11 +306,11 @@ def main():
             time_variant(model, variant, res, long_ctx=True)
         except Exception:  # noqa: BLE001
             log(f"[{variant}] long-context timing FAILED\n{traceback.format_exc()}")
-    try:
-        if not args.skip_long:
-            profile_step(model, res)
-    except Exception:  # noqa: BLE001
-        log(f"[profile] FAILED\n{traceback.format_exc()}")
+    for variant in args.profile.split(",") if args.profile else ([] if args.skip_long else ["triton+graphs"]):
+        try:
+            profile_step(model, res, variant)
+        except Exception:  # noqa: BLE001
+            log(f"[profile {variant}] FAILED\n{traceback.format_exc()}")
     if not args.skip_hf:
         try:
             time_hf(model, res)

@@ -78,23 +78,32 @@ def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
 _INTERPRETED = r"""
 import sys, numpy as np, torch
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.quant import QuantWeight, W8Matmul, candidate_configs
+from tritonchat.python_backend.engines.torch.quant import QuantWeight, W8Matmul, candidate_configs, row_bucket
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 tk = load_kernels()
 mm = W8Matmul(tk, sms=4)
 torch.manual_seed(0)
 worst = 0.0
-for (m, n, k), fmt in zip([(1, 64, 256), (3, 40, 72), (17, 33, 130), (128, 16, 64), (5, 48, 96)],
-                          ["fp8", "fp8", "int8", "fp8", "int8"]):
+forms = set()
+for (m, n, k), fmt in zip([(1, 64, 256), (1, 40, 520), (3, 40, 72), (17, 33, 130), (128, 16, 64), (5, 48, 96)],
+                          ["fp8", "int8", "fp8", "int8", "fp8", "int8"]):
     w = QuantWeight(torch.randn(n, k), fmt, torch.float32)
     x = torch.randn(m, k)
     ref = x @ w.widened().t()
-    bm = max(16, 1 << (m - 1).bit_length())
-    configs = candidate_configs(bm, n, k, 4) + [dict(BN=16, BK=64, SPLIT=2, num_warps=4, num_stages=2)]
-    assert any(c["SPLIT"] > 1 for c in configs)
+    configs = candidate_configs(row_bucket(m), n, k, 4) + [
+        dict(FORM=f, BN=16, BK=64, SPLIT=s, num_warps=4, num_stages=2) for f in (0, 1, 2) for s in (2, 3)]
     for cfg in configs:
-        worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
+        forms.add((cfg["FORM"] if cfg["FORM"] or m == 1 else 1, cfg["SPLIT"] > 1))
+        for _ in range(2):  # the split's tile counters are back at 0 after each launch
+            worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
     worst = max(worst, (mm(x, w, torch.ones(n)) - ref - 1).abs().max().item())  # the default config, a bias
+assert forms == {(f, s) for f in (0, 1, 2) for s in (False, True)}, forms
+for fmt in ("int8", "fp8"):  # (float32: the interpreter rounds to bf16 its own way; the GPU test checks bf16)
+    w = QuantWeight(torch.randn(40, 300), fmt, torch.float32)
+    assert torch.equal(mm.widen(w), w.widened()), fmt  # the one-pass widening: dequantize's numbers exactly
+x = torch.randn(130, 300)  # more rows than w8_matmul takes: widened, then the dense product
+assert torch.equal(mm(x, w8 := QuantWeight(torch.randn(40, 300), "int8", torch.float32)), x @ w8.widened().t())
+assert int(mm._count.abs().sum()) == 0
 path, = sys.argv[1:]
 kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, weights="int8")
 ref = TorchEngine(path, kernels="torch", attention="sdpa", **kw)
@@ -112,7 +121,8 @@ assert worst < 1e-3, worst
 
 
 def test_the_8bit_product_kernel_interpreted(tmp_path):
-    """`w8_matmul` (int8 and FP8 weights, every candidate configuration, split-K included) run by
+    """`w8_matmul` (int8 and FP8 weights, every candidate configuration: one row on the CUDA cores,
+    `tl.dot` either way round, split-K fixed up in the launch) run by
     Triton's CPU interpreter equals the product with the widened weights; the engine with it (INT8)
     equals the engine without it."""
     pytest.importorskip("triton")
@@ -194,3 +204,4 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     w = ex.llama.quantized_weights()[0]
     assert isinstance(w, QuantWeight) and w.q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+    assert torch.equal(ex.llama.mm.widen(w), w.widened())  # the one-pass widening, bf16 rounding included

@@ -37,6 +37,7 @@ from .hf_fallback import HFSlots
 from .kernels import load_kernels
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
+from .quant import TUNE_ROWS
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -285,7 +286,7 @@ class TorchEngine(Engine):
         captured on first use)."""
         if self.path == "native" and self.llama.weights != "dtype":
             # the 8-bit products' configurations, timed now: a graph captures the one it was given
-            self.llama.mm.tune(self.llama.quantized_weights(), [16, 32, 64, 128])
+            self.llama.mm.tune(self.llama.quantized_weights(), TUNE_ROWS)
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)

@@ -10,8 +10,11 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
     of the step's new key and value included;
   * prefill_attn: varlen causal attention of packed prompts, one program per block of queries;
   * w8_matmul: X @ W^T with 8-bit weights (int8 or FP8 E4M3) and a scale per output channel, the
-    weights widened to X's type in registers (a decode step reads half the bytes); split-K with
-    fp32 atomics.
+    weights widened in registers (a decode step reads half the bytes); one row on the CUDA cores,
+    more through `tl.dot` (either operand order); split-K fixed up by the K slices' last program in
+    the same launch;
+  * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
+    where a product has too many rows for w8_matmul).
 Their callers are in `llama.py` and `quant.py`; `benchmarks/common.py` launches the decode attention directly
 (for `gpu_attn.py` and `gpu_l2.py`).
 """
@@ -275,13 +278,20 @@ def load_kernels():
                      mask=qm[:, None] & dm[None, :])
 
     @triton.jit
-    def w8_matmul_kernel(X, W, S, Y, M, N, K, KS, stride_xm, stride_wn, stride_ym,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ATOMIC: tl.constexpr,
-                         IEEE: tl.constexpr):
-        # Y[m-block, n-block] (+)= (X[m-block, k-split] @ W[n-block, k-split]^T) * S[n-block]: W is
-        # int8 or FP8 with one scale per output channel, widened to X's type tile by tile; with ATOMIC, each
-        # of several K splits adds its fp32 partial sums into a zeroed Y (enough programs for a
-        # narrow N). K and KS are not compile-time constants: one compile serves every shape
+    def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
+                         FORM: tl.constexpr, IEEE: tl.constexpr):
+        # Y[m-block, n-block] = (X[m-block] @ W[n-block]^T) * S[n-block]: W is int8 or FP8 with one
+        # scale per output channel, widened tile by tile in registers. K and KS are not compile-time
+        # constants: one compile serves every shape. FORM:
+        #   0  one row (BM=1): products and row sums on the CUDA cores, no tile of padding rows;
+        #   1  tl.dot(X, W^T): X's rows (at least 16) are the MMA's M;
+        #   2  tl.dot(W, X^T), transposed at the end: the weight tile (64 or 128 rows) is the MMA's M,
+        #      the operand Hopper's wgmma may take from registers, where the widened weight is.
+        # FIXUP: program (n, k, m) sums K-slice k only and stores it in the fp32 workspace P; the last
+        # of a tile's SPLIT programs to finish (counter C) adds the slices in a fixed order (the same
+        # sums every run), writes Y and puts the counter back to 0: one launch where split-K with
+        # atomics took three (zero Y, add, cast).
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         pm = tl.program_id(2)
@@ -291,22 +301,57 @@ def load_kernels():
         mm = rm < M
         nm = rn < N
         acc = tl.zeros([BM, BN], tl.float32)
+        acc_t = tl.zeros([BN, BM], tl.float32)
         for k0 in range(pk * KS, pk * KS + KS, BK):
             ks = k0 + rk
             km = ks < K
             x = tl.load(X + rm[:, None] * stride_xm + ks[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             w = tl.load(W + rn[:, None] * stride_wn + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+            if FORM == 0:
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            elif FORM == 1:
+                if IEEE:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
             else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
-        out = Y + rm[:, None] * stride_ym + rn[None, :]
+                if IEEE:
+                    acc_t = tl.dot(w.to(x.dtype), tl.trans(x), acc_t, input_precision="ieee")
+                else:
+                    acc_t = tl.dot(w.to(x.dtype), tl.trans(x), acc_t)
+        if FORM == 2:
+            acc = tl.trans(acc_t)
         om = mm[:, None] & nm[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=om, sem="relaxed")
+        if FIXUP:
+            cell = rm[:, None] * N + rn[None, :]
+            tl.store(P + pk * stride_p + cell, acc, mask=om)
+            tl.debug_barrier()  # every thread's slice is stored before the counter says so
+            tile = pm * tl.num_programs(0) + pn
+            if tl.atomic_add(C + tile, 1, sem="acq_rel") == SPLIT - 1:
+                tl.debug_barrier()
+                total = tl.zeros([BM, BN], tl.float32)
+                for s in range(0, SPLIT):
+                    part = tl.load(P + s * stride_p + cell, mask=om, other=0.0, cache_modifier=".cg")
+                    total += tl.where(s == pk, acc, part)
+                total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+                tl.store(Y + rm[:, None] * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=om)
+                tl.atomic_xchg(C + tile, 0)
         else:
-            tl.store(out, acc.to(Y.dtype.element_ty), mask=om)
+            acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+            tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def w8_widen_kernel(W, S, Y, N, K, BN: tl.constexpr, BK: tl.constexpr):
+        # Y = W * S[:, None] in Y's type, computed in fp32 (quant.dequantize's numbers) in one pass:
+        # 1 byte read and 2 written per weight, where the torch ops made float32 copies on the way
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.program_id(1) * BK + tl.arange(0, BK)
+        nm = rn < N
+        m = nm[:, None] & (rk < K)[None, :]
+        off = rn[:, None] * K + rk[None, :]
+        w = tl.load(W + off, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(S + rn, mask=nm, other=0.0)
+        tl.store(Y + off, (w * s[:, None]).to(Y.dtype.element_ty), mask=m)
 
     _KERNELS = types.SimpleNamespace(
         add_rmsnorm=add_rmsnorm_kernel,
@@ -316,5 +361,6 @@ def load_kernels():
         attn_combine=attn_combine_kernel,
         prefill_attn=prefill_attn_kernel,
         w8_matmul=w8_matmul_kernel,
+        w8_widen=w8_widen_kernel,
     )
     return _KERNELS

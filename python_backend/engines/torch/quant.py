@@ -8,11 +8,12 @@ INT8 keeps 8 bits of precision over a row's range, E4M3 3 mantissa bits at every
 stories260K the INT8 rounding costs +0.03 % of perplexity and FP8's +2.0 % (docs/quantization.md).
 How a product runs:
   * up to MAX_SKINNY_M rows (decode steps, small prefills): the Triton kernel `w8_matmul`
-    (kernels.py), every row of the batch in one tile, its configuration tuned once per shape and
-    row bucket when the engine loads (`W8Tuner`, before any CUDA graph is captured);
+    (kernels.py), every row of the batch in one tile (one row: on the CUDA cores), its
+    configuration tuned once per shape and row bucket when the engine loads (`W8Matmul.tune`,
+    before any CUDA graph is captured);
   * more rows (prefills, decode steps carrying prompts), or no Triton (CPU): the weight widened to
-    the engine's dtype, then the dense product (cuBLAS on the GPU): compute-bound there, and the
-    same numbers as the kernel up to the order of the sums.
+    the engine's dtype (one `w8_widen` kernel where Triton runs), then the dense product (cuBLAS on
+    the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .kernels import cdiv, next_pow2
 
 E4M3_MAX = 448.0
 MAX_SKINNY_M = 128
+TUNE_ROWS = (1, 16, 32, 64, 128)  # the row buckets the engine tunes when it loads (`row_bucket`)
 WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 
 
@@ -90,54 +92,91 @@ def fake_quantize(model, fmt: str) -> int:
     return n
 
 
+def row_bucket(m: int) -> int:
+    """The rows a product's configuration is tuned for: 1 (a decode step of one stream: the CUDA-core
+    form) or a power of two from 16 (`tl.dot` tiles have at least 16 rows)."""
+    return 1 if m == 1 else max(16, next_pow2(m))
+
+
 class W8Matmul:
-    """Products with 8-bit weights: `__call__(x, w, bias)`; the Triton kernel where it runs (see the
-    module docstring), with a configuration per (row bucket, N, K) from `tune` or `default_config`."""
+    """Products with 8-bit weights: `__call__(x, w, bias)`; the Triton kernel where it runs (see
+    the module docstring), with a configuration per (row bucket, N, K) from `tune` or
+    `default_config`. Split-K configurations keep their K slices in a float32 workspace and a tile counter of this
+    object's (products run one after another on one stream, so one of each serves all)."""
 
     def __init__(self, tk, sms: int):
         self._tk = tk
         self.sms = sms
         self.configs: dict[tuple[int, int, int], dict] = {}
+        self._ws: torch.Tensor | None = None
+        self._count: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
         m = x.shape[0]
         if self._tk is None or m > MAX_SKINNY_M or m == 0:
-            return F.linear(x, w.widened(), bias)
+            return F.linear(x, w.widened() if self._tk is None else self.widen(w), bias)
         n, k = w.q.shape
-        bm = max(16, next_pow2(m))
+        bm = row_bucket(m)
         cfg = self.configs.get((bm, n, k)) or default_config(bm, n, k, self.sms)
         y = self.launch(x, w, cfg)
         return y if bias is None else y + bias
 
+    def widen(self, w: QuantWeight) -> torch.Tensor:
+        """`w.widened()` in one kernel (reads 1 byte a weight, writes 2; the torch ops wrote and read
+        float32 copies in between: ~7x the traffic in every decode step that carries prompts)."""
+        n, k = w.q.shape
+        y = torch.empty((n, k), device=w.q.device, dtype=w.dtype)
+        self._tk.w8_widen[(cdiv(n, 16), cdiv(k, 256))](w.q, w.scale, y, n, k, BN=16, BK=256, num_warps=4)
+        return y
+
+    def _buffers(self, numel: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split-K workspace (at least `numel` floats) and tile counters (zero between launches:
+        the kernel resets them). Grown only outside a CUDA graph capture: `tune` runs every
+        configuration first, so the largest is allocated before the engine captures."""
+        if self._ws is None or self._ws.numel() < numel or self._count.numel() < tiles:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("8-bit split-K workspace too small inside a CUDA graph capture: "
+                                   "call W8Matmul.tune before capturing")
+            self._ws = torch.empty(max(numel, 0 if self._ws is None else self._ws.numel()),
+                                   device=device, dtype=torch.float32)
+            self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+        return self._ws, self._count
+
     def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict) -> torch.Tensor:
-        m, k = x.shape
-        n = w.q.shape[0]
-        bm = max(16, next_pow2(m))
+        m = x.shape[0]
+        n, k = w.q.shape
+        form = cfg["FORM"] if cfg["FORM"] or m == 1 else 1  # the CUDA-core form holds one row
+        bm = max(16, next_pow2(m)) if form else 1
         bn, bk, split = cfg["BN"], cfg["BK"], cfg["SPLIT"]
         ks = cdiv(cdiv(k, split), bk) * bk
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype) if split == 1 else \
-            torch.zeros((m, n), device=x.device, dtype=torch.float32)
-        self._tk.w8_matmul[(cdiv(n, bn), split, cdiv(m, bm))](
-            x, w.q, w.scale, y, m, n, k, ks, x.stride(0), w.q.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
-            ATOMIC=split > 1, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
-        return y if split == 1 else y.to(x.dtype)
+        split = cdiv(k, ks)  # every program has a non-empty slice
+        grid = (cdiv(n, bn), split, cdiv(m, bm))
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        ws = cnt = y
+        if split > 1:
+            ws, cnt = self._buffers(split * grid[2] * bm * n, grid[0] * grid[2], x.device)
+        self._tk.w8_matmul[grid](
+            x, w.q, w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0), y.stride(0),
+            grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return y
 
-    def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 20) -> dict:
-        """Time every candidate configuration for each distinct weight shape and row bucket (CUDA
-        events, the median of `reps`), keep the fastest. Call before capturing CUDA graphs."""
+    def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10) -> dict:
+        """Time every candidate configuration for each distinct weight shape and row bucket, each
+        as a CUDA graph of a few launches (how the engine runs them: a graph has no launch gaps,
+        so a split's fix-up is judged at its real cost), keep the fastest. Call before capturing
+        the engine's graphs."""
         if self._tk is None or not weights or weights[0].q.device.type != "cuda":
             return self.configs
         shapes = {}
         for w in weights:
             shapes.setdefault(tuple(w.q.shape), w)
         for (n, k), w in shapes.items():
-            for bm in sorted({max(16, next_pow2(b)) for b in buckets if 0 < b <= MAX_SKINNY_M}):
+            for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = None
                 for cfg in candidate_configs(bm, n, k, self.sms):
                     try:
-                        ms = cuda_median_ms(lambda: self.launch(x, w, cfg), reps)
+                        ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
                     except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
                         continue
                     if best is None or ms < best[0]:
@@ -154,22 +193,47 @@ def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:
     return split
 
 
+FORMS = {0: "gemv", 1: "dot", 2: "dot-t"}  # the kernel's FORM (kernels.py, w8_matmul) by name
+
+
 def default_config(bm: int, n: int, k: int, sms: int) -> dict:
+    if bm == 1:
+        return dict(FORM=0, BN=16, BK=256, SPLIT=_split(n, k, 16, 256, sms), num_warps=4, num_stages=4)
     bn = 32 if bm >= 64 else 64
-    return dict(BN=bn, BK=128, SPLIT=_split(n, k, bn, 128, sms), num_warps=4, num_stages=4)
+    return dict(FORM=1, BN=bn, BK=128, SPLIT=_split(n, k, bn, 128, sms), num_warps=4, num_stages=4)
 
 
 def candidate_configs(bm: int, n: int, k: int, sms: int) -> list[dict]:
-    """A few configurations around the default. Each distinct tile is one Triton compile when the
-    engine loads (shared by every shape: K is not a compile-time constant), at most 12 per row bucket."""
-    out = []
-    for bn in (16, 32, 64):
-        for bk in (128, 256):
-            if bm * bk > 128 * 128:  # the row tile must fit in shared memory beside the weights
-                continue
-            for split in sorted({1, _split(n, k, bn, bk, sms)}):
-                out.append(dict(BN=bn, BK=bk, SPLIT=split, num_warps=4, num_stages=4))
-    return out
+    """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
+    K or split to fill the SMs. Each distinct tile is one Triton compile when the engine loads
+    (shared by every shape: K and the split are not compile-time constants)."""
+    tiles = []
+    if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
+        tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
+    rows = max(16, bm)
+    tiles += [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)
+              if rows * bk <= 128 * 128 and bn * bk <= 16384]
+    if bm >= 16:  # the weight as the MMA's 64 or 128 rows
+        tiles += [(2, bn, bk) for bn in (64, 128) for bk in (64, 128) if bn * bk <= 8192]
+    return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, num_warps=4, num_stages=4)
+            for form, bn, bk in tiles for split in sorted({1, _split(n, k, bn, bk, sms)})]
+
+
+def graph_median_ms(fn, reps: int, launches: int = 8) -> float:
+    """Device time of one `fn()` in ms, `launches` of them captured in one CUDA graph (median of
+    `reps` replays): what it costs inside the engine's graphs, without the host's launch gaps."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compiles, grows the workspace
+        s.synchronize()
+        g = torch.cuda.CUDAGraph()
+        g.capture_begin()
+        for _ in range(launches):
+            fn()
+        g.capture_end()
+    torch.cuda.current_stream().wait_stream(s)
+    return cuda_median_ms(g.replay, reps) / launches
 
 
 def cuda_median_ms(fn, reps: int, warm: int = 1) -> float:

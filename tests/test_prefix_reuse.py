@@ -197,6 +197,28 @@ def test_a_running_requests_system_prompt_is_copied_into_a_new_slot():
     assert sched.stats.copied_tokens == len(system) == sched.stats.reused_tokens
 
 
+def test_a_prompt_carried_inside_a_decode_step_is_reused_by_a_later_prefill():
+    """An engine that runs greedy prompts inside decode steps (the torch engine) computes them whole
+    there, and their KV counts as a prefill's: a later sampled request (prefilled on its own) that
+    continues the prompt reuses it."""
+    rng = np.random.default_rng(5)
+    ex = FakeEngine(max_slots=3, can_chain=True, can_mix=True, can_reuse=True, step_s=0.002)
+    sched = _scheduler(ex)
+    prompt = _ids(rng, 20)
+    try:
+        outs, done = _ask(sched, _ids(rng, 8), 200, stream=True)  # keeps a decode step running
+        while not outs:
+            done.wait(0.01)
+        assert _answer(sched, prompt) == ex.reference(prompt, 12)
+        assert any(c[0] == "greedy" and c[2] == 1 for c in ex.calls)  # it rode inside a step
+        later = _ask(sched, prompt + [5, 6, 7], 6, temperature=0.8, seed=1)
+        assert later[1].wait(30) and later[0][-1].error is None
+        assert done.wait(30)
+    finally:
+        sched.shutdown()
+    assert ex.reused[-1][1] == len(prompt) and sched.stats.reused_tokens == len(prompt), ex.reused
+
+
 def test_a_failed_copy_falls_back_to_a_whole_prefill():
     """Where copying a cached prefix fails, the request is not lost: its prompt is prefilled whole."""
     rng = np.random.default_rng(3)

@@ -88,7 +88,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.free_slots = list(range(engine.max_slots - 1, -1, -1))  # in the order they were freed
         self.prefixes = PrefixCache(engine.reuse_min_new) if prefix_reuse and engine.can_reuse_prefix else None
-        self.prefill_chunk = max(int(prefill_chunk), engine.reuse_min_new) if prefill_chunk and engine.can_reuse_prefix else 0
+        self.prefill_chunk = max(int(prefill_chunk), engine.reuse_min_new) \
+            if prefill_chunk and engine.can_reuse_prefix and engine.prompt_chunks else 0
         self.chunked: collections.deque[list] = collections.deque()  # [sequence, prompt tokens in its KV]
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
@@ -465,7 +466,10 @@ class Scheduler:
                                   min(self.engine.mix_tokens, self.prefill_token_budget),
                                   lambda seq: self._mixable(seq, key))
         if batch:
-            self._place(batch, reuse=False)  # the engines that mix prompts into steps cannot reuse KV
+            self._place(batch, reuse=False)  # a prompt inside a decode step is computed whole
+            if self.prefixes is not None:  # by the prefill kernels, in the step: reusable as a prefill's
+                for seq in batch:
+                    self.prefixes.prefilled(seq.slot, seq.prompt_ids)
             self.running.extend(batch)
             self.stats.prefills += len(batch)
             self.stats.mixed_steps += 1

@@ -66,9 +66,13 @@ class Engine(abc.ABC):
         """
         return np.stack([self.prefill(int(s), p) for s, p in zip(slots, prompts)])
 
-    #: True where `prefill_cached` runs a prompt on top of the KV a slot still holds; the engines
-    #: without it (torch: its prefills run in CUDA graphs captured for empty slots) keep this default
+    #: True where `prefill_cached` runs a prompt on top of the KV a slot still holds (ONNX Runtime;
+    #: torch with its varlen Triton attention); the others keep this default
     can_reuse_prefix = False
+    #: True where a long prompt is better prefilled a piece at a time between decode steps (the
+    #: scheduler's `prefill_chunk`, on engines that can reuse a prefix): a prefill there stalls every
+    #: running stream for its whole length
+    prompt_chunks = True
     #: prompt tokens `prefill_cached` must compute at least (where fewer would run another kernel
     #: path whose rounding differs from a full prefill's: see engines/ort.py)
     reuse_min_new = 1

@@ -57,6 +57,7 @@ def _as_dtype(dtype) -> torch.dtype:
 
 
 class TorchEngine(Engine):
+    prompt_chunks = False  # its prompts ride inside decode steps or run as one captured prefill
     def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
                  max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
@@ -132,6 +133,9 @@ class TorchEngine(Engine):
         if attention not in ("triton", "sdpa"):
             raise ValueError(f"attention must be auto, triton or sdpa, not {attention!r}")
         self.attention = attention
+        # a prompt on top of a slot's cached KV: the varlen attention reads keys from the cache at
+        # data-given positions, so the prefill graphs serve it as they are (`prefill_cached`)
+        self.can_reuse_prefix = attention == "triton"
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
                            dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights)
         if owned:
@@ -316,6 +320,39 @@ class TorchEngine(Engine):
     def prefill_batch(self, slots, prompts) -> np.ndarray:
         """All prompts in one forward: projections and MLP over the packed tokens, attention per
         prompt (varlen, or on the right-padded batch: see `Llama.attn_prompts`)."""
+        return self._prefill(slots, prompts)
+
+    def prefill_cached(self, slots, prompts, cached) -> np.ndarray:
+        """`prefill_batch` of the tokens after each prompt's `cached` ones, whose KV the slot still
+        holds: the same graphs (keyed by the tokens computed), each prompt's positions starting at
+        its cached count, the varlen attention reading the cached keys from the slot. Not bitwise
+        a full prefill (the products run on fewer rows, so cuBLAS may sum in another order)."""
+        if not self.can_reuse_prefix:
+            return self.prefill_batch(slots, prompts)
+        full = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        first = np.asarray(cached, dtype=np.int64).reshape(-1)
+        if len(first) != len(full):
+            raise ValueError("prefill_cached needs one cached count per prompt")
+        for p, c in zip(full, first.tolist()):
+            if not 0 <= c <= len(p) - self.reuse_min_new:
+                raise ValueError(f"{c} cached tokens of a {len(p)}-token prompt (at most {len(p) - self.reuse_min_new})")
+            if len(p) + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
+        return self._prefill(slots, [p[c:] for p, c in zip(full, first.tolist())], first)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        if not self.can_reuse_prefix:
+            return super().copy_prefix(src, dst, n)
+        src, dst, n = int(src), int(dst), int(n)
+        if src == dst or not (0 <= src < self.max_slots and 0 <= dst < self.max_slots) or not 0 < n < self.max_seq_len:
+            raise ValueError(f"copy_prefix({src}, {dst}, {n}): two distinct slots in [0, {self.max_slots}) "
+                             f"and 0 < n < {self.max_seq_len}")
+        with torch.no_grad():
+            for L in self.llama.layers:  # on the stream, so ordered before the step that reads them
+                L.kc[dst, :, :n].copy_(L.kc[src, :, :n])
+                L.vc[dst, :, :n].copy_(L.vc[src, :, :n])
+
+    def _prefill(self, slots, prompts, first=None) -> np.ndarray:
         slots, ids, lens = self._new_prompts(slots, prompts)
         slots = slots.tolist()
         with torch.no_grad():
@@ -324,14 +361,14 @@ class TorchEngine(Engine):
                                     for s, p in zip(slots, ids)])
             elif self.prefill_graphs and int(lens.sum()) <= self.prefill_graph_tokens:
                 key = self.layout.buckets(lens)
-                layout = torch.from_numpy(self.layout.build(slots, ids, lens, key))
+                layout = torch.from_numpy(self.layout.build(slots, ids, lens, key, first=first))
                 logits = self.graphs.run_prefill(key, self._prefill_body, layout)[: len(slots)]
             else:  # the same forward, unpadded
                 key = self.layout.exact_key(lens)
-                layout = torch.from_numpy(self.layout.build(slots, ids, lens, key))
+                layout = torch.from_numpy(self.layout.build(slots, ids, lens, key, first=first))
                 logits = self._prefill_body(layout.to(self.device, non_blocking=True), key)
             out = self._to_host(logits, len(slots))
-        self._lengths[slots] = lens
+        self._lengths[slots] = lens if first is None else lens + first
         return out
 
     def _argmax_banned(self, logits: torch.Tensor, ban) -> torch.Tensor:

@@ -157,23 +157,28 @@ class Layout:
         pb, nb = self.varlen_dims(t, mixed)
         return 3 * t + pb + 4 * nb
 
-    def build(self, slots, ids, lens, key, mixed: bool = False) -> np.ndarray:
+    def build(self, slots, ids, lens, key, mixed: bool = False, first=None) -> np.ndarray:
         """A prefill's int64 inputs for `key`, in one vector: tokens, slot of each token, positions
         [t each]; then for (tokens t,) (varlen): last row of each prompt [prompts], one
         (first row, slot, first position, queries) row per query block [blocks x 4]; for (tokens t,
         prompts b, width w) (padded): cell -> packed row [b * w]; packed row -> cell [t]; last row
         of each prompt, slots [b each]. Where `key` is larger than the prompts (a graph's bucket),
         padding tokens write their K/V into the dummy slot; padding prompts (padded layout) read
-        it, padding query blocks (varlen) do nothing."""
+        it, padding query blocks (varlen) do nothing. `first` (varlen only): the position of each
+        prompt's first token, where its slot already holds the KV of the positions before it (a
+        prefix reused: `TorchEngine.prefill_cached`); the attention reads those from the cache."""
         t = key[0]
         n, k = int(lens.sum()), len(slots)
+        first = np.zeros(k, np.int64) if first is None else np.asarray(first, np.int64)
+        if len(key) != 1 and first.any():
+            raise ValueError("a prompt on top of cached KV needs the varlen layout")
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
         tok = np.zeros(t, np.int64)
         tok[:n] = np.concatenate(ids)
         slot_of = np.full(t, self.dummy_slot, np.int64)
         slot_of[:n] = np.repeat(slots, lens)
         pos = np.zeros(t, np.int64)
-        pos[:n] = np.concatenate([np.arange(m) for m in lens])
+        pos[:n] = np.concatenate([f + np.arange(m) for f, m in zip(first, lens)])
         if len(key) == 1:
             pb, nb = self.varlen_dims(t, mixed)
             last = np.zeros(pb, np.int64)
@@ -186,7 +191,7 @@ class Layout:
             nbk = len(blocks)
             table[:nbk, 0] = starts[owner] + blocks
             table[:nbk, 1] = np.asarray(slots, np.int64)[owner]
-            table[:nbk, 2] = blocks
+            table[:nbk, 2] = first[owner] + blocks
             table[:nbk, 3] = np.minimum(PREFILL_BLOCK, lens[owner] - blocks)
             return np.concatenate([tok, slot_of, pos, last, table.reshape(-1)])
         _, b, w = key

@@ -272,6 +272,21 @@ class Scheduler:
             if not whole:
                 return admitted
             batch = whole
+        cached = [s for s in batch if s.reused]
+        if cached and not self.engine.batches_cached_prefills:
+            # the engine runs them one at a time anyway: the shortest first, each one's first token
+            # sent before the next starts; then the prompts with nothing cached, in one batch
+            fresh = [s for s in batch if not s.reused]
+            groups = [[s] for s in sorted(cached, key=lambda s: len(s.prompt_ids) - s.reused)] + ([fresh] if fresh else [])
+        else:
+            groups = [batch]
+        for group in groups:
+            self._prefill_group(group)
+        return admitted
+
+    def _prefill_group(self, batch: list[Sequence]) -> None:
+        """Prefill `batch` (one engine call, `_prefill`); the sequences join the decode steps with
+        their first tokens."""
         t = time.perf_counter()
         batch, logits = self._prefill(batch)
         self.stats.prefill_exec_s += time.perf_counter() - t
@@ -285,7 +300,6 @@ class Scheduler:
             if not self._advance(seq, token):
                 self.running.remove(seq)
         self.stats.prefill_s += time.perf_counter() - t
-        return admitted
 
     def _chunk(self) -> None:
         """The next piece of the oldest long prompt: `prefill_chunk` more of its tokens on top of the KV

@@ -69,6 +69,10 @@ class Engine(abc.ABC):
     #: True where `prefill_cached` runs a prompt on top of the KV a slot still holds (ONNX Runtime;
     #: torch with its varlen Triton attention); the others keep this default
     can_reuse_prefix = False
+    #: True where `prefill_cached` computes several prompts in one forward (torch); where it runs
+    #: them one after another (ONNX Runtime), the scheduler hands it one at a time, so that each
+    #: prompt's first token goes out when its own prefill ends, not when the admission's last does
+    batches_cached_prefills = False
     #: True where a long prompt is better prefilled a piece at a time between decode steps (the
     #: scheduler's `prefill_chunk`, on engines that can reuse a prefix): a prefill there stalls every
     #: running stream for its whole length

@@ -58,6 +58,7 @@ def _as_dtype(dtype) -> torch.dtype:
 
 class TorchEngine(Engine):
     prompt_chunks = False  # its prompts ride inside decode steps or run as one captured prefill
+    batches_cached_prefills = True
     def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
                  max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,

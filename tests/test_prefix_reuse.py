@@ -219,6 +219,35 @@ def test_a_prompt_carried_inside_a_decode_step_is_reused_by_a_later_prefill():
     assert ex.reused[-1][1] == len(prompt) and sched.stats.reused_tokens == len(prompt), ex.reused
 
 
+def test_cached_prompts_admitted_together_run_one_at_a_time_shortest_first():
+    """On an engine that runs cached prompts one after another (ONNX Runtime), an admission of
+    several goes to it one prompt per call, the fewest tokens to compute first, so each first token
+    is posted when its own prefill ends; answers unchanged."""
+    rng = np.random.default_rng(7)
+    ex = FakeEngine(max_slots=4, can_reuse=True, step_s=0.002)
+    assert not ex.batches_cached_prefills
+    sched = _scheduler(ex, prefill_wait=5.0)  # with one running, admit when all three wait
+    turns = [_ids(rng, 12), _ids(rng, 14), _ids(rng, 16)]
+    more = [_ids(rng, 9), _ids(rng, 3), _ids(rng, 6)]
+    try:
+        for t in turns:
+            _answer(sched, t)
+        outs, done = _ask(sched, _ids(rng, 5), 200, stream=True)  # keeps a decode step running
+        while not outs:
+            done.wait(0.01)
+        before = len(ex.calls)
+        asks = [_ask(sched, t + m, 12) for t, m in zip(turns, more)]
+        for (o, d), t, m in zip(asks, turns, more):
+            assert d.wait(30) and o[-1].error is None
+            assert list(o[-1].release.window[o[-1].release.read_offset:]) == list(ex.reference(t + m, 12)[0])
+        assert done.wait(30)
+    finally:
+        sched.shutdown()
+    prefills = [c for c in ex.calls[before:] if c[0] == "prefill"]
+    assert prefills == [("prefill", 1)] * 3, prefills
+    assert [c for _, c in ex.reused[-3:]] == [len(turns[1]), len(turns[2]), len(turns[0])]  # 3, 6, 9 new tokens
+
+
 def test_a_failed_copy_falls_back_to_a_whole_prefill():
     """Where copying a cached prefix fails, the request is not lost: its prompt is prefilled whole."""
     rng = np.random.default_rng(3)

@@ -7,8 +7,9 @@ A decode step of the TinyLlama-shaped model reads ~2.07 GB of bf16 weights throu
 step (22 weight copies, so no run reads from L2), replayed as one CUDA graph: for each shape and
 batch M, cuBLAS bf16, then every candidate configuration of the 8-bit kernel, grouped by form —
 one row on the CUDA cores (`gemv`), `tl.dot` with the rows as the MMA's M (`dot`) or the weight
-(`dot-t`); whole K (`k1`) or split-K fixed up in the launch (`kN`). Prints GB/s of the weight bytes, the error against a float32
-product of the widened weights, and per M the sum over a step's products.
+(`dot-t`); whole K (`k1`) or split-K fixed up in the launch (`kN`). Prints GB/s of the weight
+bytes, the error against a float32 product of the widened weights, and per M the sum over a step's
+products.
 
     python3 benchmarks/gpu_gemm.py [--m 1,16,64] [--formats fp8,int8]
 """

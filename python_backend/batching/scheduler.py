@@ -255,8 +255,9 @@ class Scheduler:
         return sum(len(s.prompt_ids) for s in list(waiting)) >= self.prefill_token_budget
 
     def _admit(self) -> int:
-        """Move waiting requests into free slots, all prefilled in one engine call (a long prompt:
-        a piece at a time, `_chunk`); return how many."""
+        """Move waiting requests into free slots, prefilled in one engine call (a long prompt: a
+        piece at a time, `_chunk`; prompts on a cached prefix one per call where the engine runs
+        them one at a time anyway); return how many."""
         batch = self._pop_waiting(len(self.free_slots), self.prefill_token_budget, lambda seq: True, first_always=True)
         if not batch:
             return 0
@@ -277,7 +278,8 @@ class Scheduler:
             # the engine runs them one at a time anyway: the shortest first, each one's first token
             # sent before the next starts; then the prompts with nothing cached, in one batch
             fresh = [s for s in batch if not s.reused]
-            groups = [[s] for s in sorted(cached, key=lambda s: len(s.prompt_ids) - s.reused)] + ([fresh] if fresh else [])
+            groups = [[s] for s in sorted(cached, key=lambda s: len(s.prompt_ids) - s.reused)]
+            groups += [fresh] if fresh else []
         else:
             groups = [batch]
         for group in groups:

@@ -336,7 +336,8 @@ class TorchEngine(Engine):
             raise ValueError("prefill_cached needs one cached count per prompt")
         for p, c in zip(full, first.tolist()):
             if not 0 <= c <= len(p) - self.reuse_min_new:
-                raise ValueError(f"{c} cached tokens of a {len(p)}-token prompt (at most {len(p) - self.reuse_min_new})")
+                raise ValueError(f"{c} cached tokens of a {len(p)}-token prompt "
+                                 f"(at most {len(p) - self.reuse_min_new})")
             if len(p) + 1 > self.max_seq_len:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
         return self._prefill(slots, [p[c:] for p, c in zip(full, first.tolist())], first)

@@ -101,8 +101,9 @@ def row_bucket(m: int) -> int:
 class W8Matmul:
     """Products with 8-bit weights: `__call__(x, w, bias)`; the Triton kernel where it runs (see
     the module docstring), with a configuration per (row bucket, N, K) from `tune` or
-    `default_config`. Split-K configurations keep their K slices in a float32 workspace and a tile counter of this
-    object's (products run one after another on one stream, so one of each serves all)."""
+    `default_config`. Split-K configurations keep their K slices in a float32 workspace and a tile
+    counter of this object's (products run one after another on one stream, so one of each serves
+    all)."""
 
     def __init__(self, tk, sms: int):
         self._tk = tk
@@ -110,6 +111,7 @@ class W8Matmul:
         self.configs: dict[tuple[int, int, int], dict] = {}
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
+        self._outgrown: list = []  # buffers a captured graph may still name: never freed
 
     def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
         m = x.shape[0]
@@ -137,6 +139,7 @@ class W8Matmul:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("8-bit split-K workspace too small inside a CUDA graph capture: "
                                    "call W8Matmul.tune before capturing")
+            self._outgrown.append((self._ws, self._count))
             self._ws = torch.empty(max(numel, 0 if self._ws is None else self._ws.numel()),
                                    device=device, dtype=torch.float32)
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
@@ -157,7 +160,8 @@ class W8Matmul:
             ws, cnt = self._buffers(split * grid[2] * bm * n, grid[0] * grid[2], x.device)
         self._tk.w8_matmul[grid](
             x, w.q, w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0), y.stride(0),
-            grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return y
 
     def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10) -> dict:

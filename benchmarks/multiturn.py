@@ -109,12 +109,65 @@ async def run_workload(url: str, system: str, users: list, concurrency: int, max
     return results
 
 
+def run_workload_threads(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> dict:
+    """`run_workload` with a thread per client and the blocking `ChatClient` (a gRPC stream per
+    request from a pool of tritonclient connections): the same requests, without the asyncio gRPC
+    stack, which on a 2-core VM now and then delivered an answer's responses all at once at its end
+    (docs/benchmarks.md, "The TTFT tails at 4 streams")."""
+    import threading
+
+    from tritonchat.client import ChatClient
+
+    results, todo, lock = {}, list(range(len(users))), threading.Lock()
+
+    def one_client(client):
+        while True:
+            with lock:
+                if not todo:
+                    return
+                c = todo.pop(0)
+            messages = [{"role": "system", "content": system}]
+            for turn, text in enumerate(users[c]):
+                messages.append({"role": "user", "content": text})
+                t0, ttft, ids, answer, n_in = time.perf_counter(), None, [], "", None
+                try:
+                    with client.stream(messages, max_tokens=max_tokens, apply_chat_template=True) as s:
+                        for d in s:
+                            if ttft is None:
+                                ttft = time.perf_counter() - t0
+                            ids += d.output_ids
+                            answer += d.text
+                            n_in = d.num_input_tokens or n_in
+                except Exception as exc:  # noqa: BLE001 - counted and printed, the pass goes on
+                    results[(c, turn)] = (None, n_in, ids, f"{type(exc).__name__}: {exc}")
+                    break
+                results[(c, turn)] = (ttft, n_in, ids, None)
+                messages.append({"role": "assistant", "content": answer})
+
+    with ChatClient(url) as client:
+        warm = [threading.Thread(target=client.generate, args=("warm up " * 8,), kwargs={"max_tokens": 4})
+                for _ in range(concurrency)]
+        for t in warm:
+            t.start()
+        for t in warm:
+            t.join()
+        threads = [threading.Thread(target=one_client, args=(client,)) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results
+
+
 def run_pass(repo: Path, system: str, users: list, args) -> tuple[dict, dict, float]:
     from tritonchat.server import TritonServer
 
     with TritonServer(repo) as srv:
         t = time.perf_counter()
-        results = asyncio.run(run_workload(srv.grpc_url, system, users, args.concurrency, args.max_tokens))
+        if args.client == "threads":
+            results = run_workload_threads(srv.grpc_url, system, users, args.concurrency, args.max_tokens)
+        else:
+            results = asyncio.run(run_workload(srv.grpc_url, system, users, args.concurrency, args.max_tokens))
         wall = time.perf_counter() - t
         return results, generator_metrics(srv.metrics_url), wall
 
@@ -136,13 +189,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="passes of each mode, alternating")
     ap.add_argument("--max-batch-size", type=int, default=16, help="the build's sequences in flight")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--client", choices=("asyncio", "threads"), default="asyncio",
+                    help="asyncio: AsyncChatClient in one event loop; threads: a thread and blocking ChatClient per client")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
     repos = {True: build(args.model, args.work, True, args.max_batch_size),
              False: build(args.model, args.work, False, args.max_batch_size)}
     system, users = conversations(args.conversations, args.turns, args.system_words, args.user_words, args.seed)
-    print(f"{args.conversations} conversations x {args.turns} turns, {args.concurrency} clients, "
+    print(f"{args.conversations} conversations x {args.turns} turns, {args.concurrency} clients ({args.client}), "
           f"{args.max_tokens} tokens an answer, system prompt {args.system_words} words, user messages "
           f"{args.user_words} words; model {args.model}", flush=True)
     runs = {True: [], False: []}

@@ -20,10 +20,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import cuda_median_ms
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
-from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, row_bucket
+from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
+    graph_median_ms, row_bucket
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -32,18 +32,7 @@ LAYERS = 22
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Median ms of one replay of `fn` captured as a CUDA graph (no launch gaps between its kernels)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-        s.synchronize()
-        g = torch.cuda.CUDAGraph()
-        g.capture_begin()
-        fn()
-        g.capture_end()
-    torch.cuda.current_stream().wait_stream(s)
-    return cuda_median_ms(g.replay, reps)
+    return graph_median_ms(fn, reps, launches=1)
 
 
 def copy_bandwidth() -> tuple[float, float]:

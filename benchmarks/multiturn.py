@@ -76,6 +76,26 @@ def generator_metrics(metrics_url: str) -> dict:
             "ttft": total("tritonchat_time_to_first_token_seconds_sum") / count if count else None}
 
 
+class Turn:
+    """One turn's answer as it streams in: the time to its first delta, the ids and text."""
+
+    def __init__(self):
+        self.t0, self.ttft, self.ids, self.answer, self.n_in = time.perf_counter(), None, [], "", None
+
+    def add(self, d) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+        self.ids += d.output_ids
+        self.answer += d.text
+        self.n_in = d.num_input_tokens or self.n_in
+
+    def result(self, error: Exception | None = None) -> tuple:
+        """(ttft s, prompt tokens, output ids, error text): a pass's record of this turn."""
+        if error is not None:
+            return None, self.n_in, self.ids, f"{type(error).__name__}: {error}"
+        return self.ttft, self.n_in, self.ids, None
+
+
 async def run_workload(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> dict:
     """{(conversation, turn): (ttft s, prompt tokens, output ids, error)} of one pass."""
     from tritonchat.client import AsyncChatClient
@@ -88,20 +108,16 @@ async def run_workload(url: str, system: str, users: list, concurrency: int, max
                 messages = [{"role": "system", "content": system}]
                 for turn, text in enumerate(users[c]):
                     messages.append({"role": "user", "content": text})
-                    t0, ttft, ids, answer, n_in = time.perf_counter(), None, [], "", None
+                    t = Turn()
                     try:
                         async with client.stream(messages, max_tokens=max_tokens, apply_chat_template=True) as s:
                             async for d in s:
-                                if ttft is None:
-                                    ttft = time.perf_counter() - t0
-                                ids += d.output_ids
-                                answer += d.text
-                                n_in = d.num_input_tokens or n_in
+                                t.add(d)
                     except Exception as exc:  # noqa: BLE001 - counted and printed, the pass goes on
-                        results[(c, turn)] = (None, n_in, ids, f"{type(exc).__name__}: {exc}")
+                        results[(c, turn)] = t.result(exc)
                         break
-                    results[(c, turn)] = (ttft, n_in, ids, None)
-                    messages.append({"role": "assistant", "content": answer})
+                    results[(c, turn)] = t.result()
+                    messages.append({"role": "assistant", "content": t.answer})
 
         # warm-up: one request per client (not measured; other text than the workload's)
         await asyncio.gather(*(client.generate("warm up " * 8, max_tokens=4) for _ in range(concurrency)))
@@ -129,20 +145,16 @@ def run_workload_threads(url: str, system: str, users: list, concurrency: int, m
             messages = [{"role": "system", "content": system}]
             for turn, text in enumerate(users[c]):
                 messages.append({"role": "user", "content": text})
-                t0, ttft, ids, answer, n_in = time.perf_counter(), None, [], "", None
+                t = Turn()
                 try:
                     with client.stream(messages, max_tokens=max_tokens, apply_chat_template=True) as s:
                         for d in s:
-                            if ttft is None:
-                                ttft = time.perf_counter() - t0
-                            ids += d.output_ids
-                            answer += d.text
-                            n_in = d.num_input_tokens or n_in
+                            t.add(d)
                 except Exception as exc:  # noqa: BLE001 - counted and printed, the pass goes on
-                    results[(c, turn)] = (None, n_in, ids, f"{type(exc).__name__}: {exc}")
+                    results[(c, turn)] = t.result(exc)
                     break
-                results[(c, turn)] = (ttft, n_in, ids, None)
-                messages.append({"role": "assistant", "content": answer})
+                results[(c, turn)] = t.result()
+                messages.append({"role": "assistant", "content": t.answer})
 
     with ChatClient(url) as client:
         warm = [threading.Thread(target=client.generate, args=("warm up " * 8,), kwargs={"max_tokens": 4})

@@ -275,8 +275,9 @@ class Scheduler:
             batch = whole
         cached = [s for s in batch if s.reused]
         if cached and not self.engine.batches_cached_prefills:
-            # the engine runs them one at a time anyway: the shortest first, each one's first token
-            # sent before the next starts; then the prompts with nothing cached, in one batch
+            # the engine runs them one at a time anyway (ONNX Runtime's fused graph must): the
+            # shortest first, each one's first token sent before the next starts; then the prompts
+            # with nothing cached, in one batch (sent along with them, each would wait for them all)
             fresh = [s for s in batch if not s.reused]
             groups = [[s] for s in sorted(cached, key=lambda s: len(s.prompt_ids) - s.reused)]
             groups += [fresh] if fresh else []

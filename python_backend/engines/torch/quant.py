@@ -139,7 +139,8 @@ class W8Matmul:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("8-bit split-K workspace too small inside a CUDA graph capture: "
                                    "call W8Matmul.tune before capturing")
-            self._outgrown.append((self._ws, self._count))
+            if self._ws is not None:
+                self._outgrown.append((self._ws, self._count))
             self._ws = torch.empty(max(numel, 0 if self._ws is None else self._ws.numel()),
                                    device=device, dtype=torch.float32)
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)

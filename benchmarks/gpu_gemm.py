@@ -44,7 +44,7 @@ def copy_bandwidth() -> tuple[float, float]:
 
 
 def form(cfg: dict, m: int) -> str:
-    return FORMS[cfg["FORM"] if cfg["FORM"] or m == 1 else 1] + f"/k{cfg['SPLIT']}"
+    return FORMS[cfg["FORM"] if cfg["FORM"] or m == 1 else 1] + f"/k{cfg['SPLIT']}" + ("/pdl" if cfg.get("PDL") else "")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,12 +56,14 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--formats", default="fp8,int8")
+    ap.add_argument("--pdl", action="store_true", help="8-bit configurations also with programmatic dependent "
+                    "launch (each of the 22 starts while the one before ends)")
     args = ap.parse_args()
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {sms} SMs  copy / read "
           "{:.0f} / {:.0f} GB/s".format(*copy_bandwidth()), flush=True)
-    mm = W8Matmul(load_kernels(), sms)
+    mm = W8Matmul(load_kernels(), sms, pdl=args.pdl)
     total: dict = {}
     print("| shape | M | weights | ms | GB/s | config | rel. err |\n|---|---:|---|---:|---:|---|---:|")
     for name in args.shapes.split(","):
@@ -81,7 +83,7 @@ def main() -> None:
                 nbytes = layers * n * k
                 ref = x.float() @ qs[0].widened().float().t()
                 best: dict = {}
-                for cfg in candidate_configs(row_bucket(m), n, k, sms):
+                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl):
                     try:
                         err = rel_err(mm.launch(x, qs[0], cfg), ref)
                         t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])

@@ -7,11 +7,13 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver; cd /tmp
 # PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
-MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}
+# GENERATOR='{pdl: false}': build settings of the generator (docs/build-config.md); TAG names that build
+MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}${TAG:+-$TAG}
 [ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
     --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
 # postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
+[ -n "${GENERATOR:-}" ] && printf '  generator: %s\n' "$GENERATOR" >> /tmp/gpu-build.yaml
 [ -f $REPO/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $REPO --engine torch \
     --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml \
     ${PRECISION:+--precision $PRECISION}

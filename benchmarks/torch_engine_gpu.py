@@ -45,6 +45,10 @@ VARIANTS = {
     # the products' weights in 8 bits (python_backend/engines/torch/quant.py); timed, not in the HF check
     "triton+graphs int8": ("triton", "triton", True, 256, {"weights": "int8"}),
     "triton+graphs fp8": ("triton", "triton", True, 256, {"weights": "fp8"}),
+    # the same without programmatic dependent launch (on by default where it runs: kernels.py)
+    "triton+graphs nopdl": ("triton", "triton", True, 256, {"pdl": False}),
+    "triton+graphs int8 nopdl": ("triton", "triton", True, 256, {"weights": "int8", "pdl": False}),
+    "triton+graphs fp8 nopdl": ("triton", "triton", True, 256, {"weights": "fp8", "pdl": False}),
 }
 
 
@@ -197,6 +201,8 @@ def time_variant(model, variant, res, long_ctx=False):
     ex = make_engine(model, variant)
     out = res.setdefault("timings", {}).setdefault(variant, {})
     out["weight_bytes"] = ex.llama.weight_bytes()  # what a decode step reads of the weights
+    out["pdl"] = ex.pdl
+    log(f"[{variant}] programmatic dependent launch: {'on' if ex.pdl else 'off'}")
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 32000, CTX)
     # prefill 128 tokens (eager for every variant)
@@ -354,6 +360,12 @@ def table(res):
                 lines.append(f"{fmt} ÷ bf16 step at batch {b}: {q[f'b{b}']['step_ms'] / base[f'b{b}']['step_ms']:.3f} "
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
+    for name, t in timings.items():  # each variant with programmatic dependent launch against it without
+        off = timings.get(f"{name} nopdl", {})
+        for b in BATCHES:
+            if f"b{b}" in t and f"b{b}" in off:
+                lines.append(f"PDL on ÷ off, {name}, batch {b}: {t[f'b{b}']['step_ms'] / off[f'b{b}']['step_ms']:.3f} "
+                             f"({t[f'b{b}']['step_ms']:.3f} / {off[f'b{b}']['step_ms']:.3f} ms)")
     lines.append("prefill 128 tokens (ms): " + ", ".join(
         f"{k} {v['prefill128_ms']:.2f}" for k, v in res.get("timings", {}).items() if "prefill128_ms" in v)
         + (f", HF forward {hf['prefill128_ms']:.2f}" if "prefill128_ms" in hf else ""))

@@ -24,7 +24,7 @@ example: docs/build-config.md).
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
-                       prefix_reuse: true, prefill_chunk: 128}
+                       prefix_reuse: true, prefill_chunk: 128, pdl: auto}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -41,6 +41,8 @@ example: docs/build-config.md).
                       #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
                       # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many
                       #   tokens at a time, one piece between two decode steps (0: whole)
+                      # pdl: torch engine: the decode step's kernels launched with programmatic
+                      #   dependent launch (auto: on Hopper and later; true | false)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {instances: 2, max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry}
@@ -85,7 +87,7 @@ DEFAULTS: dict = {
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
-                      "prefix_reuse": True, "prefill_chunk": 128},
+                      "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
                      "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry"},
@@ -153,6 +155,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.generator.prefill_wait_ms must be a number >= 0, got {g['prefill_wait_ms']!r}")
     if not isinstance(g["mix_prefill"], bool):
         raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
+    if g["pdl"] not in ("auto", True, False):
+        raise SettingsError(f"models.generator.pdl must be auto, true or false, got {g['pdl']!r}")
     if not isinstance(g["prefix_reuse"], bool):
         raise SettingsError(f"models.generator.prefix_reuse must be true or false, got {g['prefix_reuse']!r}")
     if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):

@@ -202,6 +202,19 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
             want = rounded(torch.as_tensor(p[None], device="cuda")).logits[0, -1].float().cpu().numpy()
         # bf16 products in another order: close, and the same choice where it is clear
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    # batched decode steps (CUDA graphs; on Hopper the kernels launched with PDL, each starting while
+    # the one before ends): each row's logits are the rounded model's over its whole sequence
+    seqs = [list(rng.integers(3, 512, n)) for n in (5, 17, 40)]
+    for slot, p in enumerate(seqs):
+        ex.prefill(slot, np.array(p))
+    for _ in range(6):
+        toks = rng.integers(3, 512, 3)
+        got = ex.decode(np.arange(3), toks)
+        for row, (p, t) in enumerate(zip(seqs, toks)):
+            p.append(int(t))
+            with torch.no_grad():
+                want = rounded(torch.as_tensor([p], device="cuda")).logits[0, -1].float().cpu().numpy()
+            assert np.abs(got[row] - want).max() < 0.05 * np.abs(want).max(), (row, len(p))
     w = ex.llama.quantized_weights()[0]
     assert isinstance(w, QuantWeight) and w.q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
     assert torch.equal(ex.llama.mm.widen(w), w.widened())  # the one-pass widening, bf16 rounding included

@@ -51,6 +51,8 @@ def engine_options(params: dict) -> dict:
     for flag in ("cuda_graphs", "prefill_graphs"):
         if params.get(flag):
             opts[flag] = parse_flag(params[flag])
+    if params.get("pdl") and params["pdl"] != "auto":
+        opts["pdl"] = parse_flag(params["pdl"])
     if params.get("mix_tokens"):
         opts["mix_tokens"] = int(params["mix_tokens"])
     if params.get("engine") == "torch" and params.get("precision") in TORCH_WEIGHTS:

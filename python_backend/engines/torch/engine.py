@@ -34,7 +34,7 @@ import torch
 from ..base import Engine
 from .graphs import StepGraphs, batch_sizes
 from .hf_fallback import HFSlots
-from .kernels import load_kernels
+from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .quant import TUNE_ROWS
@@ -64,7 +64,7 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, weights: str = "dtype", **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -79,7 +79,9 @@ class TorchEngine(Engine):
         `mix_tokens`: prompt tokens (of at most MIX_PROMPTS prompts) that one decode step can carry
         (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False). `weights`: "dtype" | "int8" |
         "fp8" (the products' weights in 8 bits with a scale per output channel: `quant.py`; native
-        path only)."""
+        path only). `pdl`: "auto" | True | False: launch the decode step's Triton kernels with
+        programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
+        where it runs (Hopper on, a Triton with grid dependency control)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -87,6 +89,7 @@ class TorchEngine(Engine):
         self.max_slots = int(max_slots)
         self.max_seq_len = int(max_seq_len)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.pdl = False
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
 
@@ -137,8 +140,14 @@ class TorchEngine(Engine):
         # a prompt on top of a slot's cached KV: the varlen attention reads keys from the cache at
         # data-given positions, so the prefill graphs serve it as they are (`prefill_cached`)
         self.can_reuse_prefix = attention == "triton"
+        can_pdl = self.kernels == "triton" and pdl_supported(tk, self.device)
+        if pdl is True and not can_pdl:
+            raise RuntimeError("pdl=True but programmatic dependent launch needs the Triton kernels on a CUDA "
+                               "device of compute capability 9.0 or later and a Triton with grid dependency control")
+        self.pdl = can_pdl and pdl is not False
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
-                           dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights)
+                           dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights,
+                           pdl=self.pdl)
         if owned:
             del model
 
@@ -520,7 +529,7 @@ class TorchEngine(Engine):
     def describe(self) -> dict:
         d = {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
              "path": self.path, "kernels": self.kernels, "attention": self.attention,
-             "cuda_graphs": self.cuda_graphs}
+             "cuda_graphs": self.cuda_graphs, "pdl": self.pdl}
         if self.path == "native":
             d["weights"] = self.llama.weights
             d["weight_bytes"] = self.llama.weight_bytes()

@@ -15,6 +15,12 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
     the same launch;
   * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
     where a product has too many rows for w8_matmul).
+The decode step's kernels (add_rmsnorm, silu_mul, attn_split, attn_combine, w8_matmul) take `PDL`:
+launched with programmatic dependent launch (Hopper on, `launch_pdl=True`), a kernel's programs start
+while the kernel before it still runs, read what does not depend on it (add_rmsnorm: the norm's
+weights), then wait for it (`gdc_wait`: every kernel before it in the stream has finished and its
+writes are seen) and let the next kernel start (`gdc_launch_dependents`). Every load of another
+kernel's output comes after the wait, so the order is the stream's.
 Their callers are in `llama.py` and `quant.py`; `benchmarks/common.py` launches the decode attention directly
 (for `gpu_attn.py` and `gpu_l2.py`).
 """
@@ -35,6 +41,16 @@ def next_pow2(x: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
+
+
+def pdl_supported(tk, device) -> bool:
+    """Can the kernels `tk` be launched with programmatic dependent launch on `device`? (Hopper or
+    later, and a Triton with grid dependency control.)"""
+    if tk is None or not getattr(tk, "gdc", False) or device.type != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def decode_attention_config(b: int, kv_heads: int, head_dim: int, max_seq_len: int, sms: int,
@@ -68,14 +84,24 @@ def load_kernels():
     except Exception:  # noqa: BLE001 - no Triton: the torch ops take over
         _KERNELS = False
         return None
+    global _gdc_wait, _gdc_launch  # grid dependency control; None: this Triton has none (PDL off)
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch
+        from triton.language.extra.cuda import gdc_wait as _gdc_wait
+    except Exception:  # noqa: BLE001
+        _gdc_wait = _gdc_launch = None
 
     @triton.jit
     def add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
-                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         # R <- R + X (the residual stream, in place); Y <- rmsnorm(R) * W, rounded like HF's
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < N
+        w = tl.load(W + cols, mask=m, other=0.0)  # the norm's weights: before the wait (PDL)
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=m, other=0.0)
@@ -84,7 +110,6 @@ def load_kernels():
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
         y = (xf * (1.0 / tl.sqrt(var + eps))).to(Y.dtype.element_ty)
-        w = tl.load(W + cols, mask=m, other=0.0)
         y = (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty)
         tl.store(Y + row * stride_y + cols, y, mask=m)
 
@@ -120,7 +145,10 @@ def load_kernels():
             tl.store(VC + off, v, mask=m)
 
     @triton.jit
-    def silu_mul_kernel(GU, O, stride_gu, stride_o, I, BLOCK: tl.constexpr):
+    def silu_mul_kernel(GU, O, stride_gu, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
         row = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = c < I
@@ -157,7 +185,8 @@ def load_kernels():
                           stride_q, stride_cos, stride_cs, stride_ch, stride_ct, qk_scale,
                           HQ: tl.constexpr, HKV: tl.constexpr, NS: tl.constexpr, CHUNK: tl.constexpr,
                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr):
+                          BLOCK_N: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
+                          PDL: tl.constexpr = False):
         # program (b, kv head, split): the G query heads of one kv head against positions
         # [split * CHUNK, min((split + 1) * CHUNK, len + 1)) of slot Slots[b]; online softmax in
         # base 2, unnormalised partial output and its (max, sum) go to Acc / Mx / Lx; with one
@@ -166,6 +195,9 @@ def load_kernels():
         # rotates its q heads at position len, and the one whose split holds that position also
         # rotates the new key and writes it and the new value into the cache before reading it
         # (what rope_kv_kernel did, one launch per layer less); else Q is [b, HQ, D], rotated.
+        if PDL:  # the slots and lengths too may come from a kernel before (a chained step's)
+            _gdc_wait()
+            _gdc_launch()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -224,7 +256,10 @@ def load_kernels():
 
     @triton.jit
     def attn_combine_kernel(Acc, Mx, Lx, O, HQ: tl.constexpr, NS: tl.constexpr,
-                            D: tl.constexpr, DP: tl.constexpr):
+                            D: tl.constexpr, DP: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, NS)
@@ -280,7 +315,7 @@ def load_kernels():
     @triton.jit
     def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
-                         FORM: tl.constexpr, IEEE: tl.constexpr):
+                         FORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
         # Y[m-block, n-block] = (X[m-block] @ W[n-block]^T) * S[n-block]: W is int8 or FP8 with one
         # scale per output channel, widened tile by tile in registers. K and KS are not compile-time
         # constants: one compile serves every shape. FORM:
@@ -302,6 +337,9 @@ def load_kernels():
         nm = rn < N
         acc = tl.zeros([BM, BN], tl.float32)
         acc_t = tl.zeros([BN, BM], tl.float32)
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
         for k0 in range(pk * KS, pk * KS + KS, BK):
             ks = k0 + rk
             km = ks < K
@@ -354,6 +392,7 @@ def load_kernels():
         tl.store(Y + off, (w * s[:, None]).to(Y.dtype.element_ty), mask=m)
 
     _KERNELS = types.SimpleNamespace(
+        gdc=_gdc_wait is not None,
         add_rmsnorm=add_rmsnorm_kernel,
         rope_kv=rope_kv_kernel,
         silu_mul=silu_mul_kernel,

@@ -31,7 +31,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul
+from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul, pdl_launch
 from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
 from .layout import PREFILL_BLOCK, Prompts
 
@@ -112,13 +112,14 @@ class Llama:
     `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring)."""
 
     def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
-                 kernels: str, attention: str, tk, weights: str = "dtype"):
+                 kernels: str, attention: str, tk, weights: str = "dtype", pdl: bool = False):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
         self.weights = weights
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
         self.device, self.dtype = device, dtype
         self.kernels, self.attention, self._tk = kernels, attention, tk
+        self._pdl = pdl_launch(pdl)  # the decode step's Triton launches (kernels.py, "PDL")
         cfg, dev, dt = model.config, device, dtype
         inner = model.model
         self.num_layers = len(inner.layers)
@@ -165,7 +166,7 @@ class Llama:
             self._arange = torch.arange(self.max_seq_len, device=dev)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
         self.split_min = SPLIT_MIN_POSITIONS
-        self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms)
+        self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms, pdl=pdl)
         if weights != "dtype":
             self._quantize(weights)
 
@@ -208,7 +209,7 @@ class Llama:
             r = x if res is None else res
             self._tk.add_rmsnorm[(rows,)](x, r, w, y, x.stride(0), r.stride(0), y.stride(0), n, self.eps,
                                           HAS_RES=res is not None, BLOCK=blk,
-                                          num_warps=8 if blk >= 2048 else 4)
+                                          num_warps=8 if blk >= 2048 else 4, **self._pdl)
             return y, r
         res = x if res is None else res + x
         return self.rms(res, w), res
@@ -252,7 +253,7 @@ class Llama:
             out = torch.empty((rows, i), device=gu.device, dtype=gu.dtype)
             blk = 1024
             self._tk.silu_mul[(rows, cdiv(i, blk))](gu, out, gu.stride(0), out.stride(0), i, BLOCK=blk,
-                                                    num_warps=4)
+                                                    num_warps=4, **self._pdl)
             return out
         g, u = gu.chunk(2, -1)
         return F.silu(g) * u
@@ -323,9 +324,10 @@ class Llama:
                 qkv, kc, L.vc, slots, pos, acc, mx, lx, out, self.cos, self.sin, qkv.stride(0), self.cos.stride(0),
                 kc.stride(0), kc.stride(1), kc.stride(2), self.scale * 1.4426950408889634, HQ=hq, HKV=hkv, NS=ns,
                 CHUNK=chunk, G=g, GP=max(16, next_pow2(g)), D=d, DP=dp, BLOCK_N=block_n,
-                IEEE=qkv.dtype == torch.float32, ROPE=True, num_warps=4)
+                IEEE=qkv.dtype == torch.float32, ROPE=True, num_warps=4, **self._pdl)
             if ns > 1:
-                self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1)
+                self._tk.attn_combine[(b, hq)](acc, mx, lx, out, HQ=hq, NS=ns, D=d, DP=dp, num_warps=1,
+                                               **self._pdl)
             return out
         q = self.rope_write(qkv, slots, pos, L, normed=True)
         # gather the batch's slots up to `tb` positions, mask each row past its own length

@@ -27,6 +27,9 @@ E4M3_MAX = 448.0
 MAX_SKINNY_M = 128
 TUNE_ROWS = (1, 16, 32, 64, 128)  # the row buckets the engine tunes when it loads (`row_bucket`)
 WEIGHT_FORMATS = ("dtype", "int8", "fp8")
+# products of more rows never launch with PDL: with it the 8-bit decode step at 128 rows was 9-16 %
+# slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
+PDL_MAX_ROWS = 64
 
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +108,10 @@ class W8Matmul:
     counter of this object's (products run one after another on one stream, so one of each serves
     all)."""
 
-    def __init__(self, tk, sms: int):
+    def __init__(self, tk, sms: int, pdl: bool = False):
         self._tk = tk
         self.sms = sms
+        self.pdl = pdl  # programmatic dependent launch may be used (kernels.py): a choice of each config
         self.configs: dict[tuple[int, int, int], dict] = {}
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
@@ -162,7 +166,8 @@ class W8Matmul:
         self._tk.w8_matmul[grid](
             x, w.q, w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0), y.stride(0),
             grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 
     def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10) -> dict:
@@ -179,7 +184,7 @@ class W8Matmul:
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = None
-                for cfg in candidate_configs(bm, n, k, self.sms):
+                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl):
                     try:
                         ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
                     except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
@@ -208,10 +213,11 @@ def default_config(bm: int, n: int, k: int, sms: int) -> dict:
     return dict(FORM=1, BN=bn, BK=128, SPLIT=_split(n, k, bn, 128, sms), num_warps=4, num_stages=4)
 
 
-def candidate_configs(bm: int, n: int, k: int, sms: int) -> list[dict]:
+def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False) -> list[dict]:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
-    K or split to fill the SMs. Each distinct tile is one Triton compile when the engine loads
-    (shared by every shape: K and the split are not compile-time constants)."""
+    K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
+    programmatic dependent launch and without (`PDL`). Each distinct tile is one Triton compile when
+    the engine loads (shared by every shape: K and the split are not compile-time constants)."""
     tiles = []
     if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
@@ -220,8 +226,15 @@ def candidate_configs(bm: int, n: int, k: int, sms: int) -> list[dict]:
               if rows * bk <= 128 * 128 and bn * bk <= 16384]
     if bm >= 16:  # the weight as the MMA's 64 or 128 rows
         tiles += [(2, bn, bk) for bn in (64, 128) for bk in (64, 128) if bn * bk <= 8192]
-    return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, num_warps=4, num_stages=4)
-            for form, bn, bk in tiles for split in sorted({1, _split(n, k, bn, bk, sms)})]
+    return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
+            for form, bn, bk in tiles for split in sorted({1, _split(n, k, bn, bk, sms)})
+            for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """A Triton launch's keywords and constexprs for programmatic dependent launch (kernels.py):
+    none where it is off (the interpreter knows no `launch_pdl`)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {}
 
 
 def graph_median_ms(fn, reps: int, launches: int = 8) -> float:

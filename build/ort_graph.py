@@ -101,9 +101,11 @@ def _pad_cols(w: np.ndarray, heads: int, d: int, padded: int) -> np.ndarray:
     return out.reshape(w.shape[0], -1)
 
 
-def write_graph(model, out_path: Path, opset: int = 23) -> KVSpec:
+def write_graph(model, out_path: Path, opset: int = 23, kv_dtype: str = "float32") -> KVSpec:
     """Write the graph for `model` (a transformers Llama/Mistral in float32) to `out_path`; return the
-    shape of its KV cache (head_dim padded to a multiple of 16: what kv_spec.json must record)."""
+    shape of its KV cache (head_dim padded to a multiple of 16: what kv_spec.json must record).
+    `kv_dtype` "float16": the KV cache, and so the attention (GroupQueryAttention takes q, k, v and the
+    cache in one type), in float16; the projections and everything else stay float32."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -133,9 +135,13 @@ def write_graph(model, out_path: Path, opset: int = 23) -> KVSpec:
         """x @ w.T for a transformers Linear weight w [out, in] (MatMul: the form the INT8 quantizer takes)."""
         return node("MatMul", [x, weight(f"{name}.weight", w.T)], [f"{name}/out"], f"{name}/MatMul")[0]
 
+    if kv_dtype not in ("float32", "float16"):
+        raise ValueError(f"kv_dtype must be float32 or float16, not {kv_dtype!r}")
+    half = kv_dtype == "float16"
+    kv_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
     cos, sin = _rope_tables(model, spec.max_position_embeddings, dp)
-    weight("cos_cache", cos)
-    weight("sin_cache", sin)
+    const("cos_cache", cos.astype(np.float16 if half else np.float32))
+    const("sin_cache", sin.astype(np.float16 if half else np.float32))
     embed = sd["model.embed_tokens.weight"]
     hidden = node("Gather", [weight("model.embed_tokens.weight", embed), "input_ids"], ["embed/out"], "embed/Gather")[0]
     x = node("RMSNormalization", [hidden, weight("model.layers.0.input_layernorm.weight",
@@ -146,12 +152,16 @@ def write_graph(model, out_path: Path, opset: int = 23) -> KVSpec:
         qkv = np.concatenate([_pad_rows(sd[f"{p}.self_attn.{k}_proj.weight"], h, d, dp)
                               for k, h in (("q", n_heads), ("k", kv), ("v", kv))], axis=0)
         packed = linear(x, qkv, f"{p}.self_attn.qkv_proj")
+        if half:
+            packed = node("Cast", [packed], [f"layers.{i}/qkv16"], f"layers.{i}/qkv/Cast", to=kv_type)[0]
         attn = node("GroupQueryAttention",
                     [packed, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                      "total_sequence_length", "cos_cache", "sin_cache"],
                     [f"layers.{i}/attn/out", f"present.{i}.key", f"present.{i}.value"], f"layers.{i}/attn",
                     domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv, do_rotary=1,
                     rotary_interleaved=0, scale=float(d) ** -0.5)[0]
+        if half:
+            attn = node("Cast", [attn], [f"layers.{i}/attn32"], f"layers.{i}/attn/Cast", to=TensorProto.FLOAT)[0]
         o = linear(attn, _pad_cols(sd[f"{p}.self_attn.o_proj.weight"], n_heads, d, dp), f"{p}.self_attn.o_proj")
         # residual add + norm in one op; output 3 is the sum (the residual stream)
         x, _, _, hidden = node("SkipSimplifiedLayerNormalization",
@@ -187,9 +197,9 @@ def write_graph(model, out_path: Path, opset: int = 23) -> KVSpec:
               helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "k"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "k", spec.vocab_size])]
     for name in spec.past_names():
-        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, past_shape))
+        inputs.append(helper.make_tensor_value_info(name, kv_type, past_shape))
     for name in spec.present_names():
-        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, past_shape))
+        outputs.append(helper.make_tensor_value_info(name, kv_type, past_shape))
     graph = helper.make_graph(nodes, "tritonchat_gqa", inputs, outputs, inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                          helper.make_opsetid("com.microsoft", 1)])

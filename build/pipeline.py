@@ -94,6 +94,9 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             fp32 = onnx_dir / "model.onnx"
             fused, why = _fused_graph(model, settings)
             info["graph"] = "fused" if fused else "export"
+            if settings["kv_cache_dtype"] != "float32" and not fused:
+                raise BuildError(f"kv_cache_dtype {settings['kv_cache_dtype']} needs the fused CPU graph, "
+                                    f"which this build cannot write ({why})")
             if fused:
                 from tritonchat.build import ort_graph
 
@@ -114,8 +117,11 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
                 info["parity_max_abs_diff"] = float(report.max_abs_diff)
             con.print(f"  parity: max |Δlogit| = {report.max_abs_diff:.2e} (tolerance {settings['parity_tolerance']:g})")
             chosen = fp32
+            if settings["kv_cache_dtype"] == "float16":  # the same graph, its KV and attention in float16
+                chosen = _half_kv(progress, con, model, tokenizer, tmp, spec, settings, info,
+                                  accuracy_gate and precision == "fp32")
             if precision != "fp32":
-                chosen = _quantize(progress, con, model, tokenizer, spec, fp32, tmp, settings, info, accuracy_gate)
+                chosen = _quantize(progress, con, model, tokenizer, spec, chosen, tmp, settings, info, accuracy_gate)
             files["model.onnx"] = chosen
             data = chosen.with_name(chosen.name + ".data")
             if data.exists():
@@ -145,6 +151,28 @@ def _fused_graph(model, settings) -> tuple[bool, str]:
 
     ok, why = ort_graph.supported(model)
     return ok, "" if ok else f"the fused graph cannot express this model: {why}"
+
+
+def _half_kv(progress, con, model, tokenizer, tmp: Path, spec, settings, info, accuracy_gate: bool) -> Path:
+    """The fused graph with its KV cache in float16 (a quantized build starts from it); gated here
+    (fp16's bound) where nothing else will be."""
+    from tritonchat.build import export, ort_graph
+
+    out = tmp / "kv-float16" / "model.onnx"
+    with _step(progress, "Write the fused CPU graph with a float16 KV cache"):
+        cache = ort_graph.write_graph(model, out, kv_dtype="float16")
+        export.write_spec(cache, out.parent / "kv_spec.json", kv_layout=ort_graph.LAYOUT, model_head_dim=spec.head_dim,
+                          kv_dtype="float16")
+    info["kv_cache_dtype"] = "float16"
+    if accuracy_gate:
+        from tritonchat.build.evaluate import evaluate, gate, render_report
+
+        with _step(progress, "Accuracy gate (float16 KV cache): perplexity, token agreement"):
+            report = evaluate(model, out, prompts=EVAL_PROMPTS, tokenizer=tokenizer, precision="fp16")
+        render_report(report, console=con)
+        info["accuracy"] = report.to_dict()
+        gate(report, "fp16", settings["accuracy_bounds"])
+    return out
 
 
 def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, settings, info, accuracy_gate) -> Path:

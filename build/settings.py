@@ -10,6 +10,8 @@ example: docs/build-config.md).
                                 #   place) where the model and precision allow (Llama/Mistral, head_dim a
                                 #   multiple of 16, fp32 or int8-weight-only), else the TorchScript export;
                                 #   export = always the TorchScript export
+    kv_cache_dtype: float32     # onnxruntime engine, fused graph: float32 | float16 (half the KV memory;
+                                #   the attention in float16 too; the accuracy gate checks it)
     device: cpu                 # cpu | cuda
     dtype: float32              # torch engine: float32 | float16 | bfloat16
     calibration_data: null      # text file for INT8 calibration (default: built-in sample)
@@ -76,6 +78,7 @@ DEFAULTS: dict = {
     "precision": "fp32",
     "engine": "onnxruntime",
     "graph": "auto",
+    "kv_cache_dtype": "float32",
     "device": "cpu",
     "dtype": "float32",
     "calibration_data": None,
@@ -98,6 +101,7 @@ CHOICES = {
     "precision": ("fp32", "fp16", "int8", "int8-weight-only", "fp8"),
     "engine": ("onnxruntime", "tensorrt", "torch"),
     "graph": ("auto", "export"),
+    "kv_cache_dtype": ("float32", "float16"),
     "device": ("cpu", "cuda"),
     "dtype": ("float32", "float16", "bfloat16"),
 }
@@ -145,6 +149,9 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
             raise SettingsError(f"{key} must be one of {', '.join(options)}, got {s[key]!r}")
     if int(s["max_batch_size"]) < 1:
         raise SettingsError("max_batch_size must be >= 1")
+    if s["kv_cache_dtype"] != "float32" and (s["engine"] != "onnxruntime" or s["graph"] != "auto"):
+        raise SettingsError(f"kv_cache_dtype {s['kv_cache_dtype']} is the fused CPU graph's (engine onnxruntime, "
+                            f"graph auto), not engine {s['engine']} with graph {s['graph']}")
     g = s["models"]["generator"]
     if not _number(g["stream_interval_ms"], 0):
         raise SettingsError(f"models.generator.stream_interval_ms must be a number >= 0, got {g['stream_interval_ms']!r}")

@@ -40,7 +40,10 @@ def fused(hf_model, tmp_path_factory):
     spec = ort_graph.write_graph(model, fp32)
     write_spec(spec, fp32.parent / "kv_spec.json", kv_layout=ort_graph.LAYOUT)
     int8 = quantize(fp32, root / "int8" / "model.onnx", "int8-weight-only", spec=spec)
-    return {"fp32": fp32, "int8-weight-only": int8}
+    kv16 = root / "kv16" / "model.onnx"
+    write_spec(ort_graph.write_graph(model, kv16, kv_dtype="float16"), kv16.parent / "kv_spec.json",
+               kv_layout=ort_graph.LAYOUT)
+    return {"fp32": fp32, "int8-weight-only": int8, "kv-float16": kv16}
 
 
 def _engine(path, slots=6, seq=512, threads=1):
@@ -92,7 +95,7 @@ def test_decode_over_any_subset_of_slots_in_any_order(fused):
     assert ex.swaps > 0
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8-weight-only"])
+@pytest.mark.parametrize("precision", ["fp32", "int8-weight-only", "kv-float16"])
 def test_a_prefill_on_a_cached_prefix_is_bitwise_a_full_prefill_for_every_length(fused, precision):
     """Prompts of every length from 4 to 299 tokens, prefixes of 1, 2, half and all but 2: the logits
     and KV of a prefill on the cached prefix are bitwise those of a full prefill (an odd run gets a
@@ -115,6 +118,53 @@ def test_a_prefill_on_a_cached_prefix_is_bitwise_a_full_prefill_for_every_length
     ex.release(0)
     with pytest.raises(ValueError, match="at least 2 must be computed"):
         ex.prefill_cached([0], [ids], [len(ids) - 1])
+
+
+def test_a_float16_kv_cache_halves_the_cache_and_passes_the_gate(hf_model, fused):
+    """kv_cache_dtype float16: the engine's cache in float16 (half the bytes), logits close to the
+    float32 graph's, the same greedy answers as transformers, the fp16 gate passed; a build writes it
+    and records it, and refuses it where the fused graph is not used."""
+    from transformers import AutoTokenizer
+
+    from tritonchat.build.evaluate import evaluate, gate
+    from tritonchat.build.parity import check_greedy, check_parity
+    from tritonchat.build.settings import SettingsError, load_settings
+
+    src, model = hf_model
+    half, full = _engine(fused["kv-float16"]), _engine(fused["fp32"])
+    assert all(c.dtype == np.float16 for c in half.cache) and all(c.dtype == np.float32 for c in full.cache)
+    assert sum(c.nbytes for c in half.cache) * 2 == sum(c.nbytes for c in full.cache)
+    prompts = [[1, 450, 4996, 17354, 1701], [1] + list(range(300, 340))]
+    report = check_parity(model, fused["kv-float16"], prompts=prompts, tolerance=2e-2, decode_steps=3)
+    assert report.ok and report.max_abs_diff > 0, report.max_abs_diff  # not the float32 graph by mistake
+    assert check_greedy(model, fused["kv-float16"], prompts=prompts, max_new_tokens=12, max_slots=2,
+                        join_every=3, eos_ids=[]).ok
+    ev = evaluate(model, fused["kv-float16"], prompts=["Once upon a time", "The little dog"], new_tokens=16,
+                  tokenizer=AutoTokenizer.from_pretrained(str(src)), precision="fp16")
+    gate(ev, "fp16")
+    with pytest.raises(SettingsError, match="fused CPU graph"):
+        load_settings(None, kv_cache_dtype="float16", graph="export")
+    with pytest.raises(SettingsError, match="fused CPU graph"):
+        load_settings(None, kv_cache_dtype="float16", engine="torch", device="cuda", dtype="bfloat16")
+
+
+def test_a_float16_kv_cache_build(hf_model, tmp_path):
+    import onnx
+    from rich.console import Console
+
+    from tritonchat.build.pipeline import run_build
+    from tritonchat.build.settings import load_settings
+
+    src, _ = hf_model
+    con = Console(record=True, width=200)
+    repo = run_build(str(src), tmp_path / "kv16", load_settings(None, max_seq_len=256, kv_cache_dtype="float16"),
+                     progress_console=con)
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["kv_cache_dtype"] == "float16" and manifest["graph"] == "fused" and "accuracy" in manifest
+    g = onnx.load(str(repo / "generator" / "1" / "model.onnx"), load_external_data=False)
+    past = [i for i in g.graph.input if i.name.startswith("past_key_values")]
+    assert past and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in past)
+    assert "Accuracy gate (float16 KV cache)" in con.export_text()
 
 
 def test_int8_weights_and_embedding_pass_the_gate_at_under_030x(hf_model, fused):

@@ -17,8 +17,11 @@ from .results import Completion, Delta, delta_from_infer_result, delta_from_json
 from .sse import SSEParser, decode_event
 
 #: tries of one gRPC stream that gets GRPC_CORE_INTERNAL before any answer (errors.py): twice was
-#: not always enough in full test runs on 2 cores (both writes met the closing stream)
+#: not always enough in full test runs on 2 cores (both writes met the closing stream), and three
+#: back to back once failed all three (a full run, the request after a refused one); so the tries
+#: after the first wait RETRY_PAUSE_S times the try's number first
 ATTEMPTS = 3
+RETRY_PAUSE_S = 0.05
 
 __all__ = ["AsyncChatClient", "AsyncDeltaStream"]
 
@@ -152,6 +155,8 @@ class AsyncChatClient(ClientSettings):
         for attempt in range(1, ATTEMPTS + 1):
             call = None
             finished = answered = False
+            if attempt > 1:
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
             try:
                 try:
                     call = client.stream_infer(requests(), stream_timeout=self.timeout, headers=self.headers or None)

@@ -40,7 +40,10 @@ def test_a_full_waiting_line_refuses_with_unavailable_and_the_server_keeps_servi
         results = list(pool.map(one, range(6)))
     refused = [r for r in results if isinstance(r, ServerUnavailable)]
     answered = [r for r in results if isinstance(r, str)]
-    assert len(answered) >= 2 and len(refused) >= 1, results
+    # at least one answered in full, not two: six at once can all meet Triton's queue before an entry
+    # instance pulls from it, and then only the queued one gets in (seen once on busy cores); holding the
+    # rest back until the first one runs lets them arrive after it ends instead (also seen)
+    assert refused and answered, results
     # refused by Triton's own queue in front of the entry (over HTTP a 503; a gRPC stream carries
     # no status code in Triton 2.51, only this message, which the client maps to ServerUnavailable)
     assert all("Exceeds maximum queue size" in str(e) for e in refused), refused

@@ -5,8 +5,6 @@ InternalServerError), the others get their full answers, and everything keeps se
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
-import urllib.request
 
 import pytest
 
@@ -16,27 +14,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def gateway(tmp_path_factory):
     from tritonchat.gateway import GatewayConfig
     from tritonchat.gateway.process import GatewayProcess
     from tritonchat.server import TritonServer
 
     repo = overload_repo(tmp_path_factory)
     with TritonServer(repo) as srv, GatewayProcess(GatewayConfig(triton_url=srv.grpc_url, port=0, cache="off")) as gw:
-        yield srv, gw
-
-
-def _running(srv) -> float:
-    text = urllib.request.urlopen(f"http://{srv.metrics_url}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("tritonchat_running_sequences{"))
+        yield gw
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-def test_a_full_server_is_a_503_with_retry_after_and_the_gateway_keeps_serving(servers, stream):
+def test_a_full_server_is_a_503_with_retry_after_and_the_gateway_keeps_serving(gateway, stream):
     import openai
 
-    srv, gateway = servers
     client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="-", max_retries=0)
 
     def one(_):
@@ -47,19 +38,14 @@ def test_a_full_server_is_a_503_with_retry_after_and_the_gateway_keeps_serving(s
         except openai.APIStatusError as exc:
             return exc
 
-    # 1 slot + 1 waiting + 1 in Triton's queue: some of 6 refused. The first one runs before the other
-    # five arrive together (six at once could all meet a queue that no entry instance had pulled from
-    # yet: one answered and five refused, seen on busy cores), so at least it and the queued one answer.
-    with cf.ThreadPoolExecutor(6) as pool:
-        first = pool.submit(one, 0)
-        deadline = time.monotonic() + 10
-        while _running(srv) < 1 and not first.done() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        rest = list(pool.map(one, range(1, 6)))
-        results = [first.result()] + rest
+    with cf.ThreadPoolExecutor(6) as pool:  # 1 slot + 1 waiting + 1 in Triton's queue: some of 6 refused
+        results = list(pool.map(one, range(6)))
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     answered = [r for r in results if isinstance(r, str)]
-    assert refused and len(answered) >= 2, results
+    # at least one answered in full, not two: six at once can all meet Triton's queue before an entry
+    # instance pulls from it, and then only the queued one gets in (seen once on busy cores); holding the
+    # rest back until the first one runs lets them arrive after it ends instead (also seen)
+    assert refused and answered, results
     for exc in refused:
         assert exc.status_code == 503 and exc.body["code"] == "overloaded", (exc.status_code, exc.body)
         assert exc.response.headers["retry-after"] == "1"

@@ -164,6 +164,9 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
     if g["pdl"] not in ("auto", True, False):
         raise SettingsError(f"models.generator.pdl must be auto, true or false, got {g['pdl']!r}")
+    if g["pdl"] is True and (s["engine"] != "torch" or s["device"] != "cuda"):
+        raise SettingsError("models.generator.pdl true is the torch engine's on a CUDA device (programmatic "
+                            f"dependent launch of its Triton kernels), not engine {s['engine']} on {s['device']}")
     if not isinstance(g["prefix_reuse"], bool):
         raise SettingsError(f"models.generator.prefix_reuse must be true or false, got {g['prefix_reuse']!r}")
     if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):

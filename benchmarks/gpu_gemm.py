@@ -9,7 +9,8 @@ batch M, cuBLAS bf16, then every candidate configuration of the 8-bit kernel, gr
 one row on the CUDA cores (`gemv`), `tl.dot` with the rows as the MMA's M (`dot`) or the weight
 (`dot-t`); whole K (`k1`) or split-K fixed up in the launch (`kN`). Prints GB/s of the weight
 bytes, the error against a float32 product of the widened weights, and per M the sum over a step's
-products.
+products. FP8 also as W8A8 where the GPU can (`fp8 W8A8`: the rows rounded to E4M3 by the `fp8_rows`
+kernel, then `torch._scaled_mm`; its error against the rounded rows' float32 product).
 
     python3 benchmarks/gpu_gemm.py [--m 1,16,64] [--formats fp8,int8]
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
-    graph_median_ms, row_bucket
+    graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -63,6 +64,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {sms} SMs  copy / read "
           "{:.0f} / {:.0f} GB/s".format(*copy_bandwidth()), flush=True)
+    w8a8 = w8a8_supported(torch.device("cuda"), torch.bfloat16)
     mm = W8Matmul(load_kernels(), sms, pdl=args.pdl)
     total: dict = {}
     print("| shape | M | weights | ms | GB/s | config | rel. err |\n|---|---:|---|---:|---:|---|---:|")
@@ -103,6 +105,17 @@ def main() -> None:
                     t, cfg, _ = min(best.values(), key=lambda v: v[0])
                     total.setdefault((m, fmt), 0.0)
                     total[(m, fmt)] += t
+                if fmt == "fp8" and w8a8:  # W8A8: the rows rounded (one kernel), then FP8 tensor cores
+                    ref8 = (lambda q, s: (q.float() * s) @ qs[0].widened().float().t())(*quantize_rows_fp8(x))
+                    err = rel_err(mm.scaled(x, qs[0]), ref8)
+                    t = graph_ms(lambda: [mm.scaled(x, q) for q in qs])
+                    xq, sx = mm.quantize_rows(x)
+                    t_mm = graph_ms(lambda: [torch._scaled_mm(xq, q.q.t(), scale_a=sx, scale_b=q.scale.view(1, -1),
+                                                              out_dtype=torch.bfloat16) for q in qs])
+                    print(f"| {name} | {m} | fp8 W8A8 | {t:.3f} | {nbytes / t / 1e6:.0f} | _scaled_mm alone "
+                          f"{t_mm:.3f} | {err:.1e} |", flush=True)
+                    total.setdefault((m, "fp8 W8A8"), 0.0)
+                    total[(m, "fp8 W8A8")] += t
                 del qs
     print()
     for (m, fmt), t in sorted(total.items()):

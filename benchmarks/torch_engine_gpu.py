@@ -34,7 +34,7 @@ from tritonchat.python_backend.engines.torch.quant import TUNE_ROWS
 CTX = 128  # context length the decode timings run at
 MAX_SEQ = 1024
 MAX_SLOTS = 128
-BATCHES = (1, 16, 64, 128)
+BATCHES = (1, 16, 32, 64, 128)
 VARIANTS = {
     # name: (kernels, attention, cuda_graphs, length_bucket)
     "triton+graphs": ("triton", "triton", True, 256),
@@ -49,6 +49,9 @@ VARIANTS = {
     "triton+graphs nopdl": ("triton", "triton", True, 256, {"pdl": False}),
     "triton+graphs int8 nopdl": ("triton", "triton", True, 256, {"weights": "int8", "pdl": False}),
     "triton+graphs fp8 nopdl": ("triton", "triton", True, 256, {"weights": "fp8", "pdl": False}),
+    # FP8 products as W8A16 at every batch (no W8A8 above quant.W8A8_ROWS rows), and as W8A8 at every batch
+    "triton+graphs fp8 w8a16": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": None}),
+    "triton+graphs fp8 w8a8": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 0}),
 }
 
 
@@ -360,6 +363,12 @@ def table(res):
                 lines.append(f"{fmt} ÷ bf16 step at batch {b}: {q[f'b{b}']['step_ms'] / base[f'b{b}']['step_ms']:.3f} "
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
+    for name in ("triton+graphs fp8", "triton+graphs fp8 w8a8"):  # W8A8 against W8A16 at each batch
+        q, a16 = timings.get(name, {}), timings.get("triton+graphs fp8 w8a16", {})
+        for b in BATCHES:
+            if f"b{b}" in q and f"b{b}" in a16:
+                lines.append(f"{name} ÷ fp8 w8a16, batch {b}: {q[f'b{b}']['step_ms'] / a16[f'b{b}']['step_ms']:.3f} "
+                             f"({q[f'b{b}']['step_ms']:.3f} / {a16[f'b{b}']['step_ms']:.3f} ms)")
     for name, t in timings.items():  # each variant with programmatic dependent launch against it without
         off = timings.get(f"{name} nopdl", {})
         for b in BATCHES:

@@ -342,8 +342,9 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
                            max_eval_tokens: int = 4096) -> EvalReport:
     """The torch engine's 8-bit weights (`--precision int8-weight-only` or `fp8`) against the model in
     its own dtype: the same model with every product's weight rounded through the format
-    (python_backend/engines/torch/quant.py, `fake_quantize`), which is what the engine's products
-    compute with, up to the order of the sums. Both run on `device`; `size_bytes` is what the engine
+    (python_backend/engines/torch/quant.py, `fake_quantize`; FP8's activations too, each row rounded
+    as its W8A8 products do), which is what the engine's products compute with, up to the order of
+    the sums. Both run on `device`; `size_bytes` is what the engine
     keeps (8-bit products, their scales, the embedding and norms in the dtype)."""
     import copy
 
@@ -355,7 +356,9 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
     t0 = time.perf_counter()
     ref_module = model.to(device).eval()
     test_module = copy.deepcopy(ref_module)
-    fake_quantize(test_module, TORCH_WEIGHTS[precision])
+    # fp8: activations rounded too, as the engine's W8A8 products (prefills, batches of more than
+    # quant.W8A8_ROWS rows) do; smaller batches round the weights alone, which the gate bounds as well
+    fake_quantize(test_module, TORCH_WEIGHTS[precision], activations=precision == "fp8")
     embed = ref_module.get_input_embeddings().weight
     linear = [p for n, p in ref_module.named_parameters() if p.dim() == 2 and p is not embed]
     head = ref_module.get_output_embeddings().weight

@@ -23,8 +23,8 @@ import torch
 from conftest import SHARED
 from test_engine_torch import _check_against_hf, _engine, _random_model
 
-from tritonchat.python_backend.engines.torch.quant import QuantWeight, dequantize, fake_quantize, quantize, \
-    quantize_fp8
+from tritonchat.python_backend.engines.torch.quant import W8A8_ROWS, QuantWeight, dequantize, fake_quantize, \
+    quantize, quantize_fp8, quantize_rows_fp8
 
 STORIES = SHARED / "models" / "stories260K"
 
@@ -57,17 +57,22 @@ def test_int8_rows_are_rounded_to_the_nearest_of_255_steps():
         quantize(w, "int4")
 
 
-@pytest.mark.parametrize("arch,fmt", [("qwen2", "fp8"), ("llama-rope-scaled", "fp8"), ("qwen2", "int8")])
+@pytest.mark.parametrize("arch,fmt", [("qwen2", "fp8"), ("llama-rope-scaled", "fp8"), ("qwen2", "int8"),
+                                      ("qwen2", "fp8-w8a8")])
 def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
-    """Greedy tokens and every logits row, staggered joins over 3 slots (test_engine_torch's plan)."""
+    """Greedy tokens and every logits row, staggered joins over 3 slots (test_engine_torch's plan).
+    fp8-w8a8: every product as W8A8 (activations rounded per row too; on a GPU, products of more than
+    quant.W8A8_ROWS rows) against the model whose products round their inputs the same way."""
     model, path = _random_model(tmp_path, arch)
-    ex = _engine(path, weights=fmt)
+    w8a8 = fmt == "fp8-w8a8"
+    fmt = "fp8" if w8a8 else fmt
+    ex = _engine(path, weights=fmt, w8a8_rows=0 if w8a8 else None)
     d = ex.describe()
-    assert d["weights"] == fmt
+    assert d["weights"] == fmt and d.get("w8a8_rows") == (0 if w8a8 else None)
     plain = _engine(path)
     assert d["weight_bytes"] < 0.3 * plain.describe()["weight_bytes"]  # float32 -> 1 byte + a scale per row
     rounded = copy.deepcopy(model)
-    assert fake_quantize(rounded, fmt) == 2 * 7 + 1
+    assert fake_quantize(rounded, fmt, activations=w8a8) == 2 * 7 + 1
     _check_against_hf(rounded, ex, model.config.vocab_size)
     # tied embeddings (qwen2): the lookup keeps the exact rows, only the head's copy is rounded
     if model.config.tie_word_embeddings:
@@ -194,12 +199,18 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     assert ex.llama.mm.configs and ex.describe()["weights"] == fmt
     rounded = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
     fake_quantize(rounded, fmt)
+    # Hopper on: FP8 products of more than W8A8_ROWS rows round their activations too (W8A8)
+    w8a8 = fmt == "fp8" and torch.cuda.get_device_capability() >= (9, 0)
+    assert ex.describe().get("w8a8_rows") == (W8A8_ROWS if w8a8 else None)
+    rounded_a8 = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
+    fake_quantize(rounded_a8, fmt, activations=w8a8)
     rng = np.random.default_rng(0)
     for slot, n in enumerate([7, 30, 64]):
         p = rng.integers(3, 512, n)
         got = ex.prefill(slot, p)
         with torch.no_grad():
-            want = rounded(torch.as_tensor(p[None], device="cuda")).logits[0, -1].float().cpu().numpy()
+            ref = rounded_a8 if n > W8A8_ROWS else rounded
+            want = ref(torch.as_tensor(p[None], device="cuda")).logits[0, -1].float().cpu().numpy()
         # bf16 products in another order: close, and the same choice where it is clear
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     # batched decode steps (CUDA graphs; on Hopper the kernels launched with PDL, each starting while
@@ -218,3 +229,12 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     w = ex.llama.quantized_weights()[0]
     assert isinstance(w, QuantWeight) and w.q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
     assert torch.equal(ex.llama.mm.widen(w), w.widened())  # the one-pass widening, bf16 rounding included
+    if w8a8:  # the rows' rounding kernel: quantize_rows_fp8's numbers exactly; the W8A8 product
+        x = torch.randn(64, w.q.shape[1], device="cuda", dtype=torch.bfloat16) * 3
+        x[5] = 0  # a row of zeros: the smallest scale, zeros out
+        q, s = ex.llama.mm.quantize_rows(x)
+        q2, s2 = quantize_rows_fp8(x)
+        assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+        want = (q2.float() * s2) @ w.widened().float().t()
+        got = ex.llama.mm(x, w).float()
+        assert (got - want).abs().max() < 0.02 * want.abs().max()

@@ -37,7 +37,7 @@ from .hf_fallback import HFSlots
 from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
-from .quant import TUNE_ROWS
+from .quant import TUNE_ROWS, W8A8_ROWS, w8a8_supported
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -64,7 +64,7 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -81,7 +81,10 @@ class TorchEngine(Engine):
         "fp8" (the products' weights in 8 bits with a scale per output channel: `quant.py`; native
         path only). `pdl`: "auto" | True | False: launch the decode step's Triton kernels with
         programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
-        where it runs (Hopper on, a Triton with grid dependency control)."""
+        where it runs (Hopper on, a Triton with grid dependency control). `w8a8_rows` (FP8 weights):
+        products of more rows than this round their activations to FP8 too and run on the FP8 tensor
+        cores (`quant.py`); "auto": `quant.W8A8_ROWS` where the device can (`w8a8_supported`), else
+        never; None: never; a number forces it (tests, benchmarks)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -145,9 +148,11 @@ class TorchEngine(Engine):
             raise RuntimeError("pdl=True but programmatic dependent launch needs the Triton kernels on a CUDA "
                                "device of compute capability 9.0 or later and a Triton with grid dependency control")
         self.pdl = can_pdl and pdl is not False
+        if w8a8_rows == "auto":
+            w8a8_rows = W8A8_ROWS if weights == "fp8" and w8a8_supported(self.device, self.dtype) else None
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
                            dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights,
-                           pdl=self.pdl)
+                           pdl=self.pdl, w8a8_rows=None if w8a8_rows is None or weights != "fp8" else int(w8a8_rows))
         if owned:
             del model
 
@@ -532,6 +537,8 @@ class TorchEngine(Engine):
              "cuda_graphs": self.cuda_graphs, "pdl": self.pdl}
         if self.path == "native":
             d["weights"] = self.llama.weights
+            if self.llama.mm.w8a8_rows is not None:
+                d["w8a8_rows"] = self.llama.mm.w8a8_rows  # FP8 products of more rows: W8A8
             d["weight_bytes"] = self.llama.weight_bytes()
             d["graph_batch_sizes"] = self.graph_batch_sizes
             d["graphs_captured"] = sorted(self.graphs.decode, key=lambda k: (k[0], k[1] or 0))

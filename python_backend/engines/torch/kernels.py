@@ -14,8 +14,10 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
     more through `tl.dot` (either operand order); split-K fixed up by the K slices' last program in
     the same launch;
   * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
-    where a product has too many rows for w8_matmul).
-The decode step's kernels (add_rmsnorm, silu_mul, attn_split, attn_combine, w8_matmul) take `PDL`:
+    where a product has too many rows for w8_matmul);
+  * fp8_rows: each row of an activation rounded to FP8 E4M3 with a scale of its own (the input of
+    the W8A8 products, quant.py).
+The decode step's kernels (add_rmsnorm, silu_mul, attn_split, attn_combine, w8_matmul, fp8_rows) take `PDL`:
 launched with programmatic dependent launch (Hopper on, `launch_pdl=True`), a kernel's programs start
 while the kernel before it still runs, read what does not depend on it (add_rmsnorm: the norm's
 weights), then wait for it (`gdc_wait`: every kernel before it in the stream has finished and its
@@ -391,6 +393,22 @@ def load_kernels():
         s = tl.load(S + rn, mask=nm, other=0.0)
         tl.store(Y + off, (w * s[:, None]).to(Y.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def fp8_rows_kernel(X, Q, S, stride_x, stride_q, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        # Q[row] = X[row] / S[row] in E4M3, S[row] = max|X[row]| / 448: quant.quantize_rows_fp8's
+        # numbers (IEEE divisions, as torch's; Triton's plain `/` is an approximate one on the GPU)
+        row = tl.program_id(0)
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
+        cols = tl.arange(0, BLOCK)
+        m = cols < K
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        s = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)
+        q = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
+        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=m)
+        tl.store(S + row, s)
+
     _KERNELS = types.SimpleNamespace(
         gdc=_gdc_wait is not None,
         add_rmsnorm=add_rmsnorm_kernel,
@@ -401,5 +419,6 @@ def load_kernels():
         prefill_attn=prefill_attn_kernel,
         w8_matmul=w8_matmul_kernel,
         w8_widen=w8_widen_kernel,
+        fp8_rows=fp8_rows_kernel,
     )
     return _KERNELS

@@ -109,10 +109,12 @@ class Llama:
     `kernels`: "triton" | "torch" (the small ops); `attention`: "triton" (in-place split-K decode,
     varlen prefill) | "sdpa"; `tk`: the Triton kernels (`kernels.load_kernels()`) where either is
     Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`).
-    `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring)."""
+    `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring);
+    `w8a8_rows`: FP8 products of more rows run as W8A8 (quant.py); None: never."""
 
     def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
-                 kernels: str, attention: str, tk, weights: str = "dtype", pdl: bool = False):
+                 kernels: str, attention: str, tk, weights: str = "dtype", pdl: bool = False,
+                 w8a8_rows: int | None = None):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
         self.weights = weights
@@ -166,7 +168,7 @@ class Llama:
             self._arange = torch.arange(self.max_seq_len, device=dev)
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
         self.split_min = SPLIT_MIN_POSITIONS
-        self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms, pdl=pdl)
+        self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms, pdl=pdl, w8a8_rows=w8a8_rows)
         if weights != "dtype":
             self._quantize(weights)
 

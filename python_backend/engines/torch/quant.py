@@ -13,7 +13,13 @@ How a product runs:
     before any CUDA graph is captured);
   * more rows (prefills, decode steps carrying prompts), or no Triton (CPU): the weight widened to
     the engine's dtype (one `w8_widen` kernel where Triton runs), then the dense product (cuBLAS on
-    the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums.
+    the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums;
+  * FP8 weights, more than `w8a8_rows` rows (`W8A8_ROWS` where the GPU has FP8 tensor cores with a
+    scale per row, `w8a8_supported`): W8A8 — each row of the activations rounded to E4M3 with a
+    scale of its own (`fp8_rows` kernel, `quantize_rows_fp8`'s numbers), then `torch._scaled_mm`
+    (the weight's scale per output channel). At 64 rows the widening kernel's bf16 MMAs lose to
+    bf16 cuBLAS (docs/benchmarks-gpu.md); a prefill gets FP8's rate. The activations' rounding is a
+    second error beside the weights': the build's gate measures both (`fake_quantize(activations=True)`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 # products of more rows never launch with PDL: with it the 8-bit decode step at 128 rows was 9-16 %
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
 PDL_MAX_ROWS = 64
+# FP8 products of more rows than this run as W8A8 where the GPU can (module docstring)
+W8A8_ROWS = 16
 
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +61,30 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E4M3 rows [M, K], float32 scale [M, 1]): row m is x[m] / scale[m], scale[m] = max|x[m]| / 448 —
+    the activations of a W8A8 product (the `fp8_rows` kernel computes the same numbers)."""
+    xf = x.detach().float()
+    scale = (xf.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def w8a8_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Can FP8 products run as W8A8 on `device` (`torch._scaled_mm` with a scale per row and per
+    output channel, bf16 out: Hopper on)? A tiny product tells."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_scaled_mm") \
+            or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        a = torch.zeros((16, 32), device=device, dtype=torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones((16, 1), device=device),
+                         scale_b=torch.ones((1, 16), device=device), out_dtype=torch.bfloat16)
+        return True
+    except Exception:  # noqa: BLE001 - this torch or card has no row-wise scaled product
+        return False
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale[:, None]).to(dtype)
 
@@ -74,25 +106,39 @@ class QuantWeight:
         return dequantize(self.q, self.scale, self.dtype)
 
 
-def fake_quantize(model, fmt: str) -> int:
+def fake_quantize(model, fmt: str, activations: bool = False) -> int:
     """Round every linear weight of the decoder layers and the LM head through `fmt` (in place, in
     the model's dtype): the numbers the engine's 8-bit products use. Returns how many were rounded.
-    The embedding lookup keeps its weights (the engine keeps them in its dtype too)."""
+    The embedding lookup keeps its weights (the engine keeps them in its dtype too). `activations`
+    (fp8): each of those products also rounds its input per row (`quantize_rows_fp8`, a forward
+    pre-hook): the W8A8 products' numbers."""
     n = 0
     inner = model.model
     head = model.get_output_embeddings()
     tied = head.weight is inner.embed_tokens.weight
+    if activations and fmt != "fp8":
+        raise ValueError(f"activations are rounded for fp8 products only, not {fmt!r}")
     with torch.no_grad():
-        for layer in inner.layers:
-            for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                mod.weight.copy_(dequantize(*quantize(mod.weight, fmt), mod.weight.dtype))
-                n += 1
+        mods = [mod for layer in inner.layers
+                for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        for mod in mods:
+            mod.weight.copy_(dequantize(*quantize(mod.weight, fmt), mod.weight.dtype))
+            n += 1
         if tied:  # the engine rounds its own copy of the head; the lookup keeps the exact rows
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         head.weight.copy_(dequantize(*quantize(head.weight, fmt), head.weight.dtype))
         n += 1
+    if activations:
+        for mod in mods + [head]:
+            mod.register_forward_pre_hook(_round_input_rows)
     return n
+
+
+def _round_input_rows(_module, args):
+    x = args[0]
+    q, scale = quantize_rows_fp8(x.reshape(-1, x.shape[-1]))
+    return ((q.float() * scale).to(x.dtype).reshape(x.shape),) + tuple(args[1:])
 
 
 def row_bucket(m: int) -> int:
@@ -108,10 +154,11 @@ class W8Matmul:
     counter of this object's (products run one after another on one stream, so one of each serves
     all)."""
 
-    def __init__(self, tk, sms: int, pdl: bool = False):
+    def __init__(self, tk, sms: int, pdl: bool = False, w8a8_rows: int | None = None):
         self._tk = tk
         self.sms = sms
         self.pdl = pdl  # programmatic dependent launch may be used (kernels.py): a choice of each config
+        self.w8a8_rows = w8a8_rows  # FP8 products of more rows run as W8A8 (module docstring); None: never
         self.configs: dict[tuple[int, int, int], dict] = {}
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
@@ -119,6 +166,8 @@ class W8Matmul:
 
     def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
         m = x.shape[0]
+        if self.w8a8(m, w):
+            return self.scaled(x, w, bias)
         if self._tk is None or m > MAX_SKINNY_M or m == 0:
             return F.linear(x, w.widened() if self._tk is None else self.widen(w), bias)
         n, k = w.q.shape
@@ -126,6 +175,34 @@ class W8Matmul:
         cfg = self.configs.get((bm, n, k)) or default_config(bm, n, k, self.sms)
         y = self.launch(x, w, cfg)
         return y if bias is None else y + bias
+
+    def w8a8(self, m: int, w: QuantWeight) -> bool:
+        """Does a product of `m` rows with `w` run as W8A8? (`torch._scaled_mm` wants K and N in
+        multiples of 16.)"""
+        n, k = w.q.shape
+        return self.w8a8_rows is not None and m > self.w8a8_rows and w.q.dtype == torch.float8_e4m3fn \
+            and n % 16 == 0 and k % 16 == 0
+
+    def scaled(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
+        """The W8A8 product: `x`'s rows rounded to E4M3 (a scale each), FP8 tensor cores, `w.dtype` out."""
+        xq, sx = self.quantize_rows(x)
+        y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
+        return y if bias is None else y + bias
+
+    def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`quantize_rows_fp8(x)`, in one kernel where Triton runs."""
+        if self._tk is None:
+            return quantize_rows_fp8(x)
+        m, k = x.shape
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        q = torch.empty((m, k), device=x.device, dtype=torch.float8_e4m3fn)
+        s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+        block = next_pow2(k)
+        self._tk.fp8_rows[(m,)](x, q, s, x.stride(0), q.stride(0), k, BLOCK=block,
+                                num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+                                **pdl_launch(self.pdl and m <= PDL_MAX_ROWS))
+        return q, s
 
     def widen(self, w: QuantWeight) -> torch.Tensor:
         """`w.widened()` in one kernel (reads 1 byte a weight, writes 2; the torch ops wrote and read
@@ -182,6 +259,8 @@ class W8Matmul:
             shapes.setdefault(tuple(w.q.shape), w)
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
+                if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
+                    continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = None
                 for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl):

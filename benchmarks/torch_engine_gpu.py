@@ -52,6 +52,8 @@ VARIANTS = {
     # FP8 products as W8A16 at every batch (no W8A8 above quant.W8A8_ROWS rows), and as W8A8 at every batch
     "triton+graphs fp8 w8a16": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": None}),
     "triton+graphs fp8 w8a8": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 0}),
+    # W8A8 products rounding their input with a kernel of their own (not in the norm / SiLU·up before)
+    "triton+graphs fp8 unfused": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_fp8": False}),
 }
 
 
@@ -68,7 +70,10 @@ def make_engine(model, variant, **kw):
     kernels, attention, graphs, bucket, *extra = VARIANTS[variant]
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
-    ex = TorchEngine(**{**args, **(extra[0] if extra else {}), **kw})
+    opts = {**(extra[0] if extra else {}), **kw}
+    fuse_fp8 = opts.pop("fuse_fp8", True)
+    ex = TorchEngine(**{**args, **opts})
+    ex.llama.fuse_fp8 = fuse_fp8  # before any graph is captured
     if ex.llama.weights != "dtype":
         ex.llama.mm.tune(ex.llama.quantized_weights(), TUNE_ROWS)  # as warmup() does before the graphs
     return ex
@@ -363,12 +368,12 @@ def table(res):
                 lines.append(f"{fmt} ÷ bf16 step at batch {b}: {q[f'b{b}']['step_ms'] / base[f'b{b}']['step_ms']:.3f} "
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
-    for name in ("triton+graphs fp8", "triton+graphs fp8 w8a8"):  # W8A8 against W8A16 at each batch
-        q, a16 = timings.get(name, {}), timings.get("triton+graphs fp8 w8a16", {})
-        for b in BATCHES:
-            if f"b{b}" in q and f"b{b}" in a16:
-                lines.append(f"{name} ÷ fp8 w8a16, batch {b}: {q[f'b{b}']['step_ms'] / a16[f'b{b}']['step_ms']:.3f} "
-                             f"({q[f'b{b}']['step_ms']:.3f} / {a16[f'b{b}']['step_ms']:.3f} ms)")
+    for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused")):
+        q, o = timings.get(f"triton+graphs {name}", {}), timings.get(f"triton+graphs {other}", {})
+        for b in BATCHES:  # W8A8 against W8A16, and its input rounded in the op before against on its own
+            if f"b{b}" in q and f"b{b}" in o:
+                lines.append(f"{name} ÷ {other}, batch {b}: {q[f'b{b}']['step_ms'] / o[f'b{b}']['step_ms']:.3f} "
+                             f"({q[f'b{b}']['step_ms']:.3f} / {o[f'b{b}']['step_ms']:.3f} ms)")
     for name, t in timings.items():  # each variant with programmatic dependent launch against it without
         off = timings.get(f"{name} nopdl", {})
         for b in BATCHES:

@@ -238,3 +238,13 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
         want = (q2.float() * s2) @ w.widened().float().t()
         got = ex.llama.mm(x, w).float()
         assert (got - want).abs().max() < 0.02 * want.abs().max()
+        # the norm and SiLU·up round their output rows for the product after them: the same numbers
+        llama, norm = ex.llama, ex.llama.layers[0].in_norm
+        x = torch.randn(64, norm.shape[0], device="cuda", dtype=torch.bfloat16)
+        (q, s), _ = llama.add_norm(x, None, norm, fp8=True)
+        q2, s2 = quantize_rows_fp8(llama.add_norm(x, None, norm)[0])
+        assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+        gu = torch.randn(64, 2 * llama.intermediate, device="cuda", dtype=torch.bfloat16) * 3
+        q, s = llama.silu_mul(gu, fp8=True)
+        q2, s2 = quantize_rows_fp8(llama.silu_mul(gu))
+        assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))

@@ -2,9 +2,10 @@
 
 `load_kernels()` defines them the first time it is called, where Triton imports (on CPU they run
 under TRITON_INTERPRET=1), and returns them in a namespace:
-  * add_rmsnorm: residual add (in place) + RMSNorm, rounded like HF's;
+  * add_rmsnorm: residual add (in place) + RMSNorm, rounded like HF's (`FP8`: the output rounded
+    to E4M3 per row, a W8A8 product's input, as fp8_rows does);
   * rope_kv: RoPE of a prompt's q and k rows + the K/V cache write;
-  * silu_mul: SiLU(gate) * up;
+  * silu_mul: SiLU(gate) * up (`FP8` as add_rmsnorm's);
   * attn_split (+ attn_combine when a sequence is split): split-K decode attention reading the cache
     in place through the slot indices and lengths (flash-decoding style), RoPE and the cache write
     of the step's new key and value included;
@@ -94,9 +95,11 @@ def load_kernels():
         _gdc_wait = _gdc_launch = None
 
     @triton.jit
-    def add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps,
-                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        # R <- R + X (the residual stream, in place); Y <- rmsnorm(R) * W, rounded like HF's
+    def add_rmsnorm_kernel(X, R, W, Y, QS, stride_x, stride_r, stride_y, N, eps,
+                           HAS_RES: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr = False,
+                           PDL: tl.constexpr = False):
+        # R <- R + X (the residual stream, in place); Y <- rmsnorm(R) * W, rounded like HF's; with
+        # FP8, Y gets that row rounded to E4M3 and QS its scale (fp8_rows' numbers: a W8A8 product's input)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < N
@@ -107,13 +110,19 @@ def load_kernels():
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=m, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
             tl.store(R + row * stride_r + cols, x, mask=m)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
-        y = (xf * (1.0 / tl.sqrt(var + eps))).to(Y.dtype.element_ty)
-        y = (w.to(tl.float32) * y.to(tl.float32)).to(Y.dtype.element_ty)
-        tl.store(Y + row * stride_y + cols, y, mask=m)
+        y = (xf * (1.0 / tl.sqrt(var + eps))).to(X.dtype.element_ty)
+        if FP8:
+            y = (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
+            sc = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=0), 448.0), 1e-12)
+            y = tl.minimum(tl.maximum(tl.div_rn(y, sc), -448.0), 448.0)
+            tl.store(QS + row, sc)
+        else:
+            y = w.to(tl.float32) * y.to(tl.float32)
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
     def rope_kv_kernel(QKV, Cos, Sin, Slots, Pos, Q, KC, VC,
@@ -147,7 +156,10 @@ def load_kernels():
             tl.store(VC + off, v, mask=m)
 
     @triton.jit
-    def silu_mul_kernel(GU, O, stride_gu, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    def silu_mul_kernel(GU, O, QS, stride_gu, stride_o, I, BLOCK: tl.constexpr, FP8: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
+        # O <- SiLU(gate) * up; with FP8 (one program a row, BLOCK >= I) O gets the row rounded to
+        # E4M3 and QS its scale, as add_rmsnorm's FP8
         if PDL:
             _gdc_wait()
             _gdc_launch()
@@ -157,8 +169,14 @@ def load_kernels():
         g = tl.load(GU + row * stride_gu + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_gu + I + c, mask=m, other=0.0).to(tl.float32)
         dt = O.dtype.element_ty
-        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(O + row * stride_o + c, (a * u).to(dt), mask=m)
+        a = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32)
+        y = a * u
+        if FP8:
+            y = y.to(GU.dtype.element_ty).to(tl.float32)
+            sc = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=0), 448.0), 1e-12)
+            y = tl.minimum(tl.maximum(tl.div_rn(y, sc), -448.0), 448.0)
+            tl.store(QS + row, sc)
+        tl.store(O + row * stride_o + c, y.to(dt), mask=m)
 
     @triton.jit
     def _attend_block(q, kb, vb, t, tm, d, dm, stride_ct, qk_scale, ok, m_i, l_i, acc, IEEE: tl.constexpr):

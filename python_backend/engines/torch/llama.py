@@ -31,7 +31,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul, pdl_launch
+from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul, pdl_launch, quantize_rows_fp8
 from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
 from .layout import PREFILL_BLOCK, Prompts
 
@@ -169,6 +169,9 @@ class Llama:
         self.sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
         self.split_min = SPLIT_MIN_POSITIONS
         self.mm = W8Matmul(tk if kernels == "triton" else None, self.sms, pdl=pdl, w8a8_rows=w8a8_rows)
+        # W8A8 products take their input rounded by the norm or SiLU·up before them (`fp8_input`);
+        # False: by a rounding kernel of their own (the benchmarks' comparison)
+        self.fuse_fp8 = True
         if weights != "dtype":
             self._quantize(weights)
 
@@ -194,7 +197,14 @@ class Llama:
                                                                        "post_norm")) + size(self.lm_head)
 
     def linear(self, x, w, b=None):
+        if isinstance(x, tuple):  # rows already rounded to FP8 by the op before (`fp8_input`)
+            return self.mm.scaled_rows(*x, w, b)
         return self.mm(x, w, b) if isinstance(w, QuantWeight) else F.linear(x, w, b)
+
+    def fp8_input(self, x, w) -> bool:
+        """Does the op making `x` round its rows to FP8 for the product with `w` (a W8A8 product:
+        quant.py), instead of a rounding kernel of the product's own?"""
+        return self.fuse_fp8 and isinstance(w, QuantWeight) and self.mm.w8a8(x.shape[0], w)
 
     # -- small ops ---------------------------------------------------------------------------
     def rms(self, x, w):
@@ -202,19 +212,22 @@ class Llama:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
-    def add_norm(self, x, res, w):
-        """(rmsnorm(res + x) * w, res + x); with the Triton kernel `res` is updated in place."""
+    def add_norm(self, x, res, w, fp8: bool = False):
+        """(rmsnorm(res + x) * w, res + x); with the Triton kernel `res` is updated in place. `fp8`:
+        the first is its rows rounded to E4M3 and their scales (`quantize_rows_fp8`'s pair)."""
         if self.kernels == "triton":
             rows, n = x.shape
-            y = torch.empty_like(x)
+            y = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn if fp8 else x.dtype)
+            qs = torch.empty((rows, 1), device=x.device, dtype=torch.float32) if fp8 else y
             blk = next_pow2(n)
             r = x if res is None else res
-            self._tk.add_rmsnorm[(rows,)](x, r, w, y, x.stride(0), r.stride(0), y.stride(0), n, self.eps,
-                                          HAS_RES=res is not None, BLOCK=blk,
+            self._tk.add_rmsnorm[(rows,)](x, r, w, y, qs, x.stride(0), r.stride(0), y.stride(0), n, self.eps,
+                                          HAS_RES=res is not None, BLOCK=blk, FP8=fp8,
                                           num_warps=8 if blk >= 2048 else 4, **self._pdl)
-            return y, r
+            return ((y, qs) if fp8 else y), r
         res = x if res is None else res + x
-        return self.rms(res, w), res
+        y = self.rms(res, w)
+        return (quantize_rows_fp8(y) if fp8 else y), res
 
     def qk_norm(self, qkv, L):
         n, hq, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
@@ -249,16 +262,19 @@ class Llama:
         L.vc[slots, :, pos] = v
         return q
 
-    def silu_mul(self, gu):
+    def silu_mul(self, gu, fp8: bool = False):
+        """SiLU(gate) * up; `fp8`: its rows rounded to E4M3 and their scales, as `add_norm`'s."""
         if self.kernels == "triton":
             rows, i = gu.shape[0], gu.shape[1] // 2
-            out = torch.empty((rows, i), device=gu.device, dtype=gu.dtype)
-            blk = 1024
-            self._tk.silu_mul[(rows, cdiv(i, blk))](gu, out, gu.stride(0), out.stride(0), i, BLOCK=blk,
-                                                    num_warps=4, **self._pdl)
-            return out
+            out = torch.empty((rows, i), device=gu.device, dtype=torch.float8_e4m3fn if fp8 else gu.dtype)
+            qs = torch.empty((rows, 1), device=gu.device, dtype=torch.float32) if fp8 else out
+            blk = next_pow2(i) if fp8 else 1024  # a row's scale needs the whole row in one program
+            self._tk.silu_mul[(rows, cdiv(i, blk))](gu, out, qs, gu.stride(0), out.stride(0), i, BLOCK=blk, FP8=fp8,
+                                                    num_warps=(8 if blk >= 4096 else 4) if fp8 else 4, **self._pdl)
+            return (out, qs) if fp8 else out
         g, u = gu.chunk(2, -1)
-        return F.silu(g) * u
+        y = F.silu(g) * u
+        return quantize_rows_fp8(y) if fp8 else y
 
     # -- attention ---------------------------------------------------------------------------
     def attn_prefill_padded(self, q, L, pack):
@@ -346,14 +362,15 @@ class Llama:
         x = F.embedding(tok, self.embed)
         res = None
         for L in self.layers:
-            h, res = self.add_norm(x, res, L.in_norm)
+            h, res = self.add_norm(x, res, L.in_norm, fp8=self.fp8_input(x, L.wqkv))
             qkv = self.linear(h, L.wqkv, L.bqkv)
             o = self.linear(attn(qkv, L), L.wo, L.bo)
-            h, res = self.add_norm(o, res, L.post_norm)
-            x = self.linear(self.silu_mul(self.linear(h, L.wgu, L.bgu)), L.wd, L.bd)
+            h, res = self.add_norm(o, res, L.post_norm, fp8=self.fp8_input(o, L.wgu))
+            gu = self.linear(h, L.wgu, L.bgu)
+            x = self.linear(self.silu_mul(gu, fp8=self.fp8_input(gu, L.wd)), L.wd, L.bd)
         if last is not None:  # prefill: only the last row of each prompt goes on to the head
             x, res = x[last], res[last]
-        h, _ = self.add_norm(x, res, self.norm)
+        h, _ = self.add_norm(x, res, self.norm, fp8=self.fp8_input(x, self.lm_head))
         return h
 
     def decode_logits(self, tok, slots, pos, tb) -> torch.Tensor:

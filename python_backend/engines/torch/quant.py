@@ -185,7 +185,10 @@ class W8Matmul:
 
     def scaled(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
         """The W8A8 product: `x`'s rows rounded to E4M3 (a scale each), FP8 tensor cores, `w.dtype` out."""
-        xq, sx = self.quantize_rows(x)
+        return self.scaled_rows(*self.quantize_rows(x), w, bias)
+
+    def scaled_rows(self, xq: torch.Tensor, sx: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
+        """The W8A8 product of rows already rounded (`quantize_rows_fp8`'s pair)."""
         y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
         return y if bias is None else y + bias
 

@@ -109,6 +109,30 @@ for fmt in ("int8", "fp8"):  # (float32: the interpreter rounds to bf16 its own 
 x = torch.randn(130, 300)  # more rows than w8_matmul takes: widened, then the dense product
 assert torch.equal(mm(x, w8 := QuantWeight(torch.randn(40, 300), "int8", torch.float32)), x @ w8.widened().t())
 assert int(mm._count.abs().sum()) == 0
+# W8A8's row rounding (fp8_rows, and add_rmsnorm / silu_mul with FP8): quantize_rows_fp8's scales
+# exactly; the E4M3 values too, but where the interpreter's own float32 -> E4M3 conversion goes wrong
+# (not the kernel: on the GPU the test compares bitwise): it halves a value that rounds up to a power
+# of two, and puts subnormals (up to 2^-6) a step (2^-9) off
+from tritonchat.python_backend.engines.torch.quant import quantize_rows_fp8
+from tritonchat.python_backend.engines.torch.llama import Llama
+def same_rows(got, want):
+    (q, s), (q2, s2) = got, want
+    assert torch.equal(s, s2)
+    q, q2 = q.float(), q2.float()
+    odd = q != q2
+    halved = (q * 2 == q2) & (torch.frexp(q2.abs())[0] == 0.5)
+    subnormal = (q2.abs() <= 2 ** -6) & ((q - q2).abs() <= 2 ** -9)
+    bad = odd & ~halved & ~subnormal
+    assert odd.float().mean() < 0.1 and not bad.any(), (q[bad], q2[bad], odd.float().mean())
+ops = Llama.__new__(Llama)
+ops.kernels, ops._tk, ops._pdl, ops.eps = "triton", tk, {}, 1e-6
+x = torch.randn(20, 300) * torch.logspace(-3, 2, 20)[:, None]
+x[3] = 0
+same_rows(W8Matmul(tk, 4, w8a8_rows=0).quantize_rows(x), quantize_rows_fp8(x))
+norm = torch.rand(300) + 0.5
+same_rows(ops.add_norm(x, None, norm, fp8=True)[0], quantize_rows_fp8(ops.add_norm(x, None, norm)[0]))
+gu = torch.randn(20, 2 * 160) * 3
+same_rows(ops.silu_mul(gu, fp8=True), quantize_rows_fp8(ops.silu_mul(gu)))
 path, = sys.argv[1:]
 kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, weights="int8")
 ref = TorchEngine(path, kernels="torch", attention="sdpa", **kw)
@@ -128,8 +152,9 @@ assert worst < 1e-3, worst
 def test_the_8bit_product_kernel_interpreted(tmp_path):
     """`w8_matmul` (int8 and FP8 weights, every candidate configuration: one row on the CUDA cores,
     `tl.dot` either way round, split-K fixed up in the launch) run by
-    Triton's CPU interpreter equals the product with the widened weights; the engine with it (INT8)
-    equals the engine without it."""
+    Triton's CPU interpreter equals the product with the widened weights; the rounding of rows for
+    W8A8 products (`fp8_rows`, add_rmsnorm and silu_mul with FP8) equals `quantize_rows_fp8`; the
+    engine with the kernels (INT8) equals the engine without them."""
     pytest.importorskip("triton")
     _, path = _random_model(tmp_path, "qwen2")
     r = subprocess.run([sys.executable, "-c", _INTERPRETED, str(path)], env={**os.environ, "TRITON_INTERPRET": "1"},

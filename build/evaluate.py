@@ -356,9 +356,9 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
     t0 = time.perf_counter()
     ref_module = model.to(device).eval()
     test_module = copy.deepcopy(ref_module)
-    # fp8: activations rounded too, as the engine's W8A8 products (prefills, batches of more than
-    # quant.W8A8_ROWS rows) do; smaller batches round the weights alone, which the gate bounds as well
-    fake_quantize(test_module, TORCH_WEIGHTS[precision], activations=precision == "fp8")
+    # weights alone: the engine's default products are W8A16 (its W8A8 form, off by default, would
+    # need fake_quantize(activations=True) here)
+    fake_quantize(test_module, TORCH_WEIGHTS[precision])
     embed = ref_module.get_input_embeddings().weight
     linear = [p for n, p in ref_module.named_parameters() if p.dim() == 2 and p is not embed]
     head = ref_module.get_output_embeddings().weight

@@ -219,7 +219,8 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     from tritonchat.python_backend.engines.torch import TorchEngine
 
     model, path = _random_model(tmp_path, "llama-rope-scaled")
-    ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt)
+    ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt,
+                     w8a8_rows="auto")  # W8A8 above W8A8_ROWS rows where the GPU can (off by default)
     ex.warmup()  # tunes the 8-bit products, captures the graphs
     assert ex.llama.mm.configs and ex.describe()["weights"] == fmt
     rounded = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)

@@ -14,12 +14,14 @@ How a product runs:
   * more rows (prefills, decode steps carrying prompts), or no Triton (CPU): the weight widened to
     the engine's dtype (one `w8_widen` kernel where Triton runs), then the dense product (cuBLAS on
     the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums;
-  * FP8 weights, more than `w8a8_rows` rows (`W8A8_ROWS` where the GPU has FP8 tensor cores with a
-    scale per row, `w8a8_supported`): W8A8 — each row of the activations rounded to E4M3 with a
-    scale of its own (`fp8_rows` kernel, `quantize_rows_fp8`'s numbers), then `torch._scaled_mm`
-    (the weight's scale per output channel). At 64 rows the widening kernel's bf16 MMAs lose to
-    bf16 cuBLAS (docs/benchmarks-gpu.md); a prefill gets FP8's rate. The activations' rounding is a
-    second error beside the weights': the build's gate measures both (`fake_quantize(activations=True)`).
+  * FP8 weights, more than `w8a8_rows` rows, where asked for (`TorchEngine(w8a8_rows="auto")`:
+    `W8A8_ROWS` where the GPU has FP8 tensor cores with a scale per row, `w8a8_supported`; off by
+    default until measured on a GPU): W8A8 — each row of the activations rounded to E4M3 with a scale
+    of its own (`fp8_rows` kernel, `quantize_rows_fp8`'s numbers), then `torch._scaled_mm` (the
+    weight's scale per output channel). At 64 rows the widening kernel's bf16 MMAs lose to bf16
+    cuBLAS (docs/benchmarks-gpu.md); a prefill would get FP8's rate. The activations' rounding is a
+    second error beside the weights', which `fake_quantize(activations=True)` models (the gate's
+    model, should W8A8 become the default).
 """
 
 from __future__ import annotations

@@ -342,9 +342,8 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
                            max_eval_tokens: int = 4096) -> EvalReport:
     """The torch engine's 8-bit weights (`--precision int8-weight-only` or `fp8`) against the model in
     its own dtype: the same model with every product's weight rounded through the format
-    (python_backend/engines/torch/quant.py, `fake_quantize`; FP8's activations too, each row rounded
-    as its W8A8 products do), which is what the engine's products compute with, up to the order of
-    the sums. Both run on `device`; `size_bytes` is what the engine
+    (python_backend/engines/torch/quant.py, `fake_quantize`), which is what the engine's products
+    compute with, up to the order of the sums. Both run on `device`; `size_bytes` is what the engine
     keeps (8-bit products, their scales, the embedding and norms in the dtype)."""
     import copy
 

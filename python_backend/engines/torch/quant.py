@@ -16,10 +16,11 @@ How a product runs:
     the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums;
   * FP8 weights, more than `w8a8_rows` rows, where asked for (`TorchEngine(w8a8_rows="auto")`:
     `W8A8_ROWS` where the GPU has FP8 tensor cores with a scale per row, `w8a8_supported`; off by
-    default until measured on a GPU): W8A8 — each row of the activations rounded to E4M3 with a scale
-    of its own (`fp8_rows` kernel, `quantize_rows_fp8`'s numbers), then `torch._scaled_mm` (the
-    weight's scale per output channel). At 64 rows the widening kernel's bf16 MMAs lose to bf16
-    cuBLAS (docs/benchmarks-gpu.md); a prefill would get FP8's rate. The activations' rounding is a
+    default until its GPU test has passed): W8A8 — each row of the activations rounded to E4M3 with a
+    scale of its own (`quantize_rows_fp8`'s numbers: by the norm or SiLU·up kernel before the product,
+    else the `fp8_rows` kernel), then `torch._scaled_mm` (the weight's scale per output channel).
+    Above 64 rows the widening kernel's bf16 MMAs lose to bf16 cuBLAS; W8A8 brings a 128-row step and
+    a prefill back to about bf16's time (docs/benchmarks-gpu.md). The activations' rounding is a
     second error beside the weights', which `fake_quantize(activations=True)` models (the gate's
     model, should W8A8 become the default).
 """

@@ -165,13 +165,8 @@ def _half_kv(progress, con, model, tokenizer, tmp: Path, spec, settings, info, a
                           kv_dtype="float16")
     info["kv_cache_dtype"] = "float16"
     if accuracy_gate:
-        from tritonchat.build.evaluate import evaluate, gate, render_report
-
-        with _step(progress, "Accuracy gate (float16 KV cache): perplexity, token agreement"):
-            report = evaluate(model, out, prompts=EVAL_PROMPTS, tokenizer=tokenizer, precision="fp16")
-        render_report(report, console=con)
-        info["accuracy"] = report.to_dict()
-        gate(report, "fp16", settings["accuracy_bounds"])
+        _graph_gate(progress, con, model, tokenizer, out, "fp16", "Accuracy gate (float16 KV cache): perplexity, "
+                    "token agreement", settings, info, graph_precision="fp16")
     return out
 
 
@@ -184,14 +179,29 @@ def _quantize(progress, con, model, tokenizer, spec, fp32: Path, tmp: Path, sett
     with _step(progress, f"Quantize to {precision}"):
         quantize(fp32, out, precision, calibration_text=calib, tokenizer=tokenizer, spec=spec)
     if accuracy_gate:
-        from tritonchat.build.evaluate import evaluate, gate, render_report
-
-        with _step(progress, "Accuracy gate: perplexity, token agreement, size"):
-            report = evaluate(model, out, prompts=EVAL_PROMPTS, tokenizer=tokenizer)
-        render_report(report, console=con)
-        info["accuracy"] = report.to_dict()
-        gate(report, precision, settings["accuracy_bounds"])
+        _graph_gate(progress, con, model, tokenizer, out, precision, "Accuracy gate: perplexity, token agreement, "
+                    "size", settings, info)
     return out
+
+
+def _graph_gate(progress, con, model, tokenizer, onnx_path: Path, precision: str, label: str, settings, info,
+                graph_precision: str | None = None) -> None:
+    """The accuracy gate on a written graph against the PyTorch model, judged with `precision`'s bound
+    (`graph_precision`: what the report names the graph; None: read from the graph)."""
+    from tritonchat.build.evaluate import evaluate
+
+    with _step(progress, label):
+        report = evaluate(model, onnx_path, prompts=EVAL_PROMPTS, tokenizer=tokenizer, precision=graph_precision)
+    _judge(con, report, precision, settings, info)
+
+
+def _judge(con, report, precision: str, settings, info) -> None:
+    """Print the gate's report, record it in the manifest's info, stop the build if it is over the bound."""
+    from tritonchat.build.evaluate import gate, render_report
+
+    render_report(report, console=con)
+    info["accuracy"] = report.to_dict()
+    gate(report, precision, settings["accuracy_bounds"])
 
 
 def _weights_gate(progress, con, model, tokenizer, settings, info) -> None:
@@ -199,16 +209,14 @@ def _weights_gate(progress, con, model, tokenizer, settings, info) -> None:
     dtype); the gate measures their rounding here, on the build's device."""
     import torch
 
-    from tritonchat.build.evaluate import evaluate_torch_weights, gate, render_report
+    from tritonchat.build.evaluate import evaluate_torch_weights
 
     precision = settings["precision"]
     device = settings["device"] if settings["device"] != "cuda" or torch.cuda.is_available() else "cpu"
     with _step(progress, f"Accuracy gate: {precision} weights against {settings['dtype']} ({device})"):
         report = evaluate_torch_weights(model, precision, tokenizer=tokenizer, device=device, prompts=EVAL_PROMPTS)
     model.to("cpu")
-    render_report(report, console=con)
-    info["accuracy"] = report.to_dict()
-    gate(report, precision, settings["accuracy_bounds"])
+    _judge(con, report, precision, settings, info)
 
 
 def _tensorrt(progress, onnx_path: Path, tmp: Path, settings, max_seq_len: int, files: dict) -> str:

@@ -78,7 +78,7 @@ _KERNELS = None
 
 def load_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
-    global _KERNELS, _attend_block  # a @triton.jit helper is found through the module's globals
+    global _KERNELS, _attend_block, _fp8_row  # a @triton.jit helper is found through the module's globals
     if _KERNELS is not None:
         return _KERNELS or None
     try:
@@ -93,6 +93,14 @@ def load_kernels():
         from triton.language.extra.cuda import gdc_wait as _gdc_wait
     except Exception:  # noqa: BLE001
         _gdc_wait = _gdc_launch = None
+
+    @triton.jit
+    def _fp8_row(y):
+        # a row (float32, its padding zeros) rounded to E4M3 with its own scale max|y| / 448:
+        # quant.quantize_rows_fp8's numbers (IEEE divisions, as torch's; Triton's plain `/` is an
+        # approximate one on the GPU); returns (the values, still float32, the scale)
+        sc = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=0), 448.0), 1e-12)
+        return tl.minimum(tl.maximum(tl.div_rn(y, sc), -448.0), 448.0), sc
 
     @triton.jit
     def add_rmsnorm_kernel(X, R, W, Y, QS, stride_x, stride_r, stride_y, N, eps,
@@ -116,9 +124,7 @@ def load_kernels():
         var = tl.sum(xf * xf, axis=0) / N
         y = (xf * (1.0 / tl.sqrt(var + eps))).to(X.dtype.element_ty)
         if FP8:
-            y = (w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32)
-            sc = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=0), 448.0), 1e-12)
-            y = tl.minimum(tl.maximum(tl.div_rn(y, sc), -448.0), 448.0)
+            y, sc = _fp8_row((w.to(tl.float32) * y.to(tl.float32)).to(X.dtype.element_ty).to(tl.float32))
             tl.store(QS + row, sc)
         else:
             y = w.to(tl.float32) * y.to(tl.float32)
@@ -172,9 +178,7 @@ def load_kernels():
         a = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32)
         y = a * u
         if FP8:
-            y = y.to(GU.dtype.element_ty).to(tl.float32)
-            sc = tl.maximum(tl.div_rn(tl.max(tl.abs(y), axis=0), 448.0), 1e-12)
-            y = tl.minimum(tl.maximum(tl.div_rn(y, sc), -448.0), 448.0)
+            y, sc = _fp8_row(y.to(GU.dtype.element_ty).to(tl.float32))
             tl.store(QS + row, sc)
         tl.store(O + row * stride_o + c, y.to(dt), mask=m)
 
@@ -413,17 +417,14 @@ def load_kernels():
 
     @triton.jit
     def fp8_rows_kernel(X, Q, S, stride_x, stride_q, K, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        # Q[row] = X[row] / S[row] in E4M3, S[row] = max|X[row]| / 448: quant.quantize_rows_fp8's
-        # numbers (IEEE divisions, as torch's; Triton's plain `/` is an approximate one on the GPU)
+        # Q[row] = X[row] / S[row] in E4M3, S[row] = max|X[row]| / 448 (`_fp8_row`)
         row = tl.program_id(0)
         if PDL:
             _gdc_wait()
             _gdc_launch()
         cols = tl.arange(0, BLOCK)
         m = cols < K
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        s = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 448.0), 1e-12)
-        q = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
+        q, s = _fp8_row(tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32))
         tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=m)
         tl.store(S + row, s)
 

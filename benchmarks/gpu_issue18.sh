@@ -20,10 +20,10 @@ for step in ${STEPS:-test step sweep}; do
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
-    sweep-8bit) for p in ${PRECISIONS:-"" int8-weight-only}; do
-              (cd "$REPO_ROOT" && PRECISION=$p LEVELS=${LEVELS:-1,16,64} PEERS= \
+    sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
+              (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
-                2>&1 | tail -40 | tee "$OUT/sweep-${p:-bf16}.txt"; done ;;
+                2>&1 | tail -40 | tee "$OUT/sweep-$p.txt"; done ;;
   esac
 done
 echo "=== done at $(date +%T)"

@@ -339,12 +339,14 @@ def evaluate(reference_model_dir_or_model, onnx_path: Path, *, text: str | None 
 
 def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "cpu", text: str | None = None,
                            prompts: Sequence[str] | None = None, new_tokens: int = 64,
-                           max_eval_tokens: int = 4096) -> EvalReport:
+                           max_eval_tokens: int = 4096, activations: bool = False) -> EvalReport:
     """The torch engine's 8-bit weights (`--precision int8-weight-only` or `fp8`) against the model in
     its own dtype: the same model with every product's weight rounded through the format
     (python_backend/engines/torch/quant.py, `fake_quantize`), which is what the engine's products
-    compute with, up to the order of the sums. Both run on `device`; `size_bytes` is what the engine
-    keeps (8-bit products, their scales, the embedding and norms in the dtype)."""
+    compute with, up to the order of the sums; `activations` (FP8, W8A8): every product's input rows
+    rounded too, as the engine's products of many rows do on Hopper. Both run on `device`;
+    `size_bytes` is what the engine keeps (8-bit products, their scales, the embedding and norms in
+    the dtype)."""
     import copy
 
     import torch
@@ -355,9 +357,9 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
     t0 = time.perf_counter()
     ref_module = model.to(device).eval()
     test_module = copy.deepcopy(ref_module)
-    # weights alone: the engine's default products are W8A16 (its W8A8 form, off by default, would
-    # need fake_quantize(activations=True) here)
-    fake_quantize(test_module, TORCH_WEIGHTS[precision])
+    # W8A8: every product's rows rounded, where the engine rounds only those of more than W8A8_ROWS
+    # rows (prompts, steps of many streams): the gate judges the larger of the two errors
+    fake_quantize(test_module, TORCH_WEIGHTS[precision], activations=activations)
     embed = ref_module.get_input_embeddings().weight
     linear = [p for n, p in ref_module.named_parameters() if p.dim() == 2 and p is not embed]
     head = ref_module.get_output_embeddings().weight
@@ -365,9 +367,10 @@ def evaluate_torch_weights(model, precision: str, *, tokenizer, device: str = "c
         + (head.numel() + head.shape[0] * 4 if head is embed else 0) \
         + sum(p.numel() * p.element_size() for p in ref_module.parameters() if p.dim() == 1)
     ref = _TorchModel(ref_module, "reference", sum(p.numel() * p.element_size() for p in ref_module.parameters()))
-    test = _TorchModel(test_module, f"{precision} weights", int(size))
+    what = f"{precision} weights" + (" and activations" if activations else "")
+    test = _TorchModel(test_module, what, int(size))
     try:
-        return _evaluate(ref, test, f"torch engine, {precision} weights", precision, t0, text=text, prompts=prompts,
+        return _evaluate(ref, test, f"torch engine, {what}", precision, t0, text=text, prompts=prompts,
                          new_tokens=new_tokens, tokenizer=tokenizer, window=None, stride=None,
                          max_eval_tokens=max_eval_tokens)
     finally:

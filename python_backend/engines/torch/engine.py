@@ -64,7 +64,7 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows=None, **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -83,9 +83,9 @@ class TorchEngine(Engine):
         programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
         where it runs (Hopper on, a Triton with grid dependency control). `w8a8_rows` (FP8 weights):
         products of more rows than this round their activations to FP8 too and run on the FP8 tensor
-        cores (`quant.py`); "auto": `quant.W8A8_ROWS` where the device can (`w8a8_supported`), else
-        never; None (the default until it is measured on a GPU: docs/gpu-engine.md): never; a number
-        forces it (tests, benchmarks)."""
+        cores (`quant.py`); "auto" (the default): `quant.W8A8_ROWS` where the device can
+        (`w8a8_supported`: Hopper on), else never; None: never (every product W8A16); a number forces
+        it (tests, benchmarks)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")

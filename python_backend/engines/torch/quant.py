@@ -69,7 +69,10 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E4M3 rows [M, K], float32 scale [M, 1]): row m is x[m] / scale[m], scale[m] = max|x[m]| / 448 —
     the activations of a W8A8 product (the `fp8_rows` kernel computes the same numbers)."""
     xf = x.detach().float()
-    scale = (xf.abs().amax(-1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+    # divided by a tensor, not the number 448: on CUDA torch turns a division by a Python scalar into a
+    # product with its reciprocal, one rounding off the kernels' IEEE division in some rows' scales
+    amax = xf.abs().amax(-1, keepdim=True)
+    scale = (amax / amax.new_tensor(E4M3_MAX)).clamp(min=1e-12)
     q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

@@ -14,15 +14,15 @@ How a product runs:
   * more rows (prefills, decode steps carrying prompts), or no Triton (CPU): the weight widened to
     the engine's dtype (one `w8_widen` kernel where Triton runs), then the dense product (cuBLAS on
     the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums;
-  * FP8 weights, more than `w8a8_rows` rows, where asked for (`TorchEngine(w8a8_rows="auto")`:
-    `W8A8_ROWS` where the GPU has FP8 tensor cores with a scale per row, `w8a8_supported`; off by
-    default until its GPU test has passed): W8A8 — each row of the activations rounded to E4M3 with a
+  * FP8 weights, more than `w8a8_rows` rows (`TorchEngine(w8a8_rows="auto")`, the default:
+    `W8A8_ROWS` where the GPU has FP8 tensor cores with a scale per row, `w8a8_supported`; build
+    setting `models.generator.w8a8`): W8A8 — each row of the activations rounded to E4M3 with a
     scale of its own (`quantize_rows_fp8`'s numbers: by the norm or SiLU·up kernel before the product,
     else the `fp8_rows` kernel), then `torch._scaled_mm` (the weight's scale per output channel).
     Above 64 rows the widening kernel's bf16 MMAs lose to bf16 cuBLAS; W8A8 brings a 128-row step and
     a prefill back to about bf16's time (docs/benchmarks-gpu.md). The activations' rounding is a
-    second error beside the weights', which `fake_quantize(activations=True)` models (the gate's
-    model, should W8A8 become the default).
+    second error beside the weights', which `fake_quantize(activations=True)` models (the build's
+    FP8 gate for such a build).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 # products of more rows never launch with PDL: with it the 8-bit decode step at 128 rows was 9-16 %
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
 PDL_MAX_ROWS = 64
-# FP8 products of more rows than this run as W8A8 where asked for (module docstring): H100, W8A8 ÷
+# FP8 products of more rows than this run as W8A8 where the GPU can (module docstring): H100, W8A8 ÷
 # W8A16 step 1.28 at 32 rows, 0.96 at 64, 0.73 at 128; prefill of 128 tokens 0.78 (docs/benchmarks-gpu.md)
 W8A8_ROWS = 64
 
@@ -316,8 +316,17 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False) -> l
     if bm >= 16:  # the weight as the MMA's 64 or 128 rows
         tiles += [(2, bn, bk) for bn in (64, 128) for bk in (64, 128) if bn * bk <= 8192]
     return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
-            for form, bn, bk in tiles for split in sorted({1, _split(n, k, bn, bk, sms)})
+            for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)
             for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
+
+
+def _splits(bm: int, n: int, k: int, bn: int, bk: int, sms: int) -> list[int]:
+    """Whole K, or split to fill the SMs once; up to 16 rows also 2x and 4x that: a narrow product's
+    time is mostly latency, and more programs an SM keep more weight reads in flight (the workspace,
+    split x rows x N floats, stays small at so few rows)."""
+    s = _split(n, k, bn, bk, sms)
+    more = (2 * s, 4 * s) if bm <= 16 else ()
+    return sorted({1, s} | {m for m in more if k // m >= bk})
 
 
 def pdl_launch(pdl: bool) -> dict:

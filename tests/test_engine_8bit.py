@@ -184,12 +184,14 @@ def test_8bit_builds_run_their_accuracy_gate_on_stories260k(tmp_path):
     assert acc["size_bytes"] < 0.7 * acc["reference_size_bytes"]
     cfg = (out / "generator" / "config.pbtxt").read_text()
     assert 'key: "precision", value: { string_value: "int8-weight-only" }' in cfg
+    assert 'key: "w8a8", value: { string_value: "auto" }' in cfg  # models.generator.w8a8's default
     assert engine_options({"engine": "torch", "precision": "int8-weight-only"}) == {"weights": "int8"}
     assert engine_options({"engine": "torch", "precision": "fp8"}) == {"weights": "fp8"}
     assert engine_options({"engine": "torch", "precision": "fp8", "w8a8": "auto"}) == {"weights": "fp8"}
     assert engine_options({"engine": "torch", "precision": "fp8", "w8a8": "false"}) == \
         {"weights": "fp8", "w8a8_rows": None}  # models.generator.w8a8: false, every product W8A16
     assert "weights" not in engine_options({"engine": "onnxruntime", "precision": "int8"})
+    assert engine_options({"engine": "onnxruntime", "precision": "int8", "w8a8": "false"}) == {}
 
     with pytest.raises(AccuracyGateError, match=r"fp8 accuracy gate failed: .*bound \+1\.00 %"):
         run_build(str(STORIES), tmp_path / "fp8", load_settings(engine="torch", device="cpu", dtype="bfloat16",

@@ -216,6 +216,13 @@ def test_the_fp8_gate_rounds_activations_where_w8a8_serves():
     assert wa.kl_divergence > w.kl_divergence > 0 and wa.perplexity != w.perplexity
 
 
+def _same_bits(got, want):
+    """Two (E4M3 rows, scales) pairs are the same numbers, bit for bit."""
+    (q, s), (q2, s2) = got, want
+    assert torch.equal(s, s2), (s - s2).abs().max()
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)), (q.float() - q2.float()).abs().max()
+
+
 def test_fp8_settings_are_refused_where_they_cannot_run():
     from tritonchat.build.settings import SettingsError, load_settings
 
@@ -241,8 +248,8 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     from tritonchat.python_backend.engines.torch import TorchEngine
 
     model, path = _random_model(tmp_path, "llama-rope-scaled")
-    ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt,
-                     w8a8_rows="auto")  # W8A8 above W8A8_ROWS rows where the GPU can (off by default)
+    # FP8: W8A8 above W8A8_ROWS rows where the GPU can (the engine's default)
+    ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt)
     ex.warmup()  # tunes the 8-bit products, captures the graphs
     assert ex.llama.mm.configs and ex.describe()["weights"] == fmt
     rounded = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
@@ -283,22 +290,14 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     if w8a8:  # the rows' rounding kernel: quantize_rows_fp8's numbers exactly; the W8A8 product
         x = torch.randn(W8A8_ROWS + 16, w.q.shape[1], device="cuda", dtype=torch.bfloat16) * 3
         x[5] = 0  # a row of zeros: the smallest scale, zeros out
-        q, s = ex.llama.mm.quantize_rows(x)
         q2, s2 = quantize_rows_fp8(x)
-        assert torch.equal(s, s2), (s - s2).abs().max()
-        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)), (q.float() - q2.float()).abs().max()
+        _same_bits(ex.llama.mm.quantize_rows(x), (q2, s2))
         want = (q2.float() * s2) @ w.widened().float().t()
         got = ex.llama.mm(x, w).float()
         assert (got - want).abs().max() < 0.02 * want.abs().max()
         # the norm and SiLU·up round their output rows for the product after them: the same numbers
         llama, norm = ex.llama, ex.llama.layers[0].in_norm
         x = torch.randn(W8A8_ROWS + 16, norm.shape[0], device="cuda", dtype=torch.bfloat16)
-        (q, s), _ = llama.add_norm(x, None, norm, fp8=True)
-        q2, s2 = quantize_rows_fp8(llama.add_norm(x, None, norm)[0])
-        assert torch.equal(s, s2), (s - s2).abs().max()
-        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)), (q.float() - q2.float()).abs().max()
+        _same_bits(llama.add_norm(x, None, norm, fp8=True)[0], quantize_rows_fp8(llama.add_norm(x, None, norm)[0]))
         gu = torch.randn(W8A8_ROWS + 16, 2 * llama.intermediate, device="cuda", dtype=torch.bfloat16) * 3
-        q, s = llama.silu_mul(gu, fp8=True)
-        q2, s2 = quantize_rows_fp8(llama.silu_mul(gu))
-        assert torch.equal(s, s2), (s - s2).abs().max()
-        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)), (q.float() - q2.float()).abs().max()
+        _same_bits(llama.silu_mul(gu, fp8=True), quantize_rows_fp8(llama.silu_mul(gu)))

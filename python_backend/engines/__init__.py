@@ -57,7 +57,7 @@ def engine_options(params: dict) -> dict:
         opts["mix_tokens"] = int(params["mix_tokens"])
     if params.get("engine") == "torch" and params.get("precision") in TORCH_WEIGHTS:
         opts["weights"] = TORCH_WEIGHTS[params["precision"]]  # a build with --precision fp8 / int8-weight-only
-        if params.get("w8a8") and params["w8a8"] != "auto" and not parse_flag(params["w8a8"]):
+        if params.get("w8a8") == "false":
             opts["w8a8_rows"] = None  # models.generator.w8a8: false, every FP8 product W8A16
     return opts
 

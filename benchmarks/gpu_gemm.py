@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
-    graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
+    form_of, graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -45,7 +45,7 @@ def copy_bandwidth() -> tuple[float, float]:
 
 
 def form(cfg: dict, m: int) -> str:
-    return FORMS[cfg["FORM"] if cfg["FORM"] or m == 1 else 1] + f"/k{cfg['SPLIT']}" + ("/pdl" if cfg.get("PDL") else "")
+    return FORMS[form_of(cfg, m)] + f"/k{cfg['SPLIT']}" + ("/pdl" if cfg.get("PDL") else "")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

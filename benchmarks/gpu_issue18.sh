@@ -5,6 +5,8 @@
 # STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py); LEVELS and PEER_LEVELS the sweep's levels.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
+export TRITONCHAT_SHARED=${TRITONCHAT_SHARED:-$PWD/.carry/shared}
 source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for step in ${STEPS:-test step sweep}; do

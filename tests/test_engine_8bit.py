@@ -83,7 +83,8 @@ def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
 _INTERPRETED = r"""
 import sys, numpy as np, torch
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.quant import QuantWeight, W8Matmul, candidate_configs, row_bucket
+from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
+    form_of, row_bucket
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 tk = load_kernels()
 mm = W8Matmul(tk, sms=4)
@@ -96,13 +97,13 @@ for (m, n, k), fmt in zip([(1, 64, 256), (1, 40, 520), (3, 40, 72), (17, 33, 130
     x = torch.randn(m, k)
     ref = x @ w.widened().t()
     configs = candidate_configs(row_bucket(m), n, k, 4) + [
-        dict(FORM=f, BN=16, BK=64, SPLIT=s, num_warps=4, num_stages=2) for f in (0, 1, 2) for s in (2, 3)]
+        dict(FORM=f, BN=16, BK=64, SPLIT=s, num_warps=4, num_stages=2) for f in FORMS for s in (2, 3)]
     for cfg in configs:
-        forms.add((cfg["FORM"] if cfg["FORM"] or m == 1 else 1, cfg["SPLIT"] > 1))
+        forms.add((form_of(cfg, m), cfg["SPLIT"] > 1))
         for _ in range(2):  # the split's tile counters are back at 0 after each launch
             worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
     worst = max(worst, (mm(x, w, torch.ones(n)) - ref - 1).abs().max().item())  # the default config, a bias
-assert forms == {(f, s) for f in (0, 1, 2) for s in (False, True)}, forms
+assert forms == {(f, s) for f in FORMS for s in (False, True)}, forms
 for fmt in ("int8", "fp8"):  # (float32: the interpreter rounds to bf16 its own way; the GPU test checks bf16)
     w = QuantWeight(torch.randn(40, 300), fmt, torch.float32)
     assert torch.equal(mm.widen(w), w.widened()), fmt  # the one-pass widening: dequantize's numbers exactly
@@ -149,6 +150,37 @@ assert worst < 1e-3, worst
 """
 
 
+_WIDENING = """
+# every int8 and E4M3 value (NaN aside, subnormals included) in the weight's first column, x = e_0:
+# each one-row form returns the values widened exactly (quant.dequantize's numbers)
+import sys, torch
+from tritonchat.python_backend.engines.torch.kernels import load_kernels
+from tritonchat.python_backend.engines.torch.quant import GEMV_FORMS, QuantWeight, W8Matmul
+device, = sys.argv[1:]
+mm = W8Matmul(load_kernels(), sms=4)
+b = torch.arange(256)
+for fmt, q in (("int8", b.to(torch.uint8).view(torch.int8)),
+               ("fp8", b[(b & 0x7F) != 0x7F].to(torch.uint8).view(torch.float8_e4m3fn))):
+    w = QuantWeight(torch.ones(q.numel(), 64), fmt, torch.float32)
+    w.q = torch.zeros_like(w.q).view(torch.uint8).copy_(torch.randint(0, 100, (q.numel(), 64))).view(q.dtype)
+    w.q[:, 0] = q
+    w.q, w.scale = w.q.to(device), torch.rand(q.numel(), device=device) + 0.5
+    x = torch.zeros(1, 64, device=device)
+    x[0, 0] = 1
+    for form in GEMV_FORMS:
+        y = mm.launch(x, w, dict(FORM=form, BN=16, BK=64, SPLIT=1, num_warps=4, num_stages=2))
+        assert torch.equal(y[0], w.widened()[:, 0]), (fmt, form, (y[0] != w.widened()[:, 0]).nonzero())
+print("widened exactly")
+"""
+
+
+def _widening(device: str, **env) -> str:
+    r = subprocess.run([sys.executable, "-c", _WIDENING, device], env={**os.environ, **env},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
 def test_the_8bit_product_kernel_interpreted(tmp_path):
     """`w8_matmul` (int8 and FP8 weights, every candidate configuration: one row on the CUDA cores,
     `tl.dot` either way round, split-K fixed up in the launch) run by
@@ -161,6 +193,7 @@ def test_the_8bit_product_kernel_interpreted(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     print(r.stdout.strip().splitlines()[-1])
+    assert _widening("cpu", TRITON_INTERPRET="1") == "widened exactly"
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="stories260K not present in ../shared/models")
@@ -234,6 +267,13 @@ def test_fp8_settings_are_refused_where_they_cannot_run():
         load_settings(engine="torch", dtype="bfloat16", precision="int8")
     assert load_settings(engine="torch", dtype="bfloat16", precision="fp8")["accuracy_bounds"]["fp8"] == 0.01
     assert load_settings(engine="torch", dtype="bfloat16", precision="int8-weight-only")["engine"] == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the 8-bit kernel's GPU run)")
+def test_every_8bit_value_is_widened_exactly_on_the_gpu():
+    """The one-row forms, integer-op widening included (`_widen_bits`: E4M3 subnormals pass through a
+    float32 subnormal, which a flush to zero would lose), on the GPU's own arithmetic."""
+    assert _widening("cuda") == "widened exactly"
 
 
 def test_8bit_weights_need_the_native_forward(tmp_path):

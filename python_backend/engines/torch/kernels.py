@@ -78,7 +78,7 @@ _KERNELS = None
 
 def load_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
-    global _KERNELS, _attend_block, _fp8_row  # a @triton.jit helper is found through the module's globals
+    global _KERNELS, _attend_block, _fp8_row, _widen_bits  # a @triton.jit helper is found through the module's globals
     if _KERNELS is not None:
         return _KERNELS or None
     try:
@@ -337,6 +337,18 @@ def load_kernels():
                      mask=qm[:, None] & dm[None, :])
 
     @triton.jit
+    def _widen_bits(w):
+        # 8-bit weights to float32 by integer ops, exactly (type conversions issue 16 a clock an SM
+        # on Hopper, logic ops and shifts 64: the CUDA guide's throughput table): int8 v -> the float 2^23 + 128 + v, less 2^23 + 128;
+        # E4M3 s.eeee.mmm -> the float32 bits s.0000eeee.mmm0.., times 2^(127 - 7) for the bias
+        # (exact for the subnormals too: there the float32 is subnormal, the product normal)
+        u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+        if w.dtype == tl.int8:
+            return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * 1.329227995784916e36
+
+    @triton.jit
     def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
                          FORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
@@ -347,6 +359,9 @@ def load_kernels():
         #   1  tl.dot(X, W^T): X's rows (at least 16) are the MMA's M;
         #   2  tl.dot(W, X^T), transposed at the end: the weight tile (64 or 128 rows) is the MMA's M,
         #      the operand Hopper's wgmma may take from registers, where the widened weight is.
+        #   3  one row, as 0, but each thread keeps its products' sums over the whole K slice and the
+        #      row sums (shuffles across the warp) happen once, after the loop;
+        #   4  as 3, the weights widened by integer ops (`_widen_bits`) instead of conversions.
         # FIXUP: program (n, k, m) sums K-slice k only and stores it in the fp32 workspace P; the last
         # of a tile's SPLIT programs to finish (counter C) adds the slices in a fixed order (the same
         # sums every run), writes Y and puts the counter back to 0: one launch where split-K with
@@ -361,6 +376,7 @@ def load_kernels():
         nm = rn < N
         acc = tl.zeros([BM, BN], tl.float32)
         acc_t = tl.zeros([BN, BM], tl.float32)
+        acc_k = tl.zeros([BN, BK], tl.float32)  # FORM 3, 4 (unused by the others: no registers)
         if PDL:
             _gdc_wait()
             _gdc_launch()
@@ -371,6 +387,10 @@ def load_kernels():
             w = tl.load(W + rn[:, None] * stride_wn + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             if FORM == 0:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            elif FORM == 3:
+                acc_k += w.to(tl.float32) * x.to(tl.float32)
+            elif FORM == 4:
+                acc_k += _widen_bits(w) * x.to(tl.float32)
             elif FORM == 1:
                 if IEEE:
                     acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
@@ -383,6 +403,8 @@ def load_kernels():
                     acc_t = tl.dot(w.to(x.dtype), tl.trans(x), acc_t)
         if FORM == 2:
             acc = tl.trans(acc_t)
+        if FORM >= 3:
+            acc = tl.sum(acc_k, axis=1)[None, :]
         om = mm[:, None] & nm[None, :]
         if FIXUP:
             cell = rm[:, None] * N + rn[None, :]

@@ -240,8 +240,8 @@ class W8Matmul:
     def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict) -> torch.Tensor:
         m = x.shape[0]
         n, k = w.q.shape
-        form = cfg["FORM"] if cfg["FORM"] or m == 1 else 1  # the CUDA-core form holds one row
-        bm = max(16, next_pow2(m)) if form else 1
+        form = form_of(cfg, m)
+        bm = 1 if form in GEMV_FORMS else max(16, next_pow2(m))
         bn, bk, split = cfg["BN"], cfg["BK"], cfg["SPLIT"]
         ks = cdiv(cdiv(k, split), bk) * bk
         split = cdiv(k, ks)  # every program has a non-empty slice
@@ -292,7 +292,14 @@ def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:
     return split
 
 
-FORMS = {0: "gemv", 1: "dot", 2: "dot-t"}  # the kernel's FORM (kernels.py, w8_matmul) by name
+FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits"}  # the kernel's FORM (kernels.py, w8_matmul)
+GEMV_FORMS = (0, 3, 4)  # one row on the CUDA cores
+
+
+def form_of(cfg: dict, m: int) -> int:
+    """The form a configuration runs `m` rows in: the CUDA-core forms hold one row, so more rows take
+    `tl.dot` (a bucket's configurations are tuned for its fewest rows, `row_bucket`)."""
+    return cfg["FORM"] if m == 1 or cfg["FORM"] not in GEMV_FORMS else 1
 
 
 def default_config(bm: int, n: int, k: int, sms: int) -> dict:
@@ -310,6 +317,8 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False) -> l
     tiles = []
     if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
+        # the row sums once per program (a BN x BK float32 sum in registers besides the tile)
+        tiles += [(f, bn, bk) for f in (3, 4) for bn in (8, 16, 32) for bk in (128, 256, 512) if bn * bk <= 4096]
     rows = max(16, bm)
     tiles += [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)
               if rows * bk <= 128 * 128 and bn * bk <= 16384]

@@ -40,7 +40,9 @@ WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
 PDL_MAX_ROWS = 64
 # FP8 products of more rows than this run as W8A8 where the GPU can (module docstring): H100, W8A8 ÷
-# W8A16 step 1.28 at 32 rows, 0.96 at 64, 0.73 at 128; prefill of 128 tokens 0.78 (docs/benchmarks-gpu.md)
+# W8A16 step 1.25-1.28 at 32 rows, 0.73 at 128; prefill of 128 tokens 0.75-0.78. At 64 rows W8A8 at
+# every batch measured 0.94-0.96, but the rule moved to 32 rows did not speed the 64-row step or the
+# 64-stream server (eighteenth session, docs/benchmarks-gpu.md): kept at 64 until a run settles it
 W8A8_ROWS = 64
 
 
@@ -273,7 +275,8 @@ class W8Matmul:
                     continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = None
-                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl):
+                fmt = "fp8" if w.q.dtype == torch.float8_e4m3fn else "int8"
+                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=fmt):
                     try:
                         ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
                     except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
@@ -309,16 +312,19 @@ def default_config(bm: int, n: int, k: int, sms: int) -> dict:
     return dict(FORM=1, BN=bn, BK=128, SPLIT=_split(n, k, bn, 128, sms), num_warps=4, num_stages=4)
 
 
-def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False) -> list[dict]:
+def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt: str | None = None) -> list[dict]:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
-    programmatic dependent launch and without (`PDL`). Each distinct tile is one Triton compile when
+    programmatic dependent launch and without (`PDL`); `fmt` (the weights', None: every form) drops
+    the forms that lost for it. Each distinct tile is one Triton compile when
     the engine loads (shared by every shape: K and the split are not compile-time constants)."""
     tiles = []
     if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
-        # the row sums once per program (a BN x BK float32 sum in registers besides the tile)
-        tiles += [(f, bn, bk) for f in (3, 4) for bn in (8, 16, 32) for bk in (128, 256, 512) if bn * bk <= 4096]
+        # the row sums once per program (a BN x BK float32 sum in registers besides the tile); the
+        # integer widening not for FP8 weights (`fmt`), where it lost on every product (H100)
+        tiles += [(f, bn, bk) for f in ((3,) if fmt == "fp8" else (3, 4)) for bn in (8, 16, 32)
+                  for bk in (128, 256, 512) if bn * bk <= 4096]
     rows = max(16, bm)
     tiles += [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)
               if rows * bk <= 128 * 128 and bn * bk <= 16384]

@@ -55,6 +55,10 @@ VARIANTS = {
     "triton+graphs fp8 w8a8": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 0}),
     # W8A8 products rounding their input with a kernel of their own (not in the norm / SiLU·up before)
     "triton+graphs fp8 unfused": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_fp8": False}),
+    # one-row steps with the silu_mul kernel before the down product (by default the product makes
+    # SiLU(gate)·up as it loads it: W8Matmul.takes_silu)
+    "triton+graphs fp8 nosilu": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_silu": False}),
+    "triton+graphs int8 nosilu": ("triton", "triton", True, 256, {"weights": "int8", "fuse_silu": False}),
 }
 
 
@@ -72,9 +76,9 @@ def make_engine(model, variant, **kw):
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     opts = {**(extra[0] if extra else {}), **kw}
-    fuse_fp8 = opts.pop("fuse_fp8", True)
+    fuse_fp8, fuse_silu = opts.pop("fuse_fp8", True), opts.pop("fuse_silu", True)
     ex = TorchEngine(**{**args, **opts})
-    ex.llama.fuse_fp8 = fuse_fp8  # before any graph is captured
+    ex.llama.fuse_fp8, ex.llama.fuse_silu = fuse_fp8, fuse_silu  # before any graph is captured
     if ex.llama.weights != "dtype":
         ex.llama.mm.tune(ex.llama.quantized_weights(), TUNE_ROWS)  # as warmup() does before the graphs
     return ex
@@ -369,7 +373,8 @@ def table(res):
                 lines.append(f"{fmt} ÷ bf16 step at batch {b}: {q[f'b{b}']['step_ms'] / base[f'b{b}']['step_ms']:.3f} "
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
-    for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused")):
+    for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused"),
+                        ("fp8", "fp8 nosilu"), ("int8", "int8 nosilu")):
         q, o = timings.get(f"triton+graphs {name}", {}), timings.get(f"triton+graphs {other}", {})
         for b in BATCHES:  # W8A8 against W8A16, and its input rounded in the op before against on its own
             if f"b{b}" in q and f"b{b}" in o:

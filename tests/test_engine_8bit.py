@@ -134,6 +134,18 @@ norm = torch.rand(300) + 0.5
 same_rows(ops.add_norm(x, None, norm, fp8=True)[0], quantize_rows_fp8(ops.add_norm(x, None, norm)[0]))
 gu = torch.randn(20, 2 * 160) * 3
 same_rows(ops.silu_mul(gu, fp8=True), quantize_rows_fp8(ops.silu_mul(gu)))
+# one-row down products make SiLU(gate)·up as they load it: the silu_mul kernel's numbers exactly
+gu = torch.randn(1, 2 * 96) * 3
+for fmt in ("int8", "fp8"):
+    w = QuantWeight(torch.randn(40, 96), fmt, torch.float32)
+    for cfg in candidate_configs(1, 40, 96, 4) + [dict(FORM=3, BN=16, BK=32, SPLIT=2, num_warps=4, num_stages=2)]:
+        assert torch.equal(mm.launch(gu, w, cfg, silu=True), mm.launch(ops.silu_mul(gu), w, cfg)), (fmt, cfg)
+    assert torch.equal(mm(gu, w, silu=True), mm(ops.silu_mul(gu), w))
+try:
+    mm(torch.randn(2, 192), w, silu=True)
+    raise AssertionError("two rows took SiLU·up")
+except ValueError as exc:
+    assert "one-row" in str(exc)
 path, = sys.argv[1:]
 kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, weights="int8")
 ref = TorchEngine(path, kernels="torch", attention="sdpa", **kw)
@@ -145,6 +157,8 @@ for slot, n in enumerate([5, 70, 33]):
 for _ in range(3):
     slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
     worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
+    one = np.array([1]); tok = rng.integers(0, 512, 1)  # one row: SiLU·up inside the down product
+    worst = max(worst, np.abs(ref.decode(one, tok) - tri.decode(one, tok)).max())
 print("WORST", worst)
 assert worst < 1e-3, worst
 """
@@ -319,9 +333,10 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     seqs = [list(rng.integers(3, 512, n)) for n in (5, 17, 40)]
     for slot, p in enumerate(seqs):
         ex.prefill(slot, np.array(p))
-    for _ in range(6):
-        toks = rng.integers(3, 512, 3)
-        got = ex.decode(np.arange(3), toks)
+    for step in range(9):  # the last three of one row: SiLU·up made inside the down product
+        rows = 3 if step < 6 else 1
+        toks = rng.integers(3, 512, rows)
+        got = ex.decode(np.arange(rows), toks)
         for row, (p, t) in enumerate(zip(seqs, toks)):
             p.append(int(t))
             with torch.no_grad():

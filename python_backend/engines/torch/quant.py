@@ -173,8 +173,12 @@ class W8Matmul:
         self._count: torch.Tensor | None = None
         self._outgrown: list = []  # buffers a captured graph may still name: never freed
 
-    def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None, silu: bool = False) -> torch.Tensor:
+        """x @ w^T (+ bias); `silu`: x is [gate | up] and the product's input SiLU(gate) * up, made by
+        the kernel as it loads it (where `takes_silu`)."""
         m = x.shape[0]
+        if silu and not self.takes_silu(m, w):
+            raise ValueError("SiLU·up is made inside one-row kernel products only (W8Matmul.takes_silu)")
         if self.w8a8(m, w):
             return self.scaled(x, w, bias)
         if self._tk is None or m > MAX_SKINNY_M or m == 0:
@@ -182,8 +186,15 @@ class W8Matmul:
         n, k = w.q.shape
         bm = row_bucket(m)
         cfg = self.configs.get((bm, n, k)) or default_config(bm, n, k, self.sms)
-        y = self.launch(x, w, cfg)
+        y = self.launch(x, w, cfg, silu=silu)
         return y if bias is None else y + bias
+
+    def takes_silu(self, m: int, w: QuantWeight) -> bool:
+        """Can a product of `m` rows with `w` make SiLU(gate) * up itself as it loads its input (the
+        MLP's down product, one launch fewer a layer)? One row only: every program of the product
+        recomputes the SiLU of its K slice, N / BN times over — nothing beside the weights' bytes at one
+        row, but at 128 rows tens of millions of exponentials, more than the launch it saves."""
+        return self._tk is not None and m == 1 and not self.w8a8(m, w)
 
     def w8a8(self, m: int, w: QuantWeight) -> bool:
         """Does a product of `m` rows with `w` run as W8A8? (`torch._scaled_mm` wants K and N in
@@ -239,7 +250,7 @@ class W8Matmul:
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
         return self._ws, self._count
 
-    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict, silu: bool = False) -> torch.Tensor:
         m = x.shape[0]
         n, k = w.q.shape
         form = form_of(cfg, m)
@@ -255,7 +266,7 @@ class W8Matmul:
         self._tk.w8_matmul[grid](
             x, w.q, w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0), y.stride(0),
             grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SILU=silu, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 

@@ -195,6 +195,32 @@ def _widening(device: str, **env) -> str:
     return r.stdout.strip()
 
 
+def test_the_8bit_product_kernel_compiles_for_hopper():
+    """`w8_matmul`'s forms (one row: row sums per block or once, integer widening; `tl.dot` either
+    way round; SiLU·up made as the input loads; split-K fix-up; PDL) compiled for sm_90 by this
+    Triton, no GPU needed: the interpreter runs the Python, not the compiler, so this is what catches
+    a kernel that cannot compile before a GPU run does."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tritonchat.python_backend.engines.torch.kernels import load_kernels
+
+    fn = load_kernels().w8_matmul
+    ptrs = dict(X="*bf16", S="*fp32", Y="*bf16", P="*fp32", C="*i32")
+    ints = {a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_xm", "stride_wn", "stride_ym", "stride_p")}
+    cases = [dict(FORM=f, BM=1, BN=8, BK=256) for f in (0, 3, 4)] + [
+        dict(FORM=1, BM=16, BN=32, BK=128), dict(FORM=2, BM=16, BN=64, BK=64),
+        dict(FORM=3, BM=1, BN=8, BK=256, SILU=True, FIXUP=True, PDL=True)]
+    for wdt in ("fp8e4nv", "i8"):
+        for case in cases:
+            const = {**dict(FIXUP=False, IEEE=False, PDL=False, SILU=False), **case}
+            sig = {**ptrs, **ints, "W": f"*{wdt}", **{k: "constexpr" for k in const}}
+            src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+            assert kernel.asm["cubin"], (wdt, case)
+
+
 def test_the_8bit_product_kernel_interpreted(tmp_path):
     """`w8_matmul` (int8 and FP8 weights, every candidate configuration: one row on the CUDA cores,
     `tl.dot` either way round, split-K fixed up in the launch) run by

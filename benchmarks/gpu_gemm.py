@@ -48,6 +48,15 @@ def form(cfg: dict, m: int) -> str:
     return FORMS[form_of(cfg, m)] + f"/k{cfg['SPLIT']}" + ("/pdl" if cfg.get("PDL") else "")
 
 
+def as_kernel_weight(w: torch.Tensor) -> QuantWeight:
+    """bf16 weights as the 8-bit kernel's operand (scale 1, exact): can its one-row forms beat
+    cuBLAS's bf16 products, and their separate split-K reduce kernels, at one row? (`--formats dtype`,
+    quant.WEIGHT_FORMATS' name for weights kept in the model's dtype)"""
+    q = QuantWeight.__new__(QuantWeight)
+    q.q, q.scale, q.dtype = w, torch.ones(w.shape[0], device=w.device), w.dtype
+    return q
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
@@ -56,7 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--formats", default="fp8,int8")
+    ap.add_argument("--formats", default="fp8,int8", help="fp8, int8, and dtype: the 8-bit kernel over the "
+                    "bf16 weights themselves")
     ap.add_argument("--pdl", action="store_true", help="8-bit configurations also with programmatic dependent "
                     "launch (each of the 22 starts while the one before ends)")
     args = ap.parse_args()
@@ -81,11 +91,12 @@ def main() -> None:
             print(f"| {name} | {m} | bf16 cuBLAS | {ms:.3f} | {layers * n * k * 2 / ms / 1e6:.0f} | | {err:.1e} |",
                   flush=True)
             for fmt in args.formats.split(","):
-                qs = [QuantWeight(w, fmt, torch.bfloat16) for w in ws]
-                nbytes = layers * n * k
+                qs = [as_kernel_weight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
+                nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()
                 best: dict = {}
-                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl):
+                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl,
+                                             fmt="dtype" if fmt == "dtype" else None):
                     try:
                         err = rel_err(mm.launch(x, qs[0], cfg), ref)
                         t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])

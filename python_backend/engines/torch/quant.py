@@ -326,15 +326,15 @@ def default_config(bm: int, n: int, k: int, sms: int) -> dict:
 def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt: str | None = None) -> list[dict]:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
-    programmatic dependent launch and without (`PDL`); `fmt` (the weights', None: every form) drops
-    the forms that lost for it. Each distinct tile is one Triton compile when
+    programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
+    for the benchmark's unquantized weights; None: every form) drops the forms that lost or cannot run. Each distinct tile is one Triton compile when
     the engine loads (shared by every shape: K and the split are not compile-time constants)."""
     tiles = []
     if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
         # the row sums once per program (a BN x BK float32 sum in registers besides the tile); the
-        # integer widening not for FP8 weights (`fmt`), where it lost on every product (H100)
-        tiles += [(f, bn, bk) for f in ((3,) if fmt == "fp8" else (3, 4)) for bn in (8, 16, 32)
+        # integer widening for INT8 weights only (`fmt`): it lost on every FP8 product (H100)
+        tiles += [(f, bn, bk) for f in ((3, 4) if fmt in (None, "int8") else (3,)) for bn in (8, 16, 32)
                   for bk in (128, 256, 512) if bn * bk <= 4096]
     rows = max(16, bm)
     tiles += [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)

@@ -281,12 +281,12 @@ class W8Matmul:
         for w in weights:
             shapes.setdefault(tuple(w.q.shape), w)
         for (n, k), w in shapes.items():
+            fmt = "fp8" if w.q.dtype == torch.float8_e4m3fn else "int8"
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
                     continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = None
-                fmt = "fp8" if w.q.dtype == torch.float8_e4m3fn else "int8"
                 for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=fmt):
                     try:
                         ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
@@ -306,7 +306,8 @@ def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:
     return split
 
 
-FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits"}  # the kernel's FORM (kernels.py, w8_matmul)
+# the kernel's FORM (kernels.py, w8_matmul) by name
+FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits"}
 GEMV_FORMS = (0, 3, 4)  # one row on the CUDA cores
 
 
@@ -327,8 +328,9 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
-    for the benchmark's unquantized weights; None: every form) drops the forms that lost or cannot run. Each distinct tile is one Triton compile when
-    the engine loads (shared by every shape: K and the split are not compile-time constants)."""
+    for the benchmark's unquantized weights; None: every form) drops the forms that lost or cannot
+    run. Each distinct tile is one Triton compile when the engine loads (shared by every shape: K
+    and the split are not compile-time constants)."""
     tiles = []
     if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]

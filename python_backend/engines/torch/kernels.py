@@ -392,13 +392,13 @@ def load_kernels():
         for k0 in range(pk * KS, pk * KS + KS, BK):
             ks = k0 + rk
             km = ks < K
-            xm = mm[:, None] & km[None, :]
-            if SILU:
-                g = tl.load(X + rm[:, None] * stride_xm + ks[None, :], mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(X + rm[:, None] * stride_xm + K + ks[None, :], mask=xm, other=0.0).to(tl.float32)
+            xp, xm = X + rm[:, None] * stride_xm + ks[None, :], mm[:, None] & km[None, :]
+            if SILU:  # gate at xp, up K columns on
+                g = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
+                u = tl.load(xp + K, mask=xm, other=0.0).to(tl.float32)
                 x = _silu_mul(g, u, X.dtype.element_ty).to(X.dtype.element_ty)
             else:
-                x = tl.load(X + rm[:, None] * stride_xm + ks[None, :], mask=xm, other=0.0)
+                x = tl.load(xp, mask=xm, other=0.0)
             w = tl.load(W + rn[:, None] * stride_wn + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             if FORM == 0:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]

@@ -3,7 +3,7 @@
 # .carry): the 8-bit kernel's GPU test, the decode step of bf16 / INT8 / FP8 weights against the
 # memory bound, and the server sweep beside the static-cache compiled `generate` peer.
 # STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py); LEVELS and PEER_LEVELS the sweep's levels;
-# ROUNDS the step's rounds (torch_engine_gpu.py --rounds); GEMM_ARGS more gpu_gemm.py arguments.
+# ROUNDS the step's rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s; GEMM_ARGS more gpu_gemm.py arguments.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -16,7 +16,7 @@ for step in ${STEPS:-test step sweep}; do
     test) timeout 240 python3 -m pytest -q -rs -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" -k gpu \
             2>&1 | tee "$OUT/test-8bit.txt" ;;
     gemm) timeout 300 python3 "$REPO_ROOT/benchmarks/gpu_gemm.py" --m "${GEMM_M:-1,16,64}" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.txt" ;;
-    step) timeout 300 python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
+    step) timeout "${STEP_TIMEOUT:-300}" python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
             --skip-long --skip-hf --variants "${VARIANTS:-triton+graphs,triton+graphs int8,triton+graphs fp8}" \
             --profile "${PROFILE:-triton+graphs,triton+graphs fp8}" --rounds "${ROUNDS:-1}" 2>&1 | tee "$OUT/step.txt" ;;
     sweep) (cd "$REPO_ROOT" && LEVELS=${LEVELS:-1,16,64} \

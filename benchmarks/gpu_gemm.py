@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
-from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
-    form_of, graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
+from tritonchat.python_backend.engines.torch.quant import FORMS, DenseWeight, QuantWeight, W8Matmul, \
+    candidate_configs, form_of, graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}
@@ -46,15 +46,6 @@ def copy_bandwidth() -> tuple[float, float]:
 
 def form(cfg: dict, m: int) -> str:
     return FORMS[form_of(cfg, m)] + f"/k{cfg['SPLIT']}" + ("/pdl" if cfg.get("PDL") else "")
-
-
-def as_kernel_weight(w: torch.Tensor) -> QuantWeight:
-    """bf16 weights as the 8-bit kernel's operand (scale 1, exact): can its one-row forms beat
-    cuBLAS's bf16 products, and their separate split-K reduce kernels, at one row? (`--formats dtype`,
-    quant.WEIGHT_FORMATS' name for weights kept in the model's dtype)"""
-    q = QuantWeight.__new__(QuantWeight)
-    q.q, q.scale, q.dtype = w, torch.ones(w.shape[0], device=w.device), w.dtype
-    return q
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -91,12 +82,12 @@ def main() -> None:
             print(f"| {name} | {m} | bf16 cuBLAS | {ms:.3f} | {layers * n * k * 2 / ms / 1e6:.0f} | | {err:.1e} |",
                   flush=True)
             for fmt in args.formats.split(","):
-                qs = [as_kernel_weight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
+                qs = [DenseWeight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
                 nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()
                 best: dict = {}
                 for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl,
-                                             fmt="dtype" if fmt == "dtype" else None):
+                                             fmt=qs[0].fmt):
                     try:
                         err = rel_err(mm.launch(x, qs[0], cfg), ref)
                         t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])

@@ -59,6 +59,12 @@ VARIANTS = {
     # SiLU(gate)·up as it loads it: W8Matmul.takes_silu)
     "triton+graphs fp8 nosilu": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_silu": False}),
     "triton+graphs int8 nosilu": ("triton", "triton", True, 256, {"weights": "int8", "fuse_silu": False}),
+    "triton+graphs nosilu": ("triton", "triton", True, 256, {"fuse_silu": False}),
+    # bf16 products on cuBLAS at every row count (by default the 8-bit products' kernel takes the
+    # bf16 weights where its tuning timed it faster: quant.DenseWeight)
+    "triton+graphs cublas": ("triton", "triton", True, 256, {"dense_kernel": False}),
+    # FP8: W8A8 from 33 rows (the 64-row graphs W8A8 too), against the default's more than 64
+    "triton+graphs fp8 a8from33": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 32}),
 }
 
 
@@ -76,11 +82,12 @@ def make_engine(model, variant, **kw):
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     opts = {**(extra[0] if extra else {}), **kw}
-    fuse_fp8, fuse_silu = opts.pop("fuse_fp8", True), opts.pop("fuse_silu", True)
+    fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "fuse_silu", "dense_kernel")}
     ex = TorchEngine(**{**args, **opts})
-    ex.llama.fuse_fp8, ex.llama.fuse_silu = fuse_fp8, fuse_silu  # before any graph is captured
-    if ex.llama.weights != "dtype":
-        ex.llama.mm.tune(ex.llama.quantized_weights(), TUNE_ROWS)  # as warmup() does before the graphs
+    if ex.path == "native":
+        for name, on in fuse.items():  # before any graph is captured
+            setattr(ex.llama, name, on)
+        ex.llama.mm.tune(ex.llama.kernel_weights(), TUNE_ROWS)  # as warmup() does before the graphs
     return ex
 
 

@@ -146,19 +146,42 @@ try:
     raise AssertionError("two rows took SiLU·up")
 except ValueError as exc:
     assert "one-row" in str(exc)
+# weights in the engine's dtype (DenseWeight): the same kernel, unscaled; untuned, the dense product
+from tritonchat.python_backend.engines.torch.quant import DenseWeight
+for m, n, k in [(1, 40, 520), (16, 33, 130)]:
+    w, x = DenseWeight(torch.randn(n, k)), torch.randn(m, k)
+    ref = x @ w.q.t()
+    assert mm.config(m, w) is None and torch.equal(mm(x, w), x @ w.q.t())
+    for cfg in candidate_configs(row_bucket(m), n, k, 4, fmt="dtype"):
+        worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
+    mm.configs[(row_bucket(m), n, k)] = dict(FORM=3 if m == 1 else 1, BN=16, BK=64, SPLIT=2, num_warps=4, num_stages=2)
+    worst = max(worst, (mm(x, w, torch.ones(n)) - ref - 1).abs().max().item())
 path, = sys.argv[1:]
-kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, weights="int8")
-ref = TorchEngine(path, kernels="torch", attention="sdpa", **kw)
-tri = TorchEngine(path, kernels="triton", attention="triton", **kw)
-rng = np.random.default_rng(1)
-for slot, n in enumerate([5, 70, 33]):
-    p = rng.integers(0, 512, n)
-    worst = max(worst, np.abs(ref.prefill(slot, p) - tri.prefill(slot, p)).max())
-for _ in range(3):
-    slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
-    worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
-    one = np.array([1]); tok = rng.integers(0, 512, 1)  # one row: SiLU·up inside the down product
-    worst = max(worst, np.abs(ref.decode(one, tok) - tri.decode(one, tok)).max())
+def engines(**over):
+    kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, **over)
+    return TorchEngine(path, kernels="torch", attention="sdpa", **kw), TorchEngine(path, kernels="triton",
+                                                                                  attention="triton", **kw)
+def compare(ref, tri):
+    worst = 0.0
+    rng = np.random.default_rng(1)
+    for slot, n in enumerate([5, 70, 33]):
+        p = rng.integers(0, 512, n)
+        worst = max(worst, np.abs(ref.prefill(slot, p) - tri.prefill(slot, p)).max())
+    for _ in range(3):
+        slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
+        worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
+        one = np.array([1]); tok = rng.integers(0, 512, 1)  # one row: SiLU·up inside the down product
+        worst = max(worst, np.abs(ref.decode(one, tok) - tri.decode(one, tok)).max())
+    return worst
+worst = max(worst, compare(*engines(weights="int8")))
+# the engine's own weights on the kernel at one row and 16 (as where tuned faster than cuBLAS), split-K
+ref, tri = engines()
+for w in tri.llama.kernel_weights():
+    assert w.dense
+    for bm, form in ((1, 3), (16, 1)):
+        tri.llama.mm.configs[(bm, *w.q.shape)] = dict(FORM=form, BN=16, BK=32, SPLIT=2, num_warps=4, num_stages=2)
+assert tri.llama.mm.takes_silu(1, tri.llama.layers[0].wd) and not ref.llama.kernel_weights()
+worst = max(worst, compare(ref, tri))
 print("WORST", worst)
 assert worst < 1e-3, worst
 """
@@ -212,9 +235,9 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
     cases = [dict(FORM=f, BM=1, BN=8, BK=256) for f in (0, 3, 4)] + [
         dict(FORM=1, BM=16, BN=32, BK=128), dict(FORM=2, BM=16, BN=64, BK=64),
         dict(FORM=3, BM=1, BN=8, BK=256, SILU=True, FIXUP=True, PDL=True)]
-    for wdt in ("fp8e4nv", "i8", "bf16"):  # bf16: benchmarks/gpu_gemm.py --formats dtype
+    for wdt in ("fp8e4nv", "i8", "bf16"):  # bf16: quant.DenseWeight (no scale)
         for case in cases if wdt != "bf16" else [c for c in cases if c["FORM"] != 4]:
-            const = {**dict(FIXUP=False, IEEE=False, PDL=False, SILU=False), **case}
+            const = {**dict(FIXUP=False, IEEE=False, PDL=False, SILU=False, SCALED=wdt != "bf16"), **case}
             sig = {**ptrs, **ints, "W": f"*{wdt}", **{k: "constexpr" for k in const}}
             src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
@@ -227,7 +250,8 @@ def test_the_8bit_product_kernel_interpreted(tmp_path):
     Triton's CPU interpreter equals the product with the widened weights, and its one-row forms widen
     every int8 and E4M3 value exactly; the rounding of rows for
     W8A8 products (`fp8_rows`, add_rmsnorm and silu_mul with FP8) equals `quantize_rows_fp8`; the
-    engine with the kernels (INT8) equals the engine without them."""
+    engine with the kernels (INT8, and its own float32 weights on the kernel) equals the engine
+    without them."""
     pytest.importorskip("triton")
     _, path = _random_model(tmp_path, "qwen2")
     r = subprocess.run([sys.executable, "-c", _INTERPRETED, str(path)], env={**os.environ, "TRITON_INTERPRET": "1"},
@@ -324,22 +348,28 @@ def test_8bit_weights_need_the_native_forward(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the 8-bit kernel's GPU run)")
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "dtype"])
 def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
+    """dtype: the bf16 weights themselves, on the kernel where its tuning timed it faster than cuBLAS
+    (`quant.DenseWeight`), against the model."""
     from tritonchat.python_backend.engines.torch import TorchEngine
 
     model, path = _random_model(tmp_path, "llama-rope-scaled")
     # FP8: W8A8 above W8A8_ROWS rows where the GPU can (the engine's default)
     ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt)
-    ex.warmup()  # tunes the 8-bit products, captures the graphs
-    assert ex.llama.mm.configs and ex.describe()["weights"] == fmt
+    ex.warmup()  # tunes the kernel's products, captures the graphs
+    assert ex.describe()["weights"] == fmt
+    assert ex.llama.mm.configs or fmt == "dtype"  # dense weights: cuBLAS may win every product
+    print(fmt, "products on the kernel:", sorted(ex.llama.mm.configs))
     rounded = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
-    fake_quantize(rounded, fmt)
+    if fmt != "dtype":
+        fake_quantize(rounded, fmt)
     # Hopper on: FP8 products of more than W8A8_ROWS rows round their activations too (W8A8)
     w8a8 = fmt == "fp8" and torch.cuda.get_device_capability() >= (9, 0)
     assert ex.describe().get("w8a8_rows") == (W8A8_ROWS if w8a8 else None)
     rounded_a8 = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)
-    fake_quantize(rounded_a8, fmt, activations=w8a8)
+    if fmt != "dtype":
+        fake_quantize(rounded_a8, fmt, activations=w8a8)
     rng = np.random.default_rng(0)
     for slot, n in enumerate([7, 30, 100]):
         p = rng.integers(3, 512, n)
@@ -368,7 +398,10 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
             with torch.no_grad():
                 want = rounded(torch.as_tensor([p], device="cuda")).logits[0, -1].float().cpu().numpy()
             assert np.abs(got[row] - want).max() < 0.05 * np.abs(want).max(), (row, len(p))
-    w = ex.llama.quantized_weights()[0]
+    w = ex.llama.kernel_weights()[0]
+    if fmt == "dtype":
+        assert w.dense and w.q is ex.llama.layers[0].wqkv.q and w.q.dtype == torch.bfloat16
+        return
     assert isinstance(w, QuantWeight) and w.q.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
     assert torch.equal(ex.llama.mm.widen(w), w.widened())  # the one-pass widening, bf16 rounding included
     if w8a8:  # the rows' rounding kernel: quantize_rows_fp8's numbers exactly; the W8A8 product

@@ -304,9 +304,9 @@ class TorchEngine(Engine):
         that is every token bucket (budget 2,048: 10 graphs), so no prefill is captured while
         serving; with SDPA one prompt of every width bucket (buckets of several prompts are
         captured on first use)."""
-        if self.path == "native" and self.llama.weights != "dtype":
-            # the 8-bit products' configurations, timed now: a graph captures the one it was given
-            self.llama.mm.tune(self.llama.quantized_weights(), TUNE_ROWS)
+        if self.path == "native":
+            # the kernel's products' configurations, timed now: a graph captures the one it was given
+            self.llama.mm.tune(self.llama.kernel_weights(), TUNE_ROWS)
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)
@@ -541,6 +541,8 @@ class TorchEngine(Engine):
             if self.llama.mm.w8a8_rows is not None:
                 d["w8a8_rows"] = self.llama.mm.w8a8_rows  # FP8 products of more rows: W8A8
             d["weight_bytes"] = self.llama.weight_bytes()
+            if self.llama.weights == "dtype" and self.llama.mm.configs:  # (rows, N, K) on the kernel, not cuBLAS
+                d["kernel_products"] = sorted(self.llama.mm.configs)
             d["graph_batch_sizes"] = self.graph_batch_sizes
             d["graphs_captured"] = sorted(self.graphs.decode, key=lambda k: (k[0], k[1] or 0))
             d["captures"] = {k: round(v, 3) for k, v in self.captures.items()}

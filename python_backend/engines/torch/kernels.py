@@ -358,9 +358,10 @@ def load_kernels():
     def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
                          FORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
-                         SILU: tl.constexpr = False):
+                         SILU: tl.constexpr = False, SCALED: tl.constexpr = True):
         # Y[m-block, n-block] = (X[m-block] @ W[n-block]^T) * S[n-block]: W is int8 or FP8 with one
-        # scale per output channel, widened tile by tile in registers. K and KS are not compile-time
+        # scale per output channel, widened tile by tile in registers; or (SCALED False, S unread) W
+        # in X's dtype, where the one-row forms beat cuBLAS (quant.DenseWeight). K and KS are not compile-time
         # constants: one compile serves every shape. FORM:
         #   0  one row (BM=1): products and row sums on the CUDA cores, no tile of padding rows;
         #   1  tl.dot(X, W^T): X's rows (at least 16) are the MMA's M;
@@ -432,11 +433,13 @@ def load_kernels():
                 for s in range(0, SPLIT):
                     part = tl.load(P + s * stride_p + cell, mask=om, other=0.0, cache_modifier=".cg")
                     total += tl.where(s == pk, acc, part)
-                total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+                if SCALED:
+                    total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
                 tl.store(Y + rm[:, None] * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=om)
                 tl.atomic_xchg(C + tile, 0)
         else:
-            acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+            if SCALED:
+                acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
             tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=om)
 
     @triton.jit

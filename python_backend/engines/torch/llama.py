@@ -31,7 +31,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .quant import WEIGHT_FORMATS, QuantWeight, W8Matmul, pdl_launch, quantize_rows_fp8
+from .quant import WEIGHT_FORMATS, DenseWeight, QuantWeight, W8Matmul, pdl_launch, quantize_rows_fp8
 from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
 from .layout import PREFILL_BLOCK, Prompts
 
@@ -175,8 +175,13 @@ class Llama:
         # one-row 8-bit down products make SiLU(gate)·up as they load it (`W8Matmul.takes_silu`: no
         # silu_mul kernel in a one-stream step); False: the separate kernel (the benchmarks' comparison)
         self.fuse_silu = True
+        # products with weights in `dtype` may run the 8-bit products' kernel where `W8Matmul.tune`
+        # times it faster than cuBLAS (quant.DenseWeight); False: cuBLAS always (the benchmarks' comparison)
+        self.dense_kernel = True
         if weights != "dtype":
             self._quantize(weights)
+        elif kernels == "triton":
+            self._wrap_dense()
 
     def _quantize(self, fmt: str):
         """Replace the products' weights by their 8-bit form, one at a time (the peak is one weight over)."""
@@ -188,9 +193,19 @@ class Llama:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def quantized_weights(self) -> list:
-        return [w for L in self.layers for w in (L.wqkv, L.wo, L.wgu, L.wd)] + [self.lm_head] \
-            if self.weights != "dtype" else []
+    def _wrap_dense(self):
+        """The products' weights as `DenseWeight`s (the same tensors): `W8Matmul` decides per shape
+        and row bucket whether cuBLAS or the kernel runs them."""
+        for L in self.layers:
+            for name in ("wqkv", "wo", "wgu", "wd"):
+                setattr(L, name, DenseWeight(getattr(L, name)))
+        self.lm_head = DenseWeight(self.lm_head)
+
+    def kernel_weights(self) -> list:
+        """The products' weights `W8Matmul.tune` times configurations for: the 8-bit ones, and the
+        dense ones unless `dense_kernel` is off."""
+        ws = [w for L in self.layers for w in (L.wqkv, L.wo, L.wgu, L.wd)] + [self.lm_head]
+        return [w for w in ws if isinstance(w, QuantWeight) and (self.dense_kernel or not w.dense)]
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the products' and the norms'; not the embedding)."""

@@ -23,6 +23,10 @@ How a product runs:
     a prefill back to about bf16's time (docs/benchmarks-gpu.md). The activations' rounding is a
     second error beside the weights', which `fake_quantize(activations=True)` models (the build's
     FP8 gate for such a build).
+Weights kept in the engine's dtype (`DenseWeight`) go through the same kernel at up to
+`DENSE_KERNEL_ROWS` rows where `tune` timed it faster than the dense product (cuBLAS), else that: at
+one row cuBLAS's bf16 products ran at 1.3-2.5 TB/s on an H100 and added a split-K reduce kernel
+each, the kernel's one-row forms took 10 % off a step's products (docs/benchmarks-gpu.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 # products of more rows never launch with PDL: with it the 8-bit decode step at 128 rows was 9-16 %
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
 PDL_MAX_ROWS = 64
+# weights in the engine's dtype run the kernel at most this many rows (where tuned faster than cuBLAS):
+# it won at one row on every product (H100); more rows are cuBLAS's tensor cores' ground
+DENSE_KERNEL_ROWS = 16
 # FP8 products of more rows than this run as W8A8 where the GPU can (module docstring): H100, W8A8 ÷
 # W8A16 step 1.25-1.28 at 32 rows, 0.73 at 128; prefill of 128 tokens 0.75-0.78. At 64 rows W8A8 at
 # every batch measured 0.94-0.96, but the rule moved to 32 rows did not speed the 64-row step or the
@@ -100,19 +107,46 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 
 class QuantWeight:
     """A linear layer's weight in 8 bits (`q` [N, K] int8 or float8_e4m3fn, `scale` [N]) and the dtype
-    its products return."""
+    its products return: an operand of `W8Matmul`."""
 
     __slots__ = ("q", "scale", "dtype")
+    dense = False
 
     def __init__(self, w: torch.Tensor, fmt: str, dtype: torch.dtype):
         self.q, self.scale = quantize(w, fmt)
         self.dtype = dtype
+
+    @property
+    def fmt(self) -> str:
+        """The weights' format, as `WEIGHT_FORMATS` names it."""
+        return "fp8" if self.q.dtype == torch.float8_e4m3fn else "int8"
 
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * 4
 
     def widened(self) -> torch.Tensor:
         return dequantize(self.q, self.scale, self.dtype)
+
+
+class DenseWeight(QuantWeight):
+    """A weight kept in the engine's dtype (`q` is the weight itself, no scale), a `W8Matmul` operand
+    so that the products where the kernel beats cuBLAS take it (module docstring)."""
+
+    __slots__ = ()
+    dense = True
+
+    def __init__(self, w: torch.Tensor):
+        self.q, self.scale, self.dtype = w, None, w.dtype
+
+    @property
+    def fmt(self) -> str:
+        return "dtype"
+
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size()
+
+    def widened(self) -> torch.Tensor:
+        return self.q
 
 
 def fake_quantize(model, fmt: str, activations: bool = False) -> int:
@@ -157,11 +191,11 @@ def row_bucket(m: int) -> int:
 
 
 class W8Matmul:
-    """Products with 8-bit weights: `__call__(x, w, bias)`; the Triton kernel where it runs (see
-    the module docstring), with a configuration per (row bucket, N, K) from `tune` or
-    `default_config`. Split-K configurations keep their K slices in a float32 workspace and a tile
-    counter of this object's (products run one after another on one stream, so one of each serves
-    all)."""
+    """Products with 8-bit weights (and `DenseWeight`s): `__call__(x, w, bias)`; the Triton kernel
+    where it runs (see the module docstring), with a configuration per (row bucket, N, K) from `tune`
+    or `default_config` (dense weights: from `tune` only, else cuBLAS). Split-K configurations keep
+    their K slices in a float32 workspace and a tile counter of this object's (products run one after
+    another on one stream, so one of each serves all)."""
 
     def __init__(self, tk, sms: int, pdl: bool = False, w8a8_rows: int | None = None):
         self._tk = tk
@@ -181,20 +215,28 @@ class W8Matmul:
             raise ValueError("SiLU·up is made inside one-row kernel products only (W8Matmul.takes_silu)")
         if self.w8a8(m, w):
             return self.scaled(x, w, bias)
-        if self._tk is None or m > MAX_SKINNY_M or m == 0:
-            return F.linear(x, w.widened() if self._tk is None else self.widen(w), bias)
-        n, k = w.q.shape
-        bm = row_bucket(m)
-        cfg = self.configs.get((bm, n, k)) or default_config(bm, n, k, self.sms)
+        cfg = self.config(m, w)
+        if cfg is None:
+            return F.linear(x, w.widened() if self._tk is None or w.dense else self.widen(w), bias)
         y = self.launch(x, w, cfg, silu=silu)
         return y if bias is None else y + bias
+
+    def config(self, m: int, w: QuantWeight) -> dict | None:
+        """The kernel configuration a product of `m` rows with `w` runs; None: the dense product
+        (8-bit weights widened first)."""
+        if self._tk is None or m > MAX_SKINNY_M or m == 0:
+            return None
+        n, k = w.q.shape
+        bm = row_bucket(m)
+        cfg = self.configs.get((bm, n, k))
+        return cfg if cfg is not None or w.dense else default_config(bm, n, k, self.sms)
 
     def takes_silu(self, m: int, w: QuantWeight) -> bool:
         """Can a product of `m` rows with `w` make SiLU(gate) * up itself as it loads its input (the
         MLP's down product, one launch fewer a layer)? One row only: every program of the product
         recomputes the SiLU of its K slice, N / BN times over — nothing beside the weights' bytes at one
         row, but at 128 rows tens of millions of exponentials, more than the launch it saves."""
-        return self._tk is not None and m == 1 and not self.w8a8(m, w)
+        return m == 1 and not self.w8a8(m, w) and self.config(m, w) is not None
 
     def w8a8(self, m: int, w: QuantWeight) -> bool:
         """Does a product of `m` rows with `w` run as W8A8? (`torch._scaled_mm` wants K and N in
@@ -264,37 +306,40 @@ class W8Matmul:
         if split > 1:
             ws, cnt = self._buffers(split * grid[2] * bm * n, grid[0] * grid[2], x.device)
         self._tk.w8_matmul[grid](
-            x, w.q, w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0), y.stride(0),
-            grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form, IEEE=x.dtype == torch.float32,
-            SILU=silu, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            x, w.q, y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0),
+            y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form,
+            IEEE=x.dtype == torch.float32, SILU=silu, SCALED=not w.dense, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
             **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 
     def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10) -> dict:
         """Time every candidate configuration for each distinct weight shape and row bucket, each
         as a CUDA graph of a few launches (how the engine runs them: a graph has no launch gaps,
-        so a split's fix-up is judged at its real cost), keep the fastest. Call before capturing
-        the engine's graphs."""
+        so a split's fix-up is judged at its real cost), keep the fastest; dense weights keep one
+        only where it beat the dense product (cuBLAS, timed the same way), up to DENSE_KERNEL_ROWS
+        rows. Call before capturing the engine's graphs."""
         if self._tk is None or not weights or weights[0].q.device.type != "cuda":
             return self.configs
         shapes = {}
         for w in weights:
             shapes.setdefault(tuple(w.q.shape), w)
         for (n, k), w in shapes.items():
-            fmt = "fp8" if w.q.dtype == torch.float8_e4m3fn else "int8"
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
                     continue
+                if w.dense and bm > DENSE_KERNEL_ROWS:
+                    continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
-                best = None
-                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=fmt):
+                best = (graph_median_ms(lambda: F.linear(x, w.q), reps), None) if w.dense else None
+                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt):
                     try:
                         ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
                     except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
                         continue
                     if best is None or ms < best[0]:
                         best = (ms, cfg)
-                if best is not None:
+                if best is not None and best[1] is not None:
                     self.configs[(bm, n, k)] = best[1]
         return self.configs
 

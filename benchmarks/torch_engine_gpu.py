@@ -55,11 +55,6 @@ VARIANTS = {
     "triton+graphs fp8 w8a8": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 0}),
     # W8A8 products rounding their input with a kernel of their own (not in the norm / SiLU·up before)
     "triton+graphs fp8 unfused": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_fp8": False}),
-    # one-row steps with the silu_mul kernel before the down product (by default the product makes
-    # SiLU(gate)·up as it loads it: W8Matmul.takes_silu)
-    "triton+graphs fp8 nosilu": ("triton", "triton", True, 256, {"weights": "fp8", "fuse_silu": False}),
-    "triton+graphs int8 nosilu": ("triton", "triton", True, 256, {"weights": "int8", "fuse_silu": False}),
-    "triton+graphs nosilu": ("triton", "triton", True, 256, {"fuse_silu": False}),
     # bf16 products on cuBLAS at every row count (by default the 8-bit products' kernel takes the
     # bf16 weights where its tuning timed it faster: quant.DenseWeight)
     "triton+graphs cublas": ("triton", "triton", True, 256, {"dense_kernel": False}),
@@ -82,7 +77,7 @@ def make_engine(model, variant, **kw):
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     opts = {**(extra[0] if extra else {}), **kw}
-    fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "fuse_silu", "dense_kernel")}
+    fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "dense_kernel")}
     ex = TorchEngine(**{**args, **opts})
     if ex.path == "native":
         for name, on in fuse.items():  # before any graph is captured
@@ -423,7 +418,7 @@ def table(res):
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
     for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused"),
-                        ("fp8", "fp8 nosilu"), ("int8", "int8 nosilu")):
+                        ("fp8 a8from33", "fp8")):
         q, o = timings.get(f"triton+graphs {name}", {}), timings.get(f"triton+graphs {other}", {})
         for b in BATCHES:  # W8A8 against W8A16, and its input rounded in the op before against on its own
             if f"b{b}" in q and f"b{b}" in o:

@@ -134,18 +134,6 @@ norm = torch.rand(300) + 0.5
 same_rows(ops.add_norm(x, None, norm, fp8=True)[0], quantize_rows_fp8(ops.add_norm(x, None, norm)[0]))
 gu = torch.randn(20, 2 * 160) * 3
 same_rows(ops.silu_mul(gu, fp8=True), quantize_rows_fp8(ops.silu_mul(gu)))
-# one-row down products make SiLU(gate)·up as they load it: the silu_mul kernel's numbers exactly
-gu = torch.randn(1, 2 * 96) * 3
-for fmt in ("int8", "fp8"):
-    w = QuantWeight(torch.randn(40, 96), fmt, torch.float32)
-    for cfg in candidate_configs(1, 40, 96, 4) + [dict(FORM=3, BN=16, BK=32, SPLIT=2, num_warps=4, num_stages=2)]:
-        assert torch.equal(mm.launch(gu, w, cfg, silu=True), mm.launch(ops.silu_mul(gu), w, cfg)), (fmt, cfg)
-    assert torch.equal(mm(gu, w, silu=True), mm(ops.silu_mul(gu), w))
-try:
-    mm(torch.randn(2, 192), w, silu=True)
-    raise AssertionError("two rows took SiLU·up")
-except ValueError as exc:
-    assert "one-row" in str(exc)
 # weights in the engine's dtype (DenseWeight): the same kernel, unscaled; untuned, the dense product
 from tritonchat.python_backend.engines.torch.quant import DenseWeight
 for m, n, k in [(1, 40, 520), (16, 33, 130)]:
@@ -170,7 +158,7 @@ def compare(ref, tri):
     for _ in range(3):
         slots = np.array([2, 0, 1]); toks = rng.integers(0, 512, 3)
         worst = max(worst, np.abs(ref.decode(slots, toks) - tri.decode(slots, toks)).max())
-        one = np.array([1]); tok = rng.integers(0, 512, 1)  # one row: SiLU·up inside the down product
+        one = np.array([1]); tok = rng.integers(0, 512, 1)  # one row: the kernel's CUDA-core forms
         worst = max(worst, np.abs(ref.decode(one, tok) - tri.decode(one, tok)).max())
     return worst
 worst = max(worst, compare(*engines(weights="int8")))
@@ -180,7 +168,7 @@ for w in tri.llama.kernel_weights():
     assert w.dense
     for bm, form in ((1, 3), (16, 1)):
         tri.llama.mm.configs[(bm, *w.q.shape)] = dict(FORM=form, BN=16, BK=32, SPLIT=2, num_warps=4, num_stages=2)
-assert tri.llama.mm.takes_silu(1, tri.llama.layers[0].wd) and not ref.llama.kernel_weights()
+assert tri.llama.mm.config(1, tri.llama.layers[0].wd) is not None and not ref.llama.kernel_weights()
 worst = max(worst, compare(ref, tri))
 print("WORST", worst)
 assert worst < 1e-3, worst
@@ -220,7 +208,7 @@ def _widening(device: str, **env) -> str:
 
 def test_the_8bit_product_kernel_compiles_for_hopper():
     """`w8_matmul`'s forms (one row: row sums per block or once, integer widening; `tl.dot` either
-    way round; SiLU·up made as the input loads; split-K fix-up; PDL) compiled for sm_90 by this
+    way round; split-K fix-up; PDL; unscaled for weights in the engine's dtype) compiled for sm_90 by this
     Triton, no GPU needed: the interpreter runs the Python, not the compiler, so this is what catches
     a kernel that cannot compile before a GPU run does."""
     triton = pytest.importorskip("triton")
@@ -234,10 +222,10 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
     ints = {a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_xm", "stride_wn", "stride_ym", "stride_p")}
     cases = [dict(FORM=f, BM=1, BN=8, BK=256) for f in (0, 3, 4)] + [
         dict(FORM=1, BM=16, BN=32, BK=128), dict(FORM=2, BM=16, BN=64, BK=64),
-        dict(FORM=3, BM=1, BN=8, BK=256, SILU=True, FIXUP=True, PDL=True)]
+        dict(FORM=3, BM=1, BN=8, BK=256, FIXUP=True, PDL=True)]
     for wdt in ("fp8e4nv", "i8", "bf16"):  # bf16: quant.DenseWeight (no scale)
         for case in cases if wdt != "bf16" else [c for c in cases if c["FORM"] != 4]:
-            const = {**dict(FIXUP=False, IEEE=False, PDL=False, SILU=False, SCALED=wdt != "bf16"), **case}
+            const = {**dict(FIXUP=False, IEEE=False, PDL=False, SCALED=wdt != "bf16"), **case}
             sig = {**ptrs, **ints, "W": f"*{wdt}", **{k: "constexpr" for k in const}}
             src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
@@ -389,7 +377,7 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     seqs = [list(rng.integers(3, 512, n)) for n in (5, 17, 40)]
     for slot, p in enumerate(seqs):
         ex.prefill(slot, np.array(p))
-    for step in range(9):  # the last three of one row: SiLU·up made inside the down product
+    for step in range(9):  # the last three of one row: the kernel's CUDA-core forms
         rows = 3 if step < 6 else 1
         toks = rng.integers(3, 512, rows)
         got = ex.decode(np.arange(rows), toks)

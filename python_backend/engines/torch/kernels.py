@@ -79,7 +79,7 @@ _KERNELS = None
 def load_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
     # a @triton.jit helper is found through the module's globals
-    global _KERNELS, _attend_block, _fp8_row, _widen_bits, _silu_mul
+    global _KERNELS, _attend_block, _fp8_row, _widen_bits
     if _KERNELS is not None:
         return _KERNELS or None
     try:
@@ -163,11 +163,6 @@ def load_kernels():
             tl.store(VC + off, v, mask=m)
 
     @triton.jit
-    def _silu_mul(g, u, dt: tl.constexpr):
-        # SiLU(gate) rounded to the model's dtype (as HF's act_fn output), times up, in float32
-        return (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u
-
-    @triton.jit
     def silu_mul_kernel(GU, O, QS, stride_gu, stride_o, I, BLOCK: tl.constexpr, FP8: tl.constexpr = False,
                         PDL: tl.constexpr = False):
         # O <- SiLU(gate) * up; with FP8 (one program a row, BLOCK >= I) O gets the row rounded to
@@ -181,7 +176,8 @@ def load_kernels():
         g = tl.load(GU + row * stride_gu + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_gu + I + c, mask=m, other=0.0).to(tl.float32)
         dt = O.dtype.element_ty
-        y = _silu_mul(g, u, GU.dtype.element_ty)
+        # SiLU(gate) rounded to the model's dtype (as HF's act_fn output), times up, in float32
+        y = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32) * u
         if FP8:
             y, sc = _fp8_row(y.to(GU.dtype.element_ty).to(tl.float32))
             tl.store(QS + row, sc)
@@ -358,7 +354,7 @@ def load_kernels():
     def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
                          FORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
-                         SILU: tl.constexpr = False, SCALED: tl.constexpr = True):
+                         SCALED: tl.constexpr = True):
         # Y[m-block, n-block] = (X[m-block] @ W[n-block]^T) * S[n-block]: W is int8 or FP8 with one
         # scale per output channel, widened tile by tile in registers; or (SCALED False, S unread) W
         # in X's dtype, where the one-row forms beat cuBLAS (quant.DenseWeight). K and KS are not compile-time
@@ -370,8 +366,6 @@ def load_kernels():
         #   3  one row, as 0, but each thread keeps its products' sums over the whole K slice and the
         #      row sums (shuffles across the warp) happen once, after the loop;
         #   4  as 3, the weights widened by integer ops (`_widen_bits`) instead of conversions.
-        # SILU: X is [gate | up] (2K columns) and the product's input SiLU(gate) * up, made as it is
-        # loaded: silu_mul's numbers, without its kernel.
         # FIXUP: program (n, k, m) sums K-slice k only and stores it in the fp32 workspace P; the last
         # of a tile's SPLIT programs to finish (counter C) adds the slices in a fixed order (the same
         # sums every run), writes Y and puts the counter back to 0: one launch where split-K with
@@ -393,13 +387,7 @@ def load_kernels():
         for k0 in range(pk * KS, pk * KS + KS, BK):
             ks = k0 + rk
             km = ks < K
-            xp, xm = X + rm[:, None] * stride_xm + ks[None, :], mm[:, None] & km[None, :]
-            if SILU:  # gate at xp, up K columns on
-                g = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-                u = tl.load(xp + K, mask=xm, other=0.0).to(tl.float32)
-                x = _silu_mul(g, u, X.dtype.element_ty).to(X.dtype.element_ty)
-            else:
-                x = tl.load(xp, mask=xm, other=0.0)
+            x = tl.load(X + rm[:, None] * stride_xm + ks[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             w = tl.load(W + rn[:, None] * stride_wn + ks[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             if FORM == 0:
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]

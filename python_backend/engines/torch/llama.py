@@ -172,9 +172,6 @@ class Llama:
         # W8A8 products take their input rounded by the norm or SiLU·up before them (`fp8_input`);
         # False: by a rounding kernel of their own (the benchmarks' comparison)
         self.fuse_fp8 = True
-        # one-row 8-bit down products make SiLU(gate)·up as they load it (`W8Matmul.takes_silu`: no
-        # silu_mul kernel in a one-stream step); False: the separate kernel (the benchmarks' comparison)
-        self.fuse_silu = True
         # products with weights in `dtype` may run the 8-bit products' kernel where `W8Matmul.tune`
         # times it faster than cuBLAS (quant.DenseWeight); False: cuBLAS always (the benchmarks' comparison)
         self.dense_kernel = True
@@ -385,10 +382,7 @@ class Llama:
             o = self.linear(attn(qkv, L), L.wo, L.bo)
             h, res = self.add_norm(o, res, L.post_norm, fp8=self.fp8_input(o, L.wgu))
             gu = self.linear(h, L.wgu, L.bgu)
-            if self.fuse_silu and isinstance(L.wd, QuantWeight) and self.mm.takes_silu(gu.shape[0], L.wd):
-                x = self.mm(gu, L.wd, L.bd, silu=True)
-            else:
-                x = self.linear(self.silu_mul(gu, fp8=self.fp8_input(gu, L.wd)), L.wd, L.bd)
+            x = self.linear(self.silu_mul(gu, fp8=self.fp8_input(gu, L.wd)), L.wd, L.bd)
         if last is not None:  # prefill: only the last row of each prompt goes on to the head
             x, res = x[last], res[last]
         h, _ = self.add_norm(x, res, self.norm, fp8=self.fp8_input(x, self.lm_head))

@@ -47,10 +47,10 @@ PDL_MAX_ROWS = 64
 # it won at one row on every product (H100); more rows are cuBLAS's tensor cores' ground
 DENSE_KERNEL_ROWS = 16
 # FP8 products of more rows than this run as W8A8 where the GPU can (module docstring): H100, W8A8 ÷
-# W8A16 step 1.25-1.28 at 32 rows, 0.73 at 128; prefill of 128 tokens 0.75-0.78. At 64 rows W8A8 at
-# every batch measured 0.94-0.96, but the rule moved to 32 rows did not speed the 64-row step or the
-# 64-stream server (eighteenth session, docs/benchmarks-gpu.md): kept at 64 until a run settles it
-W8A8_ROWS = 64
+# W8A16 step 1.25-1.28 at 32 rows, 0.94-0.96 at 64 (four runs), 0.73 at 128; prefill of 128 tokens
+# 0.75-0.78. The decode graphs pad to powers of two, so from 33 rows is the 64-row graph: its step
+# 1.670 -> 1.600 ms with this rule, timed in alternating rounds (nineteenth session)
+W8A8_ROWS = 32
 
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,18 +207,15 @@ class W8Matmul:
         self._count: torch.Tensor | None = None
         self._outgrown: list = []  # buffers a captured graph may still name: never freed
 
-    def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None, silu: bool = False) -> torch.Tensor:
-        """x @ w^T (+ bias); `silu`: x is [gate | up] and the product's input SiLU(gate) * up, made by
-        the kernel as it loads it (where `takes_silu`)."""
+    def __call__(self, x: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
+        """x @ w^T (+ bias)."""
         m = x.shape[0]
-        if silu and not self.takes_silu(m, w):
-            raise ValueError("SiLU·up is made inside one-row kernel products only (W8Matmul.takes_silu)")
         if self.w8a8(m, w):
             return self.scaled(x, w, bias)
         cfg = self.config(m, w)
         if cfg is None:
             return F.linear(x, w.widened() if self._tk is None or w.dense else self.widen(w), bias)
-        y = self.launch(x, w, cfg, silu=silu)
+        y = self.launch(x, w, cfg)
         return y if bias is None else y + bias
 
     def config(self, m: int, w: QuantWeight) -> dict | None:
@@ -230,13 +227,6 @@ class W8Matmul:
         bm = row_bucket(m)
         cfg = self.configs.get((bm, n, k))
         return cfg if cfg is not None or w.dense else default_config(bm, n, k, self.sms)
-
-    def takes_silu(self, m: int, w: QuantWeight) -> bool:
-        """Can a product of `m` rows with `w` make SiLU(gate) * up itself as it loads its input (the
-        MLP's down product, one launch fewer a layer)? One row only: every program of the product
-        recomputes the SiLU of its K slice, N / BN times over — nothing beside the weights' bytes at one
-        row, but at 128 rows tens of millions of exponentials, more than the launch it saves."""
-        return m == 1 and not self.w8a8(m, w) and self.config(m, w) is not None
 
     def w8a8(self, m: int, w: QuantWeight) -> bool:
         """Does a product of `m` rows with `w` run as W8A8? (`torch._scaled_mm` wants K and N in
@@ -292,7 +282,7 @@ class W8Matmul:
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
         return self._ws, self._count
 
-    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict, silu: bool = False) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict) -> torch.Tensor:
         m = x.shape[0]
         n, k = w.q.shape
         form = form_of(cfg, m)
@@ -308,8 +298,7 @@ class W8Matmul:
         self._tk.w8_matmul[grid](
             x, w.q, y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0),
             y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form,
-            IEEE=x.dtype == torch.float32, SILU=silu, SCALED=not w.dense, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            IEEE=x.dtype == torch.float32, SCALED=not w.dense, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 

@@ -26,7 +26,7 @@ example: docs/build-config.md).
       generator:      {instances: 1, max_queue_size: 256, threads: 0,
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
-                       prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto}
+                       prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -48,6 +48,9 @@ example: docs/build-config.md).
                       # w8a8: torch engine, --precision fp8: products of more than 64 rows (prefills,
                       #   steps of many streams) round their input rows to FP8 too and run on the FP8
                       #   tensor cores (auto: where the GPU can, Hopper on; false: weights only)
+                      # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16
+                      #   rows (decode steps of few streams) run tritonchat's kernel where the load
+                      #   times it faster than cuBLAS (auto); false: cuBLAS always
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {instances: 2, max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry}
@@ -94,7 +97,7 @@ DEFAULTS: dict = {
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
                       "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto",
-                      "w8a8": "auto"},
+                      "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
                      "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry"},
@@ -173,6 +176,8 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
                             f"dependent launch of its Triton kernels), not engine {s['engine']} on {s['device']}")
     if g["w8a8"] not in ("auto", False):
         raise SettingsError(f"models.generator.w8a8 must be auto or false, got {g['w8a8']!r}")
+    if g["dense_kernel"] not in ("auto", False):
+        raise SettingsError(f"models.generator.dense_kernel must be auto or false, got {g['dense_kernel']!r}")
     if not isinstance(g["prefix_reuse"], bool):
         raise SettingsError(f"models.generator.prefix_reuse must be true or false, got {g['prefix_reuse']!r}")
     if not _number(g["mix_tokens"], 0) or g["mix_tokens"] != int(g["mix_tokens"]):

@@ -53,6 +53,7 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"pdl": "yes"}}}, r"models.generator.pdl must be auto, true or false, got 'yes'"),
     ({"models": {"generator": {"pdl": True}}}, r"pdl true is the torch engine's on a CUDA device"),
     ({"models": {"generator": {"w8a8": True}}}, r"models.generator.w8a8 must be auto or false, got True"),
+    ({"models": {"generator": {"dense_kernel": "yes"}}}, r"dense_kernel must be auto or false, got 'yes'"),
     ({"kv_cache_dtype": "float16", "graph": "export"}, r"kv_cache_dtype float16 is the fused CPU graph's"),
     ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype must be one of"),
     ({"models": {"ensemble": {"detokenize": "inline"}}},

@@ -278,6 +278,9 @@ def test_8bit_builds_run_their_accuracy_gate_on_stories260k(tmp_path):
         {"weights": "fp8", "w8a8_rows": None}  # models.generator.w8a8: false, every product W8A16
     assert "weights" not in engine_options({"engine": "onnxruntime", "precision": "int8"})
     assert engine_options({"engine": "onnxruntime", "precision": "int8", "w8a8": "false"}) == {}
+    assert 'key: "dense_kernel", value: { string_value: "auto" }' in cfg
+    assert engine_options({"engine": "torch", "dense_kernel": "false"}) == {"dense_kernel": False}
+    assert engine_options({"engine": "torch", "dense_kernel": "auto"}) == {}
 
     with pytest.raises(AccuracyGateError, match=r"fp8 accuracy gate failed: .*bound \+1\.00 %"):
         run_build(str(STORIES), tmp_path / "fp8", load_settings(engine="torch", device="cpu", dtype="bfloat16",

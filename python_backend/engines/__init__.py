@@ -53,6 +53,8 @@ def engine_options(params: dict) -> dict:
             opts[flag] = parse_flag(params[flag])
     if params.get("pdl") and params["pdl"] != "auto":
         opts["pdl"] = parse_flag(params["pdl"])
+    if params.get("dense_kernel") == "false":
+        opts["dense_kernel"] = False  # models.generator.dense_kernel: false, cuBLAS for every product
     if params.get("mix_tokens"):
         opts["mix_tokens"] = int(params["mix_tokens"])
     if params.get("engine") == "torch" and params.get("precision") in TORCH_WEIGHTS:

@@ -64,7 +64,8 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto", **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto", dense_kernel: bool = True,
+                 **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -85,7 +86,9 @@ class TorchEngine(Engine):
         products of more rows than this round their activations to FP8 too and run on the FP8 tensor
         cores (`quant.py`); "auto" (the default): `quant.W8A8_ROWS` where the device can
         (`w8a8_supported`: Hopper on), else never; None: never (every product W8A16); a number forces
-        it (tests, benchmarks)."""
+        it (tests, benchmarks). `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
+        `quant.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
+        than cuBLAS (`quant.DenseWeight`); False: cuBLAS always."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -154,6 +157,7 @@ class TorchEngine(Engine):
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
                            dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights,
                            pdl=self.pdl, w8a8_rows=None if w8a8_rows is None or weights != "fp8" else int(w8a8_rows))
+        self.llama.dense_kernel = bool(dense_kernel)
         if owned:
             del model
 

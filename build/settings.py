@@ -45,7 +45,7 @@ example: docs/build-config.md).
                       #   tokens at a time, one piece between two decode steps (0: whole)
                       # pdl: torch engine: the decode step's kernels launched with programmatic
                       #   dependent launch (auto: on Hopper and later; true | false)
-                      # w8a8: torch engine, --precision fp8: products of more than 64 rows (prefills,
+                      # w8a8: torch engine, --precision fp8: products of more than 32 rows (prefills,
                       #   steps of many streams) round their input rows to FP8 too and run on the FP8
                       #   tensor cores (auto: where the GPU can, Hopper on; false: weights only)
                       # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16

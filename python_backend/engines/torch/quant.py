@@ -44,7 +44,8 @@ WEIGHT_FORMATS = ("dtype", "int8", "fp8")
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
 PDL_MAX_ROWS = 64
 # weights in the engine's dtype run the kernel at most this many rows (where tuned faster than cuBLAS):
-# it won at one row on every product (H100); more rows are cuBLAS's tensor cores' ground
+# H100, a step's products at 1 row 0.90x cuBLAS's, at 16 the step 0.93x; at 32 / 64 rows the kernel's
+# best 1.03x / 1.02x (docs/benchmarks-gpu.md, nineteenth session): tuning them would only cost load time
 DENSE_KERNEL_ROWS = 16
 # FP8 products of more rows than this run as W8A8 where the GPU can (module docstring): H100, W8A8 ÷
 # W8A16 step 1.25-1.28 at 32 rows, 0.94-0.96 at 64 (four runs), 0.73 at 128; prefill of 128 tokens

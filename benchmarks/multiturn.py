@@ -52,13 +52,15 @@ def conversations(n: int, turns: int, system_words: int, user_words: int, seed: 
     return cut(system_words), [[cut(user_words) for _ in range(turns)] for _ in range(n)]
 
 
-def build(model: Path, work: Path, reuse: bool, max_batch_size: int) -> Path:
+def build(model: Path, work: Path, reuse: bool, max_batch_size: int, config: Path | None = None) -> Path:
+    """The repository of one mode; `config`: a build config file (`tritonchat build --config`), e.g.
+    the torch engine on a GPU, under the two modes' own settings."""
     from tritonchat.build.pipeline import run_build
     from tritonchat.build.settings import load_settings
 
     out = work / ("reuse-on" if reuse else "reuse-off")
     if not (out / "manifest.json").exists():
-        settings = load_settings(max_batch_size=max_batch_size, models={"generator": {"prefix_reuse": reuse}})
+        settings = load_settings(config, max_batch_size=max_batch_size, models={"generator": {"prefix_reuse": reuse}})
         run_build(str(model), out, settings)
     return out
 
@@ -200,14 +202,16 @@ def main() -> None:
     ap.add_argument("--user-words", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="passes of each mode, alternating")
     ap.add_argument("--max-batch-size", type=int, default=16, help="the build's sequences in flight")
+    ap.add_argument("--config", type=Path, help="a build config file for both repositories (e.g. engine: torch, "
+                    "device: cuda, dtype: bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--client", choices=("asyncio", "threads"), default="asyncio",
                     help="asyncio: AsyncChatClient in one event loop; threads: a thread and blocking ChatClient per client")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    repos = {True: build(args.model, args.work, True, args.max_batch_size),
-             False: build(args.model, args.work, False, args.max_batch_size)}
+    repos = {reuse: build(args.model, args.work, reuse, args.max_batch_size, args.config)
+             for reuse in (True, False)}
     system, users = conversations(args.conversations, args.turns, args.system_words, args.user_words, args.seed)
     print(f"{args.conversations} conversations x {args.turns} turns, {args.concurrency} clients ({args.client}), "
           f"{args.max_tokens} tokens an answer, system prompt {args.system_words} words, user messages "

@@ -64,8 +64,8 @@ class TorchEngine(Engine):
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
-                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto", dense_kernel: bool = True,
-                 **_unused):
+                 mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto",
+                 dense_kernel: bool = True, **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |

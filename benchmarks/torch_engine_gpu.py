@@ -224,8 +224,9 @@ def prepare(model, variant, res):
     out["weight_bytes"] = ex.llama.weight_bytes()  # what a decode step reads of the weights
     out["pdl"] = ex.pdl
     log(f"[{variant}] programmatic dependent launch: {'on' if ex.pdl else 'off'}")
-    if ex.describe().get("kernel_products"):  # bf16 products the tuner gave the kernel, not cuBLAS: (rows, N, K)
-        out["kernel_products"] = ex.describe()["kernel_products"]
+    on_kernel = ex.describe().get("kernel_products")  # bf16 products the tuner gave the kernel: (rows, N, K)
+    if on_kernel:
+        out["kernel_products"] = on_kernel
         log(f"[{variant}] bf16 products on the kernel: {out['kernel_products']}")
     ex.prefill(0, bench_prompt())
     for L in ex.layers:

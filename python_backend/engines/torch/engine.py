@@ -156,8 +156,8 @@ class TorchEngine(Engine):
             w8a8_rows = W8A8_ROWS if weights == "fp8" and w8a8_supported(self.device, self.dtype) else None
         self.llama = Llama(model, max_slots=self.max_slots, max_seq_len=self.max_seq_len, device=self.device,
                            dtype=self.dtype, kernels=self.kernels, attention=attention, tk=tk, weights=weights,
-                           pdl=self.pdl, w8a8_rows=None if w8a8_rows is None or weights != "fp8" else int(w8a8_rows))
-        self.llama.dense_kernel = bool(dense_kernel)
+                           pdl=self.pdl, w8a8_rows=None if w8a8_rows is None or weights != "fp8" else int(w8a8_rows),
+                           dense_kernel=bool(dense_kernel))
         if owned:
             del model
 

@@ -176,8 +176,8 @@ def load_kernels():
         g = tl.load(GU + row * stride_gu + c, mask=m, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_gu + I + c, mask=m, other=0.0).to(tl.float32)
         dt = O.dtype.element_ty
-        # SiLU(gate) rounded to the model's dtype (as HF's act_fn output), times up, in float32
-        y = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32) * u
+        a = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32)
+        y = a * u
         if FP8:
             y, sc = _fp8_row(y.to(GU.dtype.element_ty).to(tl.float32))
             tl.store(QS + row, sc)
@@ -357,8 +357,8 @@ def load_kernels():
                          SCALED: tl.constexpr = True):
         # Y[m-block, n-block] = (X[m-block] @ W[n-block]^T) * S[n-block]: W is int8 or FP8 with one
         # scale per output channel, widened tile by tile in registers; or (SCALED False, S unread) W
-        # in X's dtype, where the one-row forms beat cuBLAS (quant.DenseWeight). K and KS are not compile-time
-        # constants: one compile serves every shape. FORM:
+        # in X's dtype, where the one-row forms beat cuBLAS (quant.DenseWeight). K and KS are not
+        # compile-time constants: one compile serves every shape. FORM:
         #   0  one row (BM=1): products and row sums on the CUDA cores, no tile of padding rows;
         #   1  tl.dot(X, W^T): X's rows (at least 16) are the MMA's M;
         #   2  tl.dot(W, X^T), transposed at the end: the weight tile (64 or 128 rows) is the MMA's M,

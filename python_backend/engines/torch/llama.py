@@ -110,11 +110,12 @@ class Llama:
     varlen prefill) | "sdpa"; `tk`: the Triton kernels (`kernels.load_kernels()`) where either is
     Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`).
     `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring);
-    `w8a8_rows`: FP8 products of more rows run as W8A8 (quant.py); None: never."""
+    `w8a8_rows`: FP8 products of more rows run as W8A8 (quant.py); None: never. `dense_kernel`:
+    weights in `dtype` may run the kernel where faster than cuBLAS (quant.DenseWeight)."""
 
     def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
                  kernels: str, attention: str, tk, weights: str = "dtype", pdl: bool = False,
-                 w8a8_rows: int | None = None):
+                 w8a8_rows: int | None = None, dense_kernel: bool = True):
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
         self.weights = weights
@@ -173,8 +174,9 @@ class Llama:
         # False: by a rounding kernel of their own (the benchmarks' comparison)
         self.fuse_fp8 = True
         # products with weights in `dtype` may run the 8-bit products' kernel where `W8Matmul.tune`
-        # times it faster than cuBLAS (quant.DenseWeight); False: cuBLAS always (the benchmarks' comparison)
-        self.dense_kernel = True
+        # times it faster than cuBLAS (quant.DenseWeight); False: cuBLAS always. An attribute, read when
+        # `tune` runs: the benchmarks switch it before they tune
+        self.dense_kernel = dense_kernel
         if weights != "dtype":
             self._quantize(weights)
         elif kernels == "triton":

@@ -299,7 +299,8 @@ class W8Matmul:
         self._tk.w8_matmul[grid](
             x, w.q, y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0),
             y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form,
-            IEEE=x.dtype == torch.float32, SCALED=not w.dense, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            IEEE=x.dtype == torch.float32, SCALED=not w.dense, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
             **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 
@@ -363,7 +364,7 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
-    for the benchmark's unquantized weights; None: every form) drops the forms that lost or cannot
+    for a `DenseWeight`; None: every form) drops the forms that lost or cannot
     run. Each distinct tile is one Triton compile when the engine loads (shared by every shape: K
     and the split are not compile-time constants)."""
     tiles = []

@@ -5,6 +5,7 @@
 #           grpcio, protobuf, python-rapidjson, and pytriton-min.tar.xz: the nvidia-pytriton wheel's
 #           files with only the Python 3.12 backend stub (gpu_setup.sh unpacks it)
 #   .carry/shared/tokenizers/llama2   the tokenizer of the TinyLlama-shaped model
+#   .carry/shared/data/tinyshakespeare.txt   the multi-turn benchmark's user messages
 # About 62 MiB of the 64 the device tool carries. Then: run(carry=[".whl", ".carry"], ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +26,5 @@ tar -C "$SITE" -cJf .whl/pytriton-min.tar.xz --exclude='__pycache__' \
     --exclude='pytriton/tritonserver/python_backend_stubs/3.1[013]' pytriton nvidia_pytriton.libs "$dist"
 mkdir -p .carry/shared/tokenizers
 cp -r "${TRITONCHAT_SHARED:-../shared}/tokenizers/llama2" .carry/shared/tokenizers/
+mkdir -p .carry/shared/data && cp "${TRITONCHAT_SHARED:-../shared}/data/tinyshakespeare.txt" .carry/shared/data/
 du -sh .whl .carry

@@ -3,14 +3,15 @@
 # .carry): the 8-bit kernel's GPU test, the decode step of bf16 / INT8 / FP8 weights against the
 # memory bound, and the server sweep beside the static-cache compiled `generate` peer.
 # STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py;
-# multiturn: prefix reuse on and off, benchmarks/multiturn.py, after a sweep made the model); LEVELS and
+# multiturn: prefix reuse on and off, benchmarks/multiturn.py); LEVELS and
 # PEER_LEVELS the sweep's levels; ROUNDS the step's rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its
-# limit in s; GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients, rounds.
+# limit in s; GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients, rounds,
+# MT_ARGS more multiturn.py arguments.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
 export TRITONCHAT_SHARED=${TRITONCHAT_SHARED:-$PWD/.carry/shared}
-source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout
+source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout, $MODEL made
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for step in ${STEPS:-test step sweep}; do
   echo "=== $step at $(date +%T)"
@@ -26,9 +27,10 @@ for step in ${STEPS:-test step sweep}; do
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
-    multiturn) (cd "$REPO_ROOT" && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&
-              timeout 500 python3 benchmarks/multiturn.py --model /tmp/tinyllama-shape --work /tmp/multiturn \
-                --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}") 2>&1 | tail -30 \
+    multiturn) (printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&  # from /tmp: the servers too
+              timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn \
+                --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" ${MT_ARGS:-}) 2>&1 \
+            | tail -30 \
             | tee "$OUT/multiturn.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \

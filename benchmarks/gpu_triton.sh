@@ -5,12 +5,10 @@
 # tokenizer in $TRITONCHAT_SHARED/tokenizers/llama2/ (see docs/benchmarks.md).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver; cd /tmp
+source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver, $MODEL; cd /tmp
 # PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
 # GENERATOR='{pdl: false}': build settings of the generator (docs/build-config.md); TAG names that build
-MODEL=/tmp/tinyllama-shape REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}${TAG:+-$TAG}
-[ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
-    --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
+REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}${TAG:+-$TAG}
 # postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
 [ -n "${GENERATOR:-}" ] && printf '  generator: %s\n' "$GENERATOR" >> /tmp/gpu-build.yaml

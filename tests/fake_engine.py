@@ -65,7 +65,7 @@ class FakeEngine(Engine):
         self.state = [0] * max_slots  # hash of each slot's tokens
         self.lengths = [0] * max_slots
         self.tokens: list[list[int]] = [[] for _ in range(max_slots)]  # each slot's tokens (its "KV")
-        self.reused: list[tuple[int, int]] = []  # (slot, cached tokens) of every prefill
+        self.reused: list[tuple[int, int]] = []  # (slot, cached tokens) of every prefill (in a step too)
         self.copies: list[tuple[int, int, int]] = []  # (src, dst, n) of every copy_prefix
         self.calls: list[tuple] = []  # ("prefill", n) | ("decode", rows) | ("greedy", rows, prompts, chained)
         self.steps: list[FakeStep] = []
@@ -166,12 +166,13 @@ class FakeEngine(Engine):
 
     def decode_greedy_begin(self, slots, tokens=None, ban=None, chain=None, prompts=None) -> FakeStep:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        new_slots, new_ids = (np.zeros(0, np.int64), []) if prompts is None else prompts
+        new_slots, new_ids, cached = (np.zeros(0, np.int64), [], []) if prompts is None else \
+            (*prompts, [0] * len(prompts[1])) if len(prompts) == 2 else prompts
         new_slots = np.asarray(new_slots, dtype=np.int64).reshape(-1)
         if len(new_slots):
             if not self.can_mix:
                 raise ValueError("this engine cannot run prompts inside a decode step")
-            if len(new_slots) > self.mix_prompts or sum(len(p) for p in new_ids) > self.mix_tokens:
+            if len(new_slots) > self.mix_prompts or sum(len(p) - c for p, c in zip(new_ids, cached)) > self.mix_tokens:
                 raise ValueError("more prompts than a step may carry")
             if set(new_slots.tolist()) & set(slots.tolist()):
                 raise ValueError("prompt slots must be empty slots, not among the decode rows")
@@ -190,7 +191,7 @@ class FakeEngine(Engine):
         self.calls.append(("greedy", len(slots), len(new_slots), chain is not None))
         self._sleep()
         rows = self._decode_rows(slots, tokens) if len(slots) else []
-        rows += [self._fill(int(s), list(np.asarray(p).reshape(-1))) for s, p in zip(new_slots, new_ids)]
+        rows += [self._fill(int(s), list(np.asarray(p).reshape(-1)), int(c)) for s, p, c in zip(new_slots, new_ids, cached)]
         logits = np.stack(rows) if rows else np.zeros((0, self.vocab_size), np.float32)
         if ban is not None:
             logits[np.ix_(ban.rows, ban.ids)] = -np.inf

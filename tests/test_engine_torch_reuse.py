@@ -1,6 +1,6 @@
-"""Prefix reuse in the torch engine (`TorchEngine.prefill_cached`, `copy_prefix`): a prompt on top of
-the KV its slot still holds, or that another slot's was copied into, gives the logits and greedy
-continuation of the same prompt prefilled whole. The varlen Triton attention runs under Triton's
+"""Prefix reuse in the torch engine (`TorchEngine.prefill_cached`, `copy_prefix`, prompts inside a
+decode step with cached counts): a prompt on top of the KV its slot still holds, or that another
+slot's was copied into, gives the logits and greedy continuation of the same prompt prefilled whole. The varlen Triton attention runs under Triton's
 CPU interpreter here (float32), and with bf16 and CUDA graphs on a GPU."""
 
 from __future__ import annotations
@@ -64,6 +64,26 @@ g_whole = greedy(whole, [0, 1], want.argmax(1))
 print("WORST", worst, "SAME", same, "GREEDY", bool((g_reuse == g_whole).all()))
 assert worst < tol, worst
 assert same == 2 and (g_reuse == g_whole).all(), (g_reuse, g_whole)
+# a prompt riding inside a decode step (another slot's row), on top of its slot's cached prefix: the
+# step computes only the new tokens, and its first token and KV are those of the prompt prefilled whole
+mixed, alone = TorchEngine(path, **kw), TorchEngine(path, **kw)
+if device == "cuda":
+    mixed.warmup(); alone.warmup()
+mixed.prefill(0, a)
+mixed.release(0)
+mixed.prefill(1, c)
+step = mixed.decode_greedy_begin(np.array([1]), np.array([5]), prompts=(np.array([0]), [b], [len(a)]))
+first = alone.prefill(0, b)
+assert step.result()[1] == first.argmax() and mixed.length(0) == len(b), (step.result(), first.argmax())
+x, y = mixed.decode(np.array([0]), np.array([7])), alone.decode(np.array([0]), np.array([7]))
+worst = max(worst, float(np.abs(x - y).max() / np.abs(y).max()))
+assert worst < tol, worst
+for bad in ([len(b)], [len(b) - 1, 0]):  # nothing left to compute; a count per prompt
+    try:
+        mixed.decode_greedy_begin(np.array([1]), np.array([5]), prompts=(np.array([2]), [b], bad))
+    except ValueError:
+        continue
+    raise AssertionError(f"cached counts {bad} accepted")
 for bad in ((0, 1, 0), (3, 3, 5), (0, 1, 128)):
     try:
         reuse.copy_prefix(*bad)

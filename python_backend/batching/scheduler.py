@@ -229,7 +229,8 @@ class Scheduler:
         if new:
             ban = greedy_ban([s.sampler for s in rows] + [s.sampler for s in new], [ahead] * len(rows) + [0] * len(new))
         slots = np.array([s.slot for s in rows], dtype=np.int64)
-        prompts = (np.array([s.slot for s in new], dtype=np.int64), [s.prompt_ids for s in new]) if new else None
+        prompts = (np.array([s.slot for s in new], dtype=np.int64), [s.prompt_ids for s in new],
+                   [s.reused for s in new]) if new else None
         t = time.perf_counter()
         step = self.engine.decode_greedy_begin(slots, tokens, ban, chain=chain, prompts=prompts)
         self.stats.launch_s += time.perf_counter() - t
@@ -407,20 +408,17 @@ class Scheduler:
             budget -= len(seq.prompt_ids)
         return batch
 
-    def _place(self, batch: list[Sequence], reuse: bool = True) -> None:
-        """Give admitted sequences their slots (`reuse`: with the KV of their longest cached prefix,
-        prefix.py), samplers and limits."""
+    def _place(self, batch: list[Sequence]) -> None:
+        """Give admitted sequences their slots (where prefixes are reused: with the KV of their
+        longest cached prefix, prefix.py), samplers and limits."""
         t = time.perf_counter()
         for seq in batch:
             if self.prefixes is None:
                 seq.slot = self.free_slots.pop()
-            elif reuse:
+            else:
                 seq.slot, seq.reused, source = self.prefixes.take(self.free_slots, seq.prompt_ids)
                 if source is not None:
                     self._copy_prefix(seq, source)
-            else:
-                seq.slot = self.free_slots.pop()
-                self.prefixes.forget(seq.slot)
             self.stats.queue_s += t - seq.arrived
             freed = self._freed_at.pop(seq.slot, None)
             if freed is not None:
@@ -483,10 +481,9 @@ class Scheduler:
                                   min(self.engine.mix_tokens, self.prefill_token_budget),
                                   lambda seq: self._mixable(seq, key))
         if batch:
-            self._place(batch, reuse=False)  # a prompt inside a decode step is computed whole
+            self._place(batch)  # on the KV of its longest cached prefix, as a prefill of its own
             if self.prefixes is not None:  # by the prefill kernels, in the step: reusable as a prefill's
-                for seq in batch:
-                    self.prefixes.prefilled(seq.slot, seq.prompt_ids)
+                self._count_reuse(batch)
             self.running.extend(batch)
             self.stats.prefills += len(batch)
             self.stats.mixed_steps += 1

@@ -116,8 +116,9 @@ class Engine(abc.ABC):
     def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None, prompts=None):
         """Start a greedy step; `.result()` gives its tokens. Here it runs at once; engines on a
         device return while it runs, and with `chain` (the previous step, same slots) take its
-        tokens on the device, and with `prompts` also prefill new sequences in the same forward
-        (see `engines.torch.TorchEngine.decode_greedy_begin`)."""
+        tokens on the device, and with `prompts` ((slots, ids[, cached counts])) also prefill new
+        sequences in the same forward, on top of a cached prefix where `can_reuse_prefix` (see
+        `engines.torch.TorchEngine.decode_greedy_begin`)."""
         if prompts is not None and len(prompts[0]):
             raise ValueError(f"{type(self).__name__} cannot run prompts inside a decode step")
         if chain is not None:

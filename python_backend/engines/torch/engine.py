@@ -267,7 +267,7 @@ class TorchEngine(Engine):
         inside = None if late else ban
         mix = key = None
         if prompts is not None:
-            pslots, pids, lens = prompts
+            pslots, pids, lens, first = prompts
             key = self.layout.buckets(lens) if b is not None else self.layout.exact_key(lens)
             if b is not None and self.attention != "triton":
                 b = None  # padded prompts: eager (the key has too many shapes to capture up front)
@@ -279,7 +279,7 @@ class TorchEngine(Engine):
                 self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside)
             else:
                 self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside, n, pslots)
-                playout = self.layout.build(pslots, pids, lens, key, mixed=True)
+                playout = self.layout.build(pslots, pids, lens, key, mixed=True, first=first)
                 mix = (torch.from_numpy(playout).to(self.device), key)
             if tb is not None:
                 tb = int(pos.max()) + 1 if n else 1  # eager: the exact length, no bucket
@@ -290,7 +290,7 @@ class TorchEngine(Engine):
             logits, ids, dev_slots = self.graphs.run_decode(
                 b, tb, self._step_body, lambda a: self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside))
         else:
-            playout = self.layout.build(pslots, pids, lens, key, mixed=True)
+            playout = self.layout.build(pslots, pids, lens, key, mixed=True, first=first)
             logits, ids, dev_slots = self.graphs.run_mixed(
                 b, tb, key, self._step_body,
                 lambda a: self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside, b, pslots), playout)
@@ -430,9 +430,11 @@ class TorchEngine(Engine):
         released meanwhile just gets one stray KV column past its end, which the next sequence in
         that slot overwrites before reading.
 
-        `prompts`: (slots, token id arrays) of new sequences (at most MIX_PROMPTS, `mix_tokens`
-        tokens in all) prefilled inside this step, whose products they share; their first greedy
-        ids follow the decode rows' in `.result()`, and `ban` rows past len(slots) are theirs."""
+        `prompts`: (slots, token id arrays[, cached counts]) of new sequences (at most MIX_PROMPTS,
+        `mix_tokens` tokens to compute in all) prefilled inside this step, whose products they
+        share; their first greedy ids follow the decode rows' in `.result()`, and `ban` rows past
+        len(slots) are theirs. A cached count is what `prefill_cached` takes: the slot holds the KV
+        of that many first tokens of its prompt, and the step computes only the rest."""
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         if tokens is not None:
             tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -479,7 +481,7 @@ class TorchEngine(Engine):
         self._last_step = step
         self._lengths[slots] = pos + 1
         if mix is not None:
-            self._lengths[mix[0]] = mix[2]
+            self._lengths[mix[0]] = mix[2] + mix[3]
         return step
 
     def _new_prompts(self, slots, prompts, busy=()):
@@ -500,16 +502,28 @@ class TorchEngine(Engine):
                 raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
         return slots, ids, np.array([len(p) for p in ids])
 
-    def _check_prompts(self, slots, pslots, prompts):
-        """(slots, id arrays, lengths) of prompts a step may carry, or ValueError."""
+    def _check_prompts(self, slots, pslots, prompts, cached=None):
+        """(slots, id arrays and lengths of the tokens to compute, positions of their first) of
+        prompts a step may carry, or ValueError."""
         if not self.can_mix:
             raise ValueError("this engine cannot run prompts inside a decode step")
         if len(prompts) > MIX_PROMPTS:
             raise ValueError(f"a step carries at most {MIX_PROMPTS} prompts")
         pslots, ids, lens = self._new_prompts(pslots, prompts, busy=slots)
+        first = np.zeros(len(ids), np.int64) if cached is None else np.asarray(cached, np.int64).reshape(-1)
+        if len(first) != len(ids):
+            raise ValueError("one cached count per prompt")
+        if first.any():
+            if not self.can_reuse_prefix:
+                raise ValueError("this engine cannot reuse a cached prefix")
+            for n, c in zip(lens.tolist(), first.tolist()):
+                if not 0 <= c <= n - self.reuse_min_new:
+                    raise ValueError(f"{c} cached tokens of a {n}-token prompt (at most {n - self.reuse_min_new})")
+            ids = [p[c:] for p, c in zip(ids, first.tolist())]
+            lens = lens - first
         if lens.sum() > self.mix_tokens:
             raise ValueError(f"prompts of {lens.sum()} tokens: a step carries at most {self.mix_tokens}")
-        return pslots, ids, lens
+        return pslots, ids, lens, first
 
     def _decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,31 @@ def test_int8_rows_are_rounded_to_the_nearest_of_255_steps():
     assert ((back - w).abs() <= scale[:, None] / 2 * 1.0001).all()  # half a step at most
     with pytest.raises(ValueError, match="unknown weight format"):
         quantize(w, "int4")
+
+
+def test_the_kernels_tuning_is_kept_between_starts(tmp_path, monkeypatch):
+    """`save_tuned` / `load_tuned` round-trip a tuning's choices; a file that does not read (cut off,
+    not a tuning) counts as none, and a folder that cannot be written costs nothing but the cache.
+    Where the cache lives: $TRITONCHAT_TUNE_CACHE (empty: nowhere), else ~/.cache/tritonchat."""
+    from tritonchat.python_backend.engines.torch.quant import load_tuned, save_tuned, tune_cache_dir
+
+    configs = {(1, 2560, 2048): dict(FORM=3, BN=16, BK=256, SPLIT=4, PDL=True, num_warps=4, num_stages=4),
+               (16, 2048, 5632): dict(FORM=1, BN=32, BK=128, SPLIT=2, PDL=False, num_warps=4, num_stages=4)}
+    path = tmp_path / "cache" / "w8-tune-x.json"
+    save_tuned(path, configs)
+    assert load_tuned(path) == configs and not list(path.parent.glob("*.tmp"))
+    path.write_text(path.read_text()[:40])
+    assert load_tuned(path) is None
+    path.write_text('[[[1, 2], {"FORM": 0}]]')
+    assert load_tuned(path) is None and load_tuned(tmp_path / "absent.json") is None
+    (tmp_path / "file").write_text("")
+    save_tuned(tmp_path / "file" / "w8-tune-x.json", configs)  # a file where the folder would be: logged
+    monkeypatch.setenv("TRITONCHAT_TUNE_CACHE", str(tmp_path / "c"))
+    assert tune_cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("TRITONCHAT_TUNE_CACHE", "")
+    assert tune_cache_dir() is None
+    monkeypatch.delenv("TRITONCHAT_TUNE_CACHE")
+    assert tune_cache_dir() == Path.home() / ".cache" / "tritonchat"
 
 
 @pytest.mark.parametrize("arch,fmt", [("qwen2", "fp8"), ("llama-rope-scaled", "fp8"), ("qwen2", "int8"),
@@ -144,6 +170,19 @@ for m, n, k in [(1, 40, 520), (16, 33, 130)]:
         worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
     mm.configs[(row_bucket(m), n, k)] = dict(FORM=3 if m == 1 else 1, BN=16, BK=64, SPLIT=2, num_warps=4, num_stages=2)
     worst = max(worst, (mm(x, w, torch.ones(n)) - ref - 1).abs().max().item())
+# a tuning kept by an earlier start (quant.save_tuned) is taken as it is, each configuration run once
+import tempfile
+from pathlib import Path
+from tritonchat.python_backend.engines.torch.quant import save_tuned
+w, x = QuantWeight(torch.randn(40, 520), "int8", torch.float32), torch.randn(1, 520)
+kept = {(1, 40, 520): dict(FORM=3, BN=16, BK=64, SPLIT=3, num_warps=4, num_stages=2)}
+taker = W8Matmul(tk, sms=4)
+with tempfile.TemporaryDirectory() as d:
+    save_tuned(Path(d) / "t.json", kept)
+    assert not taker.take_tuned(Path(d) / "t.json", {(40, 300): w}) and not taker.configs  # another shape
+    assert taker.take_tuned(Path(d) / "t.json", {(40, 520): w}) and taker.tuned_from.endswith("t.json")
+assert taker.config(1, w) == kept[(1, 40, 520)] and taker._ws is not None  # its split-K workspace made
+worst = max(worst, (taker(x, w) - x @ w.widened().t()).abs().max().item())
 path, = sys.argv[1:]
 def engines(**over):
     kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, **over)
@@ -347,9 +386,14 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
 
     model, path = _random_model(tmp_path, "llama-rope-scaled")
     # FP8: W8A8 above W8A8_ROWS rows where the GPU can (the engine's default)
-    ex = TorchEngine(str(path), max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt)
-    ex.warmup()  # tunes the kernel's products, captures the graphs
-    assert ex.describe()["weights"] == fmt
+    kw = dict(max_slots=4, max_seq_len=128, device="cuda", dtype="bfloat16", weights=fmt, tune_cache=tmp_path / "tune")
+    ex = TorchEngine(str(path), **kw)
+    ex.warmup()  # tunes the kernel's products (kept in tune_cache), captures the graphs
+    assert ex.describe()["weights"] == fmt and "tuned_from" not in ex.describe()
+    again = TorchEngine(str(path), **kw)  # the next start takes the kept tuning
+    again.warmup()
+    assert again.describe()["tuned_from"].startswith(str(tmp_path / "tune")) and again.llama.mm.configs == ex.llama.mm.configs
+    del again
     assert ex.llama.mm.configs or fmt == "dtype"  # dense weights: cuBLAS may win every product
     print(fmt, "products on the kernel:", sorted(ex.llama.mm.configs))
     rounded = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)

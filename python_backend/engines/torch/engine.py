@@ -37,7 +37,7 @@ from .hf_fallback import HFSlots
 from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
-from .quant import TUNE_ROWS, W8A8_ROWS, w8a8_supported
+from .quant import TUNE_ROWS, W8A8_ROWS, tune_cache_dir, w8a8_supported
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -65,7 +65,7 @@ class TorchEngine(Engine):
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
                  mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto",
-                 dense_kernel: bool = True, **_unused):
+                 dense_kernel: bool = True, tune_cache="auto", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -88,7 +88,9 @@ class TorchEngine(Engine):
         (`w8a8_supported`: Hopper on), else never; None: never (every product W8A16); a number forces
         it (tests, benchmarks). `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
         `quant.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
-        than cuBLAS (`quant.DenseWeight`); False: cuBLAS always."""
+        than cuBLAS (`quant.DenseWeight`); False: cuBLAS always. `tune_cache`: the folder where
+        `warmup()` keeps the kernel's tuning for the next start ("auto": `quant.tune_cache_dir()`,
+        ~/.cache/tritonchat or $TRITONCHAT_TUNE_CACHE; None: time it on every start)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -97,6 +99,7 @@ class TorchEngine(Engine):
         self.max_seq_len = int(max_seq_len)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.pdl = False
+        self.tune_cache = tune_cache_dir() if tune_cache == "auto" else tune_cache
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
 
@@ -310,7 +313,7 @@ class TorchEngine(Engine):
         captured on first use)."""
         if self.path == "native":
             # the kernel's products' configurations, timed now: a graph captures the one it was given
-            self.llama.mm.tune(self.llama.kernel_weights(), TUNE_ROWS)
+            self.llama.mm.tune(self.llama.kernel_weights(), TUNE_ROWS, cache_dir=self.tune_cache)
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)
@@ -561,6 +564,8 @@ class TorchEngine(Engine):
             d["weight_bytes"] = self.llama.weight_bytes()
             if self.llama.weights == "dtype" and self.llama.mm.configs:  # (rows, N, K) on the kernel, not cuBLAS
                 d["kernel_products"] = sorted(self.llama.mm.configs)
+            if self.llama.mm.tuned_from:
+                d["tuned_from"] = self.llama.mm.tuned_from  # the kernel's tuning of an earlier start
             d["graph_batch_sizes"] = self.graph_batch_sizes
             d["graphs_captured"] = sorted(self.graphs.decode, key=lambda k: (k[0], k[1] or 0))
             d["captures"] = {k: round(v, 3) for k, v in self.captures.items()}

@@ -31,10 +31,18 @@ each, the kernel's one-row forms took 10 % off a step's products (docs/benchmark
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from .kernels import cdiv, next_pow2
+
+log = logging.getLogger(__name__)
 
 E4M3_MAX = 448.0
 MAX_SKINNY_M = 128
@@ -204,6 +212,7 @@ class W8Matmul:
         self.pdl = pdl  # programmatic dependent launch may be used (kernels.py): a choice of each config
         self.w8a8_rows = w8a8_rows  # FP8 products of more rows run as W8A8 (module docstring); None: never
         self.configs: dict[tuple[int, int, int], dict] = {}
+        self.tuned_from: str | None = None  # the cache file `tune` took its choices from, if any
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
         self._outgrown: list = []  # buffers a captured graph may still name: never freed
@@ -304,17 +313,60 @@ class W8Matmul:
             **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
         return y
 
-    def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10) -> dict:
+    def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10,
+             cache_dir: str | os.PathLike | None = None) -> dict:
         """Time every candidate configuration for each distinct weight shape and row bucket, each
         as a CUDA graph of a few launches (how the engine runs them: a graph has no launch gaps,
         so a split's fix-up is judged at its real cost), keep the fastest; dense weights keep one
         only where it beat the dense product (cuBLAS, timed the same way), up to DENSE_KERNEL_ROWS
-        rows. Call before capturing the engine's graphs."""
+        rows. Call before capturing the engine's graphs. `cache_dir`: the choices are kept there
+        (`tune_key`) and a later start with the same GPU, software and shapes takes them instead of
+        timing again (each run once: compiled, the split-K workspace sized before any capture)."""
         if self._tk is None or not weights or weights[0].q.device.type != "cuda":
             return self.configs
         shapes = {}
         for w in weights:
             shapes.setdefault(tuple(w.q.shape), w)
+        path = None
+        if cache_dir:
+            path = Path(cache_dir) / f"w8-tune-{self.tune_key(list(shapes.values()), buckets)}.json"
+            if self.take_tuned(path, shapes):
+                return self.configs
+        self._time_candidates(shapes, buckets, reps)
+        if path is not None:
+            save_tuned(path, {key: cfg for key, cfg in self.configs.items() if key[1:] in shapes})
+        return self.configs
+
+    def take_tuned(self, path: Path, shapes: dict) -> bool:
+        """Take the configurations `save_tuned` kept in `path` for these weights ({(N, K): weight});
+        each runs once now (compiled, the split-K workspace sized before any capture). False where
+        there are none, or they name a shape these weights do not have."""
+        cached = load_tuned(path)
+        if cached is None or not all((n, k) in shapes for _, n, k in cached):
+            return False
+        for (bm, n, k), cfg in cached.items():
+            w = shapes[(n, k)]
+            self.launch(torch.zeros((bm, k), device=w.q.device, dtype=w.dtype), w, cfg)
+        self.configs.update(cached)
+        self.tuned_from = str(path)
+        return True
+
+    def tune_key(self, weights: list[QuantWeight], buckets: list[int]) -> str:
+        """What a tuning's choices depend on, hashed: the GPU, torch, Triton, this module's and the
+        kernels' source, the launch options and the weights' shapes and formats."""
+        import triton
+
+        from . import kernels
+
+        dev = weights[0].q.device
+        code = hashlib.sha256(Path(__file__).read_bytes() + Path(kernels.__file__).read_bytes()).hexdigest()
+        blob = dict(gpu=torch.cuda.get_device_name(dev), cc=list(torch.cuda.get_device_capability(dev)),
+                    sms=self.sms, torch=torch.__version__, triton=triton.__version__, code=code, pdl=self.pdl,
+                    w8a8_rows=self.w8a8_rows, buckets=sorted(set(buckets)),
+                    weights=sorted([*w.q.shape, w.fmt, str(w.dtype)] for w in weights))
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _time_candidates(self, shapes: dict, buckets: list[int], reps: int) -> None:
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
@@ -332,7 +384,41 @@ class W8Matmul:
                         best = (ms, cfg)
                 if best is not None and best[1] is not None:
                     self.configs[(bm, n, k)] = best[1]
-        return self.configs
+
+
+def tune_cache_dir() -> Path | None:
+    """Where the engine keeps `W8Matmul.tune`'s choices between starts: $TRITONCHAT_TUNE_CACHE
+    (empty: nowhere), else ~/.cache/tritonchat (next to Triton's own compile cache, ~/.triton)."""
+    env = os.environ.get("TRITONCHAT_TUNE_CACHE")
+    if env is not None:
+        return Path(env) if env.strip() else None
+    return Path.home() / ".cache" / "tritonchat"
+
+
+def save_tuned(path: Path, configs: dict) -> None:
+    """Write `configs` ({(rows, N, K): config}) to `path`, whole or not at all; a cache that cannot
+    be written (a read-only home) costs the next start its tuning, nothing else."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([[list(key), cfg] for key, cfg in sorted(configs.items())]))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not keep the 8-bit kernel's tuning in %s: %s", path, exc)
+
+
+def load_tuned(path: Path) -> dict | None:
+    """The configurations `save_tuned` wrote to `path`; None where there are none or they do not read."""
+    try:
+        rows = json.loads(path.read_text())
+        configs = {tuple(int(v) for v in key): dict(cfg) for key, cfg in rows}
+    except (OSError, ValueError, TypeError) as exc:
+        if path.exists():
+            log.warning("ignoring the 8-bit kernel's tuning in %s: %s", path, exc)
+        return None
+    if not all(len(key) == 3 and {"FORM", "BN", "BK", "SPLIT"} <= cfg.keys() for key, cfg in configs.items()):
+        return None
+    return configs
 
 
 def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:

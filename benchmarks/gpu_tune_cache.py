@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Engine start with and without the kept tuning of the 8-bit products' kernel (`W8Matmul.tune`,
+`TorchEngine(tune_cache=...)`): one process per start, so each start pays its own compiles as a
+server's would. A TinyLlama-shaped Llama of `--layers` layers (the products' shapes, hence the
+tuning, are the full model's), seeded random weights. Prints each start's engine + warmup time,
+whether it took the kept choices, and that both starts chose the same configurations and give the
+same greedy tokens.
+
+    python3 benchmarks/gpu_tune_cache.py --weights fp8 --cache /tmp/tune-cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+_START = r"""
+import json, sys, time, numpy as np, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from tritonchat.python_backend.engines.torch import TorchEngine
+weights, cache, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+t = time.perf_counter()
+ex = TorchEngine(model=model, max_slots=16, max_seq_len=512, device="cuda", dtype="bfloat16", weights=weights,
+                 tune_cache=cache or None)
+ex.warmup()
+start = time.perf_counter() - t
+tok = [int(ex.prefill(0, np.arange(3, 40)).argmax())]
+for _ in range(8):
+    tok.append(int(ex.decode_greedy(np.array([0]), np.array([tok[-1]]))[0]))
+print(json.dumps(dict(start_s=round(start, 1), tuned_from=ex.describe().get("tuned_from"), tokens=tok,
+                      configs=sorted([list(k), v] for k, v in ex.llama.mm.configs.items()))))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", default="fp8", help="dtype | int8 | fp8")
+    ap.add_argument("--cache", required=True, help="the tuning cache folder (emptied first)")
+    ap.add_argument("--layers", type=int, default=2)
+    args = ap.parse_args()
+    subprocess.run(["rm", "-rf", args.cache], check=True)
+    runs = []
+    for name, cache in (("no cache", ""), ("first start, cache empty", args.cache), ("second start", args.cache)):
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", _START, args.weights, cache, str(args.layers)],
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode:
+            print(out.stdout[-2000:], out.stderr[-4000:])
+            raise SystemExit(f"{name}: the start failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs.append(r)
+        print(f"{args.weights} {name}: engine + warmup {r['start_s']} s (process {time.perf_counter() - t:.1f} s), "
+              f"tuning {'taken from ' + r['tuned_from'] if r['tuned_from'] else 'timed'}, "
+              f"{len(r['configs'])} products on the kernel", flush=True)
+    print("same configurations:", runs[1]["configs"] == runs[2]["configs"],
+          "; same greedy tokens:", runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"])
+
+
+if __name__ == "__main__":
+    main()

@@ -114,6 +114,7 @@ from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 tk = load_kernels()
 mm = W8Matmul(tk, sms=4)
+WIDENING = [f for f in FORMS if f != 5]  # the forms over activations in the engine's dtype (5: FP8 rows, below)
 torch.manual_seed(0)
 worst = 0.0
 forms = set()
@@ -123,13 +124,13 @@ for (m, n, k), fmt in zip([(1, 64, 256), (1, 40, 520), (3, 40, 72), (17, 33, 130
     x = torch.randn(m, k)
     ref = x @ w.widened().t()
     configs = candidate_configs(row_bucket(m), n, k, 4) + [
-        dict(FORM=f, BN=16, BK=64, SPLIT=s, num_warps=4, num_stages=2) for f in FORMS for s in (2, 3)]
+        dict(FORM=f, BN=16, BK=64, SPLIT=s, num_warps=4, num_stages=2) for f in WIDENING for s in (2, 3)]
     for cfg in configs:
         forms.add((form_of(cfg, m), cfg["SPLIT"] > 1))
         for _ in range(2):  # the split's tile counters are back at 0 after each launch
             worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
     worst = max(worst, (mm(x, w, torch.ones(n)) - ref - 1).abs().max().item())  # the default config, a bias
-assert forms == {(f, s) for f in FORMS for s in (False, True)}, forms
+assert forms == {(f, s) for f in WIDENING for s in (False, True)}, forms
 for fmt in ("int8", "fp8"):  # (float32: the interpreter rounds to bf16 its own way; the GPU test checks bf16)
     w = QuantWeight(torch.randn(40, 300), fmt, torch.float32)
     assert torch.equal(mm.widen(w), w.widened()), fmt  # the one-pass widening: dequantize's numbers exactly
@@ -183,6 +184,22 @@ with tempfile.TemporaryDirectory() as d:
     assert taker.take_tuned(Path(d) / "t.json", {(40, 520): w}) and taker.tuned_from.endswith("t.json")
 assert taker.config(1, w) == kept[(1, 40, 520)] and taker._ws is not None  # its split-K workspace made
 worst = max(worst, (taker(x, w) - x @ w.widened().t()).abs().max().item())
+# W8A8 on the kernel (A8_FORM): FP8 rows by FP8 weights, both scales at the end, every candidate and a
+# split of three; through scaled_rows where tuned so; a kept one taken (compiled with FP8 rows)
+from tritonchat.python_backend.engines.torch.quant import A8_FORM, quantize_rows_fp8
+for m, n, k in [(17, 40, 200), (64, 48, 130)]:
+    w = QuantWeight(torch.randn(n, k), "fp8", torch.float32)
+    xq, sx = quantize_rows_fp8(torch.randn(m, k) * 3)
+    ref = (xq.float() * sx) @ w.widened().t()
+    configs = candidate_configs(row_bucket(m), n, k, 4, fmt="fp8", a8=True)
+    assert configs and {c["FORM"] for c in configs} == {A8_FORM}
+    for cfg in configs + [dict(FORM=A8_FORM, BN=16, BK=64, SPLIT=3, num_warps=4, num_stages=2)]:
+        worst = max(worst, (mm.launch(xq, w, cfg, sx) - ref).abs().max().item())
+    mm.configs[(row_bucket(m), n, k)] = configs[0]
+    assert torch.equal(mm.scaled_rows(xq, sx, w), mm.launch(xq, w, configs[0], sx))
+    with tempfile.TemporaryDirectory() as d:
+        save_tuned(Path(d) / "a8.json", {(row_bucket(m), n, k): configs[-1]})
+        assert W8Matmul(tk, sms=4).take_tuned(Path(d) / "a8.json", {(n, k): w})
 path, = sys.argv[1:]
 def engines(**over):
     kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, **over)
@@ -247,7 +264,8 @@ def _widening(device: str, **env) -> str:
 
 def test_the_8bit_product_kernel_compiles_for_hopper():
     """`w8_matmul`'s forms (one row: row sums per block or once, integer widening; `tl.dot` either
-    way round; split-K fix-up; PDL; unscaled for weights in the engine's dtype) compiled for sm_90 by this
+    way round; FP8 rows by FP8 weights; split-K fix-up; PDL; unscaled for weights in the engine's dtype)
+    compiled for sm_90 by this
     Triton, no GPU needed: the interpreter runs the Python, not the compiler, so this is what catches
     a kernel that cannot compile before a GPU run does."""
     triton = pytest.importorskip("triton")
@@ -257,15 +275,18 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
     from tritonchat.python_backend.engines.torch.kernels import load_kernels
 
     fn = load_kernels().w8_matmul
-    ptrs = dict(X="*bf16", S="*fp32", Y="*bf16", P="*fp32", C="*i32")
+    ptrs = dict(X="*bf16", S="*fp32", SX="*fp32", Y="*bf16", P="*fp32", C="*i32")
     ints = {a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_xm", "stride_wn", "stride_ym", "stride_p")}
     cases = [dict(FORM=f, BM=1, BN=8, BK=256) for f in (0, 3, 4)] + [
         dict(FORM=1, BM=16, BN=32, BK=128), dict(FORM=2, BM=16, BN=64, BK=64),
-        dict(FORM=3, BM=1, BN=8, BK=256, FIXUP=True, PDL=True)]
-    for wdt in ("fp8e4nv", "i8", "bf16"):  # bf16: quant.DenseWeight (no scale)
-        for case in cases if wdt != "bf16" else [c for c in cases if c["FORM"] != 4]:
+        dict(FORM=3, BM=1, BN=8, BK=256, FIXUP=True, PDL=True),
+        dict(FORM=5, BM=64, BN=128, BK=128, FIXUP=True, PDL=True), dict(FORM=5, BM=128, BN=64, BK=256)]
+    for wdt in ("fp8e4nv", "i8", "bf16"):  # bf16: quant.DenseWeight (no scale); FORM 5: FP8 rows and weights
+        for case in [c for c in cases if (c["FORM"] == 5) == (wdt == "fp8e4nv" and c["FORM"] == 5)
+                     and not (wdt == "bf16" and c["FORM"] == 4)]:
             const = {**dict(FIXUP=False, IEEE=False, PDL=False, SCALED=wdt != "bf16"), **case}
-            sig = {**ptrs, **ints, "W": f"*{wdt}", **{k: "constexpr" for k in const}}
+            sig = {**ptrs, **ints, "W": f"*{wdt}", **({"X": "*fp8e4nv"} if case["FORM"] == 5 else {}),
+                   **{k: "constexpr" for k in const}}
             src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
             assert kernel.asm["cubin"], (wdt, case)

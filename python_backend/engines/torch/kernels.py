@@ -12,8 +12,8 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
   * prefill_attn: varlen causal attention of packed prompts, one program per block of queries;
   * w8_matmul: X @ W^T with 8-bit weights (int8 or FP8 E4M3) and a scale per output channel, the
     weights widened in registers (a decode step reads half the bytes); one row on the CUDA cores,
-    more through `tl.dot` (either operand order); split-K fixed up by the K slices' last program in
-    the same launch;
+    more through `tl.dot` (either operand order), or (W8A8) FP8 rows by FP8 weights on the FP8
+    tensor cores; split-K fixed up by the K slices' last program in the same launch;
   * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
     where a product has too many rows for w8_matmul);
   * fp8_rows: each row of an activation rounded to FP8 E4M3 with a scale of its own (the input of
@@ -351,7 +351,7 @@ def load_kernels():
             return (((u & 0x7F) << 20) | ((u & 0x80) << 24)).to(tl.float32, bitcast=True) * 1.329227995784916e36
 
     @triton.jit
-    def w8_matmul_kernel(X, W, S, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
+    def w8_matmul_kernel(X, W, S, SX, Y, P, C, M, N, K, KS, SPLIT, stride_xm, stride_wn, stride_ym, stride_p,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
                          FORM: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
                          SCALED: tl.constexpr = True):
@@ -365,7 +365,9 @@ def load_kernels():
         #      the operand Hopper's wgmma may take from registers, where the widened weight is.
         #   3  one row, as 0, but each thread keeps its products' sums over the whole K slice and the
         #      row sums (shuffles across the warp) happen once, after the loop;
-        #   4  as 3, the weights widened by integer ops (`_widen_bits`) instead of conversions.
+        #   4  as 3, the weights widened by integer ops (`_widen_bits`) instead of conversions;
+        #   5  W8A8: X's rows already rounded to FP8 with a scale each (SX), tl.dot(X, W^T) on the FP8
+        #      tensor cores as they are (nothing widened), both scales applied at the end.
         # FIXUP: program (n, k, m) sums K-slice k only and stores it in the fp32 workspace P; the last
         # of a tile's SPLIT programs to finish (counter C) adds the slices in a fixed order (the same
         # sums every run), writes Y and puts the counter back to 0: one launch where split-K with
@@ -395,6 +397,8 @@ def load_kernels():
                 acc_k += w.to(tl.float32) * x.to(tl.float32)
             elif FORM == 4:
                 acc_k += _widen_bits(w) * x.to(tl.float32)
+            elif FORM == 5:  # the products' sums promoted to float32 every 64 of K, not only at the end
+                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=64)
             elif FORM == 1:
                 if IEEE:
                     acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
@@ -407,7 +411,7 @@ def load_kernels():
                     acc_t = tl.dot(w.to(x.dtype), tl.trans(x), acc_t)
         if FORM == 2:
             acc = tl.trans(acc_t)
-        if FORM >= 3:
+        if FORM == 3 or FORM == 4:
             acc = tl.sum(acc_k, axis=1)[None, :]
         om = mm[:, None] & nm[None, :]
         if FIXUP:
@@ -423,11 +427,15 @@ def load_kernels():
                     total += tl.where(s == pk, acc, part)
                 if SCALED:
                     total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+                if FORM == 5:
+                    total = total * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
                 tl.store(Y + rm[:, None] * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=om)
                 tl.atomic_xchg(C + tile, 0)
         else:
             if SCALED:
                 acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+            if FORM == 5:
+                acc = acc * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
             tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=om)
 
     @triton.jit

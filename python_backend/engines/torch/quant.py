@@ -22,7 +22,10 @@ How a product runs:
     Above 64 rows the widening kernel's bf16 MMAs lose to bf16 cuBLAS; W8A8 brings a 128-row step and
     a prefill back to about bf16's time (docs/benchmarks-gpu.md). The activations' rounding is a
     second error beside the weights', which `fake_quantize(activations=True)` models (the build's
-    FP8 gate for such a build).
+    FP8 gate for such a build). With `W8Matmul.a8_kernel` the tuner also times the kernel's FP8 form
+    (`A8_FORM`: the rounded rows by the FP8 weights on the FP8 tensor cores, split-K fixed up in the
+    launch) against `_scaled_mm` per W8A8 bucket and keeps it where it won: `_scaled_mm` read the
+    weights at ~1 TB/s at 64 rows on an H100 (a third of the card's bandwidth). Off until measured.
 Weights kept in the engine's dtype (`DenseWeight`) go through the same kernel at up to
 `DENSE_KERNEL_ROWS` rows where `tune` timed it faster than the dense product (cuBLAS), else that: at
 one row cuBLAS's bf16 products ran at 1.3-2.5 TB/s on an H100 and added a split-K reduce kernel
@@ -212,6 +215,9 @@ class W8Matmul:
         self.pdl = pdl  # programmatic dependent launch may be used (kernels.py): a choice of each config
         self.w8a8_rows = w8a8_rows  # FP8 products of more rows run as W8A8 (module docstring); None: never
         self.configs: dict[tuple[int, int, int], dict] = {}
+        # W8A8 products may run the kernel's FP8 form where `tune` times it faster than
+        # `torch._scaled_mm` (off until measured on a GPU: docs/benchmarks-gpu.md)
+        self.a8_kernel = False
         self.tuned_from: str | None = None  # the cache file `tune` took its choices from, if any
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
@@ -250,8 +256,14 @@ class W8Matmul:
         return self.scaled_rows(*self.quantize_rows(x), w, bias)
 
     def scaled_rows(self, xq: torch.Tensor, sx: torch.Tensor, w: QuantWeight, bias=None) -> torch.Tensor:
-        """The W8A8 product of rows already rounded (`quantize_rows_fp8`'s pair)."""
-        y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
+        """The W8A8 product of rows already rounded (`quantize_rows_fp8`'s pair): `torch._scaled_mm`,
+        or the kernel's FP8 form where `tune` timed it faster (`a8_kernel`)."""
+        n, k = w.q.shape
+        cfg = self.configs.get((row_bucket(xq.shape[0]), n, k)) if self._tk is not None else None
+        if cfg is not None and cfg["FORM"] == A8_FORM:
+            y = self.launch(xq, w, cfg, sx)
+        else:
+            y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
         return y if bias is None else y + bias
 
     def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +304,9 @@ class W8Matmul:
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
         return self._ws, self._count
 
-    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict, sx: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w^T by `w8_matmul` in configuration `cfg`; the FP8 form (A8_FORM) takes `x` as rows
+        rounded to E4M3 and `sx` their scales [m, 1]."""
         m = x.shape[0]
         n, k = w.q.shape
         form = form_of(cfg, m)
@@ -301,12 +315,13 @@ class W8Matmul:
         ks = cdiv(cdiv(k, split), bk) * bk
         split = cdiv(k, ks)  # every program has a non-empty slice
         grid = (cdiv(n, bn), split, cdiv(m, bm))
-        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        y = torch.empty((m, n), device=x.device, dtype=w.dtype if form == A8_FORM else x.dtype)
         ws = cnt = y
         if split > 1:
             ws, cnt = self._buffers(split * grid[2] * bm * n, grid[0] * grid[2], x.device)
         self._tk.w8_matmul[grid](
-            x, w.q, y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, x.stride(0), w.q.stride(0),
+            x, w.q, y if w.dense else w.scale, y if sx is None else sx, y, ws, cnt, m, n, k, ks, split, x.stride(0),
+            w.q.stride(0),
             y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form,
             IEEE=x.dtype == torch.float32, SCALED=not w.dense, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
@@ -346,7 +361,11 @@ class W8Matmul:
             return False
         for (bm, n, k), cfg in cached.items():
             w = shapes[(n, k)]
-            self.launch(torch.zeros((bm, k), device=w.q.device, dtype=w.dtype), w, cfg)
+            if cfg["FORM"] == A8_FORM:
+                self.launch(torch.zeros((bm, k), device=w.q.device, dtype=torch.float8_e4m3fn), w, cfg,
+                            torch.ones((bm, 1), device=w.q.device))
+            else:
+                self.launch(torch.zeros((bm, k), device=w.q.device, dtype=w.dtype), w, cfg)
         self.configs.update(cached)
         self.tuned_from = str(path)
         return True
@@ -362,7 +381,7 @@ class W8Matmul:
         code = hashlib.sha256(Path(__file__).read_bytes() + Path(kernels.__file__).read_bytes()).hexdigest()
         blob = dict(gpu=torch.cuda.get_device_name(dev), cc=list(torch.cuda.get_device_capability(dev)),
                     sms=self.sms, torch=torch.__version__, triton=triton.__version__, code=code, pdl=self.pdl,
-                    w8a8_rows=self.w8a8_rows, buckets=sorted(set(buckets)),
+                    w8a8_rows=self.w8a8_rows, a8_kernel=self.a8_kernel, buckets=sorted(set(buckets)),
                     weights=sorted([*w.q.shape, w.fmt, str(w.dtype)] for w in weights))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -370,6 +389,8 @@ class W8Matmul:
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
+                    if self.a8_kernel:
+                        self._time_a8(w, bm, reps)
                     continue
                 if w.dense and bm > DENSE_KERNEL_ROWS:
                     continue
@@ -384,6 +405,22 @@ class W8Matmul:
                         best = (ms, cfg)
                 if best is not None and best[1] is not None:
                     self.configs[(bm, n, k)] = best[1]
+
+    def _time_a8(self, w: QuantWeight, bm: int, reps: int) -> None:
+        """A W8A8 bucket: the kernel's FP8 form against `torch._scaled_mm`; a configuration kept only
+        where it won."""
+        n, k = w.q.shape
+        xq, sx = self.quantize_rows(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
+        best = (graph_median_ms(lambda: self.scaled_rows(xq, sx, w), reps), None)
+        for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True):
+            try:
+                ms = graph_median_ms(lambda: self.launch(xq, w, cfg, sx), reps)
+            except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
+                continue
+            if ms < best[0]:
+                best = (ms, cfg)
+        if best[1] is not None:
+            self.configs[(bm, n, k)] = best[1]
 
 
 def tune_cache_dir() -> Path | None:
@@ -429,7 +466,8 @@ def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:
 
 
 # the kernel's FORM (kernels.py, w8_matmul) by name
-FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits"}
+FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits", 5: "dot-a8"}
+A8_FORM = 5  # W8A8: FP8 rows by FP8 weights, nothing widened
 GEMV_FORMS = (0, 3, 4)  # one row on the CUDA cores
 
 
@@ -446,24 +484,28 @@ def default_config(bm: int, n: int, k: int, sms: int) -> dict:
     return dict(FORM=1, BN=bn, BK=128, SPLIT=_split(n, k, bn, 128, sms), num_warps=4, num_stages=4)
 
 
-def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt: str | None = None) -> list[dict]:
+def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt: str | None = None,
+                      a8: bool = False) -> list[dict]:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
     for a `DenseWeight`; None: every form) drops the forms that lost or cannot
-    run. Each distinct tile is one Triton compile when the engine loads (shared by every shape: K
-    and the split are not compile-time constants)."""
+    run; `a8`: the FP8 form's (A8_FORM) only, for a W8A8 product of at least 16 rows. Each distinct
+    tile is one Triton compile when the engine loads (shared by every shape: K and the split are
+    not compile-time constants)."""
     tiles = []
-    if bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
+    if a8:  # FP8 tiles of rows and weights, staged in shared memory (num_stages 4: ~200 KB at most)
+        tiles += [(A8_FORM, bn, bk) for bn in (64, 128) for bk in (64, 128, 256) if (max(16, bm) + bn) * bk <= 49152]
+    elif bm == 1:  # one row: on the CUDA cores (BN x BK widened values in registers), or padded to 16 for tl.dot
         tiles += [(0, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512) if bn * bk <= 8192]
         # the row sums once per program (a BN x BK float32 sum in registers besides the tile); the
         # integer widening for INT8 weights only (`fmt`): it lost on every FP8 product (H100)
         tiles += [(f, bn, bk) for f in ((3, 4) if fmt in (None, "int8") else (3,)) for bn in (8, 16, 32)
                   for bk in (128, 256, 512) if bn * bk <= 4096]
     rows = max(16, bm)
-    tiles += [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)
-              if rows * bk <= 128 * 128 and bn * bk <= 16384]
-    if bm >= 16:  # the weight as the MMA's 64 or 128 rows
+    tiles += [] if a8 else [(1, bn, bk) for bn in (16, 32, 64) for bk in (128, 256, 512)
+                            if rows * bk <= 128 * 128 and bn * bk <= 16384]
+    if bm >= 16 and not a8:  # the weight as the MMA's 64 or 128 rows
         tiles += [(2, bn, bk) for bn in (64, 128) for bk in (64, 128) if bn * bk <= 8192]
     return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
             for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)

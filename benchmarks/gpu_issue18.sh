@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
 export TRITONCHAT_SHARED=${TRITONCHAT_SHARED:-$PWD/.carry/shared}
-source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout, $MODEL made
+source "$(dirname "$0")/gpu_setup.sh"  # leaves us in /tmp, REPO_ROOT = the checkout, make_model
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for step in ${STEPS:-test step sweep}; do
   echo "=== $step at $(date +%T)"
@@ -27,7 +27,7 @@ for step in ${STEPS:-test step sweep}; do
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
-    multiturn) (printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&  # from /tmp: the servers too
+    multiturn) (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&  # from /tmp: the servers too
               timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn \
                 --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" ${MT_ARGS:-}) 2>&1 \
             | tail -30 \

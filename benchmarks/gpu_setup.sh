@@ -22,7 +22,10 @@ export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}
 cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, mapped package
 [ -f /tmp/.tritonchat-gpu-server ] || { python3 -m tritonchat.cli setup-server && touch /tmp/.tritonchat-gpu-server; }
-# the seeded TinyLlama-1.1B-shaped Llama every GPU script measures (bf16, the Llama-2 tokenizer)
+# the seeded TinyLlama-1.1B-shaped Llama the server benchmarks measure (bf16, the Llama-2 tokenizer):
+# `make_model` writes it to $MODEL once a machine (~2 GB: only the steps that serve it ask)
 MODEL=/tmp/tinyllama-shape
-[ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
-    --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
+make_model() {
+  [ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
+      --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16
+}

@@ -5,7 +5,8 @@
 # tokenizer in $TRITONCHAT_SHARED/tokenizers/llama2/ (see docs/benchmarks.md).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver, $MODEL; cd /tmp
+source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver, make_model; cd /tmp
+make_model
 # PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
 # GENERATOR='{pdl: false}': build settings of the generator (docs/build-config.md); TAG names that build
 REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}${TAG:+-$TAG}

@@ -12,7 +12,7 @@ bytes, the error against a float32 product of the widened weights, and per M the
 products. FP8 also as W8A8 where the GPU can (`fp8 W8A8`: the rows rounded to E4M3 by the `fp8_rows`
 kernel, then `torch._scaled_mm`; its error against the rounded rows' float32 product).
 
-    python3 benchmarks/gpu_gemm.py [--m 1,16,64] [--formats fp8,int8] [--a8-kernel]
+    python3 benchmarks/gpu_gemm.py [--m 1,16,64] [--formats fp8,int8] [--a8-kernel] [--tma]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
                     "bf16 weights themselves")
     ap.add_argument("--pdl", action="store_true", help="8-bit configurations also with programmatic dependent "
                     "launch (each of the 22 starts while the one before ends)")
+    ap.add_argument("--tma", action="store_true", help="from 16 rows also the kernel's TMA form (`dot-tma`; "
+                    "over the bf16 weights too, against cuBLAS)")
     ap.add_argument("--a8-kernel", action="store_true", help="FP8 W8A8 also on the kernel's FP8 form (`dot-a8`: "
                     "the rounded rows by the FP8 weights, every candidate)")
     args = ap.parse_args()
@@ -88,8 +90,7 @@ def main() -> None:
                 nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()
                 best: dict = {}
-                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl,
-                                             fmt=qs[0].fmt):
+                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt=qs[0].fmt, tma=args.tma):
                     try:
                         err = rel_err(mm.launch(x, qs[0], cfg), ref)
                         t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])

@@ -114,7 +114,7 @@ from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 tk = load_kernels()
 mm = W8Matmul(tk, sms=4)
-WIDENING = [f for f in FORMS if f != 5]  # the forms over activations in the engine's dtype (5: FP8 rows, below)
+WIDENING = [f for f in FORMS if f not in (5, 6)]  # plain loads of rows in the engine's dtype (5, 6: below)
 torch.manual_seed(0)
 worst = 0.0
 forms = set()
@@ -200,6 +200,22 @@ for m, n, k in [(17, 40, 200), (64, 48, 130)]:
     with tempfile.TemporaryDirectory() as d:
         save_tuned(Path(d) / "a8.json", {(row_bucket(m), n, k): configs[-1]})
         assert W8Matmul(tk, sms=4).take_tuned(Path(d) / "a8.json", {(n, k): w})
+# the TMA form (TMA_FORM: tensor descriptors, the tiles past K and M read as zeros), every candidate
+# and a split of three, for each weight format; rows TMA cannot read (a row stride of k + 3 floats,
+# not a multiple of 16 bytes) take the same tile by plain loads
+from tritonchat.python_backend.engines.torch.quant import TMA_FORM, DenseWeight as Dense
+for (m, n, k), fmt in zip([(17, 40, 200), (64, 48, 136), (16, 70, 264)], ["int8", "fp8", "dtype"]):
+    w = Dense(torch.randn(n, k)) if fmt == "dtype" else QuantWeight(torch.randn(n, k), fmt, torch.float32)
+    x = torch.randn(m, k)
+    ref = x @ w.widened().t()
+    configs = [c for c in candidate_configs(row_bucket(m), n, k, 4, fmt=fmt, tma=True) if c["FORM"] == TMA_FORM]
+    assert configs, fmt
+    for cfg in configs + [dict(FORM=TMA_FORM, BN=16, BK=64, SPLIT=3, num_warps=4, num_stages=2)]:
+        worst = max(worst, (mm.launch(x, w, cfg) - ref).abs().max().item())
+    wide = torch.randn(m, k + 3)
+    worst = max(worst, (mm.launch(wide[:, :k], w, configs[0]) - wide[:, :k] @ w.widened().t()).abs().max().item())
+assert {c["FORM"] for c in candidate_configs(64, 48, 136, 4, fmt="dtype", tma=True)} == {TMA_FORM}
+assert TMA_FORM not in {c["FORM"] for c in candidate_configs(64, 48, 136, 4, fmt="int8")}
 path, = sys.argv[1:]
 def engines(**over):
     kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False, **over)
@@ -264,8 +280,8 @@ def _widening(device: str, **env) -> str:
 
 def test_the_8bit_product_kernel_compiles_for_hopper():
     """`w8_matmul`'s forms (one row: row sums per block or once, integer widening; `tl.dot` either
-    way round; FP8 rows by FP8 weights; split-K fix-up; PDL; unscaled for weights in the engine's dtype)
-    compiled for sm_90 by this
+    way round; FP8 rows by FP8 weights; split-K fix-up; PDL; unscaled for weights in the engine's dtype;
+    the tiles streamed by TMA) compiled for sm_90 by this
     Triton, no GPU needed: the interpreter runs the Python, not the compiler, so this is what catches
     a kernel that cannot compile before a GPU run does."""
     triton = pytest.importorskip("triton")
@@ -290,6 +306,18 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
             src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
             assert kernel.asm["cubin"], (wdt, case)
+    # the TMA form (w8_matmul_tma): tensor descriptors in, the copy engine's loads and wgmma out
+    tma = load_kernels().w8_matmul_tma
+    for wdt, bn, bk in (("bf16", 128, 128), ("fp8e4nv", 128, 128), ("i8", 64, 256)):
+        const = dict(BM=64, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16")
+        sig = dict(XD=f"tensordesc<bf16[64, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32", Y="*bf16",
+                   P="*fp32", C="*i32", **{a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_ym", "stride_p")},
+                   **{k: "constexpr" for k in const})
+        src = ASTSource(fn=tma, signature=sig, constexprs={(tma.arg_names.index(k),): v for k, v in const.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+        ptx = kernel.asm["ptx"]
+        assert kernel.asm["cubin"] and "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx, wdt
+        assert kernel.metadata.shared <= 227 * 1024, (wdt, kernel.metadata.shared)  # an H100's shared memory
 
 
 def test_the_8bit_product_kernel_interpreted(tmp_path):

@@ -14,6 +14,8 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
     weights widened in registers (a decode step reads half the bytes); one row on the CUDA cores,
     more through `tl.dot` (either operand order), or (W8A8) FP8 rows by FP8 weights on the FP8
     tensor cores; split-K fixed up by the K slices' last program in the same launch;
+  * w8_matmul_tma: w8_matmul's `tl.dot(X, W^T)` form with the tiles streamed by Hopper's TMA (tensor
+    descriptors);
   * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
     where a product has too many rows for w8_matmul);
   * fp8_rows: each row of an activation rounded to FP8 E4M3 with a scale of its own (the input of
@@ -79,7 +81,7 @@ _KERNELS = None
 def load_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
     # a @triton.jit helper is found through the module's globals
-    global _KERNELS, _attend_block, _fp8_row, _widen_bits
+    global _KERNELS, _attend_block, _fp8_row, _widen_bits, _finish_tile
     if _KERNELS is not None:
         return _KERNELS or None
     try:
@@ -368,10 +370,7 @@ def load_kernels():
         #   4  as 3, the weights widened by integer ops (`_widen_bits`) instead of conversions;
         #   5  W8A8: X's rows already rounded to FP8 with a scale each (SX), tl.dot(X, W^T) on the FP8
         #      tensor cores as they are (nothing widened), both scales applied at the end.
-        # FIXUP: program (n, k, m) sums K-slice k only and stores it in the fp32 workspace P; the last
-        # of a tile's SPLIT programs to finish (counter C) adds the slices in a fixed order (the same
-        # sums every run), writes Y and puts the counter back to 0: one launch where split-K with
-        # atomics took three (zero Y, add, cast).
+        # FIXUP: split-K, fixed up by the K slices' last program (`_finish_tile`).
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         pm = tl.program_id(2)
@@ -413,28 +412,65 @@ def load_kernels():
             acc = tl.trans(acc_t)
         if FORM == 3 or FORM == 4:
             acc = tl.sum(acc_k, axis=1)[None, :]
+        _finish_tile(acc, S, SX, Y, P, C, rm, rn, mm, nm, pk, pm, N, SPLIT, stride_ym, stride_p, FIXUP, SCALED,
+                     FORM == 5)
+
+    @triton.jit
+    def w8_matmul_tma_kernel(XD, WD, S, Y, P, C, M, N, K, KS, SPLIT, stride_ym, stride_p,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
+                             IEEE: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = True):
+        # w8_matmul's FORM 1 (tl.dot(X, W^T), at least 16 rows) over tensor descriptors: Hopper's copy
+        # engine (TMA) streams the rows' and the weights' tiles into shared memory, where tl.dot reads
+        # them; past K and past M the descriptors read zeros. 8-bit weights are widened after the load.
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        pm = tl.program_id(2)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], tl.float32)
+        if PDL:
+            _gdc_wait()
+            _gdc_launch()
+        for k0 in range(pk * KS, pk * KS + KS, BK):
+            x = XD.load([pm * BM, k0])
+            w = WD.load([pn * BN, k0])
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        _finish_tile(acc, S, S, Y, P, C, rm, rn, rm < M, rn < N, pk, pm, N, SPLIT, stride_ym, stride_p, FIXUP,
+                     SCALED, False)
+
+    @triton.jit
+    def _finish_tile(acc, S, SX, Y, P, C, rm, rn, mm, nm, pk, pm, N, SPLIT, stride_ym, stride_p,
+                     FIXUP: tl.constexpr, SCALED: tl.constexpr, ROW_SCALED: tl.constexpr):
+        # a product tile's end: the output channels' scales (SCALED) and the rows' (ROW_SCALED, W8A8),
+        # into Y. FIXUP: program (n, k, m) holds K-slice k's sums only and stores them in the fp32
+        # workspace P; the last of a tile's SPLIT programs to finish (counter C) adds the slices in a
+        # fixed order (the same sums every run), writes Y and puts the counter back to 0: one launch
+        # where split-K with atomics took three (zero Y, add, cast).
         om = mm[:, None] & nm[None, :]
         if FIXUP:
             cell = rm[:, None] * N + rn[None, :]
             tl.store(P + pk * stride_p + cell, acc, mask=om)
             tl.debug_barrier()  # every thread's slice is stored before the counter says so
-            tile = pm * tl.num_programs(0) + pn
+            tile = pm * tl.num_programs(0) + tl.program_id(0)
             if tl.atomic_add(C + tile, 1, sem="acq_rel") == SPLIT - 1:
                 tl.debug_barrier()
-                total = tl.zeros([BM, BN], tl.float32)
+                total = tl.zeros(acc.shape, tl.float32)
                 for s in range(0, SPLIT):
                     part = tl.load(P + s * stride_p + cell, mask=om, other=0.0, cache_modifier=".cg")
                     total += tl.where(s == pk, acc, part)
                 if SCALED:
                     total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
-                if FORM == 5:
+                if ROW_SCALED:
                     total = total * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
                 tl.store(Y + rm[:, None] * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=om)
                 tl.atomic_xchg(C + tile, 0)
         else:
             if SCALED:
                 acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
-            if FORM == 5:
+            if ROW_SCALED:
                 acc = acc * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
             tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=om)
 
@@ -473,6 +509,7 @@ def load_kernels():
         attn_combine=attn_combine_kernel,
         prefill_attn=prefill_attn_kernel,
         w8_matmul=w8_matmul_kernel,
+        w8_matmul_tma=w8_matmul_tma_kernel,
         w8_widen=w8_widen_kernel,
         fp8_rows=fp8_rows_kernel,
     )

@@ -26,6 +26,10 @@ How a product runs:
     (`A8_FORM`: the rounded rows by the FP8 weights on the FP8 tensor cores, split-K fixed up in the
     launch) against `_scaled_mm` per W8A8 bucket and keeps it where it won: `_scaled_mm` read the
     weights at ~1 TB/s at 64 rows on an H100 (a third of the card's bandwidth). Off until measured.
+With `W8Matmul.tma_kernel` the products of 16 rows and more also time the TMA form (`TMA_FORM`: the
+`tl.dot` form with its tiles streamed into shared memory by Hopper's copy engine, tensor
+descriptors), for dense weights up to `TMA_DENSE_ROWS` rows against cuBLAS: at 32-64 rows neither
+cuBLAS nor the plain-load forms passed ~2.2 TB/s. Off until measured.
 Weights kept in the engine's dtype (`DenseWeight`) go through the same kernel at up to
 `DENSE_KERNEL_ROWS` rows where `tune` timed it faster than the dense product (cuBLAS), else that: at
 one row cuBLAS's bf16 products ran at 1.3-2.5 TB/s on an H100 and added a split-K reduce kernel
@@ -218,6 +222,9 @@ class W8Matmul:
         # W8A8 products may run the kernel's FP8 form where `tune` times it faster than
         # `torch._scaled_mm` (off until measured on a GPU: docs/benchmarks-gpu.md)
         self.a8_kernel = False
+        # products of 16 rows or more may run the TMA form (TMA_FORM; weights in the engine's dtype up to
+        # TMA_DENSE_ROWS) where `tune` times it fastest (off until measured on a GPU)
+        self.tma_kernel = False
         self.tuned_from: str | None = None  # the cache file `tune` took its choices from, if any
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
@@ -319,13 +326,22 @@ class W8Matmul:
         ws = cnt = y
         if split > 1:
             ws, cnt = self._buffers(split * grid[2] * bm * n, grid[0] * grid[2], x.device)
+        pdl = pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS))
+        if form == TMA_FORM and tma_ready(x) and tma_ready(w.q):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            self._tk.w8_matmul_tma[grid](
+                TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w.q, [bn, bk]),
+                y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, y.stride(0), grid[2] * bm * n,
+                BM=bm, BN=bn, BK=bk, FIXUP=split > 1, IEEE=x.dtype == torch.float32, SCALED=not w.dense,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl)
+            return y
         self._tk.w8_matmul[grid](
             x, w.q, y if w.dense else w.scale, y if sx is None else sx, y, ws, cnt, m, n, k, ks, split, x.stride(0),
-            w.q.stride(0),
-            y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1, FORM=form,
+            w.q.stride(0), y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1,
+            FORM=1 if form == TMA_FORM else form,  # operands TMA cannot read: the same tile by plain loads
             IEEE=x.dtype == torch.float32, SCALED=not w.dense, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            **pdl_launch(self.pdl and cfg.get("PDL", m <= PDL_MAX_ROWS)))
+            num_stages=cfg["num_stages"], **pdl)
         return y
 
     def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10,
@@ -381,7 +397,8 @@ class W8Matmul:
         code = hashlib.sha256(Path(__file__).read_bytes() + Path(kernels.__file__).read_bytes()).hexdigest()
         blob = dict(gpu=torch.cuda.get_device_name(dev), cc=list(torch.cuda.get_device_capability(dev)),
                     sms=self.sms, torch=torch.__version__, triton=triton.__version__, code=code, pdl=self.pdl,
-                    w8a8_rows=self.w8a8_rows, a8_kernel=self.a8_kernel, buckets=sorted(set(buckets)),
+                    w8a8_rows=self.w8a8_rows, a8_kernel=self.a8_kernel, tma_kernel=self.tma_kernel,
+                    buckets=sorted(set(buckets)),
                     weights=sorted([*w.q.shape, w.fmt, str(w.dtype)] for w in weights))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -392,11 +409,11 @@ class W8Matmul:
                     if self.a8_kernel:
                         self._time_a8(w, bm, reps)
                     continue
-                if w.dense and bm > DENSE_KERNEL_ROWS:
+                if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
                 best = (graph_median_ms(lambda: F.linear(x, w.q), reps), None) if w.dense else None
-                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt):
+                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, tma=self.tma_kernel):
                     try:
                         ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
                     except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
@@ -466,8 +483,11 @@ def _split(n: int, k: int, bn: int, bk: int, sms: int) -> int:
 
 
 # the kernel's FORM (kernels.py, w8_matmul) by name
-FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits", 5: "dot-a8"}
+FORMS = {0: "gemv", 1: "dot", 2: "dot-t", 3: "gemv-late", 4: "gemv-bits", 5: "dot-a8", 6: "dot-tma"}
 A8_FORM = 5  # W8A8: FP8 rows by FP8 weights, nothing widened
+TMA_FORM = 6  # form 1 with the tiles streamed by Hopper's TMA (kernels.py, w8_matmul_tma)
+# weights in the engine's dtype try the TMA form up to this many rows (the other forms: DENSE_KERNEL_ROWS)
+TMA_DENSE_ROWS = 64
 GEMV_FORMS = (0, 3, 4)  # one row on the CUDA cores
 
 
@@ -485,12 +505,14 @@ def default_config(bm: int, n: int, k: int, sms: int) -> dict:
 
 
 def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt: str | None = None,
-                      a8: bool = False) -> list[dict]:
+                      a8: bool = False, tma: bool = False) -> list[dict]:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
     for a `DenseWeight`; None: every form) drops the forms that lost or cannot
-    run; `a8`: the FP8 form's (A8_FORM) only, for a W8A8 product of at least 16 rows. Each distinct
+    run; `a8`: the FP8 form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16
+    rows the TMA form's too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows,
+    only those). Each distinct
     tile is one Triton compile when the engine loads (shared by every shape: K and the split are
     not compile-time constants)."""
     tiles = []
@@ -507,6 +529,11 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
                             if rows * bk <= 128 * 128 and bn * bk <= 16384]
     if bm >= 16 and not a8:  # the weight as the MMA's 64 or 128 rows
         tiles += [(2, bn, bk) for bn in (64, 128) for bk in (64, 128) if bn * bk <= 8192]
+    if bm >= 16 and tma and not a8:  # rows and weights staged in shared memory by TMA (4 stages: <= ~200 KB)
+        wb = 2 if fmt == "dtype" else 1
+        tma_tiles = [(TMA_FORM, bn, bk) for bn in (64, 128) for bk in (64, 128, 256)
+                     if (2 * rows + wb * bn) * bk <= 49152]
+        tiles = tma_tiles if fmt == "dtype" and bm > DENSE_KERNEL_ROWS else tiles + tma_tiles
     return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
             for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)
             for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
@@ -519,6 +546,12 @@ def _splits(bm: int, n: int, k: int, bn: int, bk: int, sms: int) -> list[int]:
     s = _split(n, k, bn, bk, sms)
     more = (2 * s, 4 * s) if bm <= 16 else ()
     return sorted({1, s} | {m for m in more if k // m >= bk})
+
+
+def tma_ready(t: torch.Tensor) -> bool:
+    """Can Hopper's TMA read `t` through a tensor descriptor (rows of unit stride, the start and
+    the row stride in multiples of 16 bytes)?"""
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
 
 
 def pdl_launch(pdl: bool) -> dict:

@@ -3,10 +3,11 @@
 # .carry): the 8-bit kernel's GPU test, the decode step of bf16 / INT8 / FP8 weights against the
 # memory bound, and the server sweep beside the static-cache compiled `generate` peer.
 # STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py;
-# multiturn: prefix reuse on and off, benchmarks/multiturn.py); LEVELS and
-# PEER_LEVELS the sweep's levels; ROUNDS the step's rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its
-# limit in s; GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients, rounds,
-# MT_ARGS more multiturn.py arguments.
+# multiturn: prefix reuse on and off, benchmarks/multiturn.py; tunecache: starts with and without the
+# kept tuning, benchmarks/gpu_tune_cache.py); LEVELS and PEER_LEVELS the sweep's levels; ROUNDS the step's
+# rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s, PROFILE the variants it profiles
+# (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
+# rounds, MT_ARGS more multiturn.py arguments; TUNE_WEIGHTS the tune-cache starts' weights (fp8).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -22,7 +23,7 @@ for step in ${STEPS:-test step sweep}; do
     gemm) timeout 300 python3 "$REPO_ROOT/benchmarks/gpu_gemm.py" --m "${GEMM_M:-1,16,64}" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.txt" ;;
     step) timeout "${STEP_TIMEOUT:-300}" python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
             --skip-long --skip-hf --variants "${VARIANTS:-triton+graphs,triton+graphs int8,triton+graphs fp8}" \
-            --profile "${PROFILE:-triton+graphs,triton+graphs fp8}" --rounds "${ROUNDS:-1}" 2>&1 | tee "$OUT/step.txt" ;;
+            --profile "${PROFILE-triton+graphs,triton+graphs fp8}" --rounds "${ROUNDS:-1}" 2>&1 | tee "$OUT/step.txt" ;;
     sweep) (cd "$REPO_ROOT" && LEVELS=${LEVELS:-1,16,64} \
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
@@ -32,6 +33,8 @@ for step in ${STEPS:-test step sweep}; do
                 --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" ${MT_ARGS:-}) 2>&1 \
             | tail -30 \
             | tee "$OUT/multiturn.txt" ;;
+    tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" \
+                 --cache /tmp/tune-cache 2>&1 | tail -8 | tee "$OUT/tune-cache.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

@@ -413,6 +413,59 @@ def test_fp8_settings_are_refused_where_they_cannot_run():
     assert load_settings(engine="torch", dtype="bfloat16", precision="int8-weight-only")["engine"] == "torch"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the opt-in forms' GPU run)")
+def test_the_opt_in_forms_give_the_products_on_the_gpu():
+    """The TMA form (every candidate at 16, 32 and 64 rows, int8 / FP8 / bf16 weights, with and
+    without PDL, split or whole) against the float32 product of the widened weights; the FP8 form
+    (W8A8, 64 and 128 rows) against the float32 product of the rounded rows; on Hopper only (TMA, FP8
+    tensor cores). bf16 products: within 2 % of the largest output."""
+    from tritonchat.python_backend.engines.torch.kernels import load_kernels
+    from tritonchat.python_backend.engines.torch.quant import A8_FORM, TMA_FORM, DenseWeight, W8Matmul, \
+        candidate_configs, row_bucket
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA and FP8 tensor cores need compute capability 9.0 (Hopper) or later")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    mm = W8Matmul(load_kernels(), sms, pdl=True)
+    torch.manual_seed(0)
+    from triton.runtime.errors import OutOfResources
+
+    ran = {TMA_FORM: 0, A8_FORM: 0, "too large": 0}
+    for n, k in ((2560, 2048), (2048, 5632)):
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for fmt in ("int8", "fp8", "dtype"):
+            w = DenseWeight(wb) if fmt == "dtype" else QuantWeight(wb, fmt, torch.bfloat16)
+            for m in (16, 32, 64):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = x.float() @ w.widened().float().t()
+                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=True, fmt=fmt, tma=True):
+                    if cfg["FORM"] == TMA_FORM:
+                        try:
+                            y = mm.launch(x, w, cfg)
+                        except OutOfResources:  # a tile past the shared memory: the tuner skips it too
+                            ran["too large"] += 1
+                            continue
+                        err = (y.float() - ref).abs().max() / ref.abs().max()
+                        assert err < 0.02, (fmt, m, cfg, float(err))
+                        ran[TMA_FORM] += 1
+            if fmt == "fp8":
+                for m in (64, 128):
+                    xq, sx = mm.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+                    ref = (xq.float() * sx) @ w.widened().float().t()
+                    for cfg in candidate_configs(m, n, k, sms, pdl=True, fmt=fmt, a8=True):
+                        try:
+                            y = mm.launch(xq, w, cfg, sx)
+                        except OutOfResources:
+                            ran["too large"] += 1
+                            continue
+                        err = (y.float() - ref).abs().max() / ref.abs().max()
+                        assert err < 0.02, (m, cfg, float(err))
+                        ran[A8_FORM] += 1
+    print("checked", ran)
+    assert ran[TMA_FORM] and ran[A8_FORM]
+    assert int(mm._count.abs().sum()) == 0  # every split's tile counters back at 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the 8-bit kernel's GPU run)")
 def test_every_8bit_value_is_widened_exactly_on_the_gpu():
     """The one-row forms, integer-op widening included (`_widen_bits`: E4M3 subnormals pass through a

@@ -134,8 +134,8 @@ def main() -> None:
                             best8 = (t, cfg, err)
                     if best8 is not None:  # the product alone, as `_scaled_mm alone` above; the total adds the rounding
                         t, cfg, err = best8
-                        print(f"| {name} | {m} | fp8 W8A8 kernel {form(cfg, m)} | {t:.3f} | {nbytes / t / 1e6:.0f} | {cfg} "
-                              f"| {err:.1e} |", flush=True)
+                        print(f"| {name} | {m} | fp8 W8A8 kernel {form(cfg, m)} | {t:.3f} | {nbytes / t / 1e6:.0f} "
+                              f"| {cfg} | {err:.1e} |", flush=True)
                         total.setdefault((m, "fp8 W8A8 kernel"), 0.0)
                         total[(m, "fp8 W8A8 kernel")] += t + t_round
                 del qs

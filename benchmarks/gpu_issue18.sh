@@ -28,9 +28,11 @@ for step in ${STEPS:-test step sweep}; do
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
-    multiturn) (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&  # from /tmp: the servers too
+    multiturn) (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&
+              # from /tmp, as the servers it starts: the checkout's tritonchat/ would hide the package
               timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn \
-                --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" ${MT_ARGS:-}) 2>&1 \
+                --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \
+                ${MT_ARGS:-}) 2>&1 \
             | tail -30 \
             | tee "$OUT/multiturn.txt" ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" \

@@ -191,7 +191,8 @@ class FakeEngine(Engine):
         self.calls.append(("greedy", len(slots), len(new_slots), chain is not None))
         self._sleep()
         rows = self._decode_rows(slots, tokens) if len(slots) else []
-        rows += [self._fill(int(s), list(np.asarray(p).reshape(-1)), int(c)) for s, p, c in zip(new_slots, new_ids, cached)]
+        rows += [self._fill(int(s), list(np.asarray(p).reshape(-1)), int(c))
+                 for s, p, c in zip(new_slots, new_ids, cached)]
         logits = np.stack(rows) if rows else np.zeros((0, self.vocab_size), np.float32)
         if ban is not None:
             logits[np.ix_(ban.rows, ban.ids)] = -np.inf

@@ -494,7 +494,8 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
     assert ex.describe()["weights"] == fmt and "tuned_from" not in ex.describe()
     again = TorchEngine(str(path), **kw)  # the next start takes the kept tuning
     again.warmup()
-    assert again.describe()["tuned_from"].startswith(str(tmp_path / "tune")) and again.llama.mm.configs == ex.llama.mm.configs
+    assert again.describe()["tuned_from"].startswith(str(tmp_path / "tune"))
+    assert again.llama.mm.configs == ex.llama.mm.configs
     del again
     assert ex.llama.mm.configs or fmt == "dtype"  # dense weights: cuBLAS may win every product
     print(fmt, "products on the kernel:", sorted(ex.llama.mm.configs))

@@ -1,7 +1,8 @@
 """Prefix reuse in the torch engine (`TorchEngine.prefill_cached`, `copy_prefix`, prompts inside a
 decode step with cached counts): a prompt on top of the KV its slot still holds, or that another
-slot's was copied into, gives the logits and greedy continuation of the same prompt prefilled whole. The varlen Triton attention runs under Triton's
-CPU interpreter here (float32), and with bf16 and CUDA graphs on a GPU."""
+slot's was copied into, gives the logits and greedy continuation of the same prompt prefilled
+whole. The varlen Triton attention runs under Triton's CPU interpreter here (float32), and with bf16
+and CUDA graphs on a GPU."""
 
 from __future__ import annotations
 

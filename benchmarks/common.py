@@ -19,7 +19,7 @@ import torch
 try:
     from tritonchat.python_backend.engines.torch.kernels import cdiv, next_pow2
     # median device time of fn() over `reps` calls, CUDA events around each (the engine's kernel tuner's)
-    from tritonchat.python_backend.engines.torch.quant import cuda_median_ms
+    from tritonchat.python_backend.engines.torch.matmul import cuda_median_ms
 except ImportError as exc:  # the checkout alone does not import as `tritonchat`: its folders are mapped
     raise SystemExit(f"{exc}: install the package first, from the repository root: "
                      "python3 -m pip install --no-deps --no-build-isolation -e .") from exc

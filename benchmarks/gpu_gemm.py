@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The decode step's matrix products at small batch: cuBLAS on bf16 weights against the engine's
-8-bit kernel (`w8_matmul`, python_backend/engines/torch/quant.py) on INT8 and FP8 weights.
+8-bit kernel (`w8_matmul`, python_backend/engines/torch/matmul.py) on INT8 and FP8 weights.
 
 A decode step of the TinyLlama-shaped model reads ~2.07 GB of bf16 weights through five products
 (q/k/v fused, o, gate/up fused, down per layer; the head). Each product here is timed as the 22 of a
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
-from tritonchat.python_backend.engines.torch.quant import FORMS, DenseWeight, QuantWeight, W8Matmul, \
-    candidate_configs, form_of, graph_median_ms, quantize_rows_fp8, row_bucket, w8a8_supported
+from tritonchat.python_backend.engines.torch.matmul import FORMS, W8Matmul, candidate_configs, form_of, \
+    graph_median_ms, row_bucket
+from tritonchat.python_backend.engines.torch.quant import DenseWeight, QuantWeight, quantize_rows_fp8, w8a8_supported
 
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
           "head": (32000, 2048)}

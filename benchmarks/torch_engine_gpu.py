@@ -29,7 +29,7 @@ import torch
 from common import build_model, cuda_median_ms, log, wall_median_ms
 
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.quant import TUNE_ROWS
+from tritonchat.python_backend.engines.torch.matmul import TUNE_ROWS
 
 CTX = 128  # context length the decode timings run at
 MAX_SEQ = 1024
@@ -49,7 +49,7 @@ VARIANTS = {
     "triton+graphs nopdl": ("triton", "triton", True, 256, {"pdl": False}),
     "triton+graphs int8 nopdl": ("triton", "triton", True, 256, {"weights": "int8", "pdl": False}),
     "triton+graphs fp8 nopdl": ("triton", "triton", True, 256, {"weights": "fp8", "pdl": False}),
-    # FP8 products: W8A8 above quant.W8A8_ROWS rows is the default where the GPU can ("fp8"); W8A16
+    # FP8 products: W8A8 above matmul.W8A8_ROWS rows is the default where the GPU can ("fp8"); W8A16
     # at every batch (models.generator.w8a8: false), W8A8 at every batch
     "triton+graphs fp8 w8a16": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": None}),
     "triton+graphs fp8 w8a8": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 0}),

@@ -24,8 +24,9 @@ import torch
 from conftest import SHARED
 from test_engine_torch import _check_against_hf, _engine, _random_model
 
-from tritonchat.python_backend.engines.torch.quant import W8A8_ROWS, QuantWeight, dequantize, fake_quantize, \
-    quantize, quantize_fp8, quantize_rows_fp8
+from tritonchat.python_backend.engines.torch.matmul import W8A8_ROWS
+from tritonchat.python_backend.engines.torch.quant import QuantWeight, dequantize, fake_quantize, quantize, \
+    quantize_fp8, quantize_rows_fp8
 
 STORIES = SHARED / "models" / "stories260K"
 
@@ -62,7 +63,7 @@ def test_the_kernels_tuning_is_kept_between_starts(tmp_path, monkeypatch):
     """`save_tuned` / `load_tuned` round-trip a tuning's choices; a file that does not read (cut off,
     not a tuning) counts as none, and a folder that cannot be written costs nothing but the cache.
     Where the cache lives: $TRITONCHAT_TUNE_CACHE (empty: nowhere), else ~/.cache/tritonchat."""
-    from tritonchat.python_backend.engines.torch.quant import load_tuned, save_tuned, tune_cache_dir
+    from tritonchat.python_backend.engines.torch.matmul import load_tuned, save_tuned, tune_cache_dir
 
     configs = {(1, 2560, 2048): dict(FORM=3, BN=16, BK=256, SPLIT=4, PDL=True, num_warps=4, num_stages=4),
                (16, 2048, 5632): dict(FORM=1, BN=32, BK=128, SPLIT=2, PDL=False, num_warps=4, num_stages=4)}
@@ -88,7 +89,7 @@ def test_the_kernels_tuning_is_kept_between_starts(tmp_path, monkeypatch):
 def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
     """Greedy tokens and every logits row, staggered joins over 3 slots (test_engine_torch's plan).
     fp8-w8a8: every product as W8A8 (activations rounded per row too; on a GPU, products of more than
-    quant.W8A8_ROWS rows) against the model whose products round their inputs the same way."""
+    matmul.W8A8_ROWS rows) against the model whose products round their inputs the same way."""
     model, path = _random_model(tmp_path, arch)
     w8a8 = fmt == "fp8-w8a8"
     fmt = "fp8" if w8a8 else fmt
@@ -109,8 +110,8 @@ def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
 _INTERPRETED = r"""
 import sys, numpy as np, torch
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.quant import FORMS, QuantWeight, W8Matmul, candidate_configs, \
-    form_of, row_bucket
+from tritonchat.python_backend.engines.torch.matmul import FORMS, W8Matmul, candidate_configs, form_of, row_bucket
+from tritonchat.python_backend.engines.torch.quant import QuantWeight
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
 tk = load_kernels()
 mm = W8Matmul(tk, sms=4)
@@ -174,7 +175,7 @@ for m, n, k in [(1, 40, 520), (16, 33, 130)]:
 # a tuning kept by an earlier start (quant.save_tuned) is taken as it is, each configuration run once
 import tempfile
 from pathlib import Path
-from tritonchat.python_backend.engines.torch.quant import save_tuned
+from tritonchat.python_backend.engines.torch.matmul import save_tuned
 w, x = QuantWeight(torch.randn(40, 520), "int8", torch.float32), torch.randn(1, 520)
 kept = {(1, 40, 520): dict(FORM=3, BN=16, BK=64, SPLIT=3, num_warps=4, num_stages=2)}
 taker = W8Matmul(tk, sms=4)
@@ -186,7 +187,8 @@ assert taker.config(1, w) == kept[(1, 40, 520)] and taker._ws is not None  # its
 worst = max(worst, (taker(x, w) - x @ w.widened().t()).abs().max().item())
 # W8A8 on the kernel (A8_FORM): FP8 rows by FP8 weights, both scales at the end, every candidate and a
 # split of three; through scaled_rows where tuned so; a kept one taken (compiled with FP8 rows)
-from tritonchat.python_backend.engines.torch.quant import A8_FORM, quantize_rows_fp8
+from tritonchat.python_backend.engines.torch.matmul import A8_FORM
+from tritonchat.python_backend.engines.torch.quant import quantize_rows_fp8
 for m, n, k in [(17, 40, 200), (64, 48, 130)]:
     w = QuantWeight(torch.randn(n, k), "fp8", torch.float32)
     xq, sx = quantize_rows_fp8(torch.randn(m, k) * 3)
@@ -203,7 +205,8 @@ for m, n, k in [(17, 40, 200), (64, 48, 130)]:
 # the TMA form (TMA_FORM: tensor descriptors, the tiles past K and M read as zeros), every candidate
 # and a split of three, for each weight format; rows TMA cannot read (a row stride of k + 3 floats,
 # not a multiple of 16 bytes) take the same tile by plain loads
-from tritonchat.python_backend.engines.torch.quant import TMA_FORM, DenseWeight as Dense
+from tritonchat.python_backend.engines.torch.matmul import TMA_FORM
+from tritonchat.python_backend.engines.torch.quant import DenseWeight as Dense
 for (m, n, k), fmt in zip([(17, 40, 200), (64, 48, 136), (16, 70, 264)], ["int8", "fp8", "dtype"]):
     w = Dense(torch.randn(n, k)) if fmt == "dtype" else QuantWeight(torch.randn(n, k), fmt, torch.float32)
     x = torch.randn(m, k)
@@ -252,7 +255,8 @@ _WIDENING = """
 # each one-row form returns the values widened exactly (quant.dequantize's numbers)
 import sys, torch
 from tritonchat.python_backend.engines.torch.kernels import load_kernels
-from tritonchat.python_backend.engines.torch.quant import GEMV_FORMS, QuantWeight, W8Matmul
+from tritonchat.python_backend.engines.torch.matmul import GEMV_FORMS, W8Matmul
+from tritonchat.python_backend.engines.torch.quant import QuantWeight
 device, = sys.argv[1:]
 mm = W8Matmul(load_kernels(), sms=4)
 b = torch.arange(256)
@@ -420,8 +424,9 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
     (W8A8, 64 and 128 rows) against the float32 product of the rounded rows; on Hopper only (TMA, FP8
     tensor cores). bf16 products: within 2 % of the largest output."""
     from tritonchat.python_backend.engines.torch.kernels import load_kernels
-    from tritonchat.python_backend.engines.torch.quant import A8_FORM, TMA_FORM, DenseWeight, W8Matmul, \
-        candidate_configs, row_bucket
+    from tritonchat.python_backend.engines.torch.matmul import A8_FORM, TMA_FORM, W8Matmul, candidate_configs, \
+        row_bucket
+    from tritonchat.python_backend.engines.torch.quant import DenseWeight
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA and FP8 tensor cores need compute capability 9.0 (Hopper) or later")

@@ -37,7 +37,8 @@ from .hf_fallback import HFSlots
 from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
-from .quant import TUNE_ROWS, W8A8_ROWS, tune_cache_dir, w8a8_supported
+from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
+from .quant import w8a8_supported
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -84,12 +85,12 @@ class TorchEngine(Engine):
         programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
         where it runs (Hopper on, a Triton with grid dependency control). `w8a8_rows` (FP8 weights):
         products of more rows than this round their activations to FP8 too and run on the FP8 tensor
-        cores (`quant.py`); "auto" (the default): `quant.W8A8_ROWS` where the device can
+        cores (`matmul.py`); "auto" (the default): `matmul.W8A8_ROWS` where the device can
         (`w8a8_supported`: Hopper on), else never; None: never (every product W8A16); a number forces
         it (tests, benchmarks). `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
-        `quant.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
+        `matmul.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
         than cuBLAS (`quant.DenseWeight`); False: cuBLAS always. `tune_cache`: the folder where
-        `warmup()` keeps the kernel's tuning for the next start ("auto": `quant.tune_cache_dir()`,
+        `warmup()` keeps the kernel's tuning for the next start ("auto": `matmul.tune_cache_dir()`,
         ~/.cache/tritonchat or $TRITONCHAT_TUNE_CACHE; None: time it on every start)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():

@@ -19,14 +19,14 @@ under TRITON_INTERPRET=1), and returns them in a namespace:
   * w8_widen: an 8-bit weight times its scales, in the engine's dtype (the dense product's input
     where a product has too many rows for w8_matmul);
   * fp8_rows: each row of an activation rounded to FP8 E4M3 with a scale of its own (the input of
-    the W8A8 products, quant.py).
+    the W8A8 products, matmul.py).
 The decode step's kernels (add_rmsnorm, silu_mul, attn_split, attn_combine, w8_matmul, fp8_rows) take `PDL`:
 launched with programmatic dependent launch (Hopper on, `launch_pdl=True`), a kernel's programs start
 while the kernel before it still runs, read what does not depend on it (add_rmsnorm: the norm's
 weights), then wait for it (`gdc_wait`: every kernel before it in the stream has finished and its
 writes are seen) and let the next kernel start (`gdc_launch_dependents`). Every load of another
 kernel's output comes after the wait, so the order is the stream's.
-Their callers are in `llama.py` and `quant.py`; `benchmarks/common.py` launches the decode attention directly
+Their callers are in `llama.py` and `matmul.py`; `benchmarks/common.py` launches the decode attention directly
 (for `gpu_attn.py` and `gpu_l2.py`).
 """
 
@@ -345,7 +345,7 @@ def load_kernels():
         # on Hopper, logic ops and shifts 64: the CUDA guide's throughput table). int8 v -> the float
         # 2^23 + 128 + v, less 2^23 + 128; E4M3 s.eeee.mmm -> the float32 bits s.0000eeee.mmm0..,
         # times 2^(127 - 7) for the bias (exact for the subnormals too: there the float32 is
-        # subnormal, the product normal). Measured: faster for INT8, slower for FP8 (quant.py)
+        # subnormal, the product normal). Measured: faster for INT8, slower for FP8 (matmul.py)
         u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
         if w.dtype == tl.int8:
             return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0

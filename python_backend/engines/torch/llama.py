@@ -31,9 +31,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .quant import WEIGHT_FORMATS, DenseWeight, QuantWeight, W8Matmul, pdl_launch, quantize_rows_fp8
 from .kernels import SPLIT_MIN_POSITIONS, cdiv, decode_attention_config, next_pow2
 from .layout import PREFILL_BLOCK, Prompts
+from .matmul import W8Matmul, pdl_launch
+from .quant import WEIGHT_FORMATS, DenseWeight, QuantWeight, quantize_rows_fp8
 
 NATIVE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -110,7 +111,7 @@ class Llama:
     varlen prefill) | "sdpa"; `tk`: the Triton kernels (`kernels.load_kernels()`) where either is
     Triton. `sms` and `split_min` choose the decode attention's splits (`decode_attention_config`).
     `weights`: "dtype" (the products' weights in `dtype`) | "int8" | "fp8" (see the module docstring);
-    `w8a8_rows`: FP8 products of more rows run as W8A8 (quant.py); None: never. `dense_kernel`:
+    `w8a8_rows`: FP8 products of more rows run as W8A8 (matmul.py); None: never. `dense_kernel`:
     weights in `dtype` may run the kernel where faster than cuBLAS (quant.DenseWeight)."""
 
     def __init__(self, model, *, max_slots: int, max_seq_len: int, device: torch.device, dtype: torch.dtype,
@@ -220,7 +221,7 @@ class Llama:
 
     def fp8_input(self, x, w) -> bool:
         """Does the op making `x` round its rows to FP8 for the product with `w` (a W8A8 product:
-        quant.py), instead of a rounding kernel of the product's own?"""
+        matmul.py), instead of a rounding kernel of the product's own?"""
         return self.fuse_fp8 and isinstance(w, QuantWeight) and self.mm.w8a8(x.shape[0], w)
 
     # -- small ops ---------------------------------------------------------------------------

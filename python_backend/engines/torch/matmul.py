@@ -371,12 +371,11 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     """The configurations `tune` times for `bm` rows: each form's tiles that fit the registers, whole
     K or split to fill the SMs; with `pdl` and at most PDL_MAX_ROWS rows, each launched with
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
-    for a `DenseWeight`; None: every form) drops the forms that lost or cannot
-    run; `a8`: the FP8 form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16
-    rows the TMA form's too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows,
-    only those). Each distinct
-    tile is one Triton compile when the engine loads (shared by every shape: K and the split are
-    not compile-time constants)."""
+    for a `DenseWeight`; None: every form) drops the forms that lost or cannot run; `a8`: the FP8
+    form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16 rows the TMA form's
+    too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows, only those). Each
+    distinct tile is one Triton compile when the engine loads (shared by every shape: K and the split
+    are not compile-time constants)."""
     tiles = []
     if a8:  # FP8 tiles of rows and weights, staged in shared memory (num_stages 4: ~200 KB at most)
         tiles += [(A8_FORM, bn, bk) for bn in (64, 128) for bk in (64, 128, 256) if (max(16, bm) + bn) * bk <= 49152]

@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/
 for step in ${STEPS:-test step sweep}; do
   echo "=== $step at $(date +%T)"
   case $step in
-    test) timeout 300 python3 -m pytest -q -rs -s -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" \
+    test) timeout 420 python3 -m pytest -q -rs -s -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" \
             "$REPO_ROOT/tests/test_gpu_chain.py" -k gpu \
             2>&1 | tee "$OUT/test-8bit.txt" ;;
     gemm) timeout 300 python3 "$REPO_ROOT/benchmarks/gpu_gemm.py" --m "${GEMM_M:-1,16,64}" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.txt" ;;

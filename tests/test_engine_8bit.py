@@ -419,10 +419,11 @@ def test_fp8_settings_are_refused_where_they_cannot_run():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the opt-in forms' GPU run)")
 def test_the_opt_in_forms_give_the_products_on_the_gpu():
-    """The TMA form (every candidate at 16, 32 and 64 rows, int8 / FP8 / bf16 weights, with and
-    without PDL, split or whole) against the float32 product of the widened weights; the FP8 form
-    (W8A8, 64 and 128 rows) against the float32 product of the rounded rows; on Hopper only (TMA, FP8
-    tensor cores). bf16 products: within 2 % of the largest output."""
+    """The TMA form (each candidate tile at 16 and 64 rows, int8 / FP8 / bf16 weights, whole K and its
+    largest split, with PDL) against the float32 product of the widened weights; the FP8 form (W8A8,
+    64 and 128 rows, the same choice) against the float32 product of the rounded rows; on Hopper only
+    (TMA, FP8 tensor cores). bf16 products: within 2 % of the largest output. (Each tile is a Triton
+    compile: the choice keeps the GPU test step's time down.)"""
     from tritonchat.python_backend.engines.torch.kernels import load_kernels
     from tritonchat.python_backend.engines.torch.matmul import A8_FORM, TMA_FORM, W8Matmul, candidate_configs, \
         row_bucket
@@ -436,14 +437,21 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
     from triton.runtime.errors import OutOfResources
 
     ran = {TMA_FORM: 0, A8_FORM: 0, "too large": 0}
-    for n, k in ((2560, 2048), (2048, 5632)):
+    def some(configs):  # per tile: whole K and the largest split, with PDL
+        tiles = {}
+        for c in configs:
+            if c["PDL"]:
+                tiles.setdefault((c["FORM"], c["BN"], c["BK"]), []).append(c)
+        return [c for cs in tiles.values() for c in {id(cs[0]): cs[0], id(cs[-1]): cs[-1]}.values()]
+
+    for n, k in ((2560, 2048),):
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for fmt in ("int8", "fp8", "dtype"):
             w = DenseWeight(wb) if fmt == "dtype" else QuantWeight(wb, fmt, torch.bfloat16)
-            for m in (16, 32, 64):
+            for m in (16, 64):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ w.widened().float().t()
-                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=True, fmt=fmt, tma=True):
+                for cfg in some(candidate_configs(row_bucket(m), n, k, sms, pdl=True, fmt=fmt, tma=True)):
                     if cfg["FORM"] == TMA_FORM:
                         try:
                             y = mm.launch(x, w, cfg)
@@ -457,7 +465,7 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
                 for m in (64, 128):
                     xq, sx = mm.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
                     ref = (xq.float() * sx) @ w.widened().float().t()
-                    for cfg in candidate_configs(m, n, k, sms, pdl=True, fmt=fmt, a8=True):
+                    for cfg in some(candidate_configs(m, n, k, sms, pdl=True, fmt=fmt, a8=True)):
                         try:
                             y = mm.launch(xq, w, cfg, sx)
                         except OutOfResources:

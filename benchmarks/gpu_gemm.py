@@ -53,6 +53,26 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
+def best_by_form(configs, run, qs, ref, m: int, label: str) -> dict:
+    """{form: (ms, config, rel. error)}: the fastest correct configuration of each form, `run(q, cfg)`
+    timed over every weight copy in `qs` as one graph; failures and wrong results printed."""
+    best: dict = {}
+    for cfg in configs:
+        try:
+            err = rel_err(run(qs[0], cfg), ref)
+            t = graph_ms(lambda: [run(q, cfg) for q in qs])
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this tile
+            print(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        if not err < 2e-2:
+            print(f"  {label} {cfg}: rel err {err:.2e} WRONG")
+            continue
+        f = form(cfg, m)
+        if f not in best or t < best[f][0]:
+            best[f] = (t, cfg, err)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", default="1,16,64")
@@ -90,20 +110,9 @@ def main() -> None:
                 qs = [DenseWeight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
                 nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()
-                best: dict = {}
-                for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt=qs[0].fmt, tma=args.tma):
-                    try:
-                        err = rel_err(mm.launch(x, qs[0], cfg), ref)
-                        t = graph_ms(lambda: [mm.launch(x, q, cfg) for q in qs])
-                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory for this tile
-                        print(f"  {name} m={m} {fmt} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-                        continue
-                    if not err < 2e-2:
-                        print(f"  {name} m={m} {fmt} {cfg}: rel err {err:.2e} WRONG")
-                        continue
-                    f = form(cfg, m)
-                    if f not in best or t < best[f][0]:
-                        best[f] = (t, cfg, err)
+                best = best_by_form(candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt=qs[0].fmt,
+                                                      tma=args.tma),
+                                    lambda q, cfg: mm.launch(x, q, cfg), qs, ref, m, f"{name} m={m} {fmt}")
                 for f, (t, cfg, err) in sorted(best.items(), key=lambda kv: kv[1][0]):
                     print(f"| {name} | {m} | {fmt} {f} | {t:.3f} | {nbytes / t / 1e6:.0f} | {cfg} | {err:.1e} |",
                           flush=True)
@@ -122,19 +131,12 @@ def main() -> None:
                           f"{t_mm:.3f} | {err:.1e} |", flush=True)
                     total.setdefault((m, "fp8 W8A8"), 0.0)
                     total[(m, "fp8 W8A8")] += t
-                    t_round, best8 = t - t_mm, None  # the rows' rounding, which both W8A8 forms need
-                    for cfg in candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8", a8=True) \
-                            if args.a8_kernel else []:
-                        try:
-                            err = rel_err(mm.launch(xq, qs[0], cfg, sx), ref8)
-                            t = graph_ms(lambda: [mm.launch(xq, q, cfg, sx) for q in qs])
-                        except Exception as exc:  # noqa: BLE001
-                            print(f"  {name} m={m} dot-a8 {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
-                            continue
-                        if err < 2e-2 and (best8 is None or t < best8[0]):
-                            best8 = (t, cfg, err)
-                    if best8 is not None:  # the product alone, as `_scaled_mm alone` above; the total adds the rounding
-                        t, cfg, err = best8
+                    t_round = t - t_mm  # the rows' rounding, which both W8A8 forms need
+                    best8 = best_by_form(candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8", a8=True)
+                                         if args.a8_kernel else [], lambda q, cfg: mm.launch(xq, q, cfg, sx), qs, ref8,
+                                         m, f"{name} m={m} dot-a8")
+                    if best8:  # the product alone, as `_scaled_mm alone` above; the total adds the rounding
+                        t, cfg, err = min(best8.values(), key=lambda v: v[0])
                         print(f"| {name} | {m} | fp8 W8A8 kernel {form(cfg, m)} | {t:.3f} | {nbytes / t / 1e6:.0f} "
                               f"| {cfg} | {err:.1e} |", flush=True)
                         total.setdefault((m, "fp8 W8A8 kernel"), 0.0)

@@ -188,7 +188,6 @@ worst = max(worst, (taker(x, w) - x @ w.widened().t()).abs().max().item())
 # W8A8 on the kernel (A8_FORM): FP8 rows by FP8 weights, both scales at the end, every candidate and a
 # split of three; through scaled_rows where tuned so; a kept one taken (compiled with FP8 rows)
 from tritonchat.python_backend.engines.torch.matmul import A8_FORM
-from tritonchat.python_backend.engines.torch.quant import quantize_rows_fp8
 for m, n, k in [(17, 40, 200), (64, 48, 130)]:
     w = QuantWeight(torch.randn(n, k), "fp8", torch.float32)
     xq, sx = quantize_rows_fp8(torch.randn(m, k) * 3)
@@ -206,9 +205,8 @@ for m, n, k in [(17, 40, 200), (64, 48, 130)]:
 # and a split of three, for each weight format; rows TMA cannot read (a row stride of k + 3 floats,
 # not a multiple of 16 bytes) take the same tile by plain loads
 from tritonchat.python_backend.engines.torch.matmul import TMA_FORM
-from tritonchat.python_backend.engines.torch.quant import DenseWeight as Dense
 for (m, n, k), fmt in zip([(17, 40, 200), (64, 48, 136), (16, 70, 264)], ["int8", "fp8", "dtype"]):
-    w = Dense(torch.randn(n, k)) if fmt == "dtype" else QuantWeight(torch.randn(n, k), fmt, torch.float32)
+    w = DenseWeight(torch.randn(n, k)) if fmt == "dtype" else QuantWeight(torch.randn(n, k), fmt, torch.float32)
     x = torch.randn(m, k)
     ref = x @ w.widened().t()
     configs = [c for c in candidate_configs(row_bucket(m), n, k, 4, fmt=fmt, tma=True) if c["FORM"] == TMA_FORM]

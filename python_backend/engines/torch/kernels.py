@@ -81,7 +81,7 @@ _KERNELS = None
 def load_kernels():
     """Return a namespace of the Triton kernels, or None where Triton is unusable."""
     # a @triton.jit helper is found through the module's globals
-    global _KERNELS, _attend_block, _fp8_row, _widen_bits, _finish_tile
+    global _KERNELS, _attend_block, _fp8_row, _widen_bits, _finish_tile, _store_scaled
     if _KERNELS is not None:
         return _KERNELS or None
     try:
@@ -461,18 +461,19 @@ def load_kernels():
                 for s in range(0, SPLIT):
                     part = tl.load(P + s * stride_p + cell, mask=om, other=0.0, cache_modifier=".cg")
                     total += tl.where(s == pk, acc, part)
-                if SCALED:
-                    total = total * tl.load(S + rn, mask=nm, other=0.0)[None, :]
-                if ROW_SCALED:
-                    total = total * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
-                tl.store(Y + rm[:, None] * stride_ym + rn[None, :], total.to(Y.dtype.element_ty), mask=om)
+                _store_scaled(total, S, SX, Y, rm, rn, mm, nm, stride_ym, SCALED, ROW_SCALED)
                 tl.atomic_xchg(C + tile, 0)
         else:
-            if SCALED:
-                acc = acc * tl.load(S + rn, mask=nm, other=0.0)[None, :]
-            if ROW_SCALED:
-                acc = acc * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
-            tl.store(Y + rm[:, None] * stride_ym + rn[None, :], acc.to(Y.dtype.element_ty), mask=om)
+            _store_scaled(acc, S, SX, Y, rm, rn, mm, nm, stride_ym, SCALED, ROW_SCALED)
+
+    @triton.jit
+    def _store_scaled(v, S, SX, Y, rm, rn, mm, nm, stride_ym, SCALED: tl.constexpr, ROW_SCALED: tl.constexpr):
+        # a tile's sums times the output channels' scales (SCALED) and the rows' (ROW_SCALED), into Y
+        if SCALED:
+            v = v * tl.load(S + rn, mask=nm, other=0.0)[None, :]
+        if ROW_SCALED:
+            v = v * tl.load(SX + rm, mask=mm, other=0.0)[:, None]
+        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], v.to(Y.dtype.element_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
     def w8_widen_kernel(W, S, Y, N, K, BN: tl.constexpr, BK: tl.constexpr):

@@ -238,12 +238,9 @@ class W8Matmul:
         if cached is None or not all((n, k) in shapes for _, n, k in cached):
             return False
         for (bm, n, k), cfg in cached.items():
-            w = shapes[(n, k)]
-            if cfg["FORM"] == A8_FORM:
-                self.launch(torch.zeros((bm, k), device=w.q.device, dtype=torch.float8_e4m3fn), w, cfg,
-                            torch.ones((bm, 1), device=w.q.device))
-            else:
-                self.launch(torch.zeros((bm, k), device=w.q.device, dtype=w.dtype), w, cfg)
+            w, a8 = shapes[(n, k)], cfg["FORM"] == A8_FORM  # the FP8 form takes rounded rows and their scales
+            x = torch.zeros((bm, k), device=w.q.device, dtype=torch.float8_e4m3fn if a8 else w.dtype)
+            self.launch(x, w, cfg, torch.ones((bm, 1), device=w.q.device) if a8 else None)
         self.configs.update(cached)
         self.tuned_from = str(path)
         return True
@@ -274,32 +271,32 @@ class W8Matmul:
                 if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
-                best = (graph_median_ms(lambda: F.linear(x, w.q), reps), None) if w.dense else None
-                for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, tma=self.tma_kernel):
-                    try:
-                        ms = graph_median_ms(lambda: self.launch(x, w, cfg), reps)
-                    except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
-                        continue
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
-                if best is not None and best[1] is not None:
-                    self.configs[(bm, n, k)] = best[1]
+                self._keep_fastest((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt,
+                                                                 tma=self.tma_kernel),
+                                   lambda cfg: self.launch(x, w, cfg), reps,
+                                   graph_median_ms(lambda: F.linear(x, w.q), reps) if w.dense else None)
 
     def _time_a8(self, w: QuantWeight, bm: int, reps: int) -> None:
-        """A W8A8 bucket: the kernel's FP8 form against `torch._scaled_mm`; a configuration kept only
-        where it won."""
+        """A W8A8 bucket: the kernel's FP8 form against `torch._scaled_mm`."""
         n, k = w.q.shape
         xq, sx = self.quantize_rows(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
-        best = (graph_median_ms(lambda: self.scaled_rows(xq, sx, w), reps), None)
-        for cfg in candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True):
+        self._keep_fastest((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True),
+                           lambda cfg: self.launch(xq, w, cfg, sx), reps,
+                           graph_median_ms(lambda: self.scaled_rows(xq, sx, w), reps))
+
+    def _keep_fastest(self, key: tuple, cfgs: list[dict], run, reps: int, baseline: float | None = None) -> None:
+        """Time `run(cfg)` for each configuration and keep the fastest as `configs[key]`, only where it
+        beat `baseline` (ms of the product without the kernel; None: keep one in any case)."""
+        best_ms, best = float("inf") if baseline is None else baseline, None
+        for cfg in cfgs:
             try:
-                ms = graph_median_ms(lambda: self.launch(xq, w, cfg, sx), reps)
+                ms = graph_median_ms(lambda: run(cfg), reps)
             except Exception:  # noqa: BLE001 - e.g. out of shared memory for this tile
                 continue
-            if ms < best[0]:
-                best = (ms, cfg)
-        if best[1] is not None:
-            self.configs[(bm, n, k)] = best[1]
+            if ms < best_ms:
+                best_ms, best = ms, cfg
+        if best is not None:
+            self.configs[key] = best
 
 
 def tune_cache_dir() -> Path | None:

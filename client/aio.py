@@ -10,18 +10,12 @@ from typing import Any, AsyncIterator, List, Optional
 from urllib.parse import quote
 
 from .api import ClientSettings, Health, generate_body_deltas, http_error_message, not_ready_error, resolve_params
-from .errors import GRPC_CORE_INTERNAL, TritonChatError, error_from_exception, error_from_http
+from .errors import CORE_INTERNAL_ATTEMPTS, CORE_INTERNAL_PAUSE_S, GRPC_CORE_INTERNAL, TritonChatError, \
+    error_from_exception, error_from_http
 from .params import GenerationParams, Prompt, build_grpc_inputs, build_json_body
 from .results import Completion, Delta, delta_from_infer_result, delta_from_json, has_outputs, \
     is_final_response, merge_deltas
 from .sse import SSEParser, decode_event
-
-#: tries of one gRPC stream that gets GRPC_CORE_INTERNAL before any answer (errors.py): twice was
-#: not always enough in full test runs on 2 cores (both writes met the closing stream), and three
-#: back to back once failed all three (a full run, the request after a refused one); so the tries
-#: after the first wait RETRY_PAUSE_S times the try's number first
-ATTEMPTS = 3
-RETRY_PAUSE_S = 0.05
 
 __all__ = ["AsyncChatClient", "AsyncDeltaStream"]
 
@@ -152,11 +146,11 @@ class AsyncChatClient(ClientSettings):
             # empty final-response flag: "triton_" parameters are reserved there).
             yield {"model_name": self.model, "inputs": inputs}
 
-        for attempt in range(1, ATTEMPTS + 1):
+        for attempt in range(1, CORE_INTERNAL_ATTEMPTS + 1):
             call = None
             finished = answered = False
             if attempt > 1:
-                await asyncio.sleep(RETRY_PAUSE_S * attempt)
+                await asyncio.sleep(CORE_INTERNAL_PAUSE_S * attempt)
             try:
                 try:
                     call = client.stream_infer(requests(), stream_timeout=self.timeout, headers=self.headers or None)
@@ -169,7 +163,7 @@ class AsyncChatClient(ClientSettings):
                         finished = True
                         return
                     except Exception as exc:  # grpc.aio.AioRpcError, InferenceServerException, ...
-                        if attempt < ATTEMPTS and not answered and GRPC_CORE_INTERNAL in str(exc):
+                        if attempt < CORE_INTERNAL_ATTEMPTS and not answered and GRPC_CORE_INTERNAL in str(exc):
                             break  # grpc's error for a stream Triton ended at once: once more (errors.py)
                         raise error_from_exception(exc) from None
                     answered = True

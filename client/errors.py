@@ -35,6 +35,8 @@ __all__ = [
     "error_from_http",
     "error_from_exception",
     "GRPC_CORE_INTERNAL",
+    "CORE_INTERNAL_ATTEMPTS",
+    "CORE_INTERNAL_PAUSE_S",
 ]
 
 #: what grpc's asyncio client says when a write fails on a stream the server has already ended: Triton
@@ -42,6 +44,12 @@ __all__ = [
 #: this instead of Triton's status. Nothing was answered, so the clients send such a request once more
 #: on a new stream, whose failure then carries the real status (seen in full test runs, never alone).
 GRPC_CORE_INTERNAL = "Internal error from Core"
+#: tries of one request that gets GRPC_CORE_INTERNAL before any answer: twice was not always enough in
+#: full test runs on 2 cores (both writes met the closing stream), and three back to back once failed
+#: all three (a full run, the request after a refused one); so the tries after the first wait
+#: CORE_INTERNAL_PAUSE_S times the try's number first. The async client and the gateway both use these.
+CORE_INTERNAL_ATTEMPTS = 3
+CORE_INTERNAL_PAUSE_S = 0.05
 
 
 class TritonChatError(Exception):

@@ -19,7 +19,8 @@ from typing import AsyncIterator, Dict, List, Optional
 import struct
 
 from tritonchat.client import AsyncDeltaStream, Completion, Delta, GenerationParams, build_arrays, normalize_url
-from tritonchat.client.errors import GRPC_CORE_INTERNAL, RequestTimeout, ServerUnavailable, error_from_exception, error_from_status
+from tritonchat.client.errors import CORE_INTERNAL_ATTEMPTS, CORE_INTERNAL_PAUSE_S, GRPC_CORE_INTERNAL, RequestTimeout, \
+    ServerUnavailable, error_from_exception, error_from_status
 from tritonchat.client.results import delta_from_infer_result, merge_deltas
 from tritonchat.security import key_headers
 
@@ -172,26 +173,29 @@ class Upstream:
             return error_from_exception(exc) if isinstance(exc, Exception) else exc
 
         try:
-            for attempt in (1, 2):
+            for attempt in range(1, CORE_INTERNAL_ATTEMPTS + 1):
                 try:
                     call = self._lane()
                     await call.write(request)
+                    # armed after the write: a call cancelled while grpc.aio writes to it can leave the
+                    # write waiting for ever (seen with grpcio 1.85); one request's write does not wait on
+                    # Triton
+                    if timer is None:
+                        timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)
+                    message = await call.read()
                     break
                 except BaseException as exc:  # noqa: BLE001 - grpc.aio.AioRpcError and the like
                     # a stream Triton ends at once (refusing the gateway's credentials) can fail the
-                    # write with grpc's own error, hiding Triton's status (client/errors.py)
-                    if attempt == 1 and GRPC_CORE_INTERNAL in str(exc) and not timed_out:
+                    # write or the first read with grpc's own error, hiding Triton's status
+                    # (client/errors.py): nothing was answered, so the request goes once more on a new
+                    # stream, after a short pause
+                    if attempt < CORE_INTERNAL_ATTEMPTS and GRPC_CORE_INTERNAL in str(exc) and not timed_out:
                         call.cancel()
-                        continue
+                        await asyncio.sleep(CORE_INTERNAL_PAUSE_S * attempt)
+                        if not timed_out:
+                            continue
                     raise failed(exc) from None
-            # armed after the write: a call cancelled while grpc.aio writes to it can leave the write
-            # waiting for ever (seen with grpcio 1.85); the write of one request does not wait on Triton
-            timer = asyncio.get_running_loop().call_later(self.timeout_s, expire)
             while True:
-                try:
-                    message = await call.read()
-                except BaseException as exc:  # noqa: BLE001
-                    raise failed(exc) from None
                 if message is _EOF():
                     raise ServerUnavailable("the inference server closed the stream before the answer ended")
                 if message.error_message:  # Triton 2.51 sends no code inside a stream: the text decides
@@ -203,6 +207,10 @@ class Upstream:
                 if final is not None and final.bool_param:
                     reusable = True
                     return
+                try:
+                    message = await call.read()
+                except BaseException as exc:  # noqa: BLE001
+                    raise failed(exc) from None
         finally:
             if timer is not None:
                 timer.cancel()

@@ -18,6 +18,7 @@ kernel, then `torch._scaled_mm`; its error against the rounded rows' float32 pro
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,12 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def best_by_form(configs, run, qs, ref, m: int, label: str) -> dict:
+def best_by_form(mm, configs, run, qs, ref, m: int, label: str) -> dict:
     """{form: (ms, config, rel. error)}: the fastest correct configuration of each form, `run(q, cfg)`
-    timed over every weight copy in `qs` as one graph; failures and wrong results printed."""
+    timed over every weight copy in `qs` as one graph (all compiled first, in parallel, as the
+    engine's tuner does: `W8Matmul.precompile`); failures and wrong results printed."""
     best: dict = {}
+    mm.precompile([(partial(run, qs[0]), cfg) for cfg in configs])
     for cfg in configs:
         try:
             err = rel_err(run(qs[0], cfg), ref)
@@ -110,9 +113,9 @@ def main() -> None:
                 qs = [DenseWeight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
                 nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()
-                best = best_by_form(candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt=qs[0].fmt,
+                best = best_by_form(mm, candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt=qs[0].fmt,
                                                       tma=args.tma),
-                                    lambda q, cfg: mm.launch(x, q, cfg), qs, ref, m, f"{name} m={m} {fmt}")
+                                    partial(mm.launch, x), qs, ref, m, f"{name} m={m} {fmt}")
                 for f, (t, cfg, err) in sorted(best.items(), key=lambda kv: kv[1][0]):
                     print(f"| {name} | {m} | {fmt} {f} | {t:.3f} | {nbytes / t / 1e6:.0f} | {cfg} | {err:.1e} |",
                           flush=True)
@@ -132,8 +135,8 @@ def main() -> None:
                     total.setdefault((m, "fp8 W8A8"), 0.0)
                     total[(m, "fp8 W8A8")] += t
                     t_round = t - t_mm  # the rows' rounding, which both W8A8 forms need
-                    best8 = best_by_form(candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8", a8=True)
-                                         if args.a8_kernel else [], lambda q, cfg: mm.launch(xq, q, cfg, sx), qs, ref8,
+                    best8 = best_by_form(mm, candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8", a8=True)
+                                         if args.a8_kernel else [], partial(mm.launch, xq, sx=sx), qs, ref8,
                                          m, f"{name} m={m} dot-a8")
                     if best8:  # the product alone, as `_scaled_mm alone` above; the total adds the rounding
                         t, cfg, err = min(best8.values(), key=lambda v: v[0])

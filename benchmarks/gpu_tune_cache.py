@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Engine start with and without the kept tuning of the 8-bit products' kernel (`W8Matmul.tune`,
-`TorchEngine(tune_cache=...)`): one process per start, so each start pays its own compiles as a
-server's would. A TinyLlama-shaped Llama of `--layers` layers (the products' shapes, hence the
-tuning, are the full model's), seeded random weights. Prints each start's engine + warmup time,
-whether it took the kept choices, and that both starts chose the same configurations and give the
+"""Engine start with the tuner's compiles one after another or in parallel (`W8Matmul.precompile`,
+`TRITONCHAT_COMPILE_THREADS`), and with the kept tuning of the 8-bit products' kernel
+(`W8Matmul.tune`, `TorchEngine(tune_cache=...)`): one process per start, each with an empty Triton
+cache of its own (`TRITON_CACHE_DIR`), so each start pays its own compiles as a new pod's server would.
+A TinyLlama-shaped Llama of `--layers` layers (the products' shapes, hence the tuning, are the full
+model's), seeded random weights. Prints each start's engine + warmup time, whether it took the kept
+choices, and that the two starts on one cache chose the same configurations and all three give the
 same greedy tokens.
 
     python3 benchmarks/gpu_tune_cache.py --weights fp8 --cache /tmp/tune-cache
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 _START = r"""
@@ -35,6 +39,7 @@ tok = [int(ex.prefill(0, np.arange(3, 40)).argmax())]
 for _ in range(8):
     tok.append(int(ex.decode_greedy(np.array([0]), np.array([tok[-1]]))[0]))
 print(json.dumps(dict(start_s=round(start, 1), tuned_from=ex.describe().get("tuned_from"), tokens=tok,
+                      compile_s=round(ex.llama.mm.compile_s, 1),
                       configs=sorted([list(k), v] for k, v in ex.llama.mm.configs.items()))))
 """
 
@@ -47,10 +52,15 @@ def main() -> None:
     args = ap.parse_args()
     subprocess.run(["rm", "-rf", args.cache], check=True)
     runs = []
-    for name, cache in (("no cache", ""), ("first start, cache empty", args.cache), ("second start", args.cache)):
+    starts = (("no kept tuning, compiles one after another", "", "1"),
+              ("kept tuning empty, compiles in parallel", args.cache, ""),
+              ("kept tuning taken", args.cache, ""))
+    for name, cache, threads in starts:
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", _START, args.weights, cache, str(args.layers)],
-                             capture_output=True, text=True, timeout=600)
+        with tempfile.TemporaryDirectory(prefix="triton-cache-") as kernels:
+            env = dict(os.environ, TRITONCHAT_COMPILE_THREADS=threads, TRITON_CACHE_DIR=kernels)
+            out = subprocess.run([sys.executable, "-c", _START, args.weights, cache, str(args.layers)],
+                                 capture_output=True, text=True, timeout=600, env=env)
         if out.returncode:
             print(out.stdout[-2000:], out.stderr[-4000:])
             raise SystemExit(f"{name}: the start failed")
@@ -58,7 +68,7 @@ def main() -> None:
         runs.append(r)
         print(f"{args.weights} {name}: engine + warmup {r['start_s']} s (process {time.perf_counter() - t:.1f} s), "
               f"tuning {'taken from ' + r['tuned_from'] if r['tuned_from'] else 'timed'}, "
-              f"{len(r['configs'])} products on the kernel", flush=True)
+              f"{len(r['configs'])} products on the kernel, parallel compiles {r['compile_s']} s", flush=True)
     print("same configurations:", runs[1]["configs"] == runs[2]["configs"],
           "; same greedy tokens:", runs[0]["tokens"] == runs[1]["tokens"] == runs[2]["tokens"])
 

@@ -36,6 +36,9 @@ import hashlib
 import json
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,6 +50,9 @@ from .quant import QuantWeight, quantize_rows_fp8
 log = logging.getLogger(__name__)
 
 MAX_SKINNY_M = 128
+# the most threads compiling the tuner's candidates at once by default (`compile_threads`): a bound on
+# what the compiles hold in memory together, not a measured best
+COMPILE_THREADS = 16
 TUNE_ROWS = (1, 16, 32, 64, 128)  # the row buckets the engine tunes when it loads (`row_bucket`)
 # products of more rows never launch with PDL: with it the 8-bit decode step at 128 rows was 9-16 %
 # slower (H100, H200), which the tuner, timing each product alone, does not see (docs/benchmarks-gpu.md)
@@ -88,6 +94,7 @@ class W8Matmul:
         # TMA_DENSE_ROWS) where `tune` times it fastest (off until measured on a GPU)
         self.tma_kernel = False
         self.tuned_from: str | None = None  # the cache file `tune` took its choices from, if any
+        self.compile_s = 0.0  # spent compiling the candidates in parallel (`precompile`)
         self._ws: torch.Tensor | None = None
         self._count: torch.Tensor | None = None
         self._outgrown: list = []  # buffers a captured graph may still name: never freed
@@ -173,9 +180,11 @@ class W8Matmul:
             self._count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
         return self._ws, self._count
 
-    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict, sx: torch.Tensor | None = None) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, w: QuantWeight, cfg: dict, sx: torch.Tensor | None = None,
+               warmup: bool = False) -> torch.Tensor:
         """x @ w^T by `w8_matmul` in configuration `cfg`; the FP8 form (A8_FORM) takes `x` as rows
-        rounded to E4M3 and `sx` their scales [m, 1]."""
+        rounded to E4M3 and `sx` their scales [m, 1]. `warmup`: compile the kernel, launch nothing
+        (`precompile`)."""
         m = x.shape[0]
         n, k = w.q.shape
         form = form_of(cfg, m)
@@ -192,13 +201,13 @@ class W8Matmul:
         if form == TMA_FORM and tma_ready(x) and tma_ready(w.q):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
-            self._tk.w8_matmul_tma[grid](
+            _launcher(self._tk.w8_matmul_tma, grid, warmup)(
                 TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w.q, [bn, bk]),
                 y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, y.stride(0), grid[2] * bm * n,
                 BM=bm, BN=bn, BK=bk, FIXUP=split > 1, IEEE=x.dtype == torch.float32, SCALED=not w.dense,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl)
             return y
-        self._tk.w8_matmul[grid](
+        _launcher(self._tk.w8_matmul, grid, warmup)(
             x, w.q, y if w.dense else w.scale, y if sx is None else sx, y, ws, cnt, m, n, k, ks, split, x.stride(0),
             w.q.stride(0), y.stride(0), grid[2] * bm * n, BM=bm, BN=bn, BK=bk, FIXUP=split > 1,
             FORM=1 if form == TMA_FORM else form,  # operands TMA cannot read: the same tile by plain loads
@@ -237,10 +246,14 @@ class W8Matmul:
         cached = load_tuned(path)
         if cached is None or not all((n, k) in shapes for _, n, k in cached):
             return False
+        runs = []
         for (bm, n, k), cfg in cached.items():
             w, a8 = shapes[(n, k)], cfg["FORM"] == A8_FORM  # the FP8 form takes rounded rows and their scales
             x = torch.zeros((bm, k), device=w.q.device, dtype=torch.float8_e4m3fn if a8 else w.dtype)
-            self.launch(x, w, cfg, torch.ones((bm, 1), device=w.q.device) if a8 else None)
+            runs.append((partial(self.launch, x, w, sx=torch.ones((bm, 1), device=w.q.device) if a8 else None), cfg))
+        self.precompile(runs)
+        for run, cfg in runs:
+            run(cfg)
         self.configs.update(cached)
         self.tuned_from = str(path)
         return True
@@ -261,28 +274,58 @@ class W8Matmul:
                     weights=sorted([*w.q.shape, w.fmt, str(w.dtype)] for w in weights))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
-    def _time_candidates(self, shapes: dict, buckets: list[int], reps: int) -> None:
+    def tuning_jobs(self, shapes: dict, buckets: list[int]) -> list[tuple]:
+        """What `tune` times for these weights ({(N, K): weight}) and row buckets: (key, configurations,
+        run(cfg, warmup=False), the product without the kernel (None: keep one in any case)), each on a
+        random sample of the bucket's rows."""
+        jobs = []
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
-                    if self.a8_kernel:
-                        self._time_a8(w, bm, reps)
+                    if self.a8_kernel:  # the kernel's FP8 form against `torch._scaled_mm`
+                        xq, sx = quantize_rows_fp8(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
+                        jobs.append(((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True),
+                                     partial(self.launch, xq, w, sx=sx), partial(self.scaled_rows, xq, sx, w)))
                     continue
                 if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue
                 x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
-                self._keep_fastest((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt,
-                                                                 tma=self.tma_kernel),
-                                   lambda cfg: self.launch(x, w, cfg), reps,
-                                   graph_median_ms(lambda: F.linear(x, w.q), reps) if w.dense else None)
+                jobs.append(((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt,
+                                                           tma=self.tma_kernel),
+                             partial(self.launch, x, w), partial(F.linear, x, w.q) if w.dense else None))
+        return jobs
 
-    def _time_a8(self, w: QuantWeight, bm: int, reps: int) -> None:
-        """A W8A8 bucket: the kernel's FP8 form against `torch._scaled_mm`."""
-        n, k = w.q.shape
-        xq, sx = self.quantize_rows(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
-        self._keep_fastest((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True),
-                           lambda cfg: self.launch(xq, w, cfg, sx), reps,
-                           graph_median_ms(lambda: self.scaled_rows(xq, sx, w), reps))
+    def _time_candidates(self, shapes: dict, buckets: list[int], reps: int) -> None:
+        jobs = self.tuning_jobs(shapes, buckets)
+        self.precompile([(run, cfg) for _, cfgs, run, _ in jobs for cfg in cfgs])
+        for key, cfgs, run, baseline in jobs:
+            self._keep_fastest(key, cfgs, run, reps, None if baseline is None else graph_median_ms(baseline, reps))
+
+    def precompile(self, runs: list) -> None:
+        """Compile the kernels of `runs` ([(run, cfg)], `run(cfg, warmup=True)` compiling without a
+        launch) in `compile_threads()` threads at once, through Triton's `AsyncCompileMode`, before any
+        is launched; else each compiles on its first launch, one after another (a fresh H100 spent
+        45-92 s of an engine's start so: docs/benchmarks-gpu.md). A compile that fails here is left to
+        that first launch, which reports it (`_keep_fastest` skips such a configuration)."""
+        import triton
+
+        threads = compile_threads()
+        mode = getattr(triton, "AsyncCompileMode", None)  # Triton 3.4 on
+        if threads < 2 or mode is None or not runs:
+            return
+        t = time.perf_counter()
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="tritonchat-compile") as pool, \
+                    mode(pool, ignore_errors=True):
+                for run, cfg in runs:
+                    run(cfg, warmup=True)
+        except Exception:  # noqa: BLE001 - the launches below compile what is missing
+            log.warning("compiling the kernel's candidates in %d threads failed; each compiles on its first "
+                        "launch instead", threads, exc_info=True)
+            return
+        self.compile_s += time.perf_counter() - t
+        log.info("the kernel's %d configurations compiled in %.1f s (%d threads)", len(runs),
+                 time.perf_counter() - t, threads)
 
     def _keep_fastest(self, key: tuple, cfgs: list[dict], run, reps: int, baseline: float | None = None) -> None:
         """Time `run(cfg)` for each configuration and keep the fastest as `configs[key]`, only where it
@@ -297,6 +340,25 @@ class W8Matmul:
                 best_ms, best = ms, cfg
         if best is not None:
             self.configs[key] = best
+
+
+def compile_threads() -> int:
+    """Threads that compile the tuner's kernels at once (`W8Matmul.precompile`):
+    `TRITONCHAT_COMPILE_THREADS`, else one per core up to COMPILE_THREADS; 1 compiles each on its
+    first launch."""
+    value = os.environ.get("TRITONCHAT_COMPILE_THREADS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"TRITONCHAT_COMPILE_THREADS must be a whole number, not {value!r}") from None
+    return min(COMPILE_THREADS, os.cpu_count() or 1)
+
+
+def _launcher(kernel, grid, warmup: bool):
+    """`kernel[grid]`, or with `warmup` the kernel's compile alone (Triton's `JITFunction.warmup`; under
+    `AsyncCompileMode` it returns at once, the compile running in the mode's threads)."""
+    return partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
 
 
 def tune_cache_dir() -> Path | None:
@@ -371,8 +433,9 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     for a `DenseWeight`; None: every form) drops the forms that lost or cannot run; `a8`: the FP8
     form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16 rows the TMA form's
     too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows, only those). Each
-    distinct tile is one Triton compile when the engine loads (shared by every shape: K and the split
-    are not compile-time constants)."""
+    distinct tile, whole K or split, with PDL or without, is a Triton compile when the engine loads
+    (`precompile`), shared by the shapes whose integer arguments Triton specializes alike (K and the
+    split are not compile-time constants, but a split of 1 or divisible by 16 is specialized)."""
     tiles = []
     if a8:  # FP8 tiles of rows and weights, staged in shared memory (num_stages 4: ~200 KB at most)
         tiles += [(A8_FORM, bn, bk) for bn in (64, 128) for bk in (64, 128, 256) if (max(16, bm) + bn) * bk <= 49152]

@@ -4,7 +4,7 @@ How a product runs:
   * up to MAX_SKINNY_M rows (decode steps, small prefills): the Triton kernel `w8_matmul`
     (kernels.py), every row of the batch in one tile (one row: on the CUDA cores), its
     configuration tuned once per shape and row bucket when the engine loads (`W8Matmul.tune`,
-    before any CUDA graph is captured);
+    before any CUDA graph is captured; every candidate compiled first, in parallel: `precompile`);
   * more rows (prefills, decode steps carrying prompts), or no Triton (CPU): the weight widened to
     the engine's dtype (one `w8_widen` kernel where Triton runs), then the dense product (cuBLAS on
     the GPU): compute-bound there, and the same numbers as the kernel up to the order of the sums;

@@ -41,6 +41,20 @@ def test_how_many_threads_compile_the_tuners_kernels(monkeypatch):
         compile_threads()
 
 
+def test_a_parallel_compile_that_fails_leaves_each_kernel_to_its_launch(monkeypatch, caplog):
+    """A warm-up that raises (here before any compile) ends the parallel compile with a warning, not
+    the engine's start: the tuner's launches compile what is missing, as without it."""
+    from tritonchat.python_backend.engines.torch.matmul import W8Matmul
+
+    def broken(cfg, warmup=False):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setenv("TRITONCHAT_COMPILE_THREADS", "2")
+    mm = W8Matmul(None, sms=4)
+    mm.precompile([(broken, {})])
+    assert mm.compile_s == 0 and "each compiles on its first launch" in caplog.text
+
+
 def test_every_forms_warm_up_compiles_for_hopper_in_parallel():
     """Each form of `w8_matmul` (one row: 0, 3, 4; `tl.dot`: 1, 2; TMA; FP8 rows) over int8, FP8 and
     bf16 weights, one configuration of each per tuning job, warmed up in two threads: each one

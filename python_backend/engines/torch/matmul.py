@@ -315,10 +315,14 @@ class W8Matmul:
             return
         t = time.perf_counter()
         try:
-            with ThreadPoolExecutor(threads, thread_name_prefix="tritonchat-compile") as pool, \
-                    mode(pool, ignore_errors=True):
-                for run, cfg in runs:
-                    run(cfg, warmup=True)
+            with ThreadPoolExecutor(threads, thread_name_prefix="tritonchat-compile") as pool:
+                try:
+                    compiling = mode(pool, ignore_errors=True)  # a failed compile: left to its launch
+                except TypeError:  # the first Triton versions with the mode: a failure ends it here
+                    compiling = mode(pool)
+                with compiling:
+                    for run, cfg in runs:
+                        run(cfg, warmup=True)
         except Exception:  # noqa: BLE001 - the launches below compile what is missing
             log.warning("compiling the kernel's candidates in %d threads failed; each compiles on its first "
                         "launch instead", threads, exc_info=True)

@@ -36,7 +36,7 @@ for step in ${STEPS:-test step sweep}; do
             | tail -30 \
             | tee "$OUT/multiturn.txt" ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" \
-                 --cache /tmp/tune-cache 2>&1 | tail -8 | tee "$OUT/tune-cache.txt" ;;
+                 --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

@@ -13,6 +13,7 @@ the timing of each candidate).
 
     python benchmarks/tune_compile.py --threads 1,2 --weights int8,fp8,dtype
     python benchmarks/tune_compile.py --threads 2 --shapes small --tma --a8-kernel --one-per-form --json  # the test's
+    python benchmarks/tune_compile.py --threads 16 --weights fp8 --offline --cache DIR   # kernels ahead of a start
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# (N, K) of a TinyLlama-1.1B layer's products: qkv, o, gate·up, down
-TINYLLAMA = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))
+# (N, K) of a TinyLlama-1.1B layer's products (qkv, o, gate·up, down) and of its LM head
+TINYLLAMA = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048))
 SMALL = ((256, 512),)
 
 
@@ -63,7 +64,7 @@ def compile_all(args) -> dict:
     compiled: list[str] = []
     knobs.runtime.jit_post_compile_hook = lambda *, repr, **_: compiled.append(repr.split("[")[0].rsplit(".", 1)[-1])
     device = "cpu" if offline else "cuda"
-    sms = 132 if offline else torch.cuda.get_device_properties(0).multi_processor_count
+    sms = args.sms if offline else torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     runs, forms = [], set()
     for fmt in args.weights.split(","):
@@ -107,6 +108,10 @@ def main() -> None:
     ap.add_argument("--one-per-form", action="store_true", help="only each job's first configuration of each "
                     "form (a quick check of every form's warm-up)")
     ap.add_argument("--offline", action="store_true", help="compile for sm_90 without a GPU even where one is")
+    ap.add_argument("--sms", type=int, default=132, help="offline: the GPU's SMs (the split-K candidates "
+                    "depend on them; an H100 SXM and an H200 have 132)")
+    ap.add_argument("--cache", help="keep the compiled kernels in this Triton cache folder (one thread count; "
+                    "default: an empty folder of its own for each, removed after)")
     ap.add_argument("--json", action="store_true", help="one JSON line per thread count, no table")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -116,7 +121,7 @@ def main() -> None:
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-            env = dict(os.environ, TRITONCHAT_COMPILE_THREADS=str(threads), TRITON_CACHE_DIR=cache)
+            env = dict(os.environ, TRITONCHAT_COMPILE_THREADS=str(threads), TRITON_CACHE_DIR=args.cache or cache)
             env.pop("TRITON_INTERPRET", None)
             r = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
                                text=True, timeout=3600)

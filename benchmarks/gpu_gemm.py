@@ -135,7 +135,8 @@ def main() -> None:
                     total.setdefault((m, "fp8 W8A8"), 0.0)
                     total[(m, "fp8 W8A8")] += t
                     t_round = t - t_mm  # the rows' rounding, which both W8A8 forms need
-                    best8 = best_by_form(mm, candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8", a8=True)
+                    best8 = best_by_form(mm, candidate_configs(row_bucket(m), n, k, sms, pdl=args.pdl, fmt="fp8",
+                                                               a8=True)
                                          if args.a8_kernel else [], partial(mm.launch, xq, sx=sx), qs, ref8,
                                          m, f"{name} m={m} dot-a8")
                     if best8:  # the product alone, as `_scaled_mm alone` above; the total adds the rounding

@@ -4,7 +4,8 @@
 # memory bound, and the server sweep beside the static-cache compiled `generate` peer.
 # STEPS picks the parts (default: test step sweep; gemm: the products alone, benchmarks/gpu_gemm.py;
 # multiturn: prefix reuse on and off, benchmarks/multiturn.py; tunecache: starts compiling one after
-# another or in parallel, with and without the kept tuning, benchmarks/gpu_tune_cache.py); LEVELS and PEER_LEVELS the sweep's levels; ROUNDS the step's
+# another or in parallel, with and without the kept tuning, benchmarks/gpu_tune_cache.py); LEVELS and
+# PEER_LEVELS the sweep's levels; ROUNDS the step's
 # rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s, PROFILE the variants it profiles
 # (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
 # rounds, MT_ARGS more multiturn.py arguments; TUNE_WEIGHTS the tune-cache starts' weights (fp8).

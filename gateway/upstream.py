@@ -19,8 +19,8 @@ from typing import AsyncIterator, Dict, List, Optional
 import struct
 
 from tritonchat.client import AsyncDeltaStream, Completion, Delta, GenerationParams, build_arrays, normalize_url
-from tritonchat.client.errors import CORE_INTERNAL_ATTEMPTS, CORE_INTERNAL_PAUSE_S, GRPC_CORE_INTERNAL, RequestTimeout, \
-    ServerUnavailable, error_from_exception, error_from_status
+from tritonchat.client.errors import CORE_INTERNAL_ATTEMPTS, CORE_INTERNAL_PAUSE_S, GRPC_CORE_INTERNAL, \
+    RequestTimeout, ServerUnavailable, error_from_exception, error_from_status
 from tritonchat.client.results import delta_from_infer_result, merge_deltas
 from tritonchat.security import key_headers
 

@@ -284,8 +284,9 @@ class W8Matmul:
                 if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
                     if self.a8_kernel:  # the kernel's FP8 form against `torch._scaled_mm`
                         xq, sx = quantize_rows_fp8(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
-                        jobs.append(((bm, n, k), candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True),
-                                     partial(self.launch, xq, w, sx=sx), partial(self.scaled_rows, xq, sx, w)))
+                        cfgs = candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True)
+                        jobs.append(((bm, n, k), cfgs, partial(self.launch, xq, w, sx=sx),
+                                     partial(self.scaled_rows, xq, sx, w)))
                     continue
                 if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue

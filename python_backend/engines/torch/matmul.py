@@ -349,15 +349,16 @@ class W8Matmul:
 
 def compile_threads() -> int:
     """Threads that compile the tuner's kernels at once (`W8Matmul.precompile`):
-    `TRITONCHAT_COMPILE_THREADS`, else one per core up to COMPILE_THREADS; 1 compiles each on its
-    first launch."""
+    `TRITONCHAT_COMPILE_THREADS`, else one per core this process may use, up to COMPILE_THREADS; 1
+    compiles each on its first launch."""
     value = os.environ.get("TRITONCHAT_COMPILE_THREADS", "").strip()
     if value:
         try:
             return max(1, int(value))
         except ValueError:
             raise ValueError(f"TRITONCHAT_COMPILE_THREADS must be a whole number, not {value!r}") from None
-    return min(COMPILE_THREADS, os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(COMPILE_THREADS, cores or 1)  # the cores this process may run on (a container's cpuset)
 
 
 def _launcher(kernel, grid, warmup: bool):

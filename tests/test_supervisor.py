@@ -62,6 +62,38 @@ def test_a_dead_child_is_seen_as_a_zombie_with_its_status():
     assert process_state(child.pid) is None
 
 
+def test_a_stub_that_dies_with_its_dying_server_is_not_named_the_fault():
+    """The stubs abort when tritonserver dies and can be seen dead first (Linux closes a dying
+    process's files before it makes it a zombie): where the server does not answer its repository
+    index, the supervisor waits up to SERVER_EXIT_GRACE_S for it and names the server. A server that
+    stays up leaves the stub the fault. (A `sleep` stands in for the server process: nothing listens
+    on its port, as on a dying server's.)"""
+    import socket
+    import threading
+
+    from tritonchat.supervisor import SERVER_EXIT_GRACE_S, Stub, Supervisor, _Server
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sup = Supervisor(["true"], {}, f"127.0.0.1:{port}")
+    stub = Stub(4242, "generator", "1", "generator_0_0")
+    dying = subprocess.Popen(["sleep", "30"])
+    try:
+        threading.Timer(SERVER_EXIT_GRACE_S / 4, dying.kill).start()  # it exits a moment after its stub
+        fault = sup._judge_dead_stub(_Server(dying, time.monotonic()), stub, signal.SIGABRT)
+        assert fault == f"tritonserver (pid {dying.pid}) killed by SIGKILL", fault
+    finally:
+        dying.kill()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        fault = sup._judge_dead_stub(_Server(alive, time.monotonic()), stub, signal.SIGABRT)
+        assert fault.startswith(stub.describe() + " killed by SIGABRT (and tritonserver did not answer"), fault
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_stub_that_died_unseen_is_found_by_its_command_name(tmp_path):
     """A zombie keeps no command line, only its command name ("triton_python_b", 15 characters): that and
     its status are enough to see a stub that died before the supervisor ever saw it alive."""

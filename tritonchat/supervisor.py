@@ -15,7 +15,8 @@ What is watched, every ``poll_s`` (0.1 s):
   a stub that died before it was ever seen is caught). A stub that is a zombie with a non-zero status
   while tritonserver's repository index still calls its model version READY is a crash (tritonserver
   itself collects a dead stub only when the next request reaches it); a stub that exits with status 0, or
-  whose model is being unloaded, is tritonserver's own doing;
+  whose model is being unloaded, is tritonserver's own doing; a stub that died with its server (the stubs
+  abort when it dies, and can be seen dead first) is reported as the server's fault;
 * ``/v2/health/live``, once a second: silent for ``liveness_timeout_s`` means hung.
 
 Restarts are bounded: a restart that fails to become ready, or a server that fails again within
@@ -55,6 +56,8 @@ log = logging.getLogger("tritonchat.serve")
 STUB_PROGRAM = "triton_python_backend_stub"
 ENV_RESTARTS = "TRITONCHAT_SERVER_RESTARTS"
 ENV_REASON = "TRITONCHAT_RESTART_REASON"
+# how long a server that stopped answering gets to be seen dead when one of its stubs died (`_judge_dead_stub`)
+SERVER_EXIT_GRACE_S = 1.0
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -444,13 +447,8 @@ class Supervisor:
                     if status == 0 or pid in dismissed:  # a clean exit: tritonserver unloading the model
                         continue
                     stub = known.get(pid) or Stub(pid, "?", "?", "?")
-                    fault = self._judge_dead_stub(stub, status)
+                    fault = self._judge_dead_stub(server, stub, status)
                     if fault:
-                        # the stubs abort when tritonserver dies: a server killed since this round's
-                        # first look is the cause, not the stub that followed it (seen in a full test run)
-                        rc = server.proc.poll()
-                        if rc is not None:
-                            return f"tritonserver (pid {server.pid}) {describe_status(rc, waitpid=False)}"
                         return fault
                     dismissed.add(pid)
                 silent = live.silent_for()
@@ -461,11 +459,23 @@ class Supervisor:
         finally:
             live.done.set()
 
-    def _judge_dead_stub(self, stub: Stub, status: int) -> Optional[str]:
-        """Why a dead stub is a fault, or None when tritonserver is unloading its model (it stopped it)."""
-        states = self._index()
-        if states is None:
-            return f"{stub.describe()} {describe_status(status)} (and tritonserver did not answer its repository index)"
+    def _judge_dead_stub(self, server: _Server, stub: Stub, status: int) -> Optional[str]:
+        """Why a dead stub is a fault, or None when tritonserver is unloading its model (it stopped it).
+        The stubs abort when tritonserver dies, so a dying server is the cause, not the stub that
+        followed it: a stub can see its server's pipes close before the server has exited (Linux closes
+        a dying process's files before it turns it into a zombie), so where the server does not answer
+        its repository index it gets SERVER_EXIT_GRACE_S to be seen dead (both seen in full test runs)."""
+        rc = server.proc.poll()
+        if rc is None:
+            states = self._index()
+            if states is None:
+                try:
+                    rc = server.proc.wait(SERVER_EXIT_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    return (f"{stub.describe()} {describe_status(status)} (and tritonserver did not answer its "
+                            "repository index)")
+        if rc is not None:
+            return f"tritonserver (pid {server.pid}) {describe_status(rc, waitpid=False)}"
         if stub.model == "?":  # died before the supervisor saw it alive: its model is not known
             if any(v in ("UNLOADING", "LOADING") for v in states.values()):
                 return None

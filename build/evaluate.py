@@ -117,12 +117,13 @@ class _OnnxModel:
 
     def _engine(self, slots: int = 1):
         """The engine, with at least `slots` KV slots of the whole context (KV memory is mapped lazily)."""
+        from tritonchat.python_backend.cpus import usable_cpus
         from tritonchat.python_backend.engines import open_ort_engine
 
         if self._ex is None or self._ex.max_slots < slots:
-            # threads 0 here: ONNX Runtime's own default (all cores), as the server's on up to 4 cores
+            # threads 0 here: every CPU this process may use, as the server's on up to 4
             self._ex = open_ort_engine(self.path, max_slots=slots, max_seq_len=self.max_context,
-                                   threads=self.threads or (os.cpu_count() or 1))
+                                   threads=self.threads or usable_cpus())
         return self._ex
 
     @property

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 
 import triton_python_backend_utils as pb_utils
 
@@ -20,6 +19,7 @@ from .allocator import keep_freed_memory
 from .batching.sampling import InvalidParameter
 from .batching.scheduler import Scheduler
 from .batching.sequence import QueueFull
+from .cpus import usable_cpus
 from .engines import create_engine, engine_options, parse_flag
 from .limits import Limits
 from .metrics import GeneratorMetrics
@@ -118,11 +118,12 @@ AUTO_RATE_MAX = 800.0  # each response is also sent from this process, under the
 
 
 def _stream_rate(value: str) -> float:
-    """`stream_responses_per_s`: a number, or "auto": 200 per CPU core of this machine, at most 800.
-    Per core: streaming then takes at most about half the CPU. At most 800: every response is also
-    built and sent by this one process, under the GIL the decode loop needs (the measurements
-    behind both numbers: docs/benchmarks-gpu.md, "Figures behind settings in the code")."""
+    """`stream_responses_per_s`: a number, or "auto": 200 per CPU this process may use (`usable_cpus`:
+    a pod's CPU limit, not the node's cores), at most 800. Per CPU: streaming then takes at most about
+    half of it. At most 800: every response is also built and sent by this one process, under the GIL
+    the decode loop needs (the measurements behind both numbers: docs/benchmarks-gpu.md, "Figures
+    behind settings in the code")."""
     if str(value).strip().lower() == "auto":
-        return min(AUTO_RATE_PER_CORE * (os.cpu_count() or 1), AUTO_RATE_MAX)
+        return min(AUTO_RATE_PER_CORE * usable_cpus(), AUTO_RATE_MAX)
     return float(value or 0)
 

@@ -52,7 +52,8 @@ def test_a_healthy_deployment_passes(keyed_server, stories_repo):
     assert out.returncode == 0, out.stdout + out.stderr
     found = rows(out.stdout)
     for check in ("server reachable", "server ready", "model ensemble", "model generator",
-                  "inference (Python stubs)", "metrics scrape", "overload", "shared memory", "disk (repository)"):
+                  "inference (Python stubs)", "metrics scrape", "overload", "CPUs", "shared memory",
+                  "disk (repository)"):
         assert found.get(check) == "ok", (check, out.stdout)
     assert "The deployment answers." in out.stdout
 

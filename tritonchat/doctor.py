@@ -409,6 +409,7 @@ def _local_checks(t: Target) -> List[Check]:
                               + ("" if driver_cuda or not built else "; no NVIDIA driver here: serving on CPU")))
     except Exception as exc:  # noqa: BLE001 - torch is optional for serving ONNX
         rows.append(Check("driver / CUDA / torch", "warn", f"torch not importable: {_first_line(exc)}"))
+    rows.append(_cpu_check())
     rows.append(_space_check("shared memory", Path("/dev/shm"), SHM_MIN_TOTAL, SHM_MIN_FREE,
                              "give the container a larger /dev/shm: docker run --shm-size=1g; compose shm_size; "
                              "Kubernetes: an emptyDir with medium: Memory at /dev/shm"))
@@ -416,6 +417,19 @@ def _local_checks(t: Target) -> List[Check]:
         rows.append(_space_check("disk (repository)", Path(t.repo), 0, DISK_MIN_FREE,
                                  "free space where the repository lives: a hot update copies a version beside the old"))
     return rows
+
+
+def _cpu_check() -> Check:
+    """The CPUs this process may use: its affinity and its cgroup's quota (a pod's CPU limit), which size the
+    engine's threads, the GPU tuner's compiles and the streaming rate (python_backend/cpus.py)."""
+    from tritonchat.python_backend.cpus import cgroup_cpu_quota, usable_cpus
+
+    cores, quota, usable = len(os.sched_getaffinity(0)), cgroup_cpu_quota(), usable_cpus()
+    detail = f"{usable} usable ({cores} cores, " + (f"CPU quota {quota:g})" if quota else "no CPU quota)")
+    if usable < 2:
+        return Check("CPUs", "warn", detail, "the server runs several processes (tritonserver, the entry, the generator): "
+                     "give the container at least 2 CPUs (Kubernetes limits.cpu; docker run --cpus)")
+    return Check("CPUs", "ok", detail)
 
 
 def _space_check(name: str, path: Path, least_total: int, least_free: int, fix: str) -> Check:

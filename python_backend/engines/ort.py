@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cpus import usable_cpus
 from .base import Engine
 from .slots import decode_layout
 
@@ -55,7 +56,7 @@ def default_threads(weights: int) -> int:
     more tokens/s on 1 thread than on 2; the stories15M-shaped model (98 MB fp32, 28 MB INT8) more on 2.
     So: 1 thread for a model under PARALLEL_MIN_WEIGHT_BYTES; otherwise every core on a machine of up to
     4, half of them beyond (Triton, the pre/postprocessing models and often the clients need the rest)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()  # the pod's CPU limit, not the node's cores (cpus.py)
     if weights < PARALLEL_MIN_WEIGHT_BYTES:
         return 1
     return cores if cores <= 4 else cores // 2

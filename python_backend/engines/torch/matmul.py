@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...cpus import usable_cpus
 from .kernels import cdiv, next_pow2
 from .quant import QuantWeight, quantize_rows_fp8
 
@@ -349,7 +350,8 @@ class W8Matmul:
 
 def compile_threads() -> int:
     """Threads that compile the tuner's kernels at once (`W8Matmul.precompile`):
-    `TRITONCHAT_COMPILE_THREADS`, else one per core this process may use, up to COMPILE_THREADS; 1
+    `TRITONCHAT_COMPILE_THREADS`, else one per CPU this process may use (`usable_cpus`), up to
+    COMPILE_THREADS; 1
     compiles each on its first launch."""
     value = os.environ.get("TRITONCHAT_COMPILE_THREADS", "").strip()
     if value:
@@ -357,8 +359,7 @@ def compile_threads() -> int:
             return max(1, int(value))
         except ValueError:
             raise ValueError(f"TRITONCHAT_COMPILE_THREADS must be a whole number, not {value!r}") from None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(COMPILE_THREADS, cores or 1)  # the cores this process may run on (a container's cpuset)
+    return min(COMPILE_THREADS, usable_cpus())  # a container's cpuset and CPU limit (cpus.py)
 
 
 def _launcher(kernel, grid, warmup: bool):

@@ -12,7 +12,6 @@ On a GPU: `tune` itself, no compile on a launch.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +25,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_compile.py"
 
 
 def test_how_many_threads_compile_the_tuners_kernels(monkeypatch):
-    """`TRITONCHAT_COMPILE_THREADS` (1: each kernel compiles on its first launch), else one per core up
-    to COMPILE_THREADS; a value that is not a number is refused by name."""
+    """`TRITONCHAT_COMPILE_THREADS` (1: each kernel compiles on its first launch), else one per usable
+    CPU up to COMPILE_THREADS; a value that is not a number is refused by name."""
+    from tritonchat.python_backend.cpus import usable_cpus
     from tritonchat.python_backend.engines.torch.matmul import COMPILE_THREADS, compile_threads
 
     monkeypatch.delenv("TRITONCHAT_COMPILE_THREADS", raising=False)
-    assert compile_threads() == min(COMPILE_THREADS, len(os.sched_getaffinity(0)))
+    assert compile_threads() == min(COMPILE_THREADS, usable_cpus())  # a cgroup's quota: tests/test_cpus.py
     monkeypatch.setenv("TRITONCHAT_COMPILE_THREADS", "1")
     assert compile_threads() == 1
     monkeypatch.setenv("TRITONCHAT_COMPILE_THREADS", "0")

@@ -57,6 +57,10 @@ def test_compose_file_keeps_its_promises(tmp_path):
     triton = services["tritonserver"]
     assert triton["read_only"] is True
     assert mounts(triton)["/models"] == (str(tmp_path), True)
+    # the kernel cache outlives the container (a named volume), and the engine is told to use it
+    assert mounts(triton)["/var/cache/tritonchat"] == ("kernel-cache", False)
+    assert {triton["environment"][k] for k in ("TRITONCHAT_TUNE_CACHE", "TRITON_CACHE_DIR")} == {
+        "/var/cache/tritonchat/tuning", "/var/cache/tritonchat/triton"}
     assert services["gateway"]["depends_on"]["tritonserver"]["condition"] == "service_healthy"
     assert "--cache" in services["gateway"]["command"]
     assert mounts(services["prometheus"])["/etc/prometheus/prometheus.yml"][0] == str(ROOT / "deploy" / "prometheus"
@@ -206,6 +210,10 @@ def test_compose_stack_runs_with_host_networking(image, daemon, stories_repo, tm
         ids = subprocess.run([*compose_cmd(), *project, "ps", "-q"], capture_output=True, text=True, env=env)
         for cid in ids.stdout.split():
             wait_healthy(cid, daemon)
+        # the kernel cache's named volume is the image's user's to write (created from the image's folder)
+        server = subprocess.run([*compose_cmd(), *project, "ps", "-q", "tritonserver"], capture_output=True, text=True,
+                                env=env).stdout.strip()
+        docker("exec", server, "python3", "-c", "open('/var/cache/tritonchat/written', 'w').write('ok')", env=daemon)
         sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="unused", max_retries=0)
         answers = [sdk.completions.create(model="ensemble", prompt=PROMPT, max_tokens=12, temperature=0)
                    .choices[0].text for _ in range(2)]

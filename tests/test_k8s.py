@@ -113,6 +113,19 @@ def test_server_pod_probes_volumes_and_gpu(objects):
         # the grace period outlasts serve's own drain at shutdown
         grace = pod["terminationGracePeriodSeconds"]
         assert int(c["args"][c["args"].index("--shutdown-timeout") + 1]) < grace
+        # GPU pods keep the kernel's tuning and Triton's compiled kernels on one shared volume, so a new pod
+        # starts without compiling (docs/deploy.md); nothing else is writable but /tmp and /dev/shm
+        env = {e["name"]: e["value"] for e in c["env"]}
+        if overlay == "overlays/gpu":
+            cache = mounts["/var/cache/tritonchat"]
+            assert not cache.get("readOnly")
+            claim = volumes[cache["name"]]["persistentVolumeClaim"]["claimName"]
+            pvc = find(objects[overlay], "PersistentVolumeClaim", claim)
+            assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes
+            for name in ("TRITONCHAT_TUNE_CACHE", "TRITON_CACHE_DIR"):
+                assert env[name].startswith("/var/cache/tritonchat/"), (name, env)
+        else:
+            assert "/var/cache/tritonchat" not in mounts and "TRITON_CACHE_DIR" not in env
 
 
 def test_autoscaling_disruption_budget_network_policy_and_role(objects):

@@ -112,7 +112,8 @@ def main() -> None:
               f"{len(r['configs'])} products on the kernel, parallel compiles {r['compile_s']} s, "
               f"new kernels {new}", flush=True)
     kept = [r for s, r in zip(starts, runs) if STARTS[s][1]]
-    print("starts on one kept tuning chose the same configurations:", all(r["configs"] == kept[0]["configs"] for r in kept),
+    print("starts on one kept tuning chose the same configurations:",
+          all(r["configs"] == kept[0]["configs"] for r in kept),
           "; same greedy tokens:", all(r["tokens"] == runs[0]["tokens"] for r in runs))
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def usable_cpus(cgroup_root: str | os.PathLike = CGROUP_ROOT, proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int:
+def usable_cpus(cgroup_root: str | os.PathLike = CGROUP_ROOT,
+                proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int:
     """min(the cores this process may run on, its cgroup's CPU quota rounded up); at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota = cgroup_cpu_quota(Path(cgroup_root), Path(proc_cgroup))

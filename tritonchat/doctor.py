@@ -427,8 +427,8 @@ def _cpu_check() -> Check:
     cores, quota, usable = len(os.sched_getaffinity(0)), cgroup_cpu_quota(), usable_cpus()
     detail = f"{usable} usable ({cores} cores, " + (f"CPU quota {quota:g})" if quota else "no CPU quota)")
     if usable < 2:
-        return Check("CPUs", "warn", detail, "the server runs several processes (tritonserver, the entry, the generator): "
-                     "give the container at least 2 CPUs (Kubernetes limits.cpu; docker run --cpus)")
+        return Check("CPUs", "warn", detail, "the server runs several processes (tritonserver, the entry, the "
+                     "generator): give the container at least 2 CPUs (Kubernetes limits.cpu; docker run --cpus)")
     return Check("CPUs", "ok", detail)
 
 

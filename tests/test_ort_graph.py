@@ -274,13 +274,13 @@ def test_a_fused_repository_through_the_real_server(hf_model, tmp_path, kv):
 
 
 def test_default_threads_follow_the_model_size(monkeypatch):
-    """threads 0: one thread for a model under 8 MiB of weights (stories260K), else every core up to 4
-    and half of them beyond (the measurements: docs/benchmarks.md, "The CPU engine's own graph")."""
-    import os
-
+    """threads 0: one thread for a model under 8 MiB of weights (stories260K), else every usable CPU up to
+    4 and half of them beyond (the measurements: docs/benchmarks.md, "The CPU engine's own graph"; usable:
+    a cgroup's quota counts, tests/test_cpus.py)."""
+    from tritonchat.python_backend.engines import ort
     from tritonchat.python_backend.engines.ort import PARALLEL_MIN_WEIGHT_BYTES, default_threads
 
     for cores, small, large in ((2, 1, 2), (4, 1, 4), (16, 1, 8), (1, 1, 1)):
-        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        monkeypatch.setattr(ort, "usable_cpus", lambda c=cores: c)
         assert default_threads(PARALLEL_MIN_WEIGHT_BYTES - 1) == small
         assert default_threads(PARALLEL_MIN_WEIGHT_BYTES) == large

@@ -62,6 +62,9 @@ VARIANTS = {
     "triton+graphs fp8 a8from33": ("triton", "triton", True, 256, {"weights": "fp8", "w8a8_rows": 32}),
     # FP8: the W8A8 products on the kernel's FP8 form where its tuning timed it faster than _scaled_mm
     "triton+graphs fp8 a8kernel": ("triton", "triton", True, 256, {"weights": "fp8", "a8_kernel": True}),
+    # FP8: every W8A8 product as W8A8 (before the twenty-second session), not the kernel's W8A16 forms
+    # where its tuning timed them faster
+    "triton+graphs fp8 a8only": ("triton", "triton", True, 256, {"weights": "fp8", "a16_kernel": False}),
     # the products of 16 rows and more may take the kernel's TMA form where tuned faster (bf16: up to
     # 64 rows, against cuBLAS)
     "triton+graphs tma": ("triton", "triton", True, 256, {"tma_kernel": True}),
@@ -84,14 +87,14 @@ def make_engine(model, variant, **kw):
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     opts = {**(extra[0] if extra else {}), **kw}
     fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "dense_kernel")}
-    forms = {name: opts.pop(name, False) for name in ("a8_kernel", "tma_kernel")}  # W8Matmul's opt-in forms
+    forms = {name: opts.pop(name, name == "a16_kernel") for name in ("a8_kernel", "tma_kernel", "a16_kernel")}
     ex = TorchEngine(**{**args, **opts})
     if ex.path == "native":
         for name, on in fuse.items():  # before any graph is captured
             setattr(ex.llama, name, on)
         for name, on in forms.items():
             setattr(ex.llama.mm, name, on)
-        ex.llama.mm.tune(ex.llama.kernel_weights(), TUNE_ROWS)  # as warmup() does before the graphs
+        ex.llama.mm.tune(ex.llama.kernel_weights(), TUNE_ROWS, own_rounding=ex.llama.own_rounding())  # as warmup()
     return ex
 
 
@@ -428,7 +431,8 @@ def table(res):
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
     for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused"),
-                        ("fp8 a8from33", "fp8"), ("fp8 a8kernel", "fp8"), ("tma", ""), ("fp8 tma", "fp8 a8kernel")):
+                        ("fp8 a8from33", "fp8"), ("fp8 a8kernel", "fp8"), ("tma", ""), ("fp8 tma", "fp8 a8kernel"),
+                        ("fp8", "fp8 a8only")):
         q, o = timings.get(f"triton+graphs {name}", {}), timings.get(f"triton+graphs {other}".strip(), {})
         for b in BATCHES:  # W8A8 against W8A16, and its input rounded in the op before against on its own
             if f"b{b}" in q and f"b{b}" in o:

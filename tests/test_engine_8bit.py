@@ -96,6 +96,8 @@ def test_the_engine_equals_the_model_with_rounded_weights(tmp_path, arch, fmt):
     ex = _engine(path, weights=fmt, w8a8_rows=0 if w8a8 else None)
     d = ex.describe()
     assert d["weights"] == fmt and d.get("w8a8_rows") == (0 if w8a8 else None)
+    # the product no op before rounds to FP8 (its tuning counts a rounding kernel of its own): o's
+    assert ex.llama.own_rounding() == {tuple(ex.llama.layers[0].wo.q.shape)}
     plain = _engine(path)
     assert d["weight_bytes"] < 0.3 * plain.describe()["weight_bytes"]  # float32 -> 1 byte + a scale per row
     rounded = copy.deepcopy(model)
@@ -201,6 +203,37 @@ for m, n, k in [(17, 40, 200), (64, 48, 130)]:
     with tempfile.TemporaryDirectory() as d:
         save_tuned(Path(d) / "a8.json", {(row_bucket(m), n, k): configs[-1]})
         assert W8Matmul(tk, sms=4).take_tuned(Path(d) / "a8.json", {(n, k): w})
+# a W8A8 bucket's W8A16 forms (`a16_kernel`): the tuner times them on the rows as they are and the FP8
+# form on the rows rounded, against _scaled_mm on rows the op before rounded, or (`own_rounding`) on rows
+# the product rounds itself; a kept W8A16 configuration takes the product out of W8A8 (the op before
+# then leaves its rows unrounded: llama.fp8_input) and it equals the widened product
+mm8 = W8Matmul(tk, sms=4, w8a8_rows=32)
+n, k = 48, 128
+w = QuantWeight(torch.randn(n, k), "fp8", torch.float32)
+assert mm8.w8a8(40, w) and not mm8.w8a8(32, w) and mm8.a16_kernel
+mm8.a8_kernel = True
+for own in (frozenset(), frozenset({(n, k)})):
+    jobs = {key: (cfgs, run, base) for key, cfgs, run, base in mm8.tuning_jobs({(n, k): w}, [1, 16, 32, 64], own)}
+    cfgs, run, base = jobs[(64, n, k)]
+    assert A8_FORM in {c["FORM"] for c in cfgs} and {1, 2} <= {c["FORM"] for c in cfgs}
+    x, xq, sx, _ = run.args
+    a16 = next(c for c in cfgs if c["FORM"] != A8_FORM)
+    a8 = next(c for c in cfgs if c["FORM"] == A8_FORM)
+    worst = max(worst, (run(a16) - x @ w.widened().t()).abs().max().item(),
+                (run(a8) - (xq.float() * sx) @ w.widened().t()).abs().max().item())
+    rounded = mm8.quantize_rows(x) if own else (xq, sx)  # own: the rounding kernel inside the timed product
+    assert torch.equal(base(), mm8._scaled_mm(*rounded, w)) and (own or base.args[0] is xq)
+    assert jobs[(32, n, k)][2] is None  # not a W8A8 bucket: the kernel's W8A16 forms alone
+mm8.a16_kernel = mm8.a8_kernel = False
+assert (64, n, k) not in {key for key, *_ in mm8.tuning_jobs({(n, k): w}, [64])}
+x = torch.randn(40, k)
+mm8.configs[(64, n, k)] = a16
+assert not mm8.w8a8(40, w) and mm8.w8a8(130, w)  # past the kernel's rows: W8A8 again
+assert torch.equal(mm8(x, w), mm8.launch(x, w, a16))
+worst = max(worst, (mm8(x, w) - x @ w.widened().t()).abs().max().item())
+mm8.configs[(64, n, k)] = a8
+xq, sx = mm8.quantize_rows(x)
+assert mm8.w8a8(40, w) and torch.equal(mm8(x, w), mm8.launch(xq, w, a8, sx))
 # the TMA form (TMA_FORM: tensor descriptors, the tiles past K and M read as zeros), every candidate
 # and a split of three, for each weight format; rows TMA cannot read (a row stride of k + 3 floats,
 # not a multiple of 16 bytes) take the same tile by plain loads
@@ -559,6 +592,12 @@ def test_8bit_engine_on_the_gpu_equals_the_rounded_model(tmp_path, fmt):
         q2, s2 = quantize_rows_fp8(x)
         _same_bits(ex.llama.mm.quantize_rows(x), (q2, s2))
         want = (q2.float() * s2) @ w.widened().float().t()
+        got = ex.llama.mm.scaled(x, w).float()
+        assert (got - want).abs().max() < 0.02 * want.abs().max()
+        # what the engine runs for these rows: W8A8, or W8A16 (the rows as they are) where its tuning timed
+        # the kernel's W8A16 forms faster (`a16_kernel`; an H100 chose it for this small model's qkv product at 64 rows)
+        if not ex.llama.mm.w8a8(x.shape[0], w):
+            want = x.float() @ w.widened().float().t()
         got = ex.llama.mm(x, w).float()
         assert (got - want).abs().max() < 0.02 * want.abs().max()
         # the norm and SiLU·up round their output rows for the product after them: the same numbers

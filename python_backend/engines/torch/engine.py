@@ -314,7 +314,8 @@ class TorchEngine(Engine):
         captured on first use)."""
         if self.path == "native":
             # the kernel's products' configurations, timed now: a graph captures the one it was given
-            self.llama.mm.tune(self.llama.kernel_weights(), TUNE_ROWS, cache_dir=self.tune_cache)
+            self.llama.mm.tune(self.llama.kernel_weights(), TUNE_ROWS, cache_dir=self.tune_cache,
+                               own_rounding=self.llama.own_rounding())
         if not self.cuda_graphs:
             return
         n = min(4, self.max_slots)

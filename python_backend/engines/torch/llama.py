@@ -207,6 +207,13 @@ class Llama:
         ws = [w for L in self.layers for w in (L.wqkv, L.wo, L.wgu, L.wd)] + [self.lm_head]
         return [w for w in ws if isinstance(w, QuantWeight) and (self.dense_kernel or not w.dense)]
 
+    def own_rounding(self) -> frozenset:
+        """The (N, K) of the 8-bit products whose rows no op before rounds to FP8 (`fp8_input`): the
+        attention output's (o), and every one without `fuse_fp8` (`W8Matmul.tune`)."""
+        ws = [w for L in self.layers for w in ((L.wo,) if self.fuse_fp8 else (L.wqkv, L.wo, L.wgu, L.wd))]
+        return frozenset(tuple(w.q.shape) for w in ws + ([] if self.fuse_fp8 else [self.lm_head])
+                         if isinstance(w, QuantWeight))
+
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the products' and the norms'; not the embedding)."""
         def size(w):

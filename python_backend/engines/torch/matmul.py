@@ -19,11 +19,18 @@ How a product runs:
     FP8 gate for such a build). With `W8Matmul.a8_kernel` the tuner also times the kernel's FP8 form
     (`A8_FORM`: the rounded rows by the FP8 weights on the FP8 tensor cores, split-K fixed up in the
     launch) against `_scaled_mm` per W8A8 bucket and keeps it where it won: `_scaled_mm` read the
-    weights at ~1 TB/s at 64 rows on an H100 (a third of the card's bandwidth). Off until measured.
+    weights at ~1 TB/s at 64 rows on an H100 (a third of the card's bandwidth). Off: measured within
+    2 % of `_scaled_mm` in the step (docs/benchmarks-gpu.md, twenty-second session). With
+    `W8Matmul.a16_kernel` (on) the tuner also times the kernel's W8A16 forms per W8A8 bucket (the rows
+    as they are, nothing rounded) and keeps one where it beat W8A8: the product then leaves W8A8, and
+    the op before it no longer rounds its rows (`W8Matmul.w8a8`). On an H100 at 64 rows the W8A16 forms
+    beat the rounding plus `_scaled_mm` on the o and down products (22 layers: o 0.189 against 0.246 ms,
+    down 0.327 against 0.474; the products alone, gpu_gemm.py).
 With `W8Matmul.tma_kernel` the products of 16 rows and more also time the TMA form (`TMA_FORM`: the
 `tl.dot` form with its tiles streamed into shared memory by Hopper's copy engine, tensor
 descriptors), for dense weights up to `TMA_DENSE_ROWS` rows against cuBLAS: at 32-64 rows neither
-cuBLAS nor the plain-load forms passed ~2.2 TB/s. Off until measured.
+cuBLAS nor the plain-load forms passed ~2.2 TB/s. Off: it lost to cuBLAS on every bf16 product at
+32-64 rows on an H100 and moved neither step by more than 2.4 % (docs/benchmarks-gpu.md).
 Weights kept in the engine's dtype (`DenseWeight`) go through the same kernel at up to
 `DENSE_KERNEL_ROWS` rows where `tune` timed it faster than the dense product (cuBLAS), else that: at
 one row cuBLAS's bf16 products ran at 1.3-2.5 TB/s on an H100 and added a split-K reduce kernel
@@ -89,10 +96,13 @@ class W8Matmul:
         self.w8a8_rows = w8a8_rows  # FP8 products of more rows run as W8A8 (module docstring); None: never
         self.configs: dict[tuple[int, int, int], dict] = {}
         # W8A8 products may run the kernel's FP8 form where `tune` times it faster than
-        # `torch._scaled_mm` (off until measured on a GPU: docs/benchmarks-gpu.md)
+        # `torch._scaled_mm` (off: within 2 % of `_scaled_mm` in the step on an H100, docs/benchmarks-gpu.md)
         self.a8_kernel = False
+        # W8A8 products may run the kernel's W8A16 forms instead (the rows as they are, nothing rounded)
+        # where `tune` times them faster than W8A8 for their shape and row bucket (`w8a8`)
+        self.a16_kernel = True
         # products of 16 rows or more may run the TMA form (TMA_FORM; weights in the engine's dtype up to
-        # TMA_DENSE_ROWS) where `tune` times it fastest (off until measured on a GPU)
+        # TMA_DENSE_ROWS) where `tune` times it fastest (off: lost to cuBLAS on an H100)
         self.tma_kernel = False
         self.tuned_from: str | None = None  # the cache file `tune` took its choices from, if any
         self.compile_s = 0.0  # spent compiling the candidates in parallel (`precompile`)
@@ -122,8 +132,19 @@ class W8Matmul:
         return cfg if cfg is not None or w.dense else default_config(bm, n, k, self.sms)
 
     def w8a8(self, m: int, w: QuantWeight) -> bool:
-        """Does a product of `m` rows with `w` run as W8A8? (`torch._scaled_mm` wants K and N in
-        multiples of 16.)"""
+        """Does a product of `m` rows with `w` run as W8A8? Where it may (`w8a8_eligible`), unless
+        `tune` kept a W8A16 configuration of the kernel for its shape and row bucket (`a16_kernel`):
+        then the op before leaves its rows unrounded too (llama.py's `fp8_input`)."""
+        if not self.w8a8_eligible(m, w):
+            return False
+        if self._tk is None or m > MAX_SKINNY_M:
+            return True
+        cfg = self.configs.get((row_bucket(m), *w.q.shape))
+        return cfg is None or cfg["FORM"] == A8_FORM
+
+    def w8a8_eligible(self, m: int, w: QuantWeight) -> bool:
+        """May a product of `m` rows with `w` run as W8A8: FP8 weights, more than `w8a8_rows` rows?
+        (`torch._scaled_mm` wants K and N in multiples of 16.)"""
         n, k = w.q.shape
         return self.w8a8_rows is not None and m > self.w8a8_rows and w.q.dtype == torch.float8_e4m3fn \
             and n % 16 == 0 and k % 16 == 0
@@ -137,11 +158,12 @@ class W8Matmul:
         or the kernel's FP8 form where `tune` timed it faster (`a8_kernel`)."""
         n, k = w.q.shape
         cfg = self.configs.get((row_bucket(xq.shape[0]), n, k)) if self._tk is not None else None
-        if cfg is not None and cfg["FORM"] == A8_FORM:
-            y = self.launch(xq, w, cfg, sx)
-        else:
-            y = torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
+        y = self.launch(xq, w, cfg, sx) if cfg is not None and cfg["FORM"] == A8_FORM else self._scaled_mm(xq, sx, w)
         return y if bias is None else y + bias
+
+    @staticmethod
+    def _scaled_mm(xq: torch.Tensor, sx: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+        return torch._scaled_mm(xq, w.q.t(), scale_a=sx, scale_b=w.scale.view(1, -1), out_dtype=w.dtype)
 
     def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`quantize_rows_fp8(x)`, in one kernel where Triton runs."""
@@ -217,14 +239,16 @@ class W8Matmul:
         return y
 
     def tune(self, weights: list[QuantWeight], buckets: list[int], reps: int = 10,
-             cache_dir: str | os.PathLike | None = None) -> dict:
+             cache_dir: str | os.PathLike | None = None, own_rounding: frozenset = frozenset()) -> dict:
         """Time every candidate configuration for each distinct weight shape and row bucket, each
         as a CUDA graph of a few launches (how the engine runs them: a graph has no launch gaps,
         so a split's fix-up is judged at its real cost), keep the fastest; dense weights keep one
         only where it beat the dense product (cuBLAS, timed the same way), up to DENSE_KERNEL_ROWS
         rows. Call before capturing the engine's graphs. `cache_dir`: the choices are kept there
         (`tune_key`) and a later start with the same GPU, software and shapes takes them instead of
-        timing again (each run once: compiled, the split-K workspace sized before any capture)."""
+        timing again (each run once: compiled, the split-K workspace sized before any capture).
+        `own_rounding`: the (N, K) of products whose rows no op before rounds to FP8 (a W8A8 product of
+        theirs pays a rounding kernel of its own, which its W8A16 candidates are timed against too)."""
         if self._tk is None or not weights or weights[0].q.device.type != "cuda":
             return self.configs
         shapes = {}
@@ -232,10 +256,11 @@ class W8Matmul:
             shapes.setdefault(tuple(w.q.shape), w)
         path = None
         if cache_dir:
-            path = Path(cache_dir) / f"w8-tune-{self.tune_key(list(shapes.values()), buckets)}.json"
+            key = self.tune_key(list(shapes.values()), buckets, own_rounding)
+            path = Path(cache_dir) / f"w8-tune-{key}.json"
             if self.take_tuned(path, shapes):
                 return self.configs
-        self._time_candidates(shapes, buckets, reps)
+        self._time_candidates(shapes, buckets, reps, own_rounding)
         if path is not None:
             save_tuned(path, {key: cfg for key, cfg in self.configs.items() if key[1:] in shapes})
         return self.configs
@@ -259,7 +284,7 @@ class W8Matmul:
         self.tuned_from = str(path)
         return True
 
-    def tune_key(self, weights: list[QuantWeight], buckets: list[int]) -> str:
+    def tune_key(self, weights: list[QuantWeight], buckets: list[int], own_rounding: frozenset = frozenset()) -> str:
         """What a tuning's choices depend on, hashed: the GPU, torch, Triton, this module's and the
         kernels' source, the launch options and the weights' shapes and formats."""
         import triton
@@ -271,23 +296,32 @@ class W8Matmul:
         blob = dict(gpu=torch.cuda.get_device_name(dev), cc=list(torch.cuda.get_device_capability(dev)),
                     sms=self.sms, torch=torch.__version__, triton=triton.__version__, code=code, pdl=self.pdl,
                     w8a8_rows=self.w8a8_rows, a8_kernel=self.a8_kernel, tma_kernel=self.tma_kernel,
+                    a16_kernel=self.a16_kernel, own_rounding=sorted(map(list, own_rounding)),
                     buckets=sorted(set(buckets)),
                     weights=sorted([*w.q.shape, w.fmt, str(w.dtype)] for w in weights))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
-    def tuning_jobs(self, shapes: dict, buckets: list[int]) -> list[tuple]:
+    def tuning_jobs(self, shapes: dict, buckets: list[int], own_rounding: frozenset = frozenset()) -> list[tuple]:
         """What `tune` times for these weights ({(N, K): weight}) and row buckets: (key, configurations,
         run(cfg, warmup=False), the product without the kernel (None: keep one in any case)), each on a
-        random sample of the bucket's rows."""
+        random sample of the bucket's rows. A W8A8 bucket times the kernel's W8A16 forms (`a16_kernel`)
+        and FP8 form (`a8_kernel`) against `torch._scaled_mm` on rows rounded by the op before, or, for
+        the shapes in `own_rounding`, by a rounding kernel of the product's own."""
         jobs = []
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
-                if self.w8a8(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows: W8A8
-                    if self.a8_kernel:  # the kernel's FP8 form against `torch._scaled_mm`
-                        xq, sx = quantize_rows_fp8(torch.randn((bm, k), device=w.q.device, dtype=w.dtype))
-                        cfgs = candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True)
-                        jobs.append(((bm, n, k), cfgs, partial(self.launch, xq, w, sx=sx),
-                                     partial(self.scaled_rows, xq, sx, w)))
+                if self.w8a8_eligible(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows
+                    x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
+                    xq, sx = quantize_rows_fp8(x)
+                    cfgs = (candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, tma=self.tma_kernel)
+                            if self.a16_kernel else [])
+                    if self.a8_kernel:
+                        cfgs += candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True)
+                    if cfgs:
+                        own = (n, k) in own_rounding
+                        jobs.append(((bm, n, k), cfgs, partial(self._launch_a16_or_a8, x, xq, sx, w),
+                                     (lambda x=x, w=w: self._scaled_mm(*self.quantize_rows(x), w)) if own
+                                     else partial(self._scaled_mm, xq, sx, w)))
                     continue
                 if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue
@@ -297,8 +331,14 @@ class W8Matmul:
                              partial(self.launch, x, w), partial(F.linear, x, w.q) if w.dense else None))
         return jobs
 
-    def _time_candidates(self, shapes: dict, buckets: list[int], reps: int) -> None:
-        jobs = self.tuning_jobs(shapes, buckets)
+    def _launch_a16_or_a8(self, x, xq, sx, w, cfg: dict, warmup: bool = False):
+        """A W8A8 bucket's candidate: the FP8 form on the rounded rows, a W8A16 form on the rows as they are."""
+        if cfg["FORM"] == A8_FORM:
+            return self.launch(xq, w, cfg, sx, warmup=warmup)
+        return self.launch(x, w, cfg, warmup=warmup)
+
+    def _time_candidates(self, shapes: dict, buckets: list[int], reps: int, own_rounding: frozenset) -> None:
+        jobs = self.tuning_jobs(shapes, buckets, own_rounding)
         self.precompile([(run, cfg) for _, cfgs, run, _ in jobs for cfg in cfgs])
         for key, cfgs, run, baseline in jobs:
             self._keep_fastest(key, cfgs, run, reps, None if baseline is None else graph_median_ms(baseline, reps))

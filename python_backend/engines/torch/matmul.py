@@ -391,8 +391,7 @@ class W8Matmul:
 def compile_threads() -> int:
     """Threads that compile the tuner's kernels at once (`W8Matmul.precompile`):
     `TRITONCHAT_COMPILE_THREADS`, else one per CPU this process may use (`usable_cpus`), up to
-    COMPILE_THREADS; 1
-    compiles each on its first launch."""
+    COMPILE_THREADS; 1 compiles each on its first launch."""
     value = os.environ.get("TRITONCHAT_COMPILE_THREADS", "").strip()
     if value:
         try:

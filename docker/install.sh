@@ -43,6 +43,6 @@ groupadd --gid 10001 tritonchat
 useradd --no-create-home --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin tritonchat
 mkdir -p /models
 # a GPU server's kernel tuning and Triton's compiled kernels (TRITONCHAT_TUNE_CACHE, TRITON_CACHE_DIR): a
-# volume there keeps them for the next start (compose's kernel-cache; a PVC in deploy/k8s/overlays/gpu). Owned
+# volume there keeps them for the next start (compose's kernel-cache; deploy/k8s/components/kernel-cache). Owned
 # by the image's user, so a named volume created from it is writable.
 install -d -o 10001 -g 10001 /var/cache/tritonchat

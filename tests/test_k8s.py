@@ -16,7 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KUBE_VERSIONS = ("1.29.0", "1.33.0")
-RENDERED = ("overlays/cpu", "overlays/gpu", "monitoring")
+RENDERED = ("overlays/cpu", "overlays/gpu", "overlays/gpu-shared-cache", "monitoring")
+SERVERS = ("overlays/cpu", "overlays/gpu", "overlays/gpu-shared-cache")
 
 
 def _tool(name: str, install: str) -> str:
@@ -77,7 +78,7 @@ def _pod(objs: list, name: str) -> dict:
 
 
 def test_pods_run_locked_down(objects):
-    for overlay in ("overlays/cpu", "overlays/gpu"):
+    for overlay in SERVERS:
         for name in ("tritonchat-triton", "tritonchat-gateway"):
             pod = _pod(objects[overlay], name)
             assert pod["securityContext"]["runAsNonRoot"] is True
@@ -94,7 +95,8 @@ def test_pods_run_locked_down(objects):
 
 
 def test_server_pod_probes_volumes_and_gpu(objects):
-    for overlay in ("overlays/cpu", "overlays/gpu"):
+    for overlay in SERVERS:
+        gpu = overlay.startswith("overlays/gpu")
         pod = _pod(objects[overlay], "tritonchat-triton")
         c = pod["containers"][0]
         assert c["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -108,22 +110,29 @@ def test_server_pod_probes_volumes_and_gpu(objects):
         assert mounts["/models"]["readOnly"] is True
         assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["readOnly"] is True
         gpus = c["resources"]["limits"].get("nvidia.com/gpu")
-        assert (gpus == "1") == (overlay == "overlays/gpu"), (overlay, c["resources"])
-        assert c["image"].endswith(":gpu" if overlay == "overlays/gpu" else ":cpu")
+        assert (gpus == "1") == gpu, (overlay, c["resources"])
+        assert c["image"].endswith(":gpu" if gpu else ":cpu")
         # the grace period outlasts serve's own drain at shutdown
         grace = pod["terminationGracePeriodSeconds"]
         assert int(c["args"][c["args"].index("--shutdown-timeout") + 1]) < grace
-        # GPU pods keep the kernel's tuning and Triton's compiled kernels on one shared volume, so a new pod
-        # starts without compiling (docs/deploy.md); nothing else is writable but /tmp and /dev/shm
+        # GPU pods keep the kernel's tuning and Triton's compiled kernels in one volume: the pod's own by
+        # default (any cluster schedules it), one claim all pods share with components/kernel-cache
+        # (docs/deploy.md)
         env = {e["name"]: e["value"] for e in c["env"]}
-        if overlay == "overlays/gpu":
+        if gpu:
             cache = mounts["/var/cache/tritonchat"]
             assert not cache.get("readOnly")
-            claim = volumes[cache["name"]]["persistentVolumeClaim"]["claimName"]
-            pvc = find(objects[overlay], "PersistentVolumeClaim", claim)
-            assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes
+            volume = volumes[cache["name"]]
             for name in ("TRITONCHAT_TUNE_CACHE", "TRITON_CACHE_DIR"):
                 assert env[name].startswith("/var/cache/tritonchat/"), (name, env)
+            if overlay == "overlays/gpu":
+                assert set(volume) == {"name", "emptyDir"}, volume
+                assert not [o for o in objects[overlay] if o["kind"] == "PersistentVolumeClaim"
+                            and o["spec"]["accessModes"] == ["ReadWriteMany"]]
+            else:  # the emptyDir replaced by the claim, not added to
+                assert set(volume) == {"name", "persistentVolumeClaim"}, volume
+                pvc = find(objects[overlay], "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+                assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes
         else:
             assert "/var/cache/tritonchat" not in mounts and "TRITON_CACHE_DIR" not in env
 

@@ -54,8 +54,8 @@ def default_threads(weights: int) -> int:
     """Intra-op threads when the repository says 0. Measured on 2 cores, 1 to 16 streams, same runs
     (docs/benchmarks.md, "The CPU engine's own graph"): stories260K (1 MB of weights) serves 1.2-1.7x
     more tokens/s on 1 thread than on 2; the stories15M-shaped model (98 MB fp32, 28 MB INT8) more on 2.
-    So: 1 thread for a model under PARALLEL_MIN_WEIGHT_BYTES; otherwise every core on a machine of up to
-    4, half of them beyond (Triton, the pre/postprocessing models and often the clients need the rest)."""
+    So: 1 thread for a model under PARALLEL_MIN_WEIGHT_BYTES; otherwise every usable CPU where there are
+    up to 4, half of them beyond (Triton, the pre/postprocessing models and often the clients need the rest)."""
     cores = usable_cpus()  # the pod's CPU limit, not the node's cores (cpus.py)
     if weights < PARALLEL_MIN_WEIGHT_BYTES:
         return 1

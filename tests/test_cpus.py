@@ -24,7 +24,7 @@ def _v1_cpu_mount() -> Path | None:
     return None
 
 
-def _child_cgroup(quota: str) -> tuple[Path, str]:
+def _child_cgroup(quota: str) -> Path:
     """A real child cgroup with `quota` (v2 `cpu.max` or v1 `cpu.cfs_quota_us`), or skip saying why."""
     name = f"tritonchat-test-{uuid.uuid4().hex[:8]}"
     v2 = Path("/sys/fs/cgroup")
@@ -37,7 +37,7 @@ def _child_cgroup(quota: str) -> tuple[Path, str]:
             if d.is_dir():
                 d.rmdir()
             pytest.skip(f"cannot make a cgroup v2 with a CPU quota here ({e}): needs root and the cpu controller")
-        return d, "cpu.max"
+        return d
     mount = _v1_cpu_mount()
     if mount is None:
         pytest.skip("no cgroup cpu controller mounted at /sys/fs/cgroup on this machine")
@@ -49,14 +49,14 @@ def _child_cgroup(quota: str) -> tuple[Path, str]:
         if d.is_dir():
             d.rmdir()
         pytest.skip(f"cannot make a cgroup v1 with a CPU quota here ({e}): needs root")
-    return d, "cpu.cfs_quota_us"
+    return d
 
 
 @pytest.mark.parametrize("quota, expected", [("50000 100000", 1), ("150000 100000", min(CORES, 2))])
 def test_a_process_in_a_cgroup_with_a_cpu_quota_sizes_its_threads_by_it(quota, expected):
     """A child process moved into a real cgroup limited to half a CPU (or 1.5) sees 1 (2) usable CPUs,
     and the ORT engine's default threads and the compile threads follow, whatever the machine's cores."""
-    d, _ = _child_cgroup(quota)
+    d = _child_cgroup(quota)
     code = ("from tritonchat.python_backend.cpus import usable_cpus, cgroup_cpu_quota\n"
             "from tritonchat.python_backend.engines.ort import default_threads\n"
             "from tritonchat.python_backend.engines.torch.matmul import compile_threads\n"
@@ -78,7 +78,7 @@ def test_a_process_in_a_cgroup_with_a_cpu_quota_sizes_its_threads_by_it(quota, e
 def test_doctor_warns_of_a_container_limited_to_less_than_two_cpus():
     """`tritonchat doctor` run inside a real cgroup of half a CPU: its CPUs row names the quota and warns;
     the same doctor outside it says ok (this machine has at least 2 cores, or the row warns there too)."""
-    d, _ = _child_cgroup("50000 100000")
+    d = _child_cgroup("50000 100000")
     cmd = [sys.executable, "-m", "tritonchat.cli", "doctor", "--url", "127.0.0.1:9"]  # nothing listens there
     env = {**os.environ, "COLUMNS": "250"}
     try:

@@ -311,17 +311,18 @@ class W8Matmul:
         for (n, k), w in shapes.items():
             for bm in sorted({row_bucket(b) for b in buckets if 0 < b <= MAX_SKINNY_M}):
                 if self.w8a8_eligible(bm if bm == 1 else 2 if bm == 16 else bm // 2 + 1, w):  # its fewest rows
-                    x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
-                    xq, sx = quantize_rows_fp8(x)
                     cfgs = (candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, tma=self.tma_kernel)
                             if self.a16_kernel else [])
                     if self.a8_kernel:
                         cfgs += candidate_configs(bm, n, k, self.sms, pdl=self.pdl, fmt=w.fmt, a8=True)
-                    if cfgs:
-                        own = (n, k) in own_rounding
-                        jobs.append(((bm, n, k), cfgs, partial(self._launch_a16_or_a8, x, xq, sx, w),
-                                     (lambda x=x, w=w: self._scaled_mm(*self.quantize_rows(x), w)) if own
-                                     else partial(self._scaled_mm, xq, sx, w)))
+                    if not cfgs:  # `_scaled_mm` on every row: nothing to time
+                        continue
+                    x = torch.randn((bm, k), device=w.q.device, dtype=w.dtype)
+                    xq, sx = quantize_rows_fp8(x)
+                    own = (n, k) in own_rounding
+                    jobs.append(((bm, n, k), cfgs, partial(self._launch_a16_or_a8, x, xq, sx, w),
+                                 (lambda x=x, w=w: self._scaled_mm(*self.quantize_rows(x), w)) if own
+                                 else partial(self._scaled_mm, xq, sx, w)))
                     continue
                 if w.dense and bm > (TMA_DENSE_ROWS if self.tma_kernel else DENSE_KERNEL_ROWS):
                     continue

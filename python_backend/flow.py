@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from . import limits
+from . import limits, timeline
 from .batching.sampling import InvalidParameter
 from .prompt import Prompter, prompt_tensors
 from .request import ENTRY_ID_PREFIX
@@ -139,6 +139,7 @@ class Flow:
         self.gen_id = ENTRY_ID_PREFIX + uuid.uuid4().hex
         self.started = time.perf_counter()
         self.first_at: float | None = None
+        self.sent_first = False
         self.tokens_in = self.tokens_out = 0
         self.finish_reason = ""
         self.error_kind = ""
@@ -149,11 +150,13 @@ class Flow:
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
         final = None
+        timeline.mark("entry_start", self.gen_id)
         try:
             inputs = {t.name(): t for t in self.request.inputs()}
             limits.unknown_parameters(self.request, self.ctx.known_inputs)
             limits.check_public(inputs, self.ctx.limits)
             pre = self._preprocess(inputs)
+            timeline.mark("prompt_ready", self.gen_id)
             self.ctx.watcher.watch(self)
             final = self._generate(inputs, pre)
         except InvalidParameter as exc:
@@ -210,6 +213,7 @@ class Flow:
                 reason = _value(out, "finish_reason")
                 if self.first_at is None:
                     self.first_at = time.perf_counter()
+                    timeline.mark("entry_got", self.gen_id)
                 if reason:  # the generator's final response: the entry's too
                     self.finish_reason = reason
                     self.tokens_in = int(_value(out, "num_input_tokens") or 0)
@@ -218,6 +222,9 @@ class Flow:
                 if self._client_gone():
                     self.cancel()
                 self._send(out, 0)
+                if not self.sent_first:
+                    self.sent_first = True
+                    timeline.mark("entry_sent", self.gen_id)
             return None
         finally:
             self.ctx.watcher.retire(stream)  # not freed right after its last response (Watcher)

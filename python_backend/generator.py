@@ -14,6 +14,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from . import faults
+from . import timeline
 from . import triton_io as io
 from .allocator import keep_freed_memory
 from .batching.sampling import InvalidParameter
@@ -51,6 +52,7 @@ class TritonPythonModel:
         # ids cancelled before their request arrived
         self.live: dict[str, object] = {}
         self.cancelled_early: collections.OrderedDict[str, None] = collections.OrderedDict()
+        senders = _first_senders(params.get("first_token_senders", "0"))
         self.scheduler = Scheduler(self.engine, max_queue_size=int(params.get("max_waiting", "256")),
                                    queue_timeout=float(params.get("queue_timeout_ms", "0") or 0) / 1e3,
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
@@ -60,14 +62,17 @@ class TritonPythonModel:
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    mix_prefill=parse_flag(params.get("mix_prefill", "true")),
                                    prefix_reuse=parse_flag(params.get("prefix_reuse", "true")),
+                                   first_senders=senders,
                                    metrics=self.metrics)
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
-                                 f"end ids {list(self.end_ids)}, malloc keeps freed memory: {keep_freed_memory()}")
+                                 f"end ids {list(self.end_ids)}, first-token senders {senders}, "
+                                 f"malloc keeps freed memory: {keep_freed_memory()}")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             rid = request.request_id() or ""
+            timeline.mark("gen_execute", rid)
             try:
                 if request_flag(request, "cancel"):
                     self._cancel(rid)
@@ -82,6 +87,7 @@ class TritonPythonModel:
                     if self.cancelled_early.pop(rid, 0) is None:
                         seq.cancelled = True
                 self.scheduler.submit(seq)
+                timeline.mark("gen_submitted", rid)
             except InvalidParameter as exc:
                 self.live.pop(rid, None)
                 reject(sender, str(exc))
@@ -115,6 +121,14 @@ class TritonPythonModel:
 
 AUTO_RATE_PER_CORE = 200.0  # each response costs CPU in postprocessing, Triton and the client
 AUTO_RATE_MAX = 800.0  # each response is also sent from this process, under the decode loop's GIL
+
+
+def _first_senders(value: str) -> int:
+    """`first_token_senders`: a number, or "auto": 3 where this process may use 4 CPUs or more, else 0
+    (each sender competes for the CPUs the engine and the courier use; docs/benchmarks-gpu.md)."""
+    if str(value).strip().lower() == "auto":
+        return 3 if usable_cpus() >= 4 else 0
+    return int(value or 0)
 
 
 def _stream_rate(value: str) -> float:

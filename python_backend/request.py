@@ -80,7 +80,7 @@ def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], limits:
             on_final()
 
     return Sequence(prompt, params, tracker, sink=sink, stream=s(inputs, "stream", bool, False),
-                    is_cancelled=cancelled)
+                    is_cancelled=cancelled, request_id=request.request_id() or "")
 
 
 def _never() -> bool:

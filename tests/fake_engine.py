@@ -240,7 +240,7 @@ def fake(**kw) -> tuple[FakeEngine, FakeTokenizer]:
 
 
 def run_jobs(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, mix_prefill=True,
-             **params):
+             first_senders=0, **params):
     """Submit `jobs` ((prompt text, max_tokens, stream) each, and optionally a dict of this job's
     own sampling parameters) to a new Scheduler over `engine` ((engine, tokenizer)); `params` are
     every job's. Waits for every final response; returns ({job: outputs}, {job: text})."""
@@ -250,7 +250,7 @@ def run_jobs(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.
     from tritonchat.python_backend.batching.sequence import Sequence
 
     ex, tok = engine
-    sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill)
+    sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill, first_senders=first_senders)
     results, done = {}, threading.Event()
 
     def make(i, prompt, n, stream, own=None):

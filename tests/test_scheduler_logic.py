@@ -153,6 +153,97 @@ def test_courier_sends_first_tokens_and_finals_before_queued_deltas():
     assert courier.stats.sends == 5 and courier.stats.send_lag_max_s >= 0.1 and courier.stats.send_s >= 0.1
 
 
+def test_first_token_senders_send_beside_the_courier_and_keep_each_stream_in_order():
+    """With first-token senders, a first token goes out while another stream's send still waits
+    (without them it waits behind it: the wave of first tokens the senders are for), and a stream's
+    later outputs wait for its own first token, then go in order."""
+    from tritonchat.python_backend.batching.courier import Courier
+    from tritonchat.python_backend.batching.detokenize import Release
+    from tritonchat.python_backend.batching.sequence import Output, Sequence
+
+    def run(first_senders):
+        sent, gate, lock = [], threading.Event(), threading.Lock()
+
+        def seq(name, blocks=False):
+            def sink(out):
+                if blocks and out.urgent:
+                    gate.wait(10)  # a's first token: its send is slow
+                with lock:
+                    sent.append((name, out))
+            return Sequence(np.zeros(1, np.int64), None, None, sink=sink)
+
+        def out(start, ids, **kw):
+            return Output(Release(list(ids), 0, 0, start), 1, start + len(ids), **kw)
+
+        courier = Courier(first_senders=first_senders)
+        a, b = seq("a", blocks=True), seq("b")
+        courier.post(a, out(0, [1], urgent=True))
+        time.sleep(0.05)
+        courier.post(b, out(0, [2], urgent=True))
+        courier.post(a, out(1, [3]))
+        courier.post(a, out(2, [4], final=True, finish_reason="length"))
+        time.sleep(0.2)
+        before = [n for n, _ in sent]  # what went out while a's first token was held
+        gate.set()
+        courier.post(b, out(1, [5], final=True, finish_reason="length"))
+        courier.shutdown()
+        return before, sent, courier
+
+    before, sent, courier = run(first_senders=2)
+    assert before == ["b"]  # b's first token went beside a's held one; a's later outputs waited
+    windows = {n: [o.release.window for m, o in sent if m == n] for n in "ab"}
+    assert windows == {"a": [[1], [3, 4]], "b": [[2], [5]]}  # a's delta merged into its final, after its first
+    assert [o.final for n, o in sent if n == "a"] == [False, True]
+    assert courier.stats.sends == 4 and not courier.flying
+    before, sent, _ = run(first_senders=0)
+    assert before == []  # one courier: b's first token waits behind a's send
+    assert {n: [o.release.window for m, o in sent if m == n] for n in "ab"} == windows
+
+
+def test_no_cancellation_poll_while_a_first_token_is_being_sent():
+    """The courier never asks about a request while a first-token sender sends on it: two calls
+    about one request at once lost cancellations (the entry's flows keep the same rule)."""
+    from tritonchat.python_backend.batching.courier import Courier
+    from tritonchat.python_backend.batching.detokenize import Release
+    from tritonchat.python_backend.batching.sequence import Output, Sequence
+
+    sending, overlaps, polls = threading.Event(), [], []
+
+    def sink(out):
+        sending.set()
+        time.sleep(0.15)  # several polling rounds
+        sending.clear()
+
+    def is_cancelled():
+        polls.append(time.perf_counter())
+        if sending.is_set():
+            overlaps.append(True)
+        return False
+
+    courier = Courier(poll_interval=0.01, first_senders=1)
+    s = Sequence(np.zeros(1, np.int64), None, None, sink=sink, is_cancelled=is_cancelled)
+    courier.watch(s)
+    courier.post(s, Output(Release([1], 0, 0, 0), 1, 1, urgent=True))
+    time.sleep(0.3)
+    courier.post(s, Output(Release([2], 0, 0, 1), 1, 2, final=True, finish_reason="length"))
+    courier.shutdown()
+    assert polls and not overlaps
+
+
+@pytest.mark.parametrize("variant", ["plain", "chain+mix"])
+def test_answers_and_order_with_first_token_senders(variant):
+    """The first-token senders change no answer and no stream's order: streamed texts equal the
+    reference with sends slow enough to overlap (each output's token count only grows)."""
+    ex, tok = fake(max_slots=4, **VARIANTS[variant])
+    jobs = [(p, 12 + 2 * i, True) for i, p in enumerate(PROMPTS)]
+    results, texts = _run((ex, tok), jobs, sink_delay=0.002, first_senders=3)
+    for i, (prompt, n, _) in enumerate(jobs):
+        ref, reason = ex.reference(tok.encode(prompt).ids, n, (2,))
+        assert texts[i] == _words(ref, reason), f"job {i}"
+        counts = [o.num_output_tokens for o in results[i]]
+        assert counts == sorted(counts) and results[i][-1].final
+
+
 def test_a_request_is_never_polled_after_its_final_response(engine, monkeypatch):
     """The courier watches a request (polls whether it was cancelled) until its final response goes.
     Asking tritonserver about a request after that crashed the server (its response factory is freed

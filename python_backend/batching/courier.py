@@ -5,8 +5,13 @@ process. A second thread, the courier, does both, so the decode loop never waits
 sends each sequence's outputs in order (merging a stream's queued pieces into one response when
 it falls behind: fewer, larger deltas under load instead of a slower loop; first tokens and
 final responses ahead of queued deltas) and polls cancellation, raising a flag that the loop
-reads before every step. It also runs the scheduler's metrics updates (`call`): every call into
-the server stays on this one thread.
+reads before every step. It also runs the scheduler's metrics updates (`call`): every metric call
+into the server stays on this one thread.
+
+Each send waits for the server process (0.5-1.2 ms on the GPU host; docs/benchmarks-gpu.md), so a
+wave of streams that start together would get their first tokens one send apart: the sixteenth of
+sixteen ~11 ms after the first. `first_senders` threads send first tokens beside the courier (the
+send releases the GIL while it waits), a stream's later outputs only after its first.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+from .. import timeline
 from .sequence import Output, Sequence, Stats
 
 log = logging.getLogger("tritonchat.scheduler")
@@ -36,20 +42,41 @@ class Courier:
     A sequence is watched (polled for cancellation) from `watch` until its final output is taken
     for sending: tritonserver must never be asked about a request after its final response."""
 
-    def __init__(self, poll_interval: float = 0.05, stats: Stats | None = None):
+    TASK_DELAY_MAX = 0.1  # s: metric updates wait behind urgent sends at most this long
+
+    def __init__(self, poll_interval: float = 0.05, stats: Stats | None = None, first_senders: int = 0):
         self.poll_interval = poll_interval
         self.stats = stats if stats is not None else Stats()  # its send counters only
         self.pending: dict[Sequence, list[Output]] = {}  # insertion order: oldest first
         self.urgent: collections.deque[Sequence] = collections.deque()
         self.tasks: collections.deque[Callable[[], None]] = collections.deque()
+        self._tasks_since = 0.0  # when the oldest waiting task was queued
         self.watched: set[Sequence] = set()
-        self._cv = threading.Condition()
+        # first tokens for the first-token senders, and the sequences whose first token one is sending
+        # (the courier leaves their later outputs until it is out: each stream's outputs stay in order)
+        self.firsts: collections.deque[tuple[Sequence, Output]] = collections.deque()
+        self.flying: set[Sequence] = set()
+        lock = threading.RLock()  # one state, two conditions: the courier's and the senders'
+        self._cv = threading.Condition(lock)
+        self._firsts_cv = threading.Condition(lock)
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="tritonchat-courier", daemon=True)
+        self._senders = [threading.Thread(target=self._send_firsts, name=f"tritonchat-first-{i}", daemon=True)
+                         for i in range(max(0, int(first_senders)))]
         self._thread.start()
+        for t in self._senders:
+            t.start()
 
     def post(self, seq: Sequence, out: Output) -> None:
+        if out.urgent:
+            timeline.mark("posted", seq.request_id)
         with self._cv:
+            if (self._senders and out.urgent and not (out.final or out.error) and seq not in self.pending
+                    and seq not in self.flying):
+                self.flying.add(seq)  # a first token: a first-token sender takes it now
+                self.firsts.append((seq, out))
+                self._firsts_cv.notify()
+                return
             outs = self.pending.get(seq)
             if outs is None:
                 self.pending[seq] = [out]
@@ -65,6 +92,8 @@ class Courier:
     def call(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the courier thread (metrics: every call into the server stays on one thread)."""
         with self._cv:
+            if not self.tasks:
+                self._tasks_since = time.perf_counter()
             self.tasks.append(fn)
             self._cv.notify()
 
@@ -77,17 +106,23 @@ class Courier:
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join(timeout)
+            self._firsts_cv.notify_all()
+        deadline = time.perf_counter() + timeout
+        for t in [*self._senders, self._thread]:
+            t.join(max(0.0, deadline - time.perf_counter()))
 
-    def _next(self) -> tuple[Sequence, list[Output]] | None:
-        """The next sequence's outputs to send (lock held): urgent first, else the oldest."""
-        while self.urgent:
+    def _next(self) -> tuple[Sequence, list[Output], bool] | None:
+        """The next sequence's outputs to send and whether they are urgent (lock held): urgent
+        first, else the oldest; never those of a sequence whose first token is still being sent."""
+        for _ in range(len(self.urgent)):
             seq = self.urgent.popleft()
-            if seq in self.pending:  # else already sent with an earlier urgent output of it
-                return seq, self.pending.pop(seq)
-        if self.pending:
-            seq = next(iter(self.pending))
-            return seq, self.pending.pop(seq)
+            if seq in self.flying:
+                self.urgent.append(seq)  # after its first token
+            elif seq in self.pending:  # else already sent with an earlier urgent output of it
+                return seq, self.pending.pop(seq), True
+        for seq in self.pending:
+            if seq not in self.flying:
+                return seq, self.pending.pop(seq), False
         return None
 
     def _loop(self) -> None:
@@ -95,44 +130,77 @@ class Courier:
         st = self.stats
         while True:
             with self._cv:
-                if not self.pending and not self.tasks and not self._stop:
-                    self._cv.wait(self.poll_interval if self.watched else None)
-                tasks, self.tasks = self.tasks, collections.deque()
                 item = self._next()
-                stopping = self._stop and item is None and not tasks
+                if item is None and not self.tasks and (not self._stop or self.pending):
+                    self._cv.wait(self.poll_interval if self.watched or self.pending else None)
+                    item = self._next()
+                if item is not None and item[2] and self.tasks and \
+                        time.perf_counter() - self._tasks_since < self.TASK_DELAY_MAX:
+                    tasks = ()  # an urgent send goes first: each metric update is a message too
+                else:
+                    tasks, self.tasks = self.tasks, collections.deque()
+                stopping = self._stop and item is None and not tasks and not self.pending
                 if item is not None and item[1][-1].final:
                     self.watched.discard(item[0])
-            for fn in tasks:
-                try:
-                    fn()
-                except Exception:
-                    log.exception("courier task failed")
-            if item is not None:
-                seq, outs = item
-                for out in outs:
-                    t = time.perf_counter()
+            if tasks:
+                t = time.perf_counter()
+                for fn in tasks:
                     try:
-                        seq.sink(out)
-                    except Exception:  # a client that went away must not stop the courier
-                        log.exception("could not send a response")
-                    done = time.perf_counter()
-                    lag = done - out.posted
-                    st.send_s += done - t
-                    st.sends += 1
-                    st.send_lag_s += lag
-                    st.send_lag_max_s = max(st.send_lag_max_s, lag)
+                        fn()
+                    except Exception:
+                        log.exception("courier task failed")
+                st.metric_calls += len(tasks)
+                st.metric_s += time.perf_counter() - t
+            if item is not None:
+                self._send(item[0], item[1])
             if stopping:
                 return
             now = time.perf_counter()
             if now >= next_poll:
-                with self._cv:
-                    watched = list(self.watched)
+                with self._cv:  # not one whose first token a sender is sending: one call at a time
+                    watched = [s for s in self.watched if s not in self.flying]
                 for seq in watched:
                     if not seq.cancelled and seq.is_cancelled():
                         seq.cancelled = True
-                st.polls += len(watched)
-                st.poll_s += time.perf_counter() - now
+                with self._cv:
+                    st.polls += len(watched)
+                    st.poll_s += time.perf_counter() - now
                 next_poll = now + self.poll_interval
+
+    def _send_firsts(self) -> None:
+        """A first-token sender: sends first tokens as they come, beside the courier."""
+        while True:
+            with self._cv:
+                while not self.firsts and not self._stop:
+                    self._firsts_cv.wait()
+                if not self.firsts:
+                    return
+                seq, out = self.firsts.popleft()
+            self._send(seq, [out])
+            with self._cv:
+                self.flying.discard(seq)
+                if seq in self.pending:
+                    self._cv.notify()  # the courier may send its later outputs now
+
+    def _send(self, seq: Sequence, outs: list[Output]) -> None:
+        for out in outs:
+            t = time.perf_counter()
+            if out.urgent:
+                timeline.mark("send_start", seq.request_id)
+            try:
+                seq.sink(out)
+            except Exception:  # a client that went away must not stop the courier
+                log.exception("could not send a response")
+            done = time.perf_counter()
+            if out.urgent:
+                timeline.mark("send_end", seq.request_id)
+            lag = done - out.posted
+            with self._cv:  # several threads count here
+                st = self.stats
+                st.send_s += done - t
+                st.sends += 1
+                st.send_lag_s += lag
+                st.send_lag_max_s = max(st.send_lag_max_s, lag)
 
 
 def _mergeable(prev: Output, out: Output) -> bool:

@@ -52,7 +52,7 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
                  mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, first_senders: int = 0):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -73,7 +73,8 @@ class Scheduler:
         `prefill_chunk`: where the engine can run a prompt on top of KV its slot holds
         (`can_reuse_prefix`), a prompt with more tokens than this left to compute is prefilled this
         many at a time, one piece between two decode steps (0: whole). Each piece runs on the KV of
-        the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's."""
+        the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's.
+        `first_senders`: threads that send first tokens beside the courier (courier.py)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
@@ -93,7 +94,7 @@ class Scheduler:
         self.chunked: collections.deque[list] = collections.deque()  # [sequence, prompt tokens in its KV]
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
-        self.courier = Courier(stats=self.stats)
+        self.courier = Courier(stats=self.stats, first_senders=first_senders)
         self._now = time.perf_counter()  # time of the current decode step's tokens
         self._unreported, self._reported_at = [0, 0], 0.0
         self._cv = threading.Condition()

@@ -41,6 +41,7 @@ class Sequence:
     sink: Callable[[Output], None]
     stream: bool = False
     is_cancelled: Callable[[], bool] = lambda: False
+    request_id: str = ""  # the Triton request's (timeline marks)
     # runtime state
     slot: int = -1
     sampler: Sampler | None = None
@@ -98,6 +99,9 @@ class Stats:
     send_s: float = 0.0  # inside the sends themselves
     send_lag_s: float = 0.0
     send_lag_max_s: float = 0.0
+    # metric updates (each a message to the server process) and the time they took
+    metric_calls: int = 0
+    metric_s: float = 0.0
     # cancellation polls (one per watched sequence and round) and the time they took
     polls: int = 0
     poll_s: float = 0.0
@@ -112,5 +116,6 @@ class Stats:
         out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0
         out["send_lag_ms_mean"] = round(1e3 * self.send_lag_s / self.sends, 2) if self.sends else 0.0
         out["send_ms_mean"] = round(1e3 * self.send_s / self.sends, 3) if self.sends else 0.0
+        out["metric_ms_mean"] = round(1e3 * self.metric_s / self.metric_calls, 3) if self.metric_calls else 0.0
         out["poll_ms_mean"] = round(1e3 * self.poll_s / self.polls, 3) if self.polls else 0.0
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}

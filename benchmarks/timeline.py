@@ -1,0 +1,69 @@
+"""Where a first token's time goes: reads the folder a server wrote with TRITONCHAT_TIMELINE set
+(python_backend/timeline.py) and prints, for the requests whose entry started within [--since,
+--until] (`time.perf_counter` seconds; default: all), the time between each two marks of their
+first token, p50 and mean in ms.
+
+    TRITONCHAT_TIMELINE=/tmp/timeline tritonchat serve --model-repository REPO &
+    tritonchat bench --url 127.0.0.1:8001 ... ; kill %1
+    python benchmarks/timeline.py /tmp/timeline
+
+`--client FILE`: a JSON list of [sent, first] client times (perf_counter seconds) of requests sent one
+at a time, matched to the entry's requests in order; adds client -> entry_start and entry_sent ->
+client. A benchmark aid: it prints figures, asserts nothing (docs/benchmarks-gpu.md, twenty-third session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+from pathlib import Path
+
+# a first token's way; `send_end` (the generator's send returned: the server process took the response)
+# is reported beside it, since the entry may have the response before the send returns
+ORDER = ["client", "entry_start", "prompt_ready", "gen_execute", "gen_submitted", "posted", "send_start",
+         "entry_got", "entry_sent", "client_first"]
+
+
+def load(folder: Path) -> dict[str, dict[str, float]]:
+    """request id -> mark -> the first time it was seen."""
+    marks: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for path in folder.glob("*.txt"):
+        for line in path.read_text().splitlines():
+            name, rid, t = line.split()
+            marks[rid].setdefault(name, float(t))
+    return marks
+
+
+def report(marks: dict, since: float = 0.0, until: float = float("inf"), client: list | None = None) -> list[str]:
+    rows = sorted((m for m in marks.values() if "entry_start" in m and "entry_got" in m
+                   and since <= m["entry_start"] <= until), key=lambda m: m["entry_start"])
+    if client:
+        for (sent, first), m in zip(client, rows[-len(client):]):
+            m["client"], m["client_first"] = sent, first
+    lines = [f"{len(rows)} requests"]
+    for a, b in zip(ORDER, ORDER[1:]):
+        gaps = [1e3 * (m[b] - m[a]) for m in rows if a in m and b in m]
+        if gaps:
+            lines.append(f"{a:>14} -> {b:<14} p50 {statistics.median(gaps):7.3f}  mean {statistics.mean(gaps):7.3f} ms")
+    for a, b in (("send_start", "send_end"), ("entry_start", "entry_sent")):
+        gaps = [1e3 * (m[b] - m[a]) for m in rows if a in m and b in m]
+        if gaps:
+            lines.append(f"{a:>14} -> {b:<14} p50 {statistics.median(gaps):7.3f}  mean {statistics.mean(gaps):7.3f} ms")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--since", type=float, default=0.0)
+    ap.add_argument("--until", type=float, default=float("inf"))
+    ap.add_argument("--client", type=Path, help="JSON list of [sent, first] client times, one request at a time")
+    args = ap.parse_args()
+    client = json.loads(args.client.read_text()) if args.client else None
+    print("\n".join(report(load(args.folder), args.since, args.until, client)))
+
+
+if __name__ == "__main__":
+    main()

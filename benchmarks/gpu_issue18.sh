@@ -9,7 +9,8 @@
 # rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s, PROFILE the variants it profiles
 # (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
 # rounds, MT_ARGS more multiturn.py arguments; TUNE_WEIGHTS the tune-cache starts' weights (fp8),
-# TUNE_STARTS which starts (gpu_tune_cache.py --starts; default all five).
+# TUNE_STARTS which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and
+# without first-token senders, with the request timeline (gpu_first_senders.sh; SENDERS, ROUNDS there).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -39,6 +40,7 @@ for step in ${STEPS:-test step sweep}; do
             | tee "$OUT/multiturn.txt" ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" ${TUNE_STARTS:+--starts $TUNE_STARTS} \
                  --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;
+    senders) (cd "$REPO_ROOT" && bash benchmarks/gpu_first_senders.sh) 2>&1 | tee "$OUT/senders.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

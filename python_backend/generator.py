@@ -52,7 +52,7 @@ class TritonPythonModel:
         # ids cancelled before their request arrived
         self.live: dict[str, object] = {}
         self.cancelled_early: collections.OrderedDict[str, None] = collections.OrderedDict()
-        senders = _first_senders(params.get("first_token_senders", "0"))
+        senders = int(params.get("first_token_senders", "0") or 0)
         self.scheduler = Scheduler(self.engine, max_queue_size=int(params.get("max_waiting", "256")),
                                    queue_timeout=float(params.get("queue_timeout_ms", "0") or 0) / 1e3,
                                    prefill_token_budget=int(params.get("prefill_token_budget", "2048")),
@@ -121,14 +121,6 @@ class TritonPythonModel:
 
 AUTO_RATE_PER_CORE = 200.0  # each response costs CPU in postprocessing, Triton and the client
 AUTO_RATE_MAX = 800.0  # each response is also sent from this process, under the decode loop's GIL
-
-
-def _first_senders(value: str) -> int:
-    """`first_token_senders`: a number, or "auto": 3 where this process may use 4 CPUs or more, else 0
-    (each sender competes for the CPUs the engine and the courier use; docs/benchmarks-gpu.md)."""
-    if str(value).strip().lower() == "auto":
-        return 3 if usable_cpus() >= 4 else 0
-    return int(value or 0)
 
 
 def _stream_rate(value: str) -> float:

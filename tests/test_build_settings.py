@@ -33,7 +33,7 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert 'key: "prefill_wait_ms", value: { string_value: "0" }' in out["generator"]
     assert 'key: "mix_prefill", value: { string_value: "true" }' in out["generator"]
     assert 'key: "mix_tokens", value: { string_value: "1024" }' in out["generator"]
-    assert 'key: "first_token_senders", value: { string_value: "auto" }' in out["generator"]
+    assert 'key: "first_token_senders", value: { string_value: "0" }' in out["generator"]
 
 
 def test_gpu_engines_get_gpu_instances():
@@ -55,8 +55,8 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"pdl": True}}}, r"pdl true is the torch engine's on a CUDA device"),
     ({"models": {"generator": {"w8a8": True}}}, r"models.generator.w8a8 must be auto or false, got True"),
     ({"models": {"generator": {"dense_kernel": "yes"}}}, r"dense_kernel must be auto or false, got 'yes'"),
-    ({"models": {"generator": {"first_token_senders": -1}}}, r"first_token_senders must be 'auto' or a whole number"),
-    ({"models": {"generator": {"first_token_senders": 1.5}}}, r"first_token_senders must be 'auto' or a whole number"),
+    ({"models": {"generator": {"first_token_senders": -1}}}, r"first_token_senders must be a whole number >= 0, got -1"),
+    ({"models": {"generator": {"first_token_senders": "auto"}}}, r"first_token_senders must be a whole number"),
     ({"kv_cache_dtype": "float16", "graph": "export"}, r"kv_cache_dtype float16 is the fused CPU graph's"),
     ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype must be one of"),
     ({"models": {"ensemble": {"detokenize": "inline"}}},

@@ -200,6 +200,33 @@ def test_first_token_senders_send_beside_the_courier_and_keep_each_stream_in_ord
     assert {n: [o.release.window for m, o in sent if m == n] for n in "ab"} == windows
 
 
+def test_urgent_sends_go_ahead_of_metric_updates():
+    """A first token queued behind a send goes before the metric updates queued with it (each update
+    is a message to the server process too), and the updates still run."""
+    from tritonchat.python_backend.batching.courier import Courier
+    from tritonchat.python_backend.batching.detokenize import Release
+    from tritonchat.python_backend.batching.sequence import Output, Sequence
+
+    events, gate = [], threading.Event()
+
+    def sink(name):
+        def send(out):
+            if name == "a":
+                gate.wait(10)
+            events.append(name)
+        return send
+
+    courier = Courier()
+    a, b = (Sequence(np.zeros(1, np.int64), None, None, sink=sink(n)) for n in "ab")
+    courier.post(a, Output(Release([1], 0, 0, 0), 1, 1))  # held at the gate
+    time.sleep(0.05)
+    courier.call(lambda: events.append("metrics"))
+    courier.post(b, Output(Release([2], 0, 0, 0), 1, 1, urgent=True))
+    gate.set()
+    courier.shutdown()
+    assert events == ["a", "b", "metrics"]
+
+
 def test_no_cancellation_poll_while_a_first_token_is_being_sent():
     """The courier never asks about a request while a first-token sender sends on it: two calls
     about one request at once lost cancellations (the entry's flows keep the same rule)."""

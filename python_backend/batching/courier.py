@@ -33,11 +33,13 @@ class Courier:
     """Sends outputs and polls cancellation, off the decode loop.
 
     A sequence's outputs not yet sent after its first text wait as one merged output (a stream
-    that falls behind gets fewer, larger deltas instead of slowing the loop). Sends go one at a
-    time: first the urgent ones (a stream's first token, a final response, an error: a client's
+    that falls behind gets fewer, larger deltas instead of slowing the loop). The courier sends one
+    at a time: first the urgent ones (a stream's first token, a final response, an error: a client's
     time to first token and the moment its slot's next request can come), in the order they
-    became urgent, then the oldest waiting delta. Each sequence's outputs still go out in order:
-    an urgent output carries the deltas queued before it.
+    became urgent, then the oldest waiting delta; metric updates wait behind urgent sends (at most
+    TASK_DELAY_MAX). With `first_senders`, first tokens go on those threads instead, beside it. Each
+    sequence's outputs still go out in order: an urgent output carries the deltas queued before it,
+    and nothing of a stream goes while its first token is being sent.
 
     A sequence is watched (polled for cancellation) from `watch` until its final output is taken
     for sending: tritonserver must never be asked about a request after its final response."""

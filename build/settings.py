@@ -27,7 +27,7 @@ example: docs/build-config.md).
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
                        prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto,
-                       first_token_senders: 0}
+                       first_token_senders: 3}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -51,7 +51,7 @@ example: docs/build-config.md).
                       #   tensor cores (auto: where the GPU can, Hopper on; false: weights only)
                       # first_token_senders: threads that send first tokens beside the courier thread
                       #   (each send waits ~1 ms for the server process: streams starting together got
-                      #   theirs one send apart); 0: the courier sends them (off until timed on a GPU host)
+                      #   theirs one send apart); 0: the courier sends them too
                       # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16
                       #   rows (decode steps of few streams) run tritonchat's kernel where the load
                       #   times it faster than cuBLAS (auto); false: cuBLAS always
@@ -100,7 +100,7 @@ DEFAULTS: dict = {
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
-                      "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 0,
+                      "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 3,
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,

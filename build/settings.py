@@ -27,7 +27,7 @@ example: docs/build-config.md).
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
                        prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto,
-                       first_token_senders: 3}
+                       first_token_senders: 3, gil_switch_ms: 0.5}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -52,6 +52,9 @@ example: docs/build-config.md).
                       # first_token_senders: threads that send first tokens beside the courier thread
                       #   (each send waits ~1 ms for the server process: streams starting together got
                       #   theirs one send apart); 0: the courier sends them too
+                      # gil_switch_ms: how long one thread of the generator's process may hold the GIL
+                      #   while another waits for it (Python's switch interval, 5 ms by default): the
+                      #   stub's thread taking new requests, the decode loop, the senders
                       # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16
                       #   rows (decode steps of few streams) run tritonchat's kernel where the load
                       #   times it faster than cuBLAS (auto); false: cuBLAS always
@@ -101,6 +104,7 @@ DEFAULTS: dict = {
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
                       "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 3,
+                      "gil_switch_ms": 0.5,
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
@@ -193,6 +197,9 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
     if not _number(g["first_token_senders"], 0) or g["first_token_senders"] != int(g["first_token_senders"]):
         raise SettingsError("models.generator.first_token_senders must be a whole number >= 0, "
                             f"got {g['first_token_senders']!r}")
+    if not _number(g["gil_switch_ms"], 0.01) or float(g["gil_switch_ms"]) > 100:
+        raise SettingsError("models.generator.gil_switch_ms must be a number from 0.01 to 100, "
+                            f"got {g['gil_switch_ms']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     e = s["models"]["ensemble"]

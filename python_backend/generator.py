@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 
 import triton_python_backend_utils as pb_utils
 
@@ -30,6 +31,9 @@ from .request import ENTRY_ID_PREFIX, FINAL, model_end_ids, reject, request_flag
 class TritonPythonModel:
     def initialize(self, args):
         config, params, version_dir = io.model_setup(args)
+        # the stub's thread that takes new requests waits for the GIL behind the decode loop and the
+        # senders: Python's 5 ms switch interval delayed first tokens (docs/build-config.md)
+        sys.setswitchinterval(float(params.get("gil_switch_ms", "5") or 5) / 1e3)
         self.model_name = args["model_name"]
         self.max_seq_len = int(params["max_seq_len"])
         self.tokenizer = io.load_fast_tokenizer(version_dir)
@@ -66,6 +70,7 @@ class TritonPythonModel:
                                    metrics=self.metrics)
         pb_utils.Logger.log_info(f"{self.model_name}: {json.dumps(self.engine.describe())}, "
                                  f"end ids {list(self.end_ids)}, first-token senders {senders}, "
+                                 f"GIL switch interval {1e3 * sys.getswitchinterval():g} ms, "
                                  f"malloc keeps freed memory: {keep_freed_memory()}")
 
     def execute(self, requests):

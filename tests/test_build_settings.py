@@ -34,6 +34,7 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert 'key: "mix_prefill", value: { string_value: "true" }' in out["generator"]
     assert 'key: "mix_tokens", value: { string_value: "1024" }' in out["generator"]
     assert 'key: "first_token_senders", value: { string_value: "3" }' in out["generator"]
+    assert 'key: "gil_switch_ms", value: { string_value: "0.5" }' in out["generator"]
 
 
 def test_gpu_engines_get_gpu_instances():
@@ -57,6 +58,7 @@ def test_gpu_engines_get_gpu_instances():
     ({"models": {"generator": {"dense_kernel": "yes"}}}, r"dense_kernel must be auto or false, got 'yes'"),
     ({"models": {"generator": {"first_token_senders": -1}}}, r"first_token_senders must be a whole number >= 0, got -1"),
     ({"models": {"generator": {"first_token_senders": "auto"}}}, r"first_token_senders must be a whole number"),
+    ({"models": {"generator": {"gil_switch_ms": 0}}}, r"gil_switch_ms must be a number from 0.01 to 100, got 0"),
     ({"kv_cache_dtype": "float16", "graph": "export"}, r"kv_cache_dtype float16 is the fused CPU graph's"),
     ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype must be one of"),
     ({"models": {"ensemble": {"detokenize": "inline"}}},

@@ -58,7 +58,7 @@ def test_streams_starting_together_get_their_whole_answers_in_order(senders_serv
         assert text == one.text, prompt
         assert ids == list(one.output_ids), prompt
         assert pieces >= 3, prompt  # a first token, deltas, a final: not one piece
-    assert "first-token senders 3," in senders_server.log_text()
+    assert "first-token senders 3, GIL switch interval 0.5 ms," in senders_server.log_text()
 
 
 def test_the_timeline_marks_each_first_token_in_order(senders_server, timeline_dir):

@@ -7,23 +7,20 @@ first token, p50 and mean in ms.
     tritonchat bench --url 127.0.0.1:8001 ... ; kill %1
     python benchmarks/timeline.py /tmp/timeline
 
-`--client FILE`: a JSON list of [sent, first] client times (perf_counter seconds) of requests sent one
-at a time, matched to the entry's requests in order; adds client -> entry_start and entry_sent ->
-client. A benchmark aid: it prints figures, asserts nothing (docs/benchmarks-gpu.md, twenty-third session).
+A benchmark aid: it prints figures, asserts nothing (docs/benchmarks-gpu.md, twenty-third session).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 from pathlib import Path
 
 # a first token's way; `send_end` (the generator's send returned: the server process took the response)
 # is reported beside it, since the entry may have the response before the send returns
-ORDER = ["client", "entry_start", "prompt_ready", "gen_execute", "gen_submitted", "posted", "send_start",
-         "entry_got", "entry_sent", "client_first"]
+ORDER = ["entry_start", "prompt_ready", "gen_execute", "gen_submitted", "posted", "send_start", "entry_got",
+         "entry_sent"]
 
 
 def load(folder: Path) -> dict[str, dict[str, float]]:
@@ -36,12 +33,9 @@ def load(folder: Path) -> dict[str, dict[str, float]]:
     return marks
 
 
-def report(marks: dict, since: float = 0.0, until: float = float("inf"), client: list | None = None) -> list[str]:
+def report(marks: dict, since: float = 0.0, until: float = float("inf")) -> list[str]:
     rows = sorted((m for m in marks.values() if "entry_start" in m and "entry_got" in m
                    and since <= m["entry_start"] <= until), key=lambda m: m["entry_start"])
-    if client:
-        for (sent, first), m in zip(client, rows[-len(client):]):
-            m["client"], m["client_first"] = sent, first
     lines = [f"{len(rows)} requests"]
     for a, b in zip(ORDER, ORDER[1:]):
         gaps = [1e3 * (m[b] - m[a]) for m in rows if a in m and b in m]
@@ -59,10 +53,8 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--since", type=float, default=0.0)
     ap.add_argument("--until", type=float, default=float("inf"))
-    ap.add_argument("--client", type=Path, help="JSON list of [sent, first] client times, one request at a time")
     args = ap.parse_args()
-    client = json.loads(args.client.read_text()) if args.client else None
-    print("\n".join(report(load(args.folder), args.since, args.until, client)))
+    print("\n".join(report(load(args.folder), args.since, args.until)))
 
 
 if __name__ == "__main__":

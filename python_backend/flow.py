@@ -139,7 +139,6 @@ class Flow:
         self.gen_id = ENTRY_ID_PREFIX + uuid.uuid4().hex
         self.started = time.perf_counter()
         self.first_at: float | None = None
-        self.sent_first = False
         self.tokens_in = self.tokens_out = 0
         self.finish_reason = ""
         self.error_kind = ""
@@ -211,7 +210,8 @@ class Flow:
                 # direct: the generator's response holds just the entry's OUTPUTS (it asked for those)
                 out = tensors if direct else self._postprocess(tensors)
                 reason = _value(out, "finish_reason")
-                if self.first_at is None:
+                first = self.first_at is None
+                if first:
                     self.first_at = time.perf_counter()
                     timeline.mark("entry_got", self.gen_id)
                 if reason:  # the generator's final response: the entry's too
@@ -222,8 +222,7 @@ class Flow:
                 if self._client_gone():
                     self.cancel()
                 self._send(out, 0)
-                if not self.sent_first:
-                    self.sent_first = True
+                if first:
                     timeline.mark("entry_sent", self.gen_id)
             return None
         finally:

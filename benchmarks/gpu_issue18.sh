@@ -8,8 +8,8 @@
 # PEER_LEVELS the sweep's levels; ROUNDS the step's
 # rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s, PROFILE the variants it profiles
 # (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
-# rounds, MT_ARGS more multiturn.py arguments; TUNE_WEIGHTS the tune-cache starts' weights (fp8),
-# TUNE_STARTS which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and
+# rounds, MT_ARGS more multiturn.py arguments, MT_VARIANTS generator settings (as gpu_first_senders.sh's
+# VARIANTS, one multi-turn run each); TUNE_WEIGHTS the tune-cache starts' weights (fp8), TUNE_STARTS which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and
 # without first-token senders or other generator settings, with the request timeline
 # (gpu_first_senders.sh; SENDERS or VARIANTS, ROUNDS there).
 set -uo pipefail
@@ -32,13 +32,16 @@ for step in ${STEPS:-test step sweep}; do
               PEERS="--peers transformers-compiled --peer-concurrency ${PEER_LEVELS:-64}" \
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
-    multiturn) (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\n' > /tmp/mt.yaml &&
-              # from /tmp, as the servers it starts: the checkout's tritonchat/ would hide the package
-              timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn \
-                --config /tmp/mt.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \
-                ${MT_ARGS:-}) 2>&1 \
-            | tail -30 \
-            | tee "$OUT/multiturn.txt" ;;
+    multiturn) for v in ${MT_VARIANTS:-default}; do  # generator settings as gpu_first_senders.sh's VARIANTS
+              n=${v//[=,:]/-}; echo "=== multiturn, generator {${v#default}}"
+              (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\nmodels:\n  generator: {%s}\n' \
+                 "$(echo "${v#default}" | sed 's/=/: /g; s/,/, /g')" > /tmp/mt-$n.yaml &&
+               # from /tmp, as the servers it starts: the checkout's tritonchat/ would hide the package
+               timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn-$n \
+                 --config /tmp/mt-$n.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \
+                 ${MT_ARGS:-}) 2>&1 \
+              | tail -30 \
+              | tee "$OUT/multiturn-$n.txt"; done ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" ${TUNE_STARTS:+--starts $TUNE_STARTS} \
                  --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;
     senders) (cd "$REPO_ROOT" && bash benchmarks/gpu_first_senders.sh) 2>&1 | tee "$OUT/senders.txt" ;;

@@ -10,8 +10,9 @@
 # (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
 # rounds, MT_ARGS more multiturn.py arguments, MT_VARIANTS generator settings (as gpu_first_senders.sh's
 # VARIANTS, one multi-turn run each); TUNE_WEIGHTS the tune-cache starts' weights (fp8), TUNE_STARTS
-# which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and without first-token senders or other generator settings, with the request timeline
-# (gpu_first_senders.sh; SENDERS or VARIANTS, ROUNDS there).
+# which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and without
+# first-token senders or other generator settings, with the request timeline (gpu_first_senders.sh;
+# SENDERS or VARIANTS, ROUNDS there).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)

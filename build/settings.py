@@ -27,7 +27,7 @@ example: docs/build-config.md).
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
                        prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto,
-                       first_token_senders: 3, gil_switch_ms: 0.5}
+                       first_token_senders: 0, gil_switch_ms: 5}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -50,11 +50,13 @@ example: docs/build-config.md).
                       #   steps of many streams) round their input rows to FP8 too and run on the FP8
                       #   tensor cores (auto: where the GPU can, Hopper on; false: weights only)
                       # first_token_senders: threads that send first tokens beside the courier thread
-                      #   (each send waits ~1 ms for the server process: streams starting together got
-                      #   theirs one send apart); 0: the courier sends them too
+                      #   (each send waits ~1 ms for the server process: streams starting together get
+                      #   theirs one send apart); 0: the courier sends them too (on an H100 the senders
+                      #   cost 7 % of 64-stream tokens/s and gained no TTFT: docs/benchmarks-gpu.md)
                       # gil_switch_ms: how long one thread of the generator's process may hold the GIL
                       #   while another waits for it (Python's switch interval, 5 ms by default): the
-                      #   stub's thread taking new requests, the decode loop, the senders
+                      #   stub's thread taking new requests, the decode loop, the senders (0.5 helped
+                      #   a CPU stand-in's TTFT, not the H100's)
                       # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16
                       #   rows (decode steps of few streams) run tritonchat's kernel where the load
                       #   times it faster than cuBLAS (auto); false: cuBLAS always
@@ -103,8 +105,8 @@ DEFAULTS: dict = {
         "generator": {"instances": 1, "max_queue_size": 256, "threads": 0,
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
-                      "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 3,
-                      "gil_switch_ms": 0.5,
+                      "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 0,
+                      "gil_switch_ms": 5,
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,

@@ -33,8 +33,8 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert 'key: "prefill_wait_ms", value: { string_value: "0" }' in out["generator"]
     assert 'key: "mix_prefill", value: { string_value: "true" }' in out["generator"]
     assert 'key: "mix_tokens", value: { string_value: "1024" }' in out["generator"]
-    assert 'key: "first_token_senders", value: { string_value: "3" }' in out["generator"]
-    assert 'key: "gil_switch_ms", value: { string_value: "0.5" }' in out["generator"]
+    assert 'key: "first_token_senders", value: { string_value: "0" }' in out["generator"]
+    assert 'key: "gil_switch_ms", value: { string_value: "5" }' in out["generator"]
 
 
 def test_gpu_engines_get_gpu_instances():

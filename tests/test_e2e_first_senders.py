@@ -31,7 +31,8 @@ def senders_server(tmp_path_factory, timeline_dir):
 
     need(STORIES)
     repo = build_repo(STORIES, tmp_path_factory.mktemp("senders") / "repo",
-                      models={"generator": {"first_token_senders": 3, "stream_interval_ms": 0,
+                      models={"generator": {"first_token_senders": 3, "gil_switch_ms": 0.5,
+                                                 "stream_interval_ms": 0,
                                                  "stream_responses_per_s": 0}})
     with TritonServer(repo, env=dict(server_env(), TRITONCHAT_TIMELINE=str(timeline_dir))) as srv:
         yield srv

@@ -13,8 +13,15 @@ if [ ! -f /tmp/.tritonchat-gpu-setup ]; then  # once a machine: a second script 
 python3 -m pip uninstall -y -q scikit-learn scipy 2>/dev/null || true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
 [ -f .whl/pytriton-min.tar.xz ] && tar -xJf .whl/pytriton-min.tar.xz -C "$SITE"
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
 touch /tmp/.tritonchat-gpu-setup
+fi
+# the package again whenever the checkout changed: a later call on a warm machine brings a new tree,
+# and the servers import the installed copy (a stale one once ran a call under the last call's defaults)
+tree=$(find pyproject.toml tritonchat build client gateway loadtest python_backend model_repository -type f \
+         -not -path '*/__pycache__/*' | sort | xargs cat | md5sum)
+if [ "$(cat /tmp/.tritonchat-gpu-package 2>/dev/null)" != "$tree" ]; then
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
+echo "$tree" > /tmp/.tritonchat-gpu-package
 fi
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
 # Python stacks of a crashing generator stub (python_backend/generator.py reads it). One entry with

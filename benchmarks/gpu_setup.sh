@@ -21,6 +21,7 @@ tree=$(find pyproject.toml tritonchat build client gateway loadtest python_backe
          -not -path '*/__pycache__/*' | sort | xargs cat | md5sum)
 if [ "$(cat /tmp/.tritonchat-gpu-package 2>/dev/null)" != "$tree" ]; then
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile . 2>&1 | tail -2
+rm -rf /tmp/repo-* /tmp/multiturn*  # repositories the scripts keep were built by the last copy
 echo "$tree" > /tmp/.tritonchat-gpu-package
 fi
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1

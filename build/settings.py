@@ -51,8 +51,8 @@ example: docs/build-config.md).
                       #   tensor cores (auto: where the GPU can, Hopper on; false: weights only)
                       # first_token_senders: threads that send first tokens beside the courier thread
                       #   (each send waits ~1 ms for the server process: streams starting together get
-                      #   theirs one send apart); 0: the courier sends them too (on an H100 the senders
-                      #   cost 7 % of 64-stream tokens/s and gained no TTFT: docs/benchmarks-gpu.md)
+                      #   theirs one send apart); 0: the courier sends them too (on two H100s the senders
+                      #   cost 3-7 % of 64-stream tokens/s and gained no TTFT: docs/benchmarks-gpu.md)
                       # gil_switch_ms: how long one thread of the generator's process may hold the GIL
                       #   while another waits for it (Python's switch interval, 5 ms by default): the
                       #   stub's thread taking new requests, the decode loop, the senders (0.5 helped

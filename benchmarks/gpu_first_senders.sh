@@ -17,7 +17,7 @@ now() { python3 -c 'import time; print(time.perf_counter())'; }
 order=${VARIANTS:-$(for n in ${SENDERS:-3 0}; do printf 'first_token_senders=%s ' $n; done)}
 [ "${ROUNDS:-1}" = 2 ] && order="$order $(echo $order | tr ' ' '\n' | tac | tr '\n' ' ')"
 for v in $order; do
-  n=${v//[=,:]/-}; settings=$(echo "${v#default}" | sed 's/=/: /g; s/,/, /g')
+  n=$(variant_name "$v"); settings=$(variant_yaml "$v")
   repo=/tmp/repo-senders-$n
   printf "models:\n  postprocessing: {instances: 4}\n  generator: {$settings}\n" > /tmp/senders-$n.yaml
   [ -f $repo/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $repo --engine torch \

@@ -31,8 +31,9 @@ from .request import ENTRY_ID_PREFIX, FINAL, model_end_ids, reject, request_flag
 class TritonPythonModel:
     def initialize(self, args):
         config, params, version_dir = io.model_setup(args)
-        # the stub's thread that takes new requests waits for the GIL behind the decode loop and the
-        # senders: Python's 5 ms switch interval delayed first tokens (docs/build-config.md)
+        # the stub's thread that takes new requests waits for the GIL behind the decode loop, the
+        # courier and any senders; 5 ms (Python's own) unless set: 0.5 gained nothing on the H100
+        # (docs/build-config.md)
         sys.setswitchinterval(float(params.get("gil_switch_ms", "5") or 5) / 1e3)
         self.model_name = args["model_name"]
         self.max_seq_len = int(params["max_seq_len"])

@@ -34,9 +34,9 @@ for step in ${STEPS:-test step sweep}; do
               bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \
             2>&1 | tail -60 | tee "$OUT/sweep.txt" ;;
     multiturn) for v in ${MT_VARIANTS:-default}; do  # generator settings as gpu_first_senders.sh's VARIANTS
-              n=$(variant_name "$v"); echo "=== multiturn, generator {$(variant_yaml "$v")}"
-              (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\nmodels:\n  generator: {%s}\n' \
-                 "$(variant_yaml "$v")" > /tmp/mt-$n.yaml &&
+              n=$(variant_name "$v"); echo "=== multiturn, $v"
+              (make_model && printf 'engine: torch\ndevice: cuda\ndtype: bfloat16\nmodels:\n%s\n' \
+                 "$(variant_models "$v")" > /tmp/mt-$n.yaml &&
                # from /tmp, as the servers it starts: the checkout's tritonchat/ would hide the package
                timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn-$n \
                  --config /tmp/mt-$n.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \

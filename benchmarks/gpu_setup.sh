@@ -33,10 +33,20 @@ cd /tmp  # the checkout's own tritonchat/ folder would shadow the installed, map
 # the seeded TinyLlama-1.1B-shaped Llama the server benchmarks measure (bf16, the Llama-2 tokenizer):
 # `make_model` writes it to $MODEL once a machine (~2 GB: only the steps that serve it ask)
 MODEL=/tmp/tinyllama-shape
-# a variant of generator settings as the scripts' VARIANTS words give it ("prefill_token_budget=1024,pdl=false";
-# "default": none): its name for files, and the YAML flow mapping's body
+# a variant of settings as the scripts' VARIANTS words give it ("prefill_token_budget=1024,pdl=false";
+# "default": none; keys are models.generator's, or the entry's as ensemble.KEY: "ensemble.generate=entry"):
+# its name for files, and the YAML lines under `models:` (generator and ensemble)
 variant_name() { echo "${1//[=,:]/-}"; }
-variant_yaml() { echo "${1#default}" | sed 's/=/: /g; s/,/, /g'; }
+variant_models() {
+  local kv gen="" ens=""
+  for kv in $(echo "${1#default}" | tr , ' '); do
+    case $kv in
+      ensemble.*) kv=${kv#ensemble.}; ens="$ens${ens:+, }${kv/=/: }" ;;
+      *) gen="$gen${gen:+, }${kv/=/: }" ;;
+    esac
+  done
+  printf '  generator: {%s}\n  ensemble: {%s}\n' "$gen" "$ens"
+}
 make_model() {
   [ -f $MODEL/config.json ] || python3 -m tritonchat.cli synthetic-model --arch llama --tokenizer llama2 --out $MODEL \
       --layers 22 --hidden 2048 --heads 32 --kv-heads 4 --intermediate 5632 --max-positions 2048 --dtype bfloat16

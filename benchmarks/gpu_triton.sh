@@ -8,11 +8,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source "$(dirname "$0")/gpu_setup.sh"  # wheels, the package, tritonserver, make_model; cd /tmp
 make_model
 # PRECISION=fp8: the products' weights in FP8 (the build's accuracy gate runs on the GPU)
-# GENERATOR='{pdl: false}': build settings of the generator (docs/build-config.md); TAG names that build
+# GENERATOR='{pdl: false}': build settings of the generator, ENSEMBLE='{generate: entry}' the entry's
+# (docs/build-config.md); TAG names that build
 REPO=/tmp/repo-tinyllama${PRECISION:+-$PRECISION}${TAG:+-$TAG}
 # postprocessing x4: 16 CPU cores here; at 64-128 streams two Python instances are too few
 printf 'models:\n  postprocessing: {instances: 4}\n' > /tmp/gpu-build.yaml
 [ -n "${GENERATOR:-}" ] && printf '  generator: %s\n' "$GENERATOR" >> /tmp/gpu-build.yaml
+[ -n "${ENSEMBLE:-}" ] && printf '  ensemble: %s\n' "$ENSEMBLE" >> /tmp/gpu-build.yaml
 [ -f $REPO/manifest.json ] || python3 -m tritonchat.cli build --model $MODEL --output $REPO --engine torch \
     --device cuda --dtype bfloat16 --max-batch-size ${SLOTS:-128} --max-seq-len ${CTX:-512} --config /tmp/gpu-build.yaml \
     ${PRECISION:+--precision $PRECISION}

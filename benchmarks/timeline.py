@@ -34,17 +34,22 @@ def load(folder: Path) -> dict[str, dict[str, float]]:
 
 
 def report(marks: dict, since: float = 0.0, until: float = float("inf")) -> list[str]:
-    rows = sorted((m for m in marks.values() if "entry_start" in m and "entry_got" in m
+    """The time between each two marks of a first token's way that follow each other in a request's
+    record (with `generate: entry` there is no generator `execute` and no entry hop back: the courier
+    sends to the client, so a first token's way ends at its `send_end`)."""
+    rows = sorted((m for m in marks.values() if "entry_start" in m and ("entry_got" in m or "send_end" in m)
                    and since <= m["entry_start"] <= until), key=lambda m: m["entry_start"])
     lines = [f"{len(rows)} requests"]
-    for a, b in zip(ORDER, ORDER[1:]):
-        gaps = [1e3 * (m[b] - m[a]) for m in rows if a in m and b in m]
-        if gaps:
-            lines.append(f"{a:>14} -> {b:<14} p50 {statistics.median(gaps):7.3f}  mean {statistics.mean(gaps):7.3f} ms")
-    for a, b in (("send_start", "send_end"), ("entry_start", "entry_sent")):
-        gaps = [1e3 * (m[b] - m[a]) for m in rows if a in m and b in m]
-        if gaps:
-            lines.append(f"{a:>14} -> {b:<14} p50 {statistics.median(gaps):7.3f}  mean {statistics.mean(gaps):7.3f} ms")
+    gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for m in rows:
+        seen = [k for k in ORDER if k in m]
+        for a, b in zip(seen, seen[1:]):
+            gaps[a, b].append(1e3 * (m[b] - m[a]))
+        for a, b in (("send_start", "send_end"), ("entry_start", "entry_sent" if "entry_sent" in m else "send_end")):
+            if a in m and b in m:
+                gaps[a, b].append(1e3 * (m[b] - m[a]))
+    for (a, b), g in gaps.items():
+        lines.append(f"{a:>14} -> {b:<14} p50 {statistics.median(g):7.3f}  mean {statistics.mean(g):7.3f} ms")
     return lines
 
 

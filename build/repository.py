@@ -34,7 +34,9 @@ def template_values(settings: dict, *, max_seq_len: int, engine: str, model_file
         "model_file": model_file,
         "device": settings["device"],
         "dtype": settings["dtype"],
-        "generator_kind": "KIND_GPU" if settings["device"] == "cuda" or engine == "tensorrt" else "KIND_CPU",
+        # the generator's own process holds no engine with `generate: entry`: no GPU for it then
+        "generator_kind": "KIND_GPU" if (settings["device"] == "cuda" or engine == "tensorrt")
+        and m["ensemble"]["generate"] == "generator" else "KIND_CPU",
         "vocab_size": int(vocab_size),
         # the entry runs at most the generator's slots plus its waiting line at once, shared by its
         # instances (each process gates its own part)

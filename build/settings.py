@@ -62,7 +62,8 @@ example: docs/build-config.md).
                       #   times it faster than cuBLAS (auto); false: cuBLAS always
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {instances: 2, max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
-                       cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry}
+                       cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry,
+                       generate: generator}
                       # the public entry (python_backend/entry.py): it runs at most max_batch_size +
                       #   generator.max_queue_size requests at once (shared by its instances); beyond, up
                       #   to max_queue_size wait in Triton's queue, then Triton refuses with UNAVAILABLE
@@ -78,6 +79,10 @@ example: docs/build-config.md).
                       #   same code: one process hop less per response; docs/build-config.md)
                       # tokenize: preprocessing (a call to the preprocessing model per request) | entry
                       #   (the entry prepares the prompt itself, the same code: one process hop less)
+                      # generate: generator (a call to the generator model per request, its responses
+                      #   forwarded) | entry (the entry runs the generator's engine in its own process,
+                      #   the same code, and each response goes from the engine to the client: one
+                      #   process hop less per response; one entry instance; docs/build-config.md)
 """
 
 from __future__ import annotations
@@ -110,7 +115,8 @@ DEFAULTS: dict = {
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
-                     "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry"},
+                     "cancel_poll_ms": 20, "log_requests": 0, "detokenize": "generator", "tokenize": "entry",
+                     "generate": "generator"},
     },
 }
 
@@ -149,12 +155,22 @@ def _merge(base: dict, over: dict, path: str = "") -> dict:
     return base
 
 
+def _given(data: dict, *path: str):
+    """The value at `path` in a user's settings mapping, or None where it does not set it."""
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
 def _number(value, least: float) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= least
 
 
 def load_settings(path: Path | None = None, **overrides) -> dict:
     s = copy.deepcopy(DEFAULTS)
+    data: dict = {}
     if path is not None:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
@@ -213,6 +229,18 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
         raise SettingsError(f"models.ensemble.detokenize must be postprocessing or generator, got {e['detokenize']!r}")
     if e["tokenize"] not in ("preprocessing", "entry"):
         raise SettingsError(f"models.ensemble.tokenize must be preprocessing or entry, got {e['tokenize']!r}")
+    if e["generate"] not in ("generator", "entry"):
+        raise SettingsError(f"models.ensemble.generate must be generator or entry, got {e['generate']!r}")
+    if e["generate"] == "entry":
+        # one process holds the engine, and the responses carry their text from it
+        if e["detokenize"] != "generator":
+            raise SettingsError("models.ensemble.generate: entry sends the text from the engine: it needs "
+                                "models.ensemble.detokenize: generator")
+        given = [_given(d, "models", "ensemble", "instances") for d in (data, overrides)]
+        if any(v is not None and v != 1 for v in given):
+            raise SettingsError("models.ensemble.generate: entry runs the engine in the entry model's process: "
+                                "models.ensemble.instances must be 1")
+        e["instances"] = 1
     if not _number(e["log_requests"], 0) or e["log_requests"] > 1:
         raise SettingsError(f"models.ensemble.log_requests must be a fraction in [0, 1], got {e['log_requests']!r}")
     if s["engine"] == "tensorrt":

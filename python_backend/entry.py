@@ -2,6 +2,8 @@
 (preprocessing -> generator -> postprocessing, with BLS: flow.py; `tokenize: entry` prepares the
 prompt here and `detokenize: generator` has the generator send the text), so that a client's
 cancellation reaches the generator, and that checks every input before any work (limits.py).
+With `generate: entry` it runs the generator's engine in its own process instead of calling the
+generator model (one instance then: one process holds the engine).
 
 Overload: at most `max_in_flight` requests run at once in each instance (the generator's slots plus
 its waiting line, shared by the instances). Beyond that, `execute` blocks; Triton's queue in front
@@ -17,10 +19,13 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from . import triton_io as io
 from .flow import Context, Flow, Watcher
+from .generator import Generator
 from .limits import Limits
+from .manifest import verify_model_dir
 from .metrics import EntryMetrics
 from .prompt import Prompter
 
@@ -58,9 +63,20 @@ class TritonPythonModel:
                            watcher=Watcher(float(params.get("cancel_poll_ms", "20")) / 1e3),
                            metrics=metrics, known_inputs={i["name"] for i in config["input"]},
                            log_requests=float(params.get("log_requests", "0") or 0),
-                           text_from_generator=params.get("detokenize", "postprocessing") == "generator")
+                           text_from_generator=params.get("detokenize", "postprocessing") == "generator",
+                           generator=self._own_generator(args, params) if params.get("generate") == "entry" else None)
         # one thread per request in flight: each waits on its BLS calls (which release the GIL)
         self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
+
+    def _own_generator(self, args, params: dict) -> Generator:
+        """`generate: entry`: the generator model's engine, built here from its folder and settings
+        (its config.pbtxt; that model itself then only points requests here). Its courier polls the
+        clients' cancellation as often as this model's flows would (`cancel_poll_ms`)."""
+        gen_dir = Path(args["model_repository"]).parent / "generator"
+        verify_model_dir(gen_dir, "1")
+        _, gen_params = io.config_params(gen_dir)
+        gen_params["cancel_poll_ms"] = params.get("cancel_poll_ms", "20")
+        return Generator(gen_params, gen_dir / "1", self.model_name)
 
     def execute(self, requests):
         for request in requests:
@@ -79,6 +95,8 @@ class TritonPythonModel:
             self.ctx.metrics.in_flight(-1)
 
     def finalize(self):
+        if self.ctx.generator is not None:
+            self.ctx.generator.shutdown()
         self.ctx.watcher.stop()
         self.ctx.metrics.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)

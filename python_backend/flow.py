@@ -2,6 +2,9 @@
 preprocessing (BLS; with `tokenize: entry` done here, prompt.py) -> generator (BLS, decoupled: a
 stream of responses) -> postprocessing (BLS, one call per generator response; with `detokenize:
 generator` the generator sends the text itself) -> the client. And the watcher that notices a client went away.
+With `generate: entry` the engine runs in the entry's own process (`Context.generator`): the flow
+hands its sequence to the scheduler, whose courier sends each response straight to the client and
+polls the client's cancellation itself (one process hop per response instead of two).
 
 Why BLS and not a Triton ensemble: Triton checks an ensemble's cancellation only between its
 steps, never inside the running decoupled generator step, so a cancelled stream (gRPC cancel,
@@ -29,7 +32,8 @@ import triton_python_backend_utils as pb_utils
 from . import limits, timeline
 from .batching.sampling import InvalidParameter
 from .prompt import Prompter, prompt_tensors
-from .request import ENTRY_ID_PREFIX
+from .batching.sequence import QueueFull
+from .request import ENTRY_ID_PREFIX, sequence_of
 
 log = logging.getLogger("tritonchat.entry")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -129,6 +133,8 @@ class Context:
     text_from_generator: bool = False
     # `tokenize: entry`: the entry prepares the prompt itself (prompt.py), no preprocessing call
     prompter: Prompter | None = None
+    # `generate: entry`: the engine in this process (generator.Generator), no generator BLS call
+    generator: object | None = None
 
 
 class Flow:
@@ -145,6 +151,7 @@ class Flow:
         self.cancelled = False
         self.io = threading.Lock()  # held while this flow's request is asked or sent anything (Watcher)
         self.polled = 0.0  # when its request was last asked about cancellation (by the flow or the watcher)
+        self.final_sent = False  # by the in-process generator's courier (generate: entry)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -156,8 +163,11 @@ class Flow:
             limits.check_public(inputs, self.ctx.limits)
             pre = self._preprocess(inputs)
             timeline.mark("prompt_ready", self.gen_id)
-            self.ctx.watcher.watch(self)
-            final = self._generate(inputs, pre)
+            if self.ctx.generator is not None:
+                final = self._generate_here(inputs, pre)
+            else:
+                self.ctx.watcher.watch(self)
+                final = self._generate(inputs, pre)
         except InvalidParameter as exc:
             final = self._error(str(exc), "invalid_argument")
         except Exception:  # noqa: BLE001 - a bug or a broken model must not leave the client hanging
@@ -168,7 +178,7 @@ class Flow:
             self.ctx.watcher.forget(self)  # before the final response (see Watcher)
             if final is not None:
                 self._send(final, FINAL)
-            else:  # every request ends with a final response, whatever happened before
+            elif not self.final_sent:  # every request ends with a final response, whatever happened before
                 try:
                     self.sender.send(flags=FINAL)
                 except Exception:  # noqa: BLE001
@@ -227,6 +237,41 @@ class Flow:
             return None
         finally:
             self.ctx.watcher.retire(stream)  # not freed right after its last response (Watcher)
+
+    def _generate_here(self, inputs: dict, pre: list):
+        """`generate: entry`: run the request on this process's engine. Its courier sends every
+        response (the final one too) to the client and polls the client's cancellation (the watcher
+        stays out: never two threads asking about one request); this thread waits for the end."""
+        gen = self.ctx.generator
+        done = threading.Event()
+        seq = None
+
+        def on_final(out) -> None:  # on the courier's thread, after the final response went out
+            self.final_sent = True
+            if out.error:
+                self.error_kind = _kind_of(out.error)
+                self.ctx.metrics.error(self.error_kind)
+            self.finish_reason = out.finish_reason
+            self.cancelled = out.finish_reason == "cancelled"
+            if self.cancelled:
+                self.ctx.metrics.cancelled()
+            self.tokens_in, self.tokens_out = out.num_input_tokens, out.num_output_tokens
+            if seq.first_token_at is not None:
+                self.first_at = seq.first_token_at
+            done.set()
+
+        gen_inputs = {n: inputs[n] for n in GEN_INPUTS if n in inputs} | {t.name(): t for t in pre}
+        wanted = set(self.request.requested_output_names()) & set(OUTPUTS) or set(OUTPUTS)
+        seq = sequence_of(gen_inputs, self.sender, request_id=self.gen_id, outputs=wanted, tokenizer=gen.tokenizer,
+                          end_ids=gen.end_ids, limits=gen.limits, is_cancelled=self.sender.is_cancelled,
+                          on_final=on_final)
+        try:
+            gen.submit(seq)
+        except QueueFull as exc:
+            return self._error(str(exc), "unavailable")
+        timeline.mark("gen_submitted", self.gen_id)
+        done.wait()
+        return None
 
     def _postprocess(self, tensors: list):
         req = pb_utils.InferenceRequest(model_name="postprocessing", requested_output_names=OUTPUTS, inputs=tensors)

@@ -31,11 +31,25 @@ def request_flag(request, name: str) -> bool:
 
 def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], limits: Limits,
                 poll_cancel: bool = True, on_final=None) -> Sequence:
-    """Parse and validate one request as if it came from any client (InvalidParameter: a message
-    for the client); its outputs go to `sender`. `poll_cancel`: the courier asks `sender` about
-    cancellation (False where the caller, the entry model, watches the client for it).
-    `on_final`: called after the final output was sent."""
-    inputs = io.inputs(request)
+    """A Triton request to the generator -> a `Sequence` (`sequence_of`). `poll_cancel`: the courier
+    asks `sender` about cancellation (False where the caller, the entry model, watches the client for
+    it)."""
+    if poll_cancel:
+        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
+    else:
+        cancelled = _never
+    return sequence_of(io.inputs(request), sender, request_id=request.request_id() or "",
+                       outputs=_requested_outputs(request), tokenizer=tokenizer, end_ids=end_ids, limits=limits,
+                       is_cancelled=cancelled, on_final=on_final)
+
+
+def sequence_of(inputs: dict, sender, *, request_id: str, outputs: set, tokenizer, end_ids: tuple[int, ...],
+                limits: Limits, is_cancelled=None, on_final=None) -> Sequence:
+    """Parse and validate one generation request's inputs (name -> Tensor: the generator's, as
+    preprocessing or the entry's prompt.py makes them) as if they came from any client
+    (InvalidParameter: a message for the client). Its responses go to `sender` and hold the
+    `outputs` among OUTPUT_NAMES (the requester's requested outputs). `is_cancelled`: polled by the
+    courier; `on_final(output)`: called after the final output was sent."""
     max_seq_len, vocab = limits.max_seq_len, limits.vocab_size
     prompt = io.check_batch_of_one(inputs, "input_ids")
     prompt = lim.token_ids(prompt, "input_ids", vocab)
@@ -66,37 +80,39 @@ def to_sequence(request, sender, *, tokenizer, end_ids: tuple[int, ...], limits:
     ).validate(max_seq_len)
     include_prompt = not s(inputs, "exclude_input_in_output", bool, True)
     tracker = TextTracker(tokenizer, prompt if include_prompt else (), lim.words(inputs, "stop_words", limits))
-    if poll_cancel:
-        cancelled = getattr(sender, "is_cancelled", None) or getattr(request, "is_cancelled", lambda: False)
-    else:
-        cancelled = _never
-
-    # a requester that asks for text gets each response's text made here (as postprocessing makes it)
-    text_tokenizer = tokenizer if "text_output" in _requested_outputs(request) else None
+    wanted = frozenset(outputs) & OUTPUT_NAMES
 
     def sink(out: Output) -> None:
-        send(sender, out, text_tokenizer)
+        send(sender, out, tokenizer, wanted)
         if out.final and on_final is not None:
-            on_final()
+            on_final(out)
 
     return Sequence(prompt, params, tracker, sink=sink, stream=s(inputs, "stream", bool, False),
-                    is_cancelled=cancelled, request_id=request.request_id() or "")
+                    is_cancelled=is_cancelled or _never, request_id=request_id)
 
 
 def _never() -> bool:
     return False
 
 
+#: what a generator response can hold: the pieces postprocessing detokenizes, the counts, and the
+#: text and new ids themselves (as postprocessing makes them)
+RAW_OUTPUTS = frozenset({"tokens", "read_offset", "trim_chars"})
+TEXT_OUTPUTS = frozenset({"text_output", "output_ids"})
+OUTPUT_NAMES = RAW_OUTPUTS | TEXT_OUTPUTS | {"num_input_tokens", "num_output_tokens", "finish_reason"}
+
+
 def _requested_outputs(request) -> set:
     try:
         return set(request.requested_output_names())
-    except Exception:  # noqa: BLE001 - a stub without the call: no text outputs, as before
-        return set()
+    except Exception:  # noqa: BLE001 - a stub without the call: the outputs without text, as before
+        return set(OUTPUT_NAMES - TEXT_OUTPUTS)
 
 
-def send(sender, out: Output, tokenizer=None) -> None:
-    """Send one output as a response (the final one with the FINAL flag; an error as INTERNAL).
-    With `tokenizer`, also its text and new ids (postprocessing's text_output and output_ids)."""
+def send(sender, out: Output, tokenizer, wanted: frozenset = OUTPUT_NAMES) -> None:
+    """Send one output as a response (the final one with the FINAL flag; an error as INTERNAL),
+    holding the `wanted` outputs only (each tensor is shared memory and a copy on the server's side:
+    nothing the requester drops is made)."""
     if out.error:
         sender.send(io.error_response(out.error, pb_utils.TritonError.INTERNAL), flags=FINAL)
         return
@@ -110,17 +126,23 @@ def send(sender, out: Output, tokenizer=None) -> None:
     # freed without the GIL, which corrupts the interpreter's heap: the stub then dies with SIGSEGV
     # in whichever thread runs next (every time on the GPU, where the first request hung; now and
     # then on CPU). Holding the list here keeps that last reference on this side, freed with the GIL.
-    tensors = [
-        io.tensor("tokens", window, np.int32),
-        io.tensor("read_offset", [offset], np.int32),
-        io.tensor("trim_chars", [trim], np.int32),
-        io.tensor("num_input_tokens", [out.num_input_tokens], np.int32),
-        io.tensor("num_output_tokens", [out.num_output_tokens], np.int32),
-        io.bytes_tensor("finish_reason", out.finish_reason),
-    ]
-    if tokenizer is not None:
-        tensors += [io.bytes_tensor("text_output", delta(tokenizer, window, offset, trim)),
-                    io.tensor("output_ids", window[offset:], np.int32)]
+    tensors = []
+    if "tokens" in wanted:
+        tensors.append(io.tensor("tokens", window, np.int32))
+    if "read_offset" in wanted:
+        tensors.append(io.tensor("read_offset", [offset], np.int32))
+    if "trim_chars" in wanted:
+        tensors.append(io.tensor("trim_chars", [trim], np.int32))
+    if "text_output" in wanted:
+        tensors.append(io.bytes_tensor("text_output", delta(tokenizer, window, offset, trim)))
+    if "output_ids" in wanted:
+        tensors.append(io.tensor("output_ids", window[offset:], np.int32))
+    if "num_input_tokens" in wanted:
+        tensors.append(io.tensor("num_input_tokens", [out.num_input_tokens], np.int32))
+    if "num_output_tokens" in wanted:
+        tensors.append(io.tensor("num_output_tokens", [out.num_output_tokens], np.int32))
+    if "finish_reason" in wanted:
+        tensors.append(io.bytes_tensor("finish_reason", out.finish_reason))
     sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if out.final else 0)
     del tensors  # only now, with the GIL held
 

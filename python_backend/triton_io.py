@@ -35,6 +35,18 @@ def model_setup(args: dict) -> tuple[dict, dict, Path]:
     return config, params, model_dir / str(args["model_version"])
 
 
+def config_params(model_dir: Path) -> tuple[dict, dict]:
+    """Another model's (config as Triton's JSON, string parameters) from its config.pbtxt: the entry
+    with `generate: entry` runs the generator's engine with the generator's own settings."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = json_format.MessageToDict(
+        text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()),
+        preserving_proto_field_name=True)
+    return config, {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
 def inputs(request) -> dict:
     """A request's input tensors by name, read once: `pb_utils.get_input_tensor_by_name` builds the
     list of every input tensor again for each name it looks up (the generator reads ~14 names per

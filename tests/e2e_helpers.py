@@ -32,6 +32,13 @@ def overload_repo(tmp_path_factory) -> Path:
                       models={"generator": {"max_queue_size": 1}, "ensemble": {"max_queue_size": 1}})
 
 
+def generate_in_entry_repo(tmp_path_factory) -> Path:
+    """stories260K with the engine in the entry model's process (`models.ensemble.generate: entry`)."""
+    need(STORIES)
+    return build_repo(STORIES, tmp_path_factory.mktemp("generate-in-entry") / "repo",
+                      models={"ensemble": {"generate": "entry"}})
+
+
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers generate(do_sample=False): the reference answer, without end ids."""
     import torch

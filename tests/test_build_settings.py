@@ -42,7 +42,30 @@ def test_gpu_engines_get_gpu_instances():
     assert "kind: KIND_GPU" in out["generator"] and 'string_value: "bfloat16"' in out["generator"]
 
 
+def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_path):
+    # the entry runs the engine: one instance (one process holds it), the generator model's process
+    # holds no engine and so no GPU; both configs say where the engine runs
+    out = render(load_settings(engine="torch", device="cuda", dtype="bfloat16", models={"ensemble": {"generate": "entry"}}))
+    assert "count: 1, kind: KIND_CPU" in out["ensemble"] and "kind: KIND_CPU" in out["generator"]
+    for model in ("ensemble", "generator"):
+        assert 'key: "generate", value: { string_value: "entry" }' in out[model]
+    # the entry's line holds every slot and the generator's waiting line (16 + 256), in its one instance
+    assert 'key: "max_in_flight", value: { string_value: "272" }' in out["ensemble"]
+    cfg = tmp_path / "build.yaml"
+    cfg.write_text("models:\n  ensemble: {generate: entry, instances: 1}\n")
+    assert load_settings(cfg)["models"]["ensemble"]["instances"] == 1
+    default = render(load_settings())
+    assert 'key: "generate", value: { string_value: "generator" }' in default["ensemble"]
+    assert "count: 2, kind: KIND_CPU" in default["ensemble"]
+
+
 @pytest.mark.parametrize("bad, message", [
+    ({"models": {"ensemble": {"generate": "client"}}},
+     r"models.ensemble.generate must be generator or entry, got 'client'"),
+    ({"models": {"ensemble": {"generate": "entry", "instances": 2}}},
+     r"generate: entry runs the engine in the entry model's process: models.ensemble.instances must be 1"),
+    ({"models": {"ensemble": {"generate": "entry", "detokenize": "postprocessing"}}},
+     r"generate: entry sends the text from the engine: it needs models.ensemble.detokenize: generator"),
     ({"precision": "int4"}, "precision must be one of"),
     ({"engine": "vllm"}, "engine must be one of"),
     ({"max_batch_size": 0}, "max_batch_size must be >= 1"),

@@ -22,14 +22,18 @@ STEP_MS = 10  # stories260K made as slow as a real model (python_backend/faults.
 FREED_WITHIN = 0.1  # seconds from the cancel to the generator's running gauge at 0 (issue 15)
 
 
-@pytest.fixture(scope="module")
-def slow_server(stories_repo):
+# both places the engine runs: the generator model (the entry tells it with a control request) and the
+# entry's own process (`generate: entry`: the engine's courier polls the client itself)
+@pytest.fixture(scope="module", params=["generator", "entry"], ids=["generator-model", "generate-in-entry"])
+def slow_server(request, stories_repo, tmp_path_factory):
     """The stories repository with every decode step 10 ms longer: on a 260K-parameter model the
     generator would otherwise finish 480 tokens before a client's cancellation could matter."""
+    from e2e_helpers import generate_in_entry_repo
     from tritonchat.install import server_env
     from tritonchat.server import TritonServer
 
-    with TritonServer(stories_repo, env=dict(server_env(), TRITONCHAT_FAULTS=f"step_delay_ms:{STEP_MS}")) as srv:
+    repo = stories_repo if request.param == "generator" else generate_in_entry_repo(tmp_path_factory)
+    with TritonServer(repo, env=dict(server_env(), TRITONCHAT_FAULTS=f"step_delay_ms:{STEP_MS}")) as srv:
         yield srv
 
 

@@ -76,7 +76,7 @@ def test_stop_string_inside_multibyte_text(name):
 
 # -- through the real server ---------------------------------------------------------------------
 
-def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessing"):
+def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessing", generate="generator"):
     from tritonchat.build.synthetic import make_random_model
 
     need(SHARED / "tokenizers" / tokenizer)
@@ -85,14 +85,15 @@ def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessin
     memorize(model, MEMO)
     # every token its own response (no stream interval), so multi-token characters meet response edges
     every_token = {"generator": {"stream_interval_ms": 0, "stream_responses_per_s": 0},
-                   "ensemble": {"detokenize": detokenize}}
+                   "ensemble": {"detokenize": detokenize, "generate": generate}}
     return model, build_repo(model, root / "repo", models=every_token)
 
 
-# detokenize: both ways the entry gets a response's text (a postprocessing call, or the generator's own)
+# detokenize: both ways the entry gets a response's text (a postprocessing call, or the generator's own);
+# generate: entry, the engine's own text straight to the client
 @pytest.fixture(scope="module", params=[("gpt2", "gpt2", "postprocessing"), ("llama", "llama2", "postprocessing"),
-                                        ("llama", "llama2", "generator")],
-                ids=["gpt2-bpe", "llama2-spm", "llama2-spm-text-from-generator"])
+                                        ("llama", "llama2", "generator"), ("llama", "llama2", "generator", "entry")],
+                ids=["gpt2-bpe", "llama2-spm", "llama2-spm-text-from-generator", "llama2-spm-generate-in-entry"])
 def served(request, tmp_path_factory):
     from tritonchat.client import ChatClient
     from tritonchat.server import TritonServer

@@ -52,7 +52,7 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
                  mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True,
-                 prefill_chunk: int = 0, first_senders: int = 0):
+                 prefill_chunk: int = 0, first_senders: int = 0, cancel_poll: float = 0.05):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -74,7 +74,8 @@ class Scheduler:
         (`can_reuse_prefix`), a prompt with more tokens than this left to compute is prefilled this
         many at a time, one piece between two decode steps (0: whole). Each piece runs on the KV of
         the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's.
-        `first_senders`: threads that send first tokens beside the courier (courier.py)."""
+        `first_senders`: threads that send first tokens beside the courier (courier.py). `cancel_poll`:
+        seconds between two polls of a running request's cancellation (the courier's)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
@@ -94,7 +95,7 @@ class Scheduler:
         self.chunked: collections.deque[list] = collections.deque()  # [sequence, prompt tokens in its KV]
         self._freed_at: dict[int, float] = {}  # slot -> when its last sequence ended
         self.stats = Stats()
-        self.courier = Courier(stats=self.stats, first_senders=first_senders)
+        self.courier = Courier(poll_interval=cancel_poll, stats=self.stats, first_senders=first_senders)
         self._now = time.perf_counter()  # time of the current decode step's tokens
         self._unreported, self._reported_at = [0, 0], 0.0
         self._cv = threading.Condition()

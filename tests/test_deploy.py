@@ -299,3 +299,12 @@ def test_stage_refuses_what_is_not_a_version(live_repo, v2_repo, tmp_path):
     with pytest.raises(DeployError, match="not the tokenizer"):
         stage_version(live_repo, other)
     assert [p.name for p in (live_repo / "generator").iterdir() if p.name.isdigit()] == ["1"]
+
+
+def test_stage_refuses_a_repository_whose_entry_runs_the_engine(tmp_path_factory, stories_repo):
+    # generate: entry: the entry reads generator/1 once at its start, so a generator version changes nothing
+    from e2e_helpers import generate_in_entry_repo
+    from tritonchat.deploy import DeployError, stage_version
+
+    with pytest.raises(DeployError, match="runs the engine inside the `ensemble` model"):
+        stage_version(generate_in_entry_repo(tmp_path_factory), stories_repo)

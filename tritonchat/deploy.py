@@ -177,12 +177,30 @@ def read_config(path: Path):
         raise DeployError(f"{path}: not a readable Triton model config ({exc})") from exc
 
 
+def _generate_param(config) -> str:
+    """The entry's `generate` parameter in a config (a ModelConfig message, or Triton's JSON)."""
+    if isinstance(config, dict):
+        return (config.get("parameters", {}).get("generate") or {}).get("string_value", "")
+    return config.parameters["generate"].string_value if "generate" in config.parameters else ""
+
+
+def _refuse_engine_in_entry(generate: str) -> None:
+    if generate == "entry":
+        raise DeployError("this repository runs the engine inside the `ensemble` model (models.ensemble.generate: "
+                          "entry), which reads generator/1 once at its start: a version switch of `generator` would "
+                          "change nothing. Restart with the new build, or build with generate: generator for hot "
+                          "version switches")
+
+
 def stage_version(repo: Path, source: Path, model: str = DEFAULT_MODEL) -> int:
     """Copy the newest version folder of `source` (a built repository, or a version folder itself) into
     `repo/model/<N+1>` and add its files to the manifest; returns N+1. Nothing is loaded."""
     repo, source = Path(repo).absolute(), Path(source).absolute()
     if not (repo / MANIFEST).is_file():
         raise DeployError(f"{repo} has no {MANIFEST}: not a repository built by `tritonchat build`")
+    entry = repo / "ensemble" / "config.pbtxt"
+    if model == DEFAULT_MODEL and entry.is_file():
+        _refuse_engine_in_entry(_generate_param(read_config(entry)))
     if (source / model / "config.pbtxt").is_file():  # a whole repository: take its newest version
         versions = version_dirs(source, model)
         if not versions:
@@ -361,6 +379,12 @@ def run_deploy(url: str, *, repo: Optional[Path] = None, source: Optional[Path] 
             say(f"staged {source} as {repo / model / str(version)}")
             if stage_only:
                 return 0
+        if model == DEFAULT_MODEL and (version is not None or rollback):
+            try:
+                generate = _generate_param(admin.config("ensemble"))
+            except DeployError:  # no entry model of that name: nothing to refuse; the switch says what is wrong
+                generate = ""
+            _refuse_engine_in_entry(generate)
         serving = admin.serving(model)
         if rollback:
             if len(serving) != 1:

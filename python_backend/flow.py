@@ -246,19 +246,21 @@ class Flow:
         done = threading.Event()
         seq = None
 
-        def on_final(out) -> None:  # on the courier's thread, after the final response went out
-            self.final_sent = True
-            if out.error:
-                self.error_kind = _kind_of(out.error)
-                self.ctx.metrics.error(self.error_kind)
-            self.finish_reason = out.finish_reason
-            self.cancelled = out.finish_reason == "cancelled"
-            if self.cancelled:
-                self.ctx.metrics.cancelled()
-            self.tokens_in, self.tokens_out = out.num_input_tokens, out.num_output_tokens
-            if seq.first_token_at is not None:
-                self.first_at = seq.first_token_at
-            done.set()
+        def on_final(out) -> None:  # on the courier's thread, once the final response's send ended
+            self.final_sent = True  # tried: a second final response could crash the server
+            try:
+                if out.error:
+                    self.error_kind = _kind_of(out.error)
+                    self.ctx.metrics.error(self.error_kind)
+                self.finish_reason = out.finish_reason
+                self.cancelled = out.finish_reason == "cancelled"
+                if self.cancelled:
+                    self.ctx.metrics.cancelled()
+                self.tokens_in, self.tokens_out = out.num_input_tokens, out.num_output_tokens
+                if seq.first_token_at is not None:
+                    self.first_at = seq.first_token_at
+            finally:
+                done.set()
 
         gen_inputs = {n: inputs[n] for n in GEN_INPUTS if n in inputs} | {t.name(): t for t in pre}
         wanted = set(self.request.requested_output_names()) & set(OUTPUTS) or set(OUTPUTS)

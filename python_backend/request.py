@@ -49,7 +49,7 @@ def sequence_of(inputs: dict, sender, *, request_id: str, outputs: set, tokenize
     preprocessing or the entry's prompt.py makes them) as if they came from any client
     (InvalidParameter: a message for the client). Its responses go to `sender` and hold the
     `outputs` among OUTPUT_NAMES (the requester's requested outputs). `is_cancelled`: polled by the
-    courier; `on_final(output)`: called after the final output was sent."""
+    courier; `on_final(output)`: called once the final output's send returned or failed."""
     max_seq_len, vocab = limits.max_seq_len, limits.vocab_size
     prompt = io.check_batch_of_one(inputs, "input_ids")
     prompt = lim.token_ids(prompt, "input_ids", vocab)
@@ -83,9 +83,11 @@ def sequence_of(inputs: dict, sender, *, request_id: str, outputs: set, tokenize
     wanted = frozenset(outputs) & OUTPUT_NAMES
 
     def sink(out: Output) -> None:
-        send(sender, out, tokenizer, wanted)
-        if out.final and on_final is not None:
-            on_final(out)
+        try:
+            send(sender, out, tokenizer, wanted)
+        finally:  # also when the send failed (a client gone): whoever waits for the end must hear of it
+            if out.final and on_final is not None:
+                on_final(out)
 
     return Sequence(prompt, params, tracker, sink=sink, stream=s(inputs, "stream", bool, False),
                     is_cancelled=is_cancelled or _never, request_id=request_id)

@@ -24,12 +24,14 @@ def build_repo(model_dir: Path, out: Path, **overrides) -> Path:
     return run_build(str(model_dir), out, settings)
 
 
-def overload_repo(tmp_path_factory) -> Path:
+def overload_repo(tmp_path_factory, generate: str = "generator") -> Path:
     """stories260K with one slot and a queue of one in front of the generator and the entry: a
-    repository that overloads at once (the overload tests, direct and through the gateway)."""
+    repository that overloads at once (the overload tests, direct and through the gateway).
+    `generate`: where the engine runs (models.ensemble.generate)."""
     need(STORIES)
     return build_repo(STORIES, tmp_path_factory.mktemp("overload") / "repo", max_batch_size=1,
-                      models={"generator": {"max_queue_size": 1}, "ensemble": {"max_queue_size": 1}})
+                      models={"generator": {"max_queue_size": 1},
+                              "ensemble": {"max_queue_size": 1, "generate": generate}})
 
 
 def generate_in_entry_repo(tmp_path_factory) -> Path:

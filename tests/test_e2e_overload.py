@@ -13,11 +13,12 @@ from e2e_helpers import overload_repo
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory):
+# the engine in the generator model, or in the entry's own process (generate: entry): the same bounds
+@pytest.fixture(scope="module", params=["generator", "entry"], ids=["generator-model", "generate-in-entry"])
+def small_server(request, tmp_path_factory):
     from tritonchat.server import TritonServer
 
-    repo = overload_repo(tmp_path_factory)
+    repo = overload_repo(tmp_path_factory, generate=request.param)
     with TritonServer(repo) as srv:
         yield srv
 
@@ -83,7 +84,14 @@ def test_generator_logs_its_malloc_setting_and_scheduler_statistics(small_server
     small_server.stop()  # last test of the module: the fixture's own stop then has nothing to do
     log = small_server.log_text()
     assert "malloc keeps freed memory: True" in log  # allocator.keep_freed_memory ran in the stub
-    line = re.search(r"generator: scheduler (.*)", log)
+    engine_in_entry = "(generate: entry)" in log
+    # Triton 2.51 did not unload the entry model once its queue had refused requests (the server then
+    # stopped by its exit timeout, 10 s; seen with either build): with the engine in the entry, the
+    # finalize that logs the statistics did not run
+    if engine_in_entry and "unloaded 'ensemble'" not in log:
+        pytest.skip("the engine runs in the entry model, which this tritonserver did not unload after its queue "
+                    "refused requests: no shutdown statistics to check (the generator-model run checks them)")
+    line = re.search(rf"{'ensemble' if engine_in_entry else 'generator'}: scheduler (.*)", log)
     assert line, "no scheduler statistics in the server log"
     stats = {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line.group(1))}
     assert stats["finished"] >= 4 and stats["steps"] > 0 and stats["prefill_calls"] >= 1

@@ -74,7 +74,7 @@ class TritonPythonModel:
         clients' cancellation as often as this model's flows would (`cancel_poll_ms`)."""
         gen_dir = Path(args["model_repository"]).parent / "generator"
         verify_model_dir(gen_dir, "1")
-        _, gen_params = io.config_params(gen_dir)
+        gen_params = io.config_params(gen_dir)
         gen_params["cancel_poll_ms"] = params.get("cancel_poll_ms", "20")
         return Generator(gen_params, gen_dir / "1", self.model_name)
 

@@ -35,16 +35,14 @@ def model_setup(args: dict) -> tuple[dict, dict, Path]:
     return config, params, model_dir / str(args["model_version"])
 
 
-def config_params(model_dir: Path) -> tuple[dict, dict]:
-    """Another model's (config as Triton's JSON, string parameters) from its config.pbtxt: the entry
-    with `generate: entry` runs the generator's engine with the generator's own settings."""
-    from google.protobuf import json_format, text_format
+def config_params(model_dir: Path) -> dict:
+    """Another model's string parameters, from its config.pbtxt: the entry with `generate: entry` runs
+    the generator's engine with the generator's own settings."""
+    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    config = json_format.MessageToDict(
-        text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()),
-        preserving_proto_field_name=True)
-    return config, {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}
 
 
 def inputs(request) -> dict:

@@ -45,7 +45,8 @@ def test_gpu_engines_get_gpu_instances():
 def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_path):
     # the entry runs the engine: one instance (one process holds it), the generator model's process
     # holds no engine and so no GPU; both configs say where the engine runs
-    out = render(load_settings(engine="torch", device="cuda", dtype="bfloat16", models={"ensemble": {"generate": "entry"}}))
+    out = render(load_settings(engine="torch", device="cuda", dtype="bfloat16",
+                               models={"ensemble": {"generate": "entry"}}))
     assert "count: 1, kind: KIND_CPU" in out["ensemble"] and "kind: KIND_CPU" in out["generator"]
     for model in ("ensemble", "generator"):
         assert 'key: "generate", value: { string_value: "entry" }' in out[model]

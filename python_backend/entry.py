@@ -23,7 +23,6 @@ from pathlib import Path
 
 from . import triton_io as io
 from .flow import Context, Flow, Watcher
-from .generator import Generator
 from .limits import Limits
 from .manifest import verify_model_dir
 from .metrics import EntryMetrics
@@ -68,10 +67,13 @@ class TritonPythonModel:
         # one thread per request in flight: each waits on its BLS calls (which release the GIL)
         self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
 
-    def _own_generator(self, args, params: dict) -> Generator:
+    def _own_generator(self, args, params: dict):
         """`generate: entry`: the generator model's engine, built here from its folder and settings
         (its config.pbtxt; that model itself then only points requests here). Its courier polls the
-        clients' cancellation as often as this model's flows would (`cancel_poll_ms`)."""
+        clients' cancellation as often as this model's flows would (`cancel_poll_ms`). Imported here: the
+        default entry's processes need none of the engine's modules."""
+        from .generator import Generator
+
         gen_dir = Path(args["model_repository"]).parent / "generator"
         verify_model_dir(gen_dir, "1")
         gen_params = io.config_params(gen_dir)

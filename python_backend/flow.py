@@ -151,7 +151,6 @@ class Flow:
         self.cancelled = False
         self.io = threading.Lock()  # held while this flow's request is asked or sent anything (Watcher)
         self.polled = 0.0  # when its request was last asked about cancellation (by the flow or the watcher)
-        self.final_sent = False  # by the in-process generator's courier (generate: entry)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -178,7 +177,8 @@ class Flow:
             self.ctx.watcher.forget(self)  # before the final response (see Watcher)
             if final is not None:
                 self._send(final, FINAL)
-            elif not self.final_sent:  # every request ends with a final response, whatever happened before
+            elif self.ctx.generator is None:  # every request ends with a final response (the engine's courier
+                # sent it where the engine runs here: `_generate_here` returns None only after that)
                 try:
                     self.sender.send(flags=FINAL)
                 except Exception:  # noqa: BLE001
@@ -247,7 +247,6 @@ class Flow:
         seq = None
 
         def on_final(out) -> None:  # on the courier's thread, once the final response's send ended
-            self.final_sent = True  # tried: a second final response could crash the server
             try:
                 if out.error:
                     self.error_kind = _kind_of(out.error)
@@ -263,8 +262,8 @@ class Flow:
                 done.set()
 
         gen_inputs = {n: inputs[n] for n in GEN_INPUTS if n in inputs} | {t.name(): t for t in pre}
-        wanted = set(self.request.requested_output_names()) & set(OUTPUTS) or set(OUTPUTS)
-        seq = sequence_of(gen_inputs, self.sender, request_id=self.gen_id, outputs=wanted, tokenizer=gen.tokenizer,
+        seq = sequence_of(gen_inputs, self.sender, request_id=self.gen_id,
+                          outputs=set(self.request.requested_output_names()), tokenizer=gen.tokenizer,
                           end_ids=gen.end_ids, limits=gen.limits, is_cancelled=self.sender.is_cancelled,
                           on_final=on_final)
         try:

@@ -161,6 +161,27 @@ def test_grpc_stream_bad_request_is_an_error_naming_the_field(stories_server, na
     assert error is None and text
 
 
+@pytest.fixture(scope="module")
+def engine_in_entry_server(tmp_path_factory):
+    """stories260K with the engine in the entry's own process (`models.ensemble.generate: entry`)."""
+    from e2e_helpers import generate_in_entry_repo
+    from tritonchat.server import TritonServer
+
+    with TritonServer(generate_in_entry_repo(tmp_path_factory)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("name, fields, message", CASES + GRPC_ONLY, ids=[c[0] for c in CASES + GRPC_ONLY])
+def test_engine_in_entry_names_the_field_and_keeps_serving(engine_in_entry_server, name, fields, message):
+    # the same checks run before and inside the in-process engine; the error goes out as the final response
+    error, _ = grpc(engine_in_entry_server, fields)
+    assert error is not None, name
+    assert message in error, error
+    assert "Traceback" not in error
+    error, text = grpc(engine_in_entry_server, {})
+    assert error is None and text
+
+
 def test_the_corpus_is_large():
     assert 2 * len(CASES + HTTP_ONLY) + len(CASES + GRPC_ONLY) >= 85
 

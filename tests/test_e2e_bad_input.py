@@ -151,13 +151,17 @@ def test_http_bad_request_is_a_400_naming_the_field(stories_server, path, name, 
     assert_serving(stories_server)
 
 
+# the engine in the generator model, and in the entry's own process (generate: entry): the same checks,
+# the error then the engine courier's final response
+@pytest.mark.parametrize("server", ["stories_server", "engine_in_entry_server"])
 @pytest.mark.parametrize("name, fields, message", CASES + GRPC_ONLY, ids=[c[0] for c in CASES + GRPC_ONLY])
-def test_grpc_stream_bad_request_is_an_error_naming_the_field(stories_server, name, fields, message):
-    error, _ = grpc(stories_server, fields)
+def test_grpc_stream_bad_request_is_an_error_naming_the_field(request, server, name, fields, message):
+    srv = request.getfixturevalue(server)
+    error, _ = grpc(srv, fields)
     assert error is not None, name
     assert message in error, error
     assert "Traceback" not in error
-    error, text = grpc(stories_server, {})
+    error, text = grpc(srv, {})
     assert error is None and text
 
 
@@ -169,17 +173,6 @@ def engine_in_entry_server(tmp_path_factory):
 
     with TritonServer(generate_in_entry_repo(tmp_path_factory)) as srv:
         yield srv
-
-
-@pytest.mark.parametrize("name, fields, message", CASES + GRPC_ONLY, ids=[c[0] for c in CASES + GRPC_ONLY])
-def test_engine_in_entry_names_the_field_and_keeps_serving(engine_in_entry_server, name, fields, message):
-    # the same checks run before and inside the in-process engine; the error goes out as the final response
-    error, _ = grpc(engine_in_entry_server, fields)
-    assert error is not None, name
-    assert message in error, error
-    assert "Traceback" not in error
-    error, text = grpc(engine_in_entry_server, {})
-    assert error is None and text
 
 
 def test_the_corpus_is_large():

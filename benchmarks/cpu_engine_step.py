@@ -7,8 +7,10 @@ For each precision both graphs are written from the model (`build/export.py` + `
 `build/ort_graph.py` + the same quantizer), then every round measures every (graph, threads) pair in
 turn, the order reversed every other round: a 32-token prefill, 16 of them in one call, and a decode
 step at each batch size with `--past` tokens already cached, in a cache of `--context` positions per
-sequence as the server allocates it (median of 20 calls each; the best round is kept). Printed: milliseconds per call and fused / export. The process keeps freed memory as the
-server's model processes do (python_backend/allocator.py). Install the package first
+sequence as the server allocates it, logits out (`decode`) and greedy (`greedy`: the argmax too; the
+fused fp32 graph runs steps of few rows through the head's 8-bit copy, python_backend/engines/head_screen.py)
+(median of 20 calls each; the best round is kept). Printed: milliseconds per call and fused / export.
+The process keeps freed memory as the server's model processes do (python_backend/allocator.py). Install the package first
 (`python3 -m pip install --no-deps --no-build-isolation -e .`).
 """
 
@@ -38,8 +40,12 @@ def build_graphs(model_dir: str, precisions: list[str], work: Path) -> dict:
             write_spec(export_onnx(model, fp32), fp32.parent / "kv_spec.json")
         else:
             write_spec(ort_graph.write_graph(model, fp32), fp32.parent / "kv_spec.json", kv_layout=ort_graph.LAYOUT)
+            plain = work / graph / "plain" / "model.onnx"  # as the build: a quantized head gets no 8-bit copy
+            write_spec(ort_graph.write_graph(model, plain, head_screen=False), plain.parent / "kv_spec.json",
+                       kv_layout=ort_graph.LAYOUT)
         for p in precisions:
-            out[(graph, p)] = fp32 if p == "fp32" else quantize(fp32, work / graph / p / "model.onnx", p, spec=spec)
+            src = fp32 if graph == "export" else plain
+            out[(graph, p)] = fp32 if p == "fp32" else quantize(src, work / graph / p / "model.onnx", p, spec=spec)
     return out
 
 
@@ -77,6 +83,11 @@ def measure(path: Path, threads: int, batches: list[int], past: int, context: in
             ex.decode(np.arange(b), rng.integers(3, ex.vocab_size, b))
             ex.lengths[:b] -= 1  # the same position again: every call does the same work
         res[f"decode b={b}"] = median_ms(step)
+
+        def greedy():  # the argmax too; the fused fp32 graph's steps of few rows run the head's 8-bit copy
+            ex.decode_greedy(np.arange(b), rng.integers(3, ex.vocab_size, b))
+            ex.lengths[:b] -= 1
+        res[f"greedy b={b}"] = median_ms(greedy)
     return res
 
 
@@ -107,7 +118,7 @@ def main() -> None:
                 got = measure(graphs[(g, p)], t, batches, a.past, a.context)
                 for k, v in got.items():
                     best[(g, p, t, k)] = min(v, best.get((g, p, t, k), float("inf")))
-    keys = ["prefill 32", "prefill 16x32"] + [f"decode b={b}" for b in batches]
+    keys = ["prefill 32", "prefill 16x32"] + [f"{k} b={b}" for k in ("decode", "greedy") for b in batches]
     print(f"ms per call, best of {a.rounds} rounds (median of 20 calls; decode: past {a.past}, context {a.context})")
     print(f"{'precision':18s} {'threads':>7s} {'call':>14s} {'export':>9s} {'fused':>9s} {'fused/export':>12s}")
     rows = []

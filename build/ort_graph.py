@@ -11,8 +11,12 @@ session"). This graph is written from the weights with ONNX Runtime's contrib op
              total_sequence_length  int32 []                 the longest row's total length
              logits_index           int64 [batch, k]         positions whose logits come out
              past_key_values.{i}.key / .value   float [batch, kv_heads, max_seq_len, head_dim]
-    outputs  logits                 float [batch, k, vocab]
+             head_rows              int64 [m]                rows of the k positions through the fp32 head
+             screen_rows            int64 [n]                ... through its 8-bit copy (fp32 builds)
+    outputs  logits                 float [m, k, vocab]
              present.{i}.key / .value           the same buffers (bound to the past's memory)
+             hidden                 float [batch, k, hidden] the final norm's output at those positions
+             screen_logits          float [n, k, vocab]      the 8-bit copy's logits (fp32 builds)
 
     per layer: RMSNormalization (the residual add fused: ONNX Runtime's SkipSimplifiedLayerNormalization)
                -> one q|k|v MatMul -> GroupQueryAttention (rotary inside, the new KV written into
@@ -20,7 +24,10 @@ session"). This graph is written from the weights with ONNX Runtime's contrib op
                -> o MatMul -> norm -> one gate|up MatMul -> SiLU(gate) * up -> down MatMul
 
 Only the positions in `logits_index` reach the LM head (a prefill asks for its last token; the
-build's parity and accuracy checks for all). GroupQueryAttention on the CPU needs head_dim % 16 == 0:
+build's parity and accuracy checks for all), and of those only the rows in `head_rows`. An fp32 build's
+graph also carries an 8-bit copy of the head (`head_screen`): a greedy decode step of few rows sends
+its rows there instead and settles the argmax exactly from `hidden` (python_backend/engines/head_screen.py).
+GroupQueryAttention on the CPU needs head_dim % 16 == 0:
 a model whose heads are narrower (stories260K: 8) gets its q, k, v heads zero-padded to the next
 multiple of 16 (each rotary half to the front of its padded half, the rotary table and o_proj to match,
 the softmax scale kept): q.k and the attention output are the model's, its KV cache twice as wide.
@@ -62,6 +69,21 @@ def supported(model) -> tuple[bool, str]:
     return True, ""
 
 
+def _head_copy(head: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """The LM head [vocab, hidden] as MatMulNBits stores 8-bit weights: [vocab, blocks, block] uint8
+    with zero point 128 (the default where the graph gives none) and one scale per block, symmetric
+    (max |w| -> 127); a hidden size not a multiple of `block` is zero-padded."""
+    vocab, hidden = head.shape
+    padded = -(-hidden // block) * block
+    w = np.zeros((vocab, padded), dtype=np.float32)
+    w[:, :hidden] = head
+    w = w.reshape(vocab, padded // block, block)
+    scales = np.abs(w).max(-1) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)
+    q = np.clip(np.rint(w / safe[..., None]), -127, 127) + 128
+    return q.astype(np.uint8), scales.astype(np.float32), block
+
+
 def _rope_tables(model, positions: int, padded: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [positions, padded / 2] as transformers computes them (inv_freq and its scaling); the
     padded dimensions (zeros in q and k) get the identity rotation."""
@@ -101,11 +123,13 @@ def _pad_cols(w: np.ndarray, heads: int, d: int, padded: int) -> np.ndarray:
     return out.reshape(w.shape[0], -1)
 
 
-def write_graph(model, out_path: Path, opset: int = 23, kv_dtype: str = "float32") -> KVSpec:
+def write_graph(model, out_path: Path, opset: int = 23, kv_dtype: str = "float32",
+                head_screen: bool = True) -> KVSpec:
     """Write the graph for `model` (a transformers Llama/Mistral in float32) to `out_path`; return the
     shape of its KV cache (head_dim padded to a multiple of 16: what kv_spec.json must record).
     `kv_dtype` "float16": the KV cache, and so the attention (GroupQueryAttention takes q, k, v and the
-    cache in one type), in float16; the projections and everything else stay float32."""
+    cache in one type), in float16; the projections and everything else stay float32. `head_screen`:
+    add the head's 8-bit copy (module docstring; an INT8 build's head is 8-bit already)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -186,20 +210,32 @@ def write_graph(model, out_path: Path, opset: int = 23, kv_dtype: str = "float32
     # only the asked positions reach the LM head: [b, s, D] -> [b, k, D]
     idx = node("Unsqueeze", ["logits_index", const("unsqueeze_axes", np.array([-1], np.int64))],
                ["logits_index/3d"], "logits_index/Unsqueeze")[0]
-    picked = node("GatherND", [x, idx], ["final_norm/picked"], "logits_index/GatherND", batch_dims=1)[0]
+    picked = node("GatherND", [x, idx], ["hidden"], "logits_index/GatherND", batch_dims=1)[0]
     head = sd.get("lm_head.weight", embed)  # tied models: a transposed copy (MatMul's form)
-    node("MatMul", [picked, weight("lm_head.weight", head.T)], ["logits"], "lm_head/MatMul")
+    rows = node("Gather", [picked, "head_rows"], ["lm_head/rows"], "head_rows/Gather", axis=0)[0]
+    node("MatMul", [rows, weight("lm_head.weight", head.T)], ["logits"], "lm_head/MatMul")
+    if head_screen:
+        q8, scales, block = _head_copy(head)
+        rows = node("Gather", [picked, "screen_rows"], ["lm_head_screen/rows"], "screen_rows/Gather", axis=0)[0]
+        node("MatMulNBits", [rows, const("lm_head.screen_q8", q8), const("lm_head.screen_scales", scales)],
+             ["screen_logits"], "lm_head_screen/MatMulNBits", domain="com.microsoft", K=head.shape[1],
+             N=head.shape[0], bits=8, block_size=block, accuracy_level=4)
 
     past_shape = ["batch", kv, "max_seq", dp]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-              helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "k"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "k", spec.vocab_size])]
+              helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["batch", "k"]),
+              helper.make_tensor_value_info("head_rows", TensorProto.INT64, ["m"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", "k", spec.vocab_size])]
     for name in spec.past_names():
         inputs.append(helper.make_tensor_value_info(name, kv_type, past_shape))
     for name in spec.present_names():
         outputs.append(helper.make_tensor_value_info(name, kv_type, past_shape))
+    outputs.append(helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "k", cfg.hidden_size]))
+    if head_screen:
+        inputs.append(helper.make_tensor_value_info("screen_rows", TensorProto.INT64, ["n"]))
+        outputs.append(helper.make_tensor_value_info("screen_logits", TensorProto.FLOAT, ["n", "k", spec.vocab_size]))
     graph = helper.make_graph(nodes, "tritonchat_gqa", inputs, outputs, inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                          helper.make_opsetid("com.microsoft", 1)])

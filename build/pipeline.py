@@ -94,6 +94,8 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
             fp32 = onnx_dir / "model.onnx"
             fused, why = _fused_graph(model, settings)
             info["graph"] = "fused" if fused else "export"
+            if fused:
+                info["head_screen"] = _head_screen(settings)
             if settings["kv_cache_dtype"] != "float32" and not fused:
                 raise BuildError(f"kv_cache_dtype {settings['kv_cache_dtype']} needs the fused CPU graph, "
                                     f"which this build cannot write ({why})")
@@ -101,7 +103,8 @@ def run_build(model_id: str, output: Path, settings: dict, *, accuracy_gate: boo
                 from tritonchat.build import ort_graph
 
                 with _step(progress, "Write the fused CPU graph (GroupQueryAttention, KV cache in place)"):
-                    cache = ort_graph.write_graph(model, fp32)  # head_dim padded to a multiple of 16
+                    # head_dim padded to a multiple of 16
+                    cache = ort_graph.write_graph(model, fp32, head_screen=_head_screen(settings))
                     export.write_spec(cache, onnx_dir / "kv_spec.json", kv_layout=ort_graph.LAYOUT,
                                       model_head_dim=spec.head_dim)
             else:
@@ -153,6 +156,12 @@ def _fused_graph(model, settings) -> tuple[bool, str]:
     return ok, "" if ok else f"the fused graph cannot express this model: {why}"
 
 
+def _head_screen(settings) -> bool:
+    """Does the fused graph carry the LM head's 8-bit copy (build/ort_graph.py)? Not where the head is
+    quantized anyway (int8-weight-only)."""
+    return bool(settings["head_screen"]) and settings["precision"] == "fp32"
+
+
 def _half_kv(progress, con, model, tokenizer, tmp: Path, spec, settings, info, accuracy_gate: bool) -> Path:
     """The fused graph with its KV cache in float16 (a quantized build starts from it); gated here
     (fp16's bound) where nothing else will be."""
@@ -160,7 +169,7 @@ def _half_kv(progress, con, model, tokenizer, tmp: Path, spec, settings, info, a
 
     out = tmp / "kv-float16" / "model.onnx"
     with _step(progress, "Write the fused CPU graph with a float16 KV cache"):
-        cache = ort_graph.write_graph(model, out, kv_dtype="float16")
+        cache = ort_graph.write_graph(model, out, kv_dtype="float16", head_screen=_head_screen(settings))
         export.write_spec(cache, out.parent / "kv_spec.json", kv_layout=ort_graph.LAYOUT, model_head_dim=spec.head_dim,
                           kv_dtype="float16")
     info["kv_cache_dtype"] = "float16"

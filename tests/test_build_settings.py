@@ -85,6 +85,7 @@ def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_p
     ({"models": {"generator": {"gil_switch_ms": 0}}}, r"gil_switch_ms must be a number from 0.01 to 100, got 0"),
     ({"kv_cache_dtype": "float16", "graph": "export"}, r"kv_cache_dtype float16 is the fused CPU graph's"),
     ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype must be one of"),
+    ({"head_screen": "yes"}, r"head_screen must be true or false, got 'yes'"),
     ({"models": {"ensemble": {"detokenize": "inline"}}},
      r"models.ensemble.detokenize must be postprocessing or generator, got 'inline'"),
     ({"models": {"ensemble": {"tokenize": "client"}}},

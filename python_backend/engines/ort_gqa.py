@@ -14,6 +14,9 @@ because every prompt run computes an even number of rows: GroupQueryAttention's 
 the last row of a run of 96k + 1 rows on another path whose rounding differs (found by
 tests/test_ort_graph.py; 97, 193, 289 on this machine's ONNX Runtime 1.32), so an odd run gets one
 filler token after the prompt, treated as a real one whose KV the next decode step overwrites.
+
+A greedy decode step of up to SCREEN_MAX_ROWS rows on a graph with the head's 8-bit copy (fp32 builds)
+runs that copy instead of the fp32 head and settles each argmax exactly (head_screen.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ import os
 
 import numpy as np
 
+from .base import Ban
+from .head_screen import HeadScreen
 from .ort import OrtSlots
+
+#: greedy decode steps of at most this many rows run the head's 8-bit copy: the 15M-shaped fp32 model's
+#: step on 2 cores took 0.62 / 0.74 / 0.81 / 0.91x the time at 1 / 2 / 3 / 4 rows and 1.01-1.25x at 6-16,
+#: where the int8 products cost more than the fp32 head's read saves (docs/benchmarks.md, "The LM head's
+#: 8-bit copy")
+SCREEN_MAX_ROWS = 4
 
 
 def _even(rows: int) -> int:
@@ -43,7 +54,17 @@ class OrtGqaEngine(OrtSlots):
         self.slot_at = np.arange(self.max_slots)  # row -> slot
         self._logits = np.zeros((self.max_slots, 1, self.vocab_size), dtype=np.float32)  # decode's output
         self.swaps = 0
-        self._bindings: dict = {}  # (first row, rows) -> a decode step's binding
+        self._bindings: dict = {}  # (first row, rows, screened) -> a decode step's binding
+        names = {i.name for i in self.session.get_inputs()}
+        self._head_rows = "head_rows" in names  # graphs built since the head's 8-bit copy came (older: none)
+        self.screen = HeadScreen.from_graph(model_path) if "screen_rows" in names else None
+        self._rows = np.arange(self.max_slots, dtype=np.int64)  # bound as row lists: must outlive the bindings
+        self._no_rows = np.zeros(0, dtype=np.int64)
+        if self.screen is not None:
+            hidden = self.screen.head_t.shape[1]
+            self._hidden = np.zeros((self.max_slots, 1, hidden), dtype=np.float32)  # a screened step's outputs
+            self._screened = np.zeros((self.max_slots, 1, self.vocab_size), dtype=np.float32)
+            self._no_logits = np.zeros((0, 1, self.vocab_size), dtype=np.float32)
 
     # -- rows ---------------------------------------------------------------------------------
     def _swap(self, a: int, b: int) -> None:
@@ -74,35 +95,51 @@ class OrtGqaEngine(OrtSlots):
 
     # -- running the graph --------------------------------------------------------------------
     def _run(self, r0: int, ids: np.ndarray, seqlens: np.ndarray, total: int, index: np.ndarray,
-             logits_out: np.ndarray | None = None) -> np.ndarray:
+             logits_out: np.ndarray | None = None, screen: bool = False) -> np.ndarray | None:
         """One run over rows [r0, r0 + len(ids)): `ids` [b, s], `seqlens` (total length - 1 per row),
-        `index` [b, k]: the positions whose logits come back ([b, k, vocab])."""
+        `index` [b, k]: the positions whose logits come back ([b, k, vocab]). `screen`: through the
+        head's 8-bit copy instead (a decode step: `_hidden` and `_screened` hold what comes back)."""
         b = len(ids)
-        key = (r0, b)
-        io = self._bindings.get(key) if logits_out is not None else None
+        key = (r0, b, screen)
+        bound_once = logits_out is not None or screen  # a decode step's: the same views every time
+        io = self._bindings.get(key) if bound_once else None
         if io is None:
-            io = self._bind(r0, b, logits_out)
-            if logits_out is not None:
-                self._bindings[key] = io  # a decode step's: the same views every time (bound once)
+            io = self._bind(r0, b, logits_out, screen)
+            if bound_once:
+                self._bindings[key] = io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
         io.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         io.bind_cpu_input("logits_index", np.ascontiguousarray(index, dtype=np.int64))
         self.session.run_with_iobinding(io)
+        if screen:
+            return None
         return logits_out if logits_out is not None else io.get_outputs()[0].numpy()
 
-    def _bind(self, r0: int, b: int, logits_out: np.ndarray | None):
-        """A binding of rows [r0, r0 + b) of the cache as past and present, and of the logits."""
+    def _bind(self, r0: int, b: int, logits_out: np.ndarray | None, screen: bool = False):
+        """A binding of rows [r0, r0 + b) of the cache as past and present, and of the logits (or,
+        `screen`, of the hidden states and the 8-bit copy's logits)."""
         ort = self._ort
+
+        def out(name: str, array: np.ndarray | None) -> None:
+            if array is None:
+                io.bind_output(name)
+            else:
+                io.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+
         io = self.session.io_binding()
-        if logits_out is not None:  # first: get_outputs() lists the outputs in binding order
-            io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_out))
-        else:
-            io.bind_output("logits")
+        # first: get_outputs() lists the outputs in binding order
+        out("logits", self._no_logits if screen else logits_out)
         for past, present, store in zip(self.past_names, self.present_names, self.cache):
             value = ort.OrtValue.ortvalue_from_numpy(store[r0:r0 + b])  # a view: shared, not copied
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
+        if self._head_rows:
+            io.bind_cpu_input("head_rows", self._no_rows if screen else self._rows[:b])
+            out("hidden", self._hidden[:b] if screen else None)
+        if self.screen is not None:
+            io.bind_cpu_input("screen_rows", self._rows[:b] if screen else self._no_rows)
+            out("screen_logits", self._screened[:b] if screen else None)
         return io
 
     # -- Engine API ---------------------------------------------------------------------------
@@ -157,6 +194,16 @@ class OrtGqaEngine(OrtSlots):
         self.kept[dst] = n
 
     def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        return self._logits[self._step(slots, tokens), 0]
+
+    def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban: Ban | None = None) -> np.ndarray:
+        if self.screen is None or len(slots) > SCREEN_MAX_ROWS:
+            return super().decode_greedy(slots, tokens, ban)
+        rows = self._step(slots, tokens, screen=True)
+        return self.screen.choose(self._hidden[rows, 0], self._screened[rows, 0], ban)
+
+    def _step(self, slots: np.ndarray, tokens: np.ndarray, screen: bool = False) -> np.ndarray:
+        """One decode step (`_run`'s `screen`); the rows of its outputs, in the order of `slots`."""
         slots = np.asarray(slots, dtype=np.int64)
         b = len(slots)
         lengths = self.lengths[slots]
@@ -168,9 +215,9 @@ class OrtGqaEngine(OrtSlots):
         ids[rows, 0] = tokens
         seqlens = np.empty(b, dtype=np.int64)
         seqlens[rows] = lengths
-        logits = self._run(0, ids, seqlens, int(lengths.max()) + 1, np.zeros((b, 1), np.int64), self._logits[:b])
+        self._run(0, ids, seqlens, int(lengths.max()) + 1, np.zeros((b, 1), np.int64), self._logits[:b], screen)
         self.lengths[slots] = lengths + 1
-        return logits[rows, 0]
+        return rows
 
     def logits_all(self, token_ids) -> np.ndarray:
         """Logits [n, vocab] of every position of `token_ids` run as a fresh sequence (parity and the

@@ -175,3 +175,17 @@ def test_the_build_writes_the_copy_where_the_head_is_fp32(tmp_path):
         inputs = {i.name for i in onnx.load(str(model), load_external_data=False).graph.input}
         assert ("screen_rows" in inputs) is want
         assert (_engine(model).screen is not None) is want
+
+
+def test_the_engine_reads_the_copy_from_hard_linked_files(graph, tmp_path):
+    """`tritonchat deploy` stages a version's files as hard links; onnx's loader refuses such a data
+    file, the engine reads the head from it all the same (the same arrays as from the original)."""
+    import os
+
+    linked = tmp_path / "v2"
+    linked.mkdir()
+    for f in graph.parent.iterdir():
+        os.link(f, linked / f.name)
+    a, b = _engine(graph).screen, _engine(linked / graph.name).screen
+    np.testing.assert_array_equal(a.head_t, b.head_t)
+    assert a.weight_error == b.weight_error > 0

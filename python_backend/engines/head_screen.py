@@ -51,7 +51,6 @@ class HeadScreen:
     def from_graph(cls, model_path: str | Path) -> "HeadScreen":
         """Read the fp32 head and its 8-bit copy from the graph's initializers (only those three)."""
         import onnx
-        from onnx import external_data_helper, numpy_helper
 
         model_path = Path(model_path)
         graph = onnx.load(str(model_path), load_external_data=False).graph
@@ -59,11 +58,7 @@ class HeadScreen:
         missing = {HEAD, SCREEN_Q, SCREEN_SCALES} - set(found)
         if missing:
             raise ValueError(f"{model_path} has no head screen: {', '.join(sorted(missing))} missing")
-        arrays = {}
-        for name, tensor in found.items():
-            if external_data_helper.uses_external_data(tensor):
-                external_data_helper.load_external_data_for_tensor(tensor, str(model_path.parent))
-            arrays[name] = numpy_helper.to_array(tensor)
+        arrays = {name: _read(tensor, model_path.parent) for name, tensor in found.items()}
         return cls(arrays[HEAD].T, arrays[SCREEN_Q], arrays[SCREEN_SCALES])
 
     def bound(self, hidden: np.ndarray) -> np.ndarray:
@@ -101,3 +96,24 @@ class HeadScreen:
         self.candidates += len(c)
         self.rows += len(rows)
         return out
+
+
+def _read(tensor, folder: Path) -> np.ndarray:
+    """An initializer's array, its bytes read from the graph's data file where they are stored there.
+    Not onnx's own loader: it refuses a data file with several hard links, and `tritonchat deploy`
+    stages a version's files as hard links (ONNX Runtime reads them as it reads any file)."""
+    from onnx import external_data_helper, helper, numpy_helper
+
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    path = (folder / info["location"]).resolve()
+    if folder.resolve() not in path.parents:
+        raise ValueError(f"initializer {tensor.name}: its data file {info['location']!r} is outside {folder}")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    count = int(np.prod(shape))
+    data = np.fromfile(path, dtype=dtype.newbyteorder("<"), count=count, offset=int(info.get("offset", 0)))
+    if data.size != count:
+        raise ValueError(f"initializer {tensor.name}: {path.name} ends before its {count} values")
+    return data.astype(dtype, copy=False).reshape(shape)

@@ -51,6 +51,14 @@ def quantize_int8_weight_only(onnx_in: Path, onnx_out: Path, *, work_dir: Path, 
         raise ValueError(method)
 
 
+def symmetric_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """INT8 values and scales of `blocks` [..., block]: symmetric, one scale per block (max |w| -> 127),
+    as llama.cpp's q8_0 and MatMulNBits' 8-bit weights."""
+    scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / 127.0
+    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
 def quantize_embedding(model, block_size: int = 32) -> int:
     """INT8 embedding tables, in place: each Gather of a 2-D float initializer (the token embedding)
     becomes a Gather of INT8 rows and one of their scales (symmetric, one scale per `block_size`
@@ -71,13 +79,12 @@ def quantize_embedding(model, block_size: int = 32) -> int:
         w = numpy_helper.to_array(t)
         rows, width = w.shape
         block = block_size if width % block_size == 0 else width
-        blocks = w.reshape(rows, width // block, block)
-        scale = np.maximum(np.abs(blocks).max(-1), 1e-12) / 127.0
-        q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int8).reshape(rows, width)
+        q, scale = symmetric_blocks(w.reshape(rows, width // block, block))
+        q = q.reshape(rows, width)
         name, out, p = t.name, node.output[0], node.name or f"embedding_{k}"
         graph.initializer.remove(t)
         graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_scales"),
+                                  numpy_helper.from_array(scale, f"{name}_scales"),
                                   numpy_helper.from_array(np.array([0, 0, width // block, block], np.int64), f"{p}/blocked"),
                                   numpy_helper.from_array(np.array([0, 0, width], np.int64), f"{p}/rows"),
                                   numpy_helper.from_array(np.array([-1], np.int64), f"{p}/last")])

@@ -72,16 +72,15 @@ def supported(model) -> tuple[bool, str]:
 def _head_copy(head: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
     """The LM head [vocab, hidden] as MatMulNBits stores 8-bit weights: [vocab, blocks, block] uint8
     with zero point 128 (the default where the graph gives none) and one scale per block, symmetric
-    (max |w| -> 127); a hidden size not a multiple of `block` is zero-padded."""
+    (int8_weight_only.symmetric_blocks); a hidden size not a multiple of `block` is zero-padded."""
+    from .int8_weight_only import symmetric_blocks
+
     vocab, hidden = head.shape
     padded = -(-hidden // block) * block
     w = np.zeros((vocab, padded), dtype=np.float32)
     w[:, :hidden] = head
-    w = w.reshape(vocab, padded // block, block)
-    scales = np.abs(w).max(-1) / 127.0
-    safe = np.where(scales > 0, scales, 1.0)
-    q = np.clip(np.rint(w / safe[..., None]), -127, 127) + 128
-    return q.astype(np.uint8), scales.astype(np.float32), block
+    q, scales = symmetric_blocks(w.reshape(vocab, padded // block, block))
+    return (q.astype(np.int16) + 128).astype(np.uint8), scales, block
 
 
 def _rope_tables(model, positions: int, padded: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ from .base import NONFINITE, Ban, greedy_tokens
 HEAD, SCREEN_Q, SCREEN_SCALES = "lm_head.weight", "lm_head.screen_q8", "lm_head.screen_scales"
 #: the float-rounding share of the bound, relative to ||h|| * max(Q, max_j ||w_j||): ~1e-6 expected
 SLACK = 1e-4
+#: vocabulary rows measured at a time at load (float64 temporaries of a 32k x 2k head would be ~0.5 GB)
+LOAD_ROWS = 4096
 
 
 class HeadScreen:
@@ -39,12 +41,17 @@ class HeadScreen:
         ([vocab, blocks, block] uint8, zero point 128); `scales`: [vocab, blocks]."""
         vocab, hidden = head_t.shape
         self.head_t = np.ascontiguousarray(head_t, dtype=np.float32)
-        deq = ((q8.astype(np.float32) - 128.0) * scales[..., None]).reshape(vocab, -1)[:, :hidden]
-        self.weight_error = float(np.sqrt(np.square(self.head_t - deq, dtype=np.float64).sum(1)).max())
-        self.copy_norm = float(np.sqrt(np.square(deq, dtype=np.float64).sum(1)).max())
-        weight_norm = float(np.sqrt(np.square(self.head_t, dtype=np.float64).sum(1)).max())
-        self.norm = max(self.copy_norm, weight_norm)
-        self.candidates = 0  # recomputed logits, all rows so far (the benchmarks report them)
+        error = copy = weight = 0.0  # the largest squared row norms of w - q, q and w
+        for r in range(0, vocab, LOAD_ROWS):
+            w = self.head_t[r:r + LOAD_ROWS].astype(np.float64)
+            q = ((q8[r:r + LOAD_ROWS].astype(np.float64) - 128.0) * scales[r:r + LOAD_ROWS, :, None])
+            q = q.reshape(len(w), -1)[:, :hidden]
+            error = max(error, float(np.einsum("ij,ij->i", w - q, w - q).max()))
+            copy = max(copy, float(np.einsum("ij,ij->i", q, q).max()))
+            weight = max(weight, float(np.einsum("ij,ij->i", w, w).max()))
+        self.weight_error, self.copy_norm = float(np.sqrt(error)), float(np.sqrt(copy))
+        self.norm = max(self.copy_norm, float(np.sqrt(weight)))
+        self.candidates = 0  # recomputed logits and the rows they were for (tests/test_head_screen.py)
         self.rows = 0
 
     @classmethod

@@ -242,8 +242,8 @@ def test_stories260k_heads_padded_to_16_keep_its_logits_and_answers(tmp_path):
 
 @pytest.mark.parametrize("kv", ["float32", "float16"])
 def test_a_fused_repository_through_the_real_server(hf_model, tmp_path, kv):
-    """Built by `tritonchat build` (the fused graph chosen; its KV cache in float32 or float16), served
-    by tritonserver: greedy answers of concurrent requests equal transformers' (rows swapped as
+    """Built by `tritonchat build` (the fused graph chosen, with the LM head's 8-bit copy; its KV cache in
+    float32 or float16), served by tritonserver: greedy answers of concurrent requests equal transformers' (rows swapped as
     requests come and go), streamed text equals the whole answer, a bad request is refused and the
     server keeps serving."""
     import concurrent.futures
@@ -258,6 +258,7 @@ def test_a_fused_repository_through_the_real_server(hf_model, tmp_path, kv):
     repo = build_repo(src, tmp_path / "repo", max_batch_size=4, max_seq_len=256, kv_cache_dtype=kv)
     manifest = json.loads((repo / "manifest.json").read_text())
     assert manifest["graph"] == "fused" and manifest.get("kv_cache_dtype", "float32") == kv
+    assert manifest["head_screen"] is True  # greedy steps of up to 4 rows run the head's 8-bit copy
     tok = AutoTokenizer.from_pretrained(str(src))
     prompts = ["Once upon a time", "The little dog ran", "Hello", "A long time ago in a land far away",
                "She said", "It was a dark and stormy night",

@@ -68,6 +68,10 @@ VARIANTS = {
     # the products of 16 rows and more may take the kernel's TMA form where tuned faster (bf16: up to
     # 64 rows, against cuBLAS)
     "triton+graphs tma": ("triton", "triton", True, 256, {"tma_kernel": True}),
+    # the decode attention split for the whole cache every step (by default steps whose sequences all
+    # fit in split_min positions take graphs without a split: TorchEngine._attn_span)
+    "triton+graphs longspan": ("triton", "triton", True, 256, {"short_span": False}),
+    "triton+graphs fp8 longspan": ("triton", "triton", True, 256, {"weights": "fp8", "short_span": False}),
     "triton+graphs fp8 tma": ("triton", "triton", True, 256, {"weights": "fp8", "tma_kernel": True, "a8_kernel": True}),
 }
 
@@ -88,7 +92,9 @@ def make_engine(model, variant, **kw):
     opts = {**(extra[0] if extra else {}), **kw}
     fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "dense_kernel")}
     forms = {name: opts.pop(name, name == "a16_kernel") for name in ("a8_kernel", "tma_kernel", "a16_kernel")}
+    short_span = opts.pop("short_span", True)
     ex = TorchEngine(**{**args, **opts})
+    ex.short_span = short_span  # before any graph is captured
     if ex.path == "native":
         for name, on in fuse.items():  # before any graph is captured
             setattr(ex.llama, name, on)

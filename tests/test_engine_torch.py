@@ -410,6 +410,19 @@ with torch.no_grad():
     logits, _ = tri._step_body(torch.from_numpy(a), None, (buf, key))
 rp, rd = ref.prefill_batch([1, 2], ps[1:]), ref.decode(np.array([0]), np.array([5]))
 worst = max(worst, np.abs(rd - logits[:1].numpy()).max(), np.abs(rp - logits[2:4].numpy()).max())
+# a cache longer than split_min: steps whose sequences all fit in split_min read a span of it with no
+# split (a graph of their own on a GPU), the others the whole cache, split; both as the torch ops
+kw320 = {**kw, "max_seq_len": 320}
+ref, span = TorchEngine(path, kernels="torch", attention="sdpa", **kw320), \
+    TorchEngine(path, kernels="triton", attention="triton", **kw320)
+span.split_min = 40
+assert span._attn_span(40) == 40 and span._attn_span(41) is None and span._splits(2, 40) == 1 and span._splits(2) > 1
+for slot, n in ((0, 150), (1, 20)):
+    p = rng.integers(0, 512, n)
+    worst = max(worst, np.abs(ref.prefill(slot, p) - span.prefill(slot, p)).max())
+for rows in ([0, 1], [1], [1], [0, 1]):  # 151 positions: the whole cache; slot 1 alone: within 40
+    slots, toks = np.array(rows), rng.integers(0, 512, len(rows))
+    worst = max(worst, np.abs(ref.decode(slots, toks) - span.decode(slots, toks)).max())
 print("WORST", worst)
 assert worst < 1e-4, worst
 """

@@ -101,6 +101,9 @@ class TorchEngine(Engine):
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self.pdl = False
         self.tune_cache = tune_cache_dir() if tune_cache == "auto" else tune_cache
+        # steps whose sequences all fit in `split_min` positions take decode graphs of their own whose
+        # attention splits nothing (`_attn_span`); False: the whole cache's split every step (benchmarks)
+        self.short_span = True
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
 
@@ -209,8 +212,20 @@ class TorchEngine(Engine):
     def _sms(self, value: int) -> None:
         self.llama.sms = value
 
-    def _splits(self, b: int) -> int:
-        return self.llama.splits(b)
+    def _splits(self, b: int, span: int | None = None) -> int:
+        return self.llama.splits(b, span)
+
+    def _attn_span(self, top: int):
+        """Positions the decode attention of a step may read, its longest sequence holding `top`:
+        the SDPA attention's length bucket; with the Triton attention the whole cache (None, split
+        for it where it is long), or `split_min` while `top` fits in it (`short_span`): a graph of its
+        own whose attention splits nothing, no combine kernel (a cache longer than `split_min` split
+        every step, ~2 us a layer at 1-16 rows at any length: docs/benchmarks-gpu.md)."""
+        if self.attention != "triton":
+            return self.layout.length_bucket_of(top)
+        if self.path != "native" or not self.short_span or top > self.split_min or self.max_seq_len <= self.split_min:
+            return None
+        return self.split_min
 
     def _prefill_buckets(self, lens: np.ndarray) -> tuple:
         return self.layout.buckets(lens)
@@ -265,7 +280,9 @@ class TorchEngine(Engine):
         tokens are the last ids of their slots, still on the device, instead of `tokens`. `ban`:
         ids masked out of some rows before the argmax."""
         n = len(slots)
-        tb = self.layout.length_bucket_of(int(pos.max()) + 1 if n else 1)
+        # a step carrying prompts reads the whole cache (one graph per prompt bucket is enough)
+        tb = None if prompts is not None and self.attention == "triton" else \
+            self._attn_span(int(pos.max()) + 1 if n else 1)
         b = self.graphs.batch_size(n) if self.cuda_graphs else None
         late = ban is not None and len(ban.ids) > BAN_IDS  # too many for the graph: banned after it
         inside = None if late else ban
@@ -285,7 +302,7 @@ class TorchEngine(Engine):
                 self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside, n, pslots)
                 playout = self.layout.build(pslots, pids, lens, key, mixed=True, first=first)
                 mix = (torch.from_numpy(playout).to(self.device), key)
-            if tb is not None:
+            if tb is not None and self.attention != "triton":
                 tb = int(pos.max()) + 1 if n else 1  # eager: the exact length, no bucket
             inp = torch.from_numpy(a).to(self.device, non_blocking=True)
             logits, ids = self._step_body(inp, tb, mix)
@@ -325,7 +342,8 @@ class TorchEngine(Engine):
         with torch.no_grad():
             mix_keys = (list(self.layout.token_buckets(self.mix_tokens))  # steps carrying prompts, every bucket
                         if self.can_mix and self.attention == "triton" else [])
-            self.graphs.capture_all(self.layout.length_bucket_of(1),
+            spans = {self._attn_span(1), self._attn_span(self.max_seq_len)}  # Triton: short and long
+            self.graphs.capture_all(spans,
                                     self._warmup_prefill_keys() if self.prefill_graphs else (), mix_keys,
                                     self._step_body, self._prefill_body)
         torch.cuda.synchronize(self.device)

@@ -200,13 +200,14 @@ class StepGraphs:
             torch.cuda.synchronize(self.device)
             return None
 
-    def capture_all(self, tb, prefill_keys, mix_keys, step_body, prefill_body) -> None:
-        """Warm-up: capture, where not yet captured, the decode step of every batch size (length
-        bucket `tb`), the prefill of every key of `prefill_keys` and, for every batch size, the
-        step carrying prompts of every key of `mix_keys` (a list)."""
-        for b in self.batch_sizes:
-            if (b, tb) not in self.decode:
-                self.capture_decode(b, tb, step_body)
+    def capture_all(self, tbs, prefill_keys, mix_keys, step_body, prefill_body) -> None:
+        """Warm-up: capture, where not yet captured, the decode step of every batch size (each length
+        bucket or attention span of `tbs`), the prefill of every key of `prefill_keys` and, for every
+        batch size, the step carrying prompts of every key of `mix_keys` (a list)."""
+        for tb in tbs:
+            for b in self.batch_sizes:
+                if (b, tb) not in self.decode:
+                    self.capture_decode(b, tb, step_body)
         for key in prefill_keys:
             if key not in self.prefill:
                 self.capture_prefill(key, prefill_body)

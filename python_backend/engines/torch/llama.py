@@ -340,19 +340,24 @@ class Llama:
             return self.attn_prefill_varlen(q, L, p.table, p.blocks, out)
         return out.copy_(self.attn_prefill_padded(q, L, p.pack))
 
-    def splits(self, b: int) -> int:
-        return decode_attention_config(b, self.num_kv_heads, self.head_dim, self.max_seq_len, self.sms,
+    def splits(self, b: int, span: int | None = None) -> int:
+        """The decode attention's splits of each of `b` rows, reading at most `span` positions (None:
+        the whole cache)."""
+        return decode_attention_config(b, self.num_kv_heads, self.head_dim, span or self.max_seq_len, self.sms,
                                        self.split_min)[0]
 
     def attn_decode(self, qkv, L, slots, pos, tb, out=None):
         """Decode attention of the step's q/k/v rows `qkv` [b, (Hq + 2 Hkv) x D]: RoPE at `pos`, the
-        new key and value written to the cache at [slots, :, pos], the query against [0, pos]."""
+        new key and value written to the cache at [slots, :, pos], the query against [0, pos].
+        `tb`: positions any row may read (SDPA: its length bucket; Triton: None, the whole cache, or a
+        span short enough to need no split, `TorchEngine._attn_span`)."""
         b, hq, hkv, d, g = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim, self.group
         if L.q_norm is not None:
             qkv = self.qk_norm(qkv, L)
         if self.attention == "triton":  # RoPE and the cache write inside the attention kernel
-            ns, block_n = decode_attention_config(b, hkv, d, self.max_seq_len, self.sms, self.split_min)
-            chunk = cdiv(cdiv(self.max_seq_len, ns), block_n) * block_n
+            span = self.max_seq_len if tb is None else min(tb, self.max_seq_len)
+            ns, block_n = decode_attention_config(b, hkv, d, span, self.sms, self.split_min)
+            chunk = cdiv(cdiv(span, ns), block_n) * block_n
             dp = max(16, next_pow2(d))
             if out is None:
                 out = torch.empty((b, hq * d), device=qkv.device, dtype=qkv.dtype)

@@ -342,7 +342,9 @@ class TorchEngine(Engine):
         with torch.no_grad():
             mix_keys = (list(self.layout.token_buckets(self.mix_tokens))  # steps carrying prompts, every bucket
                         if self.can_mix and self.attention == "triton" else [])
-            spans = {self._attn_span(1), self._attn_span(self.max_seq_len)}  # Triton: short and long
+            spans = {self._attn_span(1)}  # SDPA: the first length bucket (the rest on first use)
+            if self.attention == "triton":
+                spans.add(self._attn_span(self.max_seq_len))  # the whole cache, beside the short span
             self.graphs.capture_all(spans,
                                     self._warmup_prefill_keys() if self.prefill_graphs else (), mix_keys,
                                     self._step_body, self._prefill_body)

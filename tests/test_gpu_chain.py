@@ -89,6 +89,15 @@ def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_pa
         assert chained[i] == plain[i] == unmixed[i], (i, chained[i], plain[i], unmixed[i])
         assert window == want, (i, window, want)  # a non-streamed answer's release holds every id
         assert count == len(want) + (reason == "stop"), (i, count, len(want), reason)
+    # a cache longer than split_min: steps switch between the short span's graphs (attention in one
+    # split) and the whole cache's (split, a combine kernel) as sequences grow past it
+    spanned = TorchEngine(model=model, max_slots=4, max_seq_len=512, device=dev, dtype="float32")
+    spanned.split_min = 64
+    spanned.warmup()
+    assert spanned._splits(4) > 1 and spanned._splits(4, 64) == 1
+    both, _ = run(spanned, tok, jobs, end)
+    assert {tb for _, tb in spanned.graphs.decode} == {64, None}
+    assert both == chained, [i for i in range(len(jobs)) if both[i] != chained[i]]
     print(f"OK: {len(jobs)} jobs, chained steps {n_chained}, steps carrying prompts {st.mixed_steps} "
           f"({st.prefills} prompts, {st.prefill_calls} prefills of their own), {ex.describe()['attention']} "
           f"attention, graphs {len(ex.graphs.decode)} + {len(ex.graphs.mixed)} carrying prompts")

@@ -355,7 +355,7 @@ class Llama:
         if L.q_norm is not None:
             qkv = self.qk_norm(qkv, L)
         if self.attention == "triton":  # RoPE and the cache write inside the attention kernel
-            span = self.max_seq_len if tb is None else min(tb, self.max_seq_len)
+            span = tb or self.max_seq_len  # as `splits`
             ns, block_n = decode_attention_config(b, hkv, d, span, self.sms, self.split_min)
             chunk = cdiv(cdiv(span, ns), block_n) * block_n
             dp = max(16, next_pow2(d))

@@ -30,7 +30,7 @@ example: docs/build-config.md).
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
                        prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto,
-                       first_token_senders: 0, gil_switch_ms: 5}
+                       first_token_senders: 0, gil_switch_ms: 5, sample_on_device: true}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -43,6 +43,9 @@ example: docs/build-config.md).
                       # queue_timeout_ms: a request waiting longer for a KV-cache slot is refused (0: never)
                       # mix_prefill: torch engine: greedy requests that arrive while others decode are
                       #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
+                      # sample_on_device: torch engine: sampled requests (temperature, top_k, top_p; no
+                      #   penalties or bad words) get their tokens drawn on the device, so their steps
+                      #   chain and carry prompts as greedy ones do; false: their logits come to the host
                       # prefix_reuse: a prompt reuses the KV of its longest prefix a slot still holds
                       #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
                       # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many
@@ -115,7 +118,7 @@ DEFAULTS: dict = {
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
                       "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 0,
-                      "gil_switch_ms": 5,
+                      "gil_switch_ms": 5, "sample_on_device": True,
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
@@ -199,8 +202,9 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
                             f"(0: no limit), got {g['stream_responses_per_s']!r}")
     if not _number(g["prefill_wait_ms"], 0):
         raise SettingsError(f"models.generator.prefill_wait_ms must be a number >= 0, got {g['prefill_wait_ms']!r}")
-    if not isinstance(g["mix_prefill"], bool):
-        raise SettingsError(f"models.generator.mix_prefill must be true or false, got {g['mix_prefill']!r}")
+    for flag in ("mix_prefill", "sample_on_device"):
+        if not isinstance(g[flag], bool):
+            raise SettingsError(f"models.generator.{flag} must be true or false, got {g[flag]!r}")
     if g["pdl"] not in ("auto", True, False):
         raise SettingsError(f"models.generator.pdl must be auto, true or false, got {g['pdl']!r}")
     if g["pdl"] is True and (s["engine"] != "torch" or s["device"] != "cuda"):

@@ -2,7 +2,7 @@
 
 For each concurrency level C, C workers send streamed requests (asyncio client, gRPC or HTTP) until
 ``requests_per_level`` have finished. Every request asks for exactly ``output_len`` tokens
-(``min_tokens = max_tokens``, greedy) on a prompt of exactly ``prompt_len`` tokens (cut from real
+(``min_tokens = max_tokens``; greedy unless ``--temperature``) on a prompt of exactly ``prompt_len`` tokens (cut from real
 text with the repository's tokenizer), so runs compare. Measured on the client:
 
 * TTFT: request sent -> first delta carrying output ids;
@@ -66,6 +66,10 @@ class BenchConfig:
     rounds: int = 1  # > 1: server sweep and peers alternate; each (source, C) keeps its best round
     client_processes: int = 0  # client processes per level; 0: auto (see `client_processes_for`)
     peer_concurrency: Optional[List[int]] = None  # the levels the batch peers run (default: the sweep's)
+    # the server's requests sample with these (unseeded; 0 / None: greedy, the default); the peers stay greedy
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
 
     def peer_levels(self) -> List[int]:
         return list(self.peer_concurrency or self.concurrency)
@@ -273,7 +277,8 @@ def summarize(records: List[RequestRecord], concurrency: int, capped: bool = Fal
 def _params(cfg: BenchConfig):
     from tritonchat.client import GenerationParams
 
-    return GenerationParams(max_tokens=cfg.output_len, min_tokens=cfg.output_len, temperature=0.0)
+    return GenerationParams(max_tokens=cfg.output_len, min_tokens=cfg.output_len, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k)
 
 
 def _stats_snapshot(http_url: Optional[str], grpc_url: Optional[str],

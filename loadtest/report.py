@@ -63,8 +63,13 @@ def _row(source: str, lv: Dict[str, Any], note: str) -> List[str]:
 def title(result: Dict[str, Any]) -> str:
     cfg = result.get("config", {})
     label = result.get("label") or "model"
+    how = "greedy"
+    if cfg.get("temperature"):
+        how = f"the server sampling at temperature {cfg['temperature']:g}" + "".join(
+            f", {name} {cfg[key]:g}" for key, name in (("top_p", "top_p"), ("top_k", "top_k")) if cfg.get(key))
+        how += ", the peers greedy" if result.get("peers") else ""
     return (f"{label}: prompt {cfg.get('prompt_len')} tokens, output {cfg.get('output_len')} tokens "
-            f"(min_tokens = max_tokens, greedy); latencies in ms")
+            f"(min_tokens = max_tokens, {how}); latencies in ms")
 
 
 def skipped_notes(result: Dict[str, Any]) -> List[str]:

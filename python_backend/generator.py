@@ -72,6 +72,7 @@ class Generator:
                                    stream_interval=float(params.get("stream_interval_ms", "0")) / 1e3,
                                    stream_rate=_stream_rate(params.get("stream_responses_per_s", "0")),
                                    mix_prefill=parse_flag(params.get("mix_prefill", "true")),
+                                   sample_on_device=parse_flag(params.get("sample_on_device", "true")),
                                    prefix_reuse=parse_flag(params.get("prefix_reuse", "true")),
                                    first_senders=senders,
                                    # the entry's setting where it runs this engine (generate: entry)

@@ -11,6 +11,9 @@ one. The logits of hash target `t` are `-((v - t) % vocab)`: the argmax is `t`, 
 rules checked on every call: a chained step's rows must be slots the previous step wrote, prompts go
 into empty slots only, never past the context. `calls` records every engine call.
 
+`can_sample` lets the engine draw the tokens of sampled rows (`decode_greedy_begin(draws=...)`), with
+the host's own `draw_tokens` on its logits: a seeded answer must not change with where it is drawn.
+
 `can_reuse` switches on prefix reuse (`prefill_cached`, `copy_prefix`): a slot remembers the tokens it
 was fed (kept after `release`), and a prefill that claims to reuse a prefix the slot does not hold,
 or leaves fewer than `reuse_min_new` tokens to compute, raises; `reused` logs (slot, cached tokens)
@@ -27,7 +30,7 @@ import time
 
 import numpy as np
 
-from tritonchat.python_backend.engines.base import Engine
+from tritonchat.python_backend.engines.base import Engine, draw_tokens
 
 _MASK = (1 << 64) - 1
 
@@ -53,11 +56,12 @@ class FakeEngine(Engine):
     def __init__(self, max_slots: int = 4, max_seq_len: int = 256, vocab_size: int = 64, *,
                  can_chain: bool = False, can_mix: bool = False, mix_tokens: int = 64, mix_prompts: int = 8,
                  step_s: float = 0.0, fail_after: int | None = None, can_reuse: bool = False,
-                 reuse_min_new: int = 2):
+                 reuse_min_new: int = 2, can_sample: bool = False):
         """`step_s`: seconds each decode step and prefill call takes (sleeping, the GIL free).
         `fail_after`: decode steps after which every decode step raises (an engine failure)."""
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
-        self.can_chain, self.can_mix = can_chain, can_mix
+        self.can_chain, self.can_mix, self.can_sample = can_chain, can_mix, can_sample
+        self.drawn = 0  # tokens drawn by this engine (decode_greedy_begin's `draws`)
         self.mix_tokens, self.mix_prompts = (mix_tokens, mix_prompts) if can_mix else (0, 0)
         self.step_s, self.fail_after = step_s, fail_after
         self.can_reuse = self.can_reuse_prefix = can_reuse
@@ -164,7 +168,7 @@ class FakeEngine(Engine):
         self._sleep()
         return np.stack(self._decode_rows(slots, tokens))
 
-    def decode_greedy_begin(self, slots, tokens=None, ban=None, chain=None, prompts=None) -> FakeStep:
+    def decode_greedy_begin(self, slots, tokens=None, ban=None, chain=None, prompts=None, draws=None) -> FakeStep:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         new_slots, new_ids, cached = (np.zeros(0, np.int64), [], []) if prompts is None else \
             (*prompts, [0] * len(prompts[1])) if len(prompts) == 2 else prompts
@@ -196,7 +200,13 @@ class FakeEngine(Engine):
         logits = np.stack(rows) if rows else np.zeros((0, self.vocab_size), np.float32)
         if ban is not None:
             logits[np.ix_(ban.rows, ban.ids)] = -np.inf
-        step = FakeStep(logits.argmax(axis=-1).astype(np.int64), np.concatenate([slots, new_slots]))
+        ids = logits.argmax(axis=-1).astype(np.int64)
+        if draws is not None:
+            if not self.can_sample:
+                raise ValueError("this engine cannot draw tokens")
+            ids[draws.rows] = draw_tokens(logits[draws.rows], draws)
+            self.drawn += len(draws.rows)
+        step = FakeStep(ids, np.concatenate([slots, new_slots]))
         self.steps.append(step)
         return step
 
@@ -240,7 +250,7 @@ def fake(**kw) -> tuple[FakeEngine, FakeTokenizer]:
 
 
 def run_jobs(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, mix_prefill=True,
-             first_senders=0, **params):
+             first_senders=0, sample_on_device=True, **params):
     """Submit `jobs` ((prompt text, max_tokens, stream) each, and optionally a dict of this job's
     own sampling parameters) to a new Scheduler over `engine` ((engine, tokenizer)); `params` are
     every job's. Waits for every final response; returns ({job: outputs}, {job: text})."""
@@ -250,7 +260,8 @@ def run_jobs(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.
     from tritonchat.python_backend.batching.sequence import Sequence
 
     ex, tok = engine
-    sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill, first_senders=first_senders)
+    sched = Scheduler(ex, stream_interval=stream_interval, mix_prefill=mix_prefill, first_senders=first_senders,
+                      sample_on_device=sample_on_device)
     results, done = {}, threading.Event()
 
     def make(i, prompt, n, stream, own=None):

@@ -35,6 +35,8 @@ def test_yaml_settings_reach_every_config(tmp_path):
     assert 'key: "mix_tokens", value: { string_value: "1024" }' in out["generator"]
     assert 'key: "first_token_senders", value: { string_value: "0" }' in out["generator"]
     assert 'key: "gil_switch_ms", value: { string_value: "5" }' in out["generator"]
+    assert 'key: "sample_on_device", value: { string_value: "true" }' in out["generator"]
+    assert "${" not in "".join(out.values())  # every setting rendered
 
 
 def test_gpu_engines_get_gpu_instances():
@@ -75,6 +77,7 @@ def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_p
     ({"models": {"generator": {"prefill_token_budget": 0}}}, r"prefill_token_budget must be >= 1, got 0"),
     ({"models": {"generator": {"prefill_wait_ms": "soon"}}}, r"prefill_wait_ms must be a number >= 0, got 'soon'"),
     ({"models": {"generator": {"mix_prefill": "yes"}}}, r"mix_prefill must be true or false, got 'yes'"),
+    ({"models": {"generator": {"sample_on_device": 1}}}, r"sample_on_device must be true or false, got 1"),
     ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
     ({"models": {"generator": {"pdl": "yes"}}}, r"models.generator.pdl must be auto, true or false, got 'yes'"),
     ({"models": {"generator": {"pdl": True}}}, r"pdl true is the torch engine's on a CUDA device"),

@@ -22,12 +22,14 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
 
 
-def run(ex, tok, jobs, end, mix_prefill=True):
+def run(ex, tok, jobs, end, mix_prefill=True, sample_on_device=True):
+    """Each job (prompt, max_tokens, min_tokens[, other sampling parameters]) through a scheduler over
+    `ex`: {job: (finish reason, tokens, ids)}, and the scheduler's stats."""
     from tritonchat.python_backend.batching.detokenize import TextTracker
     from tritonchat.python_backend.batching.sampling import SamplingParams
     from tritonchat.python_backend.batching.scheduler import Scheduler, Sequence
 
-    sched = Scheduler(ex, mix_prefill=mix_prefill)
+    sched = Scheduler(ex, mix_prefill=mix_prefill, sample_on_device=sample_on_device)
     got, done = {}, threading.Event()
 
     def sink_for(i):
@@ -38,28 +40,34 @@ def run(ex, tok, jobs, end, mix_prefill=True):
                     done.set()
         return sink
 
-    for i, (prompt, n, m) in enumerate(jobs):
-        sched.submit(Sequence(np.asarray(prompt), SamplingParams(max_tokens=n, min_tokens=m, end_ids=(end,)),
-                              TextTracker(tok), sink_for(i)))
+    for i, (prompt, n, m, *own) in enumerate(jobs):
+        params = SamplingParams(max_tokens=n, min_tokens=m, end_ids=(end,), **(own[0] if own else {}))
+        sched.submit(Sequence(np.asarray(prompt), params, TextTracker(tok), sink_for(i)))
     assert done.wait(120)
     stats = sched.stats
     sched.shutdown()
     return got, stats
 
 
-def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_path):
+def _model(tmp_path):
+    """A seeded random Llama (float32, on the GPU) and its Llama-2 tokenizer."""
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
     from tritonchat.build.synthetic import make_random_model
-    from tritonchat.python_backend.engines.torch import TorchEngine
 
     need_shared("tokenizers", "llama2", "tokenizer.model")
     path = make_random_model("llama", tmp_path / "m", tokenizer="llama2", seed=3, shared=SHARED, layers=4,
                              hidden=256, heads=8, kv_heads=2, intermediate=512, max_positions=512)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to("cuda").eval(), tok
+
+
+def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_path):
+    from tritonchat.python_backend.engines.torch import TorchEngine
+
     dev = "cuda"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
+    model, tok = _model(tmp_path)
     rng = np.random.default_rng(0)
     # (prompt, max_tokens, min_tokens): a min_tokens job bans the end id inside the decode graph
     jobs = [(rng.integers(3, 32000, n).tolist(), m, k) for n, m, k in
@@ -101,3 +109,32 @@ def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_pa
     print(f"OK: {len(jobs)} jobs, chained steps {n_chained}, steps carrying prompts {st.mixed_steps} "
           f"({st.prefills} prompts, {st.prefill_calls} prefills of their own), {ex.describe()['attention']} "
           f"attention, graphs {len(ex.graphs.decode)} + {len(ex.graphs.mixed)} carrying prompts")
+
+
+def test_sampled_requests_drawn_on_the_gpu_equal_the_hosts_draws(tmp_path):
+    """Seeded sampled requests (temperature, top_k, top_p; some under `min_tokens`) among greedy ones,
+    more than the slots: drawn in the decode graphs' steps on the GPU (chained, prompts riding in
+    steps) they give the answers the host's sampler gives from the same logits (`sample_on_device`
+    off: every step with a sampled row brings its logits to the host)."""
+    from tritonchat.python_backend.engines.torch import TorchEngine
+
+    model, tok = _model(tmp_path)
+    rng = np.random.default_rng(1)
+    kinds = [{"temperature": 0.8, "seed": 1}, {"temperature": 1.0, "top_p": 0.9, "seed": 2}, {},
+             {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "seed": 3}, {"temperature": 1.5, "top_k": 5, "seed": 4}]
+    jobs = [(rng.integers(3, 32000, n).tolist(), m, k, kinds[i % len(kinds)]) for i, (n, m, k) in
+            enumerate([(5, 40, 0), (130, 25, 10), (17, 60, 0), (64, 15, 0), (9, 33, 20), (200, 50, 0), (3, 44, 0),
+                       (77, 20, 0), (31, 70, 0), (12, 9, 0)])]
+    ex = TorchEngine(model=model, max_slots=4, max_seq_len=512, device="cuda", dtype="float32")
+    ex.warmup()
+    end = 13  # an id a random model says now and then (stops some sampled answers early)
+    drawn, st = run(ex, tok, jobs, end)
+    host, st2 = run(ex, tok, jobs, end, sample_on_device=False)
+    greedy, _ = run(ex, tok, [(p, n, m) for p, n, m, _ in jobs], end)
+    assert st.chained > 0 and st.mixed_steps > 0
+    assert drawn == host, [i for i in range(len(jobs)) if drawn[i] != host[i]]
+    sampled = [i for i, job in enumerate(jobs) if job[3]]
+    assert all(drawn[i] != greedy[i] for i in sampled)
+    assert all(drawn[i] == greedy[i] for i in range(len(jobs)) if not jobs[i][3])
+    print(f"OK: {len(sampled)} sampled jobs drawn on the GPU as on the host; chained steps {st.chained} "
+          f"(host-sampled run: {st2.chained}), steps carrying prompts {st.mixed_steps}")

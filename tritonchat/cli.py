@@ -279,6 +279,10 @@ def bench(
                                                                         "against direct gRPC (--url or "
                                                                         "--model-repository)."),
     openai_model: str = typer.Option("ensemble", "--openai-model", help="The `model` name the gateway serves."),
+    temperature: float = typer.Option(0.0, "--temperature", help="The server's requests sample at this temperature "
+                                                                  "(unseeded; 0: greedy). The peers stay greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="With --temperature: nucleus sampling."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="With --temperature: top-k sampling."),
 ):
     """Measure the server: a concurrency sweep with peers (TTFT, ITL, tokens/s), perf_analyzer, or locust;
     --gateway / --openai-url: the OpenAI gateway against direct gRPC (--protocol openai --url: the gateway alone)."""
@@ -293,7 +297,8 @@ def bench(
                                        streaming_overhead=streaming_overhead, run_time=run_time, label=label,
                                        rounds=rounds, perf_configs=perf_config, perf_analyzer=perf_analyzer,
                                        perf_timeout=perf_timeout, openai_url=openai_url, gateway=gateway,
-                                       openai_model=openai_model, peer_concurrency=peer_concurrency))
+                                       openai_model=openai_model, peer_concurrency=peer_concurrency,
+                                       temperature=temperature, top_p=top_p, top_k=top_k))
 
 
 @app.command("deploy")

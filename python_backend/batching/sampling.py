@@ -1,5 +1,6 @@
-"""Per-request sampling parameters and the token sampler (numpy, host side); for greedy batches
-whose argmax the engine takes, the end ids that step must mask (`greedy_ban`).
+"""Per-request sampling parameters and the token sampler (numpy, host side); for steps whose
+tokens the engine chooses itself (the argmax, or on engines that can, a draw: `Draws`), the end ids
+that step must mask (`greedy_ban`) and the draws of its sampled rows (`draws_of`).
 
 Semantics follow the libraries users compare against:
 - `temperature` 0 (the default) is greedy; `top_k` 0 and `top_p` 1 are off.
@@ -7,6 +8,9 @@ Semantics follow the libraries users compare against:
   negative multiplied); `presence_penalty` / `frequency_penalty` as in OpenAI (output tokens).
 - `min_tokens` masks the end ids until that many tokens were generated.
 - bad words: a word's last token is masked when the output so far ends with the word's prefix.
+- a sampled token is drawn with one uniform number from the request's generator (seeded by `seed`),
+  by `engines.base.draw_tokens` on the host or its equal on a device: the same uniform numbers in
+  the same order either way, so a seeded answer does not depend on where its tokens were drawn.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from ..engines.base import NONFINITE, Ban
+from ..engines.base import NONFINITE, Ban, Draws, draw_token
 
 
 class InvalidParameter(ValueError):
@@ -48,7 +52,13 @@ class SamplingParams:
     @property
     def argmax_only(self) -> bool:
         """Greedy with at most `min_tokens` to honour (a ban of the end ids): no host-side logits needed."""
-        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+        return self.greedy and self.stateless
+
+    @property
+    def stateless(self) -> bool:
+        """The next token depends on the logits, `min_tokens` and one uniform number only (no penalty
+        or bad word reads the output so far): an engine that can draw (`can_sample`) chooses it."""
+        return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
                 and self.frequency_penalty == 0.0 and not self.bad_words_ids)
 
     def validate(self, max_seq_len: int) -> "SamplingParams":
@@ -93,20 +103,38 @@ class Sampler:
         self.generated = 0
         self.history: list[int] = []
         self.argmax_only = params.argmax_only  # read per token and per step: computed once
+        self.stateless = params.stateless
 
     def observe(self, token: int) -> None:
         self.generated += 1
-        if self.argmax_only:  # nothing reads the history or the counts (the hot path of big batches)
+        if self.stateless:  # nothing reads the history or the counts (the hot path of big batches)
             return
         self.history.append(token)
         if 0 <= token < self.vocab_size:
             self.output_counts[token] += 1
             self.seen[token] = True
 
+    def uniform(self) -> float:
+        """The uniform number the next sampled token is drawn with (one per sampled token, in order)."""
+        return float(self.rng.random())
+
+    def draw_params(self) -> tuple[float, int, float]:
+        """(temperature, top_k, top_p) of its draws: top_k 0 where it keeps the whole vocabulary."""
+        p = self.p
+        return p.temperature, p.top_k if 0 < p.top_k < self.vocab_size else 0, p.top_p
+
     def choose(self, logits: np.ndarray) -> int:
         p = self.p
         if p.plain:
             return int(np.argmax(logits))
+        logits = self.adjusted(logits)
+        if p.greedy:
+            return int(np.argmax(logits))
+        return draw_token(logits, *self.draw_params(), self.uniform())
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """A float32 copy of `logits` with this request's penalties and bans applied."""
+        p = self.p
         logits = logits.astype(np.float32, copy=True)
         if p.repetition_penalty != 1.0:
             sel = logits[self.seen]
@@ -120,23 +148,7 @@ class Sampler:
         for word in p.bad_words_ids:
             if len(word) == 1 or self.history[-(len(word) - 1):] == list(word[:-1]):
                 logits[word[-1]] = -np.inf
-        if p.greedy:
-            return int(np.argmax(logits))
-        logits /= p.temperature
-        if 0 < p.top_k < len(logits):
-            kth = np.partition(logits, -p.top_k)[-p.top_k]
-            logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cum = np.cumsum(probs[order])
-            keep = cum - probs[order] < p.top_p  # smallest prefix whose mass reaches top_p
-            mask = np.zeros_like(probs, dtype=bool)
-            mask[order[keep]] = True
-            probs = np.where(mask, probs, 0.0)
-            probs /= probs.sum()
-        return int(self.rng.choice(len(probs), p=probs))
+        return logits
 
 
 NONFINITE_MESSAGE = "the model produced non-finite logits (NaN or inf) for this request"
@@ -175,13 +187,14 @@ def choose_safely(sampler: Sampler, row: np.ndarray) -> tuple[int, str | None]:
         return NONFINITE, f"sampling failed for this request ({type(exc).__name__})"
 
 
-def greedy_ban(samplers: list[Sampler], ahead=0):
-    """For an all-greedy batch, whose argmax the engine takes: None (plain argmax) or the `Ban` of
-    end ids for rows still under their `min_tokens` (`ahead` steps from now: one number, or one per
-    row); False when some row needs the logits on the host."""
+def greedy_ban(samplers: list[Sampler], ahead=0, draw: bool = False):
+    """For a batch whose tokens the engine chooses (the argmax; with `draw`, sampled rows drawn by the
+    engine too: `draws_of`): None (no ban) or the `Ban` of end ids for rows still under their
+    `min_tokens` (`ahead` steps from now: one number, or one per row); False when some row needs the
+    logits on the host."""
     rows, key, ids = [], None, None
     for i, s in enumerate(samplers):
-        if not s.argmax_only:
+        if not (s.argmax_only or draw and s.stateless):
             return False
         a = ahead if isinstance(ahead, int) else ahead[i]
         if s.generated + a < s.p.min_tokens and s.end_key:
@@ -191,6 +204,18 @@ def greedy_ban(samplers: list[Sampler], ahead=0):
                 return False  # rows ban different ids: one mask cannot serve them
             rows.append(i)
     return Ban(np.array(rows, dtype=np.int64), ids) if rows else None
+
+
+def draws_of(samplers: list[Sampler]) -> Draws | None:
+    """The `Draws` of a step over these rows (each sampled row's next uniform number is taken from
+    its generator now: call once per step launched), None where every row is greedy."""
+    rows = [i for i, s in enumerate(samplers) if not s.p.greedy]
+    if not rows:
+        return None
+    params = [samplers[i].draw_params() for i in rows]
+    return Draws(np.array(rows, dtype=np.int64), np.array([q[0] for q in params], dtype=np.float32),
+                 np.array([q[1] for q in params], dtype=np.int64), np.array([q[2] for q in params], dtype=np.float32),
+                 np.array([samplers[i].uniform() for i in rows], dtype=np.float64))
 
 
 def ban_key(rows: list, ban) -> tuple | None:

@@ -10,11 +10,12 @@ The scheduler knows nothing of Triton: each sequence carries a `sink` callable t
 outputs and polls cancellation on a thread of its own, so the decode loop never waits on the
 server process.
 
-Greedy batches take their argmax in the engine (`decode_greedy_begin`), which allows two more
-things where the engine can:
+Greedy batches take their argmax in the engine (`decode_greedy_begin`); on an engine that can draw
+(`engine.can_sample`, `sample_on_device`), so do sampled rows without penalties or bad words (their
+uniform numbers go with the step: `draws_of`). That allows two more things where the engine can:
 - chaining (`engine.can_chain`): the next step is launched, fed by this step's tokens on the
   device, before the host takes this step's tokens (`_chain`);
-- prompts inside decode steps (`engine.can_mix`, `mix_prefill`): waiting greedy requests are
+- prompts inside decode steps (`engine.can_mix`, `mix_prefill`): waiting requests of that kind are
   prefilled inside the next decode step instead of in a prefill of their own that stops every
   stream (`_mix_due`, `_pop_mix`).
 Where the engine can (`engine.can_reuse_prefix`, `prefix_reuse`), a prompt goes into the free slot
@@ -39,7 +40,7 @@ import numpy as np
 from ..engines.base import Engine
 from .courier import Courier
 from .prefix import PrefixCache
-from .sampling import NONFINITE_MESSAGE, Sampler, ban_key, choose_safely, greedy_ban, sample_batch
+from .sampling import NONFINITE_MESSAGE, Sampler, ban_key, choose_safely, draws_of, greedy_ban, sample_batch
 from .sequence import Output, QueueFull, Sequence, Stats
 
 log = logging.getLogger("tritonchat.scheduler")
@@ -52,7 +53,8 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_queue_size: int = 256, prefill_token_budget: int = 2048,
                  prefill_wait: float = 0.0, stream_interval: float = 0.0, stream_rate: float = 0.0, metrics=None,
                  mix_prefill: bool = True, queue_timeout: float = 0.0, prefix_reuse: bool = True,
-                 prefill_chunk: int = 0, first_senders: int = 0, cancel_poll: float = 0.05):
+                 prefill_chunk: int = 0, first_senders: int = 0, cancel_poll: float = 0.05,
+                 sample_on_device: bool = True):
         """`prefill_token_budget`: prompt tokens admitted (in one batched prefill) between two decode
         steps; one prompt is always admitted whatever its length. `prefill_wait`: seconds a request
         may wait, while other sequences decode, for more requests to share its prefill (a prefill
@@ -65,7 +67,8 @@ class Scheduler:
         running (0: off). `metrics`: optional hooks `step(running, waiting, new_tokens, steps)`,
         `first_token(seconds)`, `finished(reason, seconds)` (see metrics.GeneratorMetrics), called
         on the courier's thread. `mix_prefill`: where the engine can (`can_mix`) and sequences are
-        decoding, greedy requests are prefilled inside the next decode step (up to the engine's
+        decoding, greedy requests (and, with `sample_on_device`, sampled ones without penalties or bad
+        words) are prefilled inside the next decode step (up to the engine's
         `mix_tokens` prompt tokens a step) instead of in a prefill of their own that stops every
         stream. `queue_timeout`: seconds a request may wait for a slot before it is refused (0: no
         limit). `prefix_reuse`: where the engine can (`can_reuse_prefix`), a prompt reuses the KV of
@@ -75,13 +78,17 @@ class Scheduler:
         many at a time, one piece between two decode steps (0: whole). Each piece runs on the KV of
         the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's.
         `first_senders`: threads that send first tokens beside the courier (courier.py). `cancel_poll`:
-        seconds between two polls of a running request's cancellation (the courier's)."""
+        seconds between two polls of a running request's cancellation (the courier's).
+        `sample_on_device`: where the engine can (`can_sample`), sampled requests without penalties or
+        bad words are drawn by the engine, so their steps chain and carry prompts as greedy ones do;
+        False: every step with a sampled row brings its logits to the host (the sampler there)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
         self.prefill_wait = float(prefill_wait)
         self.queue_timeout = float(queue_timeout)
         self.mix_prefill = bool(mix_prefill) and engine.can_mix
+        self.draw = bool(sample_on_device) and engine.can_sample
         self.stream_interval = float(stream_interval)
         self.stream_rate = float(stream_rate)
         self._interval = self.stream_interval  # the current one, load included
@@ -171,14 +178,15 @@ class Scheduler:
         takes step t's tokens, so the host's bookkeeping (`_take`) overlaps the device's work. The
         chain goes on while the batch changes: a sequence whose last token is in flight is left out
         of the next step, one that ended on an end id wastes one row of the step already launched,
-        and waiting greedy requests ride in the next step (`mix_prefill`) and join the chain with
-        their first token. It stops for a request that needs a prefill of its own (not greedy, too
-        long) or a row that needs the logits on the host."""
+        and waiting greedy requests (and sampled ones the engine draws) ride in the next step
+        (`mix_prefill`) and join the chain with their first token. It stops for a request that needs
+        a prefill of its own (penalties or bad words, too long) or a row that needs the logits on the
+        host."""
         # sorted: contiguous slots let engines avoid a gather
         rows = sorted((s for s in self.running if s.slot >= 0), key=lambda s: s.slot)
         if not rows:
             return
-        ban = greedy_ban([s.sampler for s in rows])
+        ban = greedy_ban([s.sampler for s in rows], draw=self.draw)
         if ban is False:  # some row needs the logits on the host
             self._take(rows, self._sample(rows))
             return
@@ -211,7 +219,7 @@ class Scheduler:
         None to end the chain."""
         rows = sorted((s for s in seqs if s.slot >= 0 and not s.cancelled and s.generated + 1 < s.limit),
                       key=lambda s: s.slot)
-        ban = greedy_ban([s.sampler for s in rows], 1)
+        ban = greedy_ban([s.sampler for s in rows], 1, draw=self.draw)
         if ban is False:
             return None
         key = ban_key(rows, ban)
@@ -228,13 +236,15 @@ class Scheduler:
     def _launch(self, rows: list[Sequence], new: list[Sequence], ban, tokens=None, ahead: int = 0, chain=None):
         """decode_greedy_begin over `rows` (`ahead`: steps in flight before this one; `ban`: theirs)
         carrying `new` prompts (the ban then covers their first-token rows too)."""
+        samplers = [s.sampler for s in rows] + [s.sampler for s in new]
         if new:
-            ban = greedy_ban([s.sampler for s in rows] + [s.sampler for s in new], [ahead] * len(rows) + [0] * len(new))
+            ban = greedy_ban(samplers, [ahead] * len(rows) + [0] * len(new), draw=self.draw)
         slots = np.array([s.slot for s in rows], dtype=np.int64)
         prompts = (np.array([s.slot for s in new], dtype=np.int64), [s.prompt_ids for s in new],
                    [s.reused for s in new]) if new else None
         t = time.perf_counter()
-        step = self.engine.decode_greedy_begin(slots, tokens, ban, chain=chain, prompts=prompts)
+        draws = draws_of(samplers) if self.draw else None  # each sampled row's next uniform number
+        step = self.engine.decode_greedy_begin(slots, tokens, ban, chain=chain, prompts=prompts, draws=draws)
         self.stats.launch_s += time.perf_counter() - t
         return step
 
@@ -456,7 +466,7 @@ class Scheduler:
     def _mix_next(self) -> bool:
         """Will the next decode step carry the waiting requests? (Not when a running row needs the
         logits on the host, nor when the head of the line bans other end ids than the running rows.)"""
-        ban = greedy_ban([s.sampler for s in self.running])
+        ban = greedy_ban([s.sampler for s in self.running], draw=self.draw)
         return ban is not False and self._mix_due(ban_key(self.running, ban))
 
     def _mix_due(self, key=None) -> bool:
@@ -468,17 +478,18 @@ class Scheduler:
         return head is not None and self._mixable(head, key)
 
     def _mixable(self, seq: Sequence, key) -> bool:
-        """Can `seq` be prefilled inside a greedy decode step whose banned rows ban `key`?"""
+        """Can `seq` be prefilled inside a decode step whose banned rows ban `key`?"""
         if seq.sampler is None:
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.engine.vocab_size)
         s = seq.sampler
-        return (s.argmax_only and len(seq.prompt_ids) <= min(self.engine.mix_tokens, self.prefill_token_budget)
+        return ((s.argmax_only or self.draw and s.stateless)
+                and len(seq.prompt_ids) <= min(self.engine.mix_tokens, self.prefill_token_budget)
                 and (key is None or not s.end_key or s.p.min_tokens <= 0 or s.end_key == key))
 
     def _pop_mix(self, key=None) -> list[Sequence]:
         """Take the waiting requests a decode step will carry (free slots, the engine's prompt
-        and token caps, greedy, bans compatible with `key`); they join `running` now and get their
-        first token from that step."""
+        and token caps, greedy or drawn by the engine, bans compatible with `key`); they join `running`
+        now and get their first token from that step."""
         batch = self._pop_waiting(min(len(self.free_slots), self.engine.mix_prompts),
                                   min(self.engine.mix_tokens, self.prefill_token_budget),
                                   lambda seq: self._mixable(seq, key))

@@ -39,6 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
+from .sample import DrawInputs, draw
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -60,6 +61,8 @@ def _as_dtype(dtype) -> torch.dtype:
 class TorchEngine(Engine):
     prompt_chunks = False  # its prompts ride inside decode steps or run as one captured prefill
     batches_cached_prefills = True
+    can_sample = True  # sampled rows drawn on the device (sample.py)
+
     def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
                  max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
                  cuda_graphs: bool = True, graph_batch_sizes: list[int] | None = None, *,
@@ -273,12 +276,14 @@ class TorchEngine(Engine):
         self._last_ids.index_copy_(0, slots, ids)  # padding rows all write the dummy slot's
         return logits, ids
 
-    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, chained: bool = False, ban=None, prompts=None):
+    def _launch(self, slots: np.ndarray, tokens, pos: np.ndarray, chained: bool = False, ban=None, prompts=None,
+                draws=None):
         """Run one decode step on the device; return its device (logits, greedy ids, decode
         columns): rows [n, columns) are padding, and a step carrying `prompts` ((slots, token ids,
         lengths)) has their first tokens' rows from `columns` on. `chained`: the decode rows'
         tokens are the last ids of their slots, still on the device, instead of `tokens`. `ban`:
-        ids masked out of some rows before the argmax."""
+        ids masked out of some rows before the argmax. `draws`: rows whose token is drawn (sample.py),
+        after the graph, from its banned logits."""
         n = len(slots)
         # a step carrying prompts reads the whole cache (one graph per prompt bucket is enough)
         tb = None if prompts is not None and self.attention == "triton" else \
@@ -319,6 +324,11 @@ class TorchEngine(Engine):
             cols = None if key is None else b
             ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self.layout.ban_cols(ban, n, cols)))
             self._last_ids.index_copy_(0, dev_slots, ids)
+        if draws is not None:
+            d = DrawInputs(draws, self.layout.ban_cols(draws, n, None if key is None else b), self.device)
+            taken, fed = draw(logits, d)
+            ids.index_copy_(0, d.cols, taken)  # a graph's output buffer: the next replay rewrites it
+            self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
         return logits, ids, b
 
     def warmup(self) -> None:
@@ -445,8 +455,10 @@ class TorchEngine(Engine):
         return pos
 
     def decode_greedy_begin(self, slots, tokens=None, ban=None, chain: "_Step | None" = None,
-                            prompts=None) -> "_Step":
-        """Launch a greedy step and return at once; `.result()` waits for this step only.
+                            prompts=None, draws=None) -> "_Step":
+        """Launch a step and return at once; `.result()` waits for this step only. Each row's token is
+        its argmax, or for the rows of `draws` (`engines.base.Draws`) one drawn on the device
+        (sample.py): a step with sampled rows chains and carries prompts as a greedy one does.
 
         `chain`: a step in flight that wrote every row's slot (a decode row or a prompt of it):
         the last ids of those slots, still on the device, are this step's input (`tokens` None), so
@@ -486,10 +498,14 @@ class TorchEngine(Engine):
         with torch.no_grad():
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(np.asarray(tokens)).to(self.device))
-                ids = self._argmax_banned(out, ban).cpu()
+                ids = self._argmax_banned(out, ban)
+                if draws is not None:
+                    d = DrawInputs(draws, draws.rows, self.device)
+                    ids.index_copy_(0, d.cols, draw(out, d)[0])
+                ids = ids.cpu()
                 step = _Step(ids.numpy(), None, n, slots=slots)
             else:
-                _, ids, cols = self._launch(slots, tokens, pos, chain is not None, ban, mix)
+                _, ids, cols = self._launch(slots, tokens, pos, chain is not None, ban, mix, draws)
                 if ids.device.type == "cpu":
                     host = ids[:n] if mix is None else torch.cat([ids[:n], ids[cols:cols + k]])
                     step = _Step(host.numpy(), None, n + k, slots=all_slots)

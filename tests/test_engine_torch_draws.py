@@ -1,0 +1,90 @@
+"""Sampled tokens drawn by the torch engine (engines/torch/sample.py) against the host's definition
+(`engines.base.draw_tokens`), on CPU in float32: the draw alone over logits with ties, bans and
+every parameter, then a decode step with drawn rows, prompts it carries and a ban, and the chained
+step after it, against a plain engine's logits drawn on the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_engine_torch import _random_model
+from tritonchat.python_backend.engines.base import NONFINITE, Ban, Draws, draw_tokens
+from tritonchat.python_backend.engines.torch import TorchEngine
+from tritonchat.python_backend.engines.torch.sample import DrawInputs, draw
+
+
+def _draws(rng, n: int, vocab: int) -> Draws:
+    return Draws(np.arange(n, dtype=np.int64), rng.choice([0.3, 0.7, 1.0, 1.6], n).astype(np.float32),
+                 rng.choice([0, 0, 1, 5, 40, vocab - 1, vocab], n).astype(np.int64),
+                 rng.choice([1.0, 1.0, 0.5, 0.9, 0.95], n).astype(np.float32), rng.random(n))
+
+
+def test_draw_on_the_device_equals_the_hosts():
+    """Many rows of every kind: sharp and flat logits, ties (rounded logits), banned (-inf) ids, top_k
+    off / 1 / some / the whole vocabulary, top_p off or on; each token equals the host's draw."""
+    rng = np.random.default_rng(11)
+    n, vocab = 400, 300
+    logits = (rng.standard_normal((n, vocab)) * rng.choice([0.2, 1.0, 4.0], (n, 1))).astype(np.float32)
+    logits[::3] = np.round(logits[::3], 1)  # ties, whose order is the lower id first on both sides
+    logits[rng.random((n, vocab)) < 0.05] = -np.inf
+    d = _draws(rng, n, vocab)
+    want = draw_tokens(logits.copy(), d)
+    taken, fed = draw(torch.from_numpy(logits), DrawInputs(d, d.rows, torch.device("cpu")))
+    assert taken.tolist() == want.tolist() == fed.tolist()
+    # top_p 1 keeps the whole tail: one logit holding all but ~1e-9 of the mass, u just below 1
+    sharp = np.full((1, vocab), -25.0, np.float32)
+    sharp[0, 3] = 0.0
+    tail = Draws(np.zeros(1, np.int64), np.ones(1, np.float32), np.zeros(1, np.int64), np.ones(1, np.float32),
+                 np.array([1 - 1e-12]))
+    got = draw(torch.from_numpy(sharp), DrawInputs(tail, tail.rows, torch.device("cpu")))[0].tolist()
+    assert got == draw_tokens(sharp.copy(), tail).tolist() and got[0] > 3
+    # the draws follow u: sorted u over one row give tokens in id order (the cumulative sum is by id)
+    row = np.repeat(logits[:1], 50, axis=0)
+    u = np.sort(rng.random(50))
+    one = Draws(np.arange(50), np.full(50, 1.0, np.float32), np.zeros(50, np.int64), np.ones(50, np.float32), u)
+    got = draw(torch.from_numpy(row), DrawInputs(one, one.rows, torch.device("cpu")))[0].tolist()
+    assert got == sorted(got) and len(set(got)) > 5
+
+
+def test_a_row_with_nothing_to_draw_fails_alone():
+    """Every logit -inf: the host raises (that request fails alone), the device gives NONFINITE for
+    the host and a real id for a chained step; the other row is drawn as usual."""
+    logits = np.zeros((2, 16), np.float32)
+    logits[0] = -np.inf
+    d = Draws(np.arange(2), np.ones(2, np.float32), np.zeros(2, np.int64), np.ones(2, np.float32), np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="no token can be drawn"):
+        draw_tokens(logits[:1].copy(), Draws(*(a[:1] for a in (d.rows, d.temperature, d.top_k, d.top_p, d.u))))
+    taken, fed = draw(torch.from_numpy(logits), DrawInputs(d, d.rows, torch.device("cpu")))
+    assert taken.tolist() == [NONFINITE, 8] and 0 <= int(fed[0]) < 16
+
+
+def test_a_step_draws_its_sampled_rows_and_the_next_step_chains_on_them(tmp_path):
+    """Decode rows and the prompts a step carries, some drawn (one under a ban), the others greedy:
+    each token is what the host draws from a plain engine's logits (the ban applied), and the
+    chained step after it reads the drawn tokens on the device."""
+    _, path = _random_model(tmp_path, "qwen3")
+    kw = dict(max_slots=6, max_seq_len=64, device="cpu", dtype="float32", cuda_graphs=False)
+    plain, drawn = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
+    rng = np.random.default_rng(5)
+    old = [rng.integers(0, 512, n) for n in (6, 11, 4)]
+    new = [rng.integers(0, 512, n) for n in (9, 3)]
+    slots, pslots = np.array([2, 0, 3]), np.array([4, 1])
+    for ex in (plain, drawn):
+        ex.prefill_batch(slots, old)
+    toks = np.array([17, 42, 5])
+    logits = np.concatenate([plain.decode(slots, toks), plain.prefill_batch(pslots, new)])
+    ban = Ban(rows=np.array([0, 4]), ids=np.array([int(logits[0].argmax()), 7]))
+    logits[np.ix_(ban.rows, ban.ids)] = -np.inf
+    d = Draws(np.array([0, 2, 4]), np.array([0.8, 1.2, 1.0], np.float32), np.array([0, 20, 0]),
+              np.array([0.9, 1.0, 0.95], np.float32), np.array([0.31, 0.77, 0.05]))
+    want = logits.argmax(-1)
+    want[d.rows] = draw_tokens(logits[d.rows].copy(), d)
+    step = drawn.decode_greedy_begin(slots, toks, ban, prompts=(pslots, new), draws=d)
+    assert step.result().tolist() == want.tolist()
+    assert (want[d.rows] != logits[d.rows].argmax(-1)).all()  # these u draw other tokens than the argmax
+    # the next step chains on the drawn tokens (all five rows), greedy: as the plain engine fed them
+    every = np.concatenate([slots, pslots])
+    nxt = drawn.decode_greedy_begin(every, None, chain=step)
+    assert nxt.result().tolist() == plain.decode(every, want).argmax(-1).tolist()

@@ -12,7 +12,8 @@
 # VARIANTS, one multi-turn run each); TUNE_WEIGHTS the tune-cache starts' weights (fp8), TUNE_STARTS
 # which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and without
 # first-token senders or other generator settings, with the request timeline (gpu_first_senders.sh;
-# SENDERS or VARIANTS, ROUNDS there).
+# SENDERS or VARIANTS, ROUNDS there); sampling: the server greedy, sampled with tokens drawn on the
+# device and sampled on the host (gpu_sampling.sh); draw: what drawing costs a step (gpu_draw.py).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -46,6 +47,8 @@ for step in ${STEPS:-test step sweep}; do
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" ${TUNE_STARTS:+--starts $TUNE_STARTS} \
                  --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;
     senders) (cd "$REPO_ROOT" && bash benchmarks/gpu_first_senders.sh) 2>&1 | tee "$OUT/senders.txt" ;;
+    sampling) (cd "$REPO_ROOT" && bash benchmarks/gpu_sampling.sh) 2>&1 | tee "$OUT/sampling.txt" ;;
+    draw) timeout 120 python3 "$REPO_ROOT/benchmarks/gpu_draw.py" 2>&1 | tee "$OUT/draw.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

@@ -35,6 +35,38 @@ def test_torch_engine_repository_and_greedy_parity(torch_server):
         assert out.output_ids == hf_greedy(STORIES, tok(p)["input_ids"], 30), p
 
 
+def test_sampled_requests_drawn_by_the_engine_through_the_real_server(torch_server):
+    """Seeded sampled requests (temperature, top_k, top_p), four at once beside a greedy one, through
+    tritonserver with the torch engine, which draws their tokens itself (`sample_on_device`, on by
+    default; on CPU here): each answer equals what the host's sampler gives that request alone over
+    the same engine in-process (`sample_on_device` off), and the greedy one equals transformers'."""
+    import concurrent.futures as cf
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from test_gpu_chain import run
+    from tritonchat.python_backend.engines.torch import TorchEngine
+
+    repo, client, _ = torch_server
+    assert 'key: "sample_on_device", value: { string_value: "true" }' in (repo / "generator" / "config.pbtxt").read_text()
+    jobs = [("Once upon a time", dict(temperature=0.9, seed=1)), ("The cat", dict(temperature=1.2, top_p=0.9, seed=2)),
+            ("A big dog", dict(temperature=0.7, top_k=20, seed=3)), ("Lily", {}),
+            ("Mom said", dict(temperature=1.0, top_k=50, top_p=0.95, seed=4))]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda job: client.generate(job[0], max_tokens=30, **job[1]), jobs))
+    hf_tok = AutoTokenizer.from_pretrained(str(STORIES))
+    engine = TorchEngine(str(repo / "generator" / "1" / "hf"), max_slots=4, max_seq_len=512, device="cpu",
+                         dtype="float32")
+    tok = Tokenizer.from_file(str(STORIES / "tokenizer.json"))
+    for (prompt, params), out in zip(jobs, outs):
+        ids = hf_tok(prompt)["input_ids"]
+        alone, _ = run(engine, tok, [(ids, 30, 0, params)], hf_tok.eos_token_id, sample_on_device=False)
+        assert out.output_ids == alone[0][2], prompt
+    assert outs[3].output_ids == hf_greedy(STORIES, hf_tok("Lily")["input_ids"], 30)
+    assert len({tuple(o.output_ids) for o in outs[:3]} | {tuple(outs[3].output_ids)}) == 4
+
+
 def test_a_request_arriving_while_others_decode_rides_in_a_decode_step(torch_server):
     """`mix_prefill` (on by default) through the real server: a request sent while another streams
     is prefilled inside a decode step; both answers equal transformers' greedy ones, and the

@@ -87,10 +87,10 @@ def test_mix_prefill_off_and_sampled_rows_give_the_same_answers(variant):
     assert together[0] != _words(*ex[0].reference(tok.encode("Once upon a time").ids, 30, ends, 25))  # it sampled
     assert len(together[0].split()) >= 25  # the ban held while drawn
     if variant == "chain+mix+draw":  # every step drawn on the "device": chained, and prompts in decode steps
-        assert ex[0].drawn > 0 and stats[0].chained > 0 and stats[0].mixed_steps > 0
+        assert ex[0].drawn == stats[0].drawn > 0 and stats[0].chained > 0 and stats[0].mixed_steps > 0
         assert not any(c[0] == "decode" for c in ex[0].calls)  # no step brought its logits to the host
     else:
-        assert ex[0].drawn == 0
+        assert ex[0].drawn == stats[0].drawn == 0
 
 
 # -- the courier: merged deltas, priorities, cancellation ----------------------------------------------

@@ -244,6 +244,8 @@ class Scheduler:
                    [s.reused for s in new]) if new else None
         t = time.perf_counter()
         draws = draws_of(samplers) if self.draw else None  # each sampled row's next uniform number
+        if draws is not None:
+            self.stats.drawn += len(draws.rows)
         step = self.engine.decode_greedy_begin(slots, tokens, ban, chain=chain, prompts=prompts, draws=draws)
         self.stats.launch_s += time.perf_counter() - t
         return step

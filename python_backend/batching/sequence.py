@@ -72,6 +72,7 @@ class Stats:
     prefill_calls: int = 0
     prefill_chunks: int = 0  # pieces of long prompts run between decode steps (prefill_chunk)
     mixed_steps: int = 0  # decode steps that carried prompts (prefilled inside the step)
+    drawn: int = 0  # sampled tokens the engine drew itself (sample_on_device), not the host's sampler
     # prefix reuse: prompt tokens whose KV was reused (copied from another slot: `copied_tokens` of
     # them), and the prefills that reused some
     reused_tokens: int = 0

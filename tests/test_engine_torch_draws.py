@@ -88,3 +88,21 @@ def test_a_step_draws_its_sampled_rows_and_the_next_step_chains_on_them(tmp_path
     every = np.concatenate([slots, pslots])
     nxt = drawn.decode_greedy_begin(every, None, chain=step)
     assert nxt.result().tolist() == plain.decode(every, want).argmax(-1).tolist()
+
+
+def test_the_transformers_fallback_draws_too(tmp_path):
+    """A model without the native forward (GPT-2: the transformers fallback) draws its sampled rows
+    from the logits it made, as the host would."""
+    _, path = _random_model(tmp_path, "gpt2")
+    kw = dict(max_slots=2, max_seq_len=32, device="cpu", dtype="float32", cuda_graphs=False)
+    with pytest.warns(UserWarning, match="fallback"):
+        plain, drawn = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
+    for ex in (plain, drawn):
+        ex.prefill_batch([0, 1], [np.arange(5), np.arange(3, 9)])
+    slots, toks = np.array([0, 1]), np.array([7, 8])
+    logits = plain.decode(slots, toks)
+    d = Draws(np.array([1]), np.array([0.9], np.float32), np.array([0]), np.array([0.9], np.float32), np.array([0.4]))
+    want = logits.argmax(-1)
+    want[1] = draw_tokens(logits[[1]].copy(), d)[0]
+    assert drawn.decode_greedy_begin(slots, toks, draws=d).result().tolist() == want.tolist()
+    assert want[1] != logits[1].argmax()

@@ -5,7 +5,7 @@
 #           grpcio, protobuf, python-rapidjson, and pytriton-min.tar.xz: the nvidia-pytriton wheel's
 #           files with only the Python 3.12 backend stub (gpu_setup.sh unpacks it)
 #   .carry/shared/tokenizers/llama2   the tokenizer of the TinyLlama-shaped model
-#   .carry/shared/data/tinyshakespeare.txt   the multi-turn benchmark's user messages
+#   .carry/shared/data/tinyshakespeare.txt.xz   the multi-turn benchmark's user messages
 # About 62 MiB of the 64 the device tool carries. Then: run(carry=[".whl", ".carry"], ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +26,7 @@ tar -C "$SITE" -cJf .whl/pytriton-min.tar.xz --exclude='__pycache__' \
     --exclude='pytriton/tritonserver/python_backend_stubs/3.1[013]' pytriton nvidia_pytriton.libs "$dist"
 mkdir -p .carry/shared/tokenizers
 cp -r "${TRITONCHAT_SHARED:-../shared}/tokenizers/llama2" .carry/shared/tokenizers/
-mkdir -p .carry/shared/data && cp "${TRITONCHAT_SHARED:-../shared}/data/tinyshakespeare.txt" .carry/shared/data/
+# xz: 1.1 MB -> 0.4 (the 64 MiB are nearly full; gpu_setup.sh unpacks it there)
+mkdir -p .carry/shared/data && rm -f .carry/shared/data/tinyshakespeare.txt* \
+    && xz -9 -c "${TRITONCHAT_SHARED:-../shared}/data/tinyshakespeare.txt" > .carry/shared/data/tinyshakespeare.txt.xz
 du -sh .whl .carry

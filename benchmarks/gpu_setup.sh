@@ -25,6 +25,9 @@ rm -rf /tmp/repo-* /tmp/multiturn*  # repositories the scripts keep were built b
 echo "$tree" > /tmp/.tritonchat-gpu-package
 fi
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1
+# the multi-turn benchmark's text travels compressed (gpu_carry.sh)
+sh_data=${TRITONCHAT_SHARED:-$PWD/.carry/shared}/data
+[ -f "$sh_data/tinyshakespeare.txt.xz" ] && [ ! -f "$sh_data/tinyshakespeare.txt" ] && xz -dk "$sh_data/tinyshakespeare.txt.xz"
 # Python stacks of a crashing generator stub (python_backend/generator.py reads it). One entry with
 # "<no Python frame>" per server stop is the stub's teardown, after every response went out.
 export TRITONCHAT_FAULTHANDLER=${TRITONCHAT_FAULTHANDLER:-$OUT/generator-faults.txt}

@@ -102,8 +102,8 @@ class Sampler:
         self.end_key = tuple(self.end_ids.tolist())  # compared per row and step (greedy_ban)
         self.generated = 0
         self.history: list[int] = []
-        self.argmax_only = params.argmax_only  # read per token and per step: computed once
-        self.stateless = params.stateless
+        # read per token and per step: computed once
+        self.greedy, self.argmax_only, self.stateless = params.greedy, params.argmax_only, params.stateless
 
     def observe(self, token: int) -> None:
         self.generated += 1
@@ -209,12 +209,12 @@ def greedy_ban(samplers: list[Sampler], ahead=0, draw: bool = False):
 def draws_of(samplers: list[Sampler]) -> Draws | None:
     """The `Draws` of a step over these rows (each sampled row's next uniform number is taken from
     its generator now: call once per step launched), None where every row is greedy."""
-    rows = [i for i, s in enumerate(samplers) if not s.p.greedy]
+    rows = [i for i, s in enumerate(samplers) if not s.greedy]
     if not rows:
         return None
-    params = [samplers[i].draw_params() for i in rows]
-    return Draws(np.array(rows, dtype=np.int64), np.array([q[0] for q in params], dtype=np.float32),
-                 np.array([q[1] for q in params], dtype=np.int64), np.array([q[2] for q in params], dtype=np.float32),
+    temperature, top_k, top_p = zip(*(samplers[i].draw_params() for i in rows))
+    return Draws(np.array(rows, dtype=np.int64), np.array(temperature, dtype=np.float32),
+                 np.array(top_k, dtype=np.int64), np.array(top_p, dtype=np.float32),
                  np.array([samplers[i].uniform() for i in rows], dtype=np.float64))
 
 

@@ -65,8 +65,8 @@ def draw_tokens(logits: np.ndarray, draws: Draws) -> np.ndarray:
     already applied; changed in place). This is the definition the engines that draw on their
     device follow (engines/torch/sample.py): logits / temperature; where `top_k`, every logit
     below the k-th largest out; softmax; where `top_p`, the smallest prefix of the tokens in order
-    of probability (ties: lower id first) whose mass reaches `top_p`, renormalised; then the first
-    token, in id order, where the cumulative probability passes `u`."""
+    of probability (ties: lower id first) whose mass reaches `top_p`; then the first token, in id
+    order, where the cumulative probability passes `u` times the mass kept."""
     out = np.empty(len(logits), dtype=np.int64)
     for i, row in enumerate(logits):
         out[i] = draw_token(row, float(draws.temperature[i]), int(draws.top_k[i]), float(draws.top_p[i]),
@@ -90,8 +90,7 @@ def draw_token(row: np.ndarray, temperature: float, top_k: int, top_p: float, u:
     probs /= probs.sum()
     if top_p < 1.0:  # the tokens out get probability 0 and keep their place in id order
         probs = np.where(_nucleus(probs, top_p), probs, np.float32(0))
-        probs /= probs.sum()
-    j = _pass(probs, u)
+    j = _pass(probs, u)  # u times the kept mass: no renormalising first
     return j if ids is None else int(ids[j])
 
 

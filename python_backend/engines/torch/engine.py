@@ -320,12 +320,12 @@ class TorchEngine(Engine):
             logits, ids, dev_slots = self.graphs.run_mixed(
                 b, tb, key, self._step_body,
                 lambda a: self.layout.step_inputs(a, n, slots, tokens, pos, chained, inside, b, pslots), playout)
+        cols = None if key is None else b  # where the prompts' columns start
         if late:
-            cols = None if key is None else b
-            ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self.layout.ban_cols(ban, n, cols)))
+            ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self.layout.row_cols(ban.rows, n, cols)))
             self._last_ids.index_copy_(0, dev_slots, ids)
         if draws is not None:
-            d = DrawInputs(draws, self.layout.ban_cols(draws, n, None if key is None else b), self.device)
+            d = DrawInputs(draws, self.layout.row_cols(draws.rows, n, cols), self.device)
             taken, fed = draw(logits, d)
             ids.index_copy_(0, d.cols, taken)  # a graph's output buffer: the next replay rewrites it
             self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)

@@ -75,12 +75,13 @@ class Layout:
         a[4:] = -1
         if ban is not None:
             ids = np.asarray(ban.ids, dtype=np.int64).reshape(-1)
-            a[4:4 + len(ids), self.ban_cols(ban, n, cols)] = ids[:, None]
+            a[4:4 + len(ids), self.row_cols(ban.rows, n, cols)] = ids[:, None]
 
     @staticmethod
-    def ban_cols(ban, n: int, cols) -> np.ndarray:
-        """The input columns of `ban`'s rows (rows past n are prompts, whose columns start at `cols`)."""
-        rows = np.asarray(ban.rows, dtype=np.int64)
+    def row_cols(rows, n: int, cols) -> np.ndarray:
+        """The input columns of a step's `rows` (a ban's, a draw's: rows past n are prompts, whose
+        columns start at `cols`)."""
+        rows = np.asarray(rows, dtype=np.int64)
         return rows if cols is None else np.where(rows < n, rows, rows - n + cols)
 
     def safe_step_inputs(self, inp: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,10 @@ example: docs/build-config.md).
                       # queue_timeout_ms: a request waiting longer for a KV-cache slot is refused (0: never)
                       # mix_prefill: torch engine: greedy requests that arrive while others decode are
                       #   prefilled inside the next decode step (up to mix_tokens prompt tokens a step)
-                      # sample_on_device: torch engine: sampled requests (temperature, top_k, top_p; no
-                      #   penalties or bad words) get their tokens drawn on the device, so their steps
-                      #   chain and carry prompts as greedy ones do; false: their logits come to the host
+                      # sample_on_device: torch engine: sampled or penalised requests (temperature, top_k,
+                      #   top_p, repetition / presence / frequency penalties; no bad words) get their tokens
+                      #   chosen on the device, so their steps chain and carry prompts as greedy ones do;
+                      #   false: their logits come to the host
                       # prefix_reuse: a prompt reuses the KV of its longest prefix a slot still holds
                       #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
                       # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many

@@ -70,6 +70,7 @@ class BenchConfig:
     temperature: float = 0.0
     top_p: Optional[float] = None
     top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None  # the server's requests (greedy or sampled); the peers: none
 
     def peer_levels(self) -> List[int]:
         return list(self.peer_concurrency or self.concurrency)
@@ -278,7 +279,7 @@ def _params(cfg: BenchConfig):
     from tritonchat.client import GenerationParams
 
     return GenerationParams(max_tokens=cfg.output_len, min_tokens=cfg.output_len, temperature=cfg.temperature,
-                            top_p=cfg.top_p, top_k=cfg.top_k)
+                            top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
 
 
 def _stats_snapshot(http_url: Optional[str], grpc_url: Optional[str],

@@ -21,7 +21,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                       perf_analyzer: Optional[Path] = None, perf_timeout: float = 300.0,
                       openai_url: Optional[str] = None, gateway: bool = False,
                       openai_model: str = "ensemble", peer_concurrency: Optional[str] = None,
-                      temperature: float = 0.0, top_p: Optional[float] = None, top_k: Optional[int] = None) -> int:
+                      temperature: float = 0.0, top_p: Optional[float] = None, top_k: Optional[int] = None,
+                      repetition_penalty: Optional[float] = None) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -52,7 +53,8 @@ def run_bench_command(mode: str, *, url: Optional[str], model_repository: Option
                           overhead_repeats=streaming_overhead, label=label, rounds=rounds,
                           client_processes=client_processes,
                           peer_concurrency=parse_levels(peer_concurrency) if peer_concurrency else None,
-                          temperature=temperature, top_p=top_p, top_k=top_k)
+                          temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty)
         if protocol == "openai" and model_repository:
             raise ValueError("--protocol openai sweeps a running gateway (--url); to start one beside the "
                              "server, use --gateway")

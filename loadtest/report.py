@@ -67,7 +67,10 @@ def title(result: Dict[str, Any]) -> str:
     if cfg.get("temperature"):
         how = f"the server sampling at temperature {cfg['temperature']:g}" + "".join(
             f", {name} {cfg[key]:g}" for key, name in (("top_p", "top_p"), ("top_k", "top_k")) if cfg.get(key))
-        how += ", the peers greedy" if result.get("peers") else ""
+    if cfg.get("repetition_penalty"):
+        how += f", the server's repetition penalty {cfg['repetition_penalty']:g}"
+    if how != "greedy" and result.get("peers"):
+        how += ", the peers greedy without penalties"
     return (f"{label}: prompt {cfg.get('prompt_len')} tokens, output {cfg.get('output_len')} tokens "
             f"(min_tokens = max_tokens, {how}); latencies in ms")
 

@@ -11,8 +11,10 @@ one. The logits of hash target `t` are `-((v - t) % vocab)`: the argmax is `t`, 
 rules checked on every call: a chained step's rows must be slots the previous step wrote, prompts go
 into empty slots only, never past the context. `calls` records every engine call.
 
-`can_sample` lets the engine draw the tokens of sampled rows (`decode_greedy_begin(draws=...)`), with
-the host's own `draw_tokens` on its logits: a seeded answer must not change with where it is drawn.
+`can_sample` lets the engine draw the tokens of sampled rows and apply penalties
+(`decode_greedy_begin(draws=...)`), with the host's own `penalize` and `draw_tokens` on its logits and
+token counts kept as the torch engine keeps them (`track`: the prompt; then every token a decode step
+feeds a tracked slot): a seeded answer must not change with where its tokens are chosen.
 
 `can_reuse` switches on prefix reuse (`prefill_cached`, `copy_prefix`): a slot remembers the tokens it
 was fed (kept after `release`), and a prefill that claims to reuse a prefix the slot does not hold,
@@ -30,7 +32,7 @@ import time
 
 import numpy as np
 
-from tritonchat.python_backend.engines.base import Engine, draw_tokens
+from tritonchat.python_backend.engines.base import Engine, draw_tokens, penalize
 
 _MASK = (1 << 64) - 1
 
@@ -62,6 +64,7 @@ class FakeEngine(Engine):
         self.max_slots, self.max_seq_len, self.vocab_size = max_slots, max_seq_len, vocab_size
         self.can_chain, self.can_mix, self.can_sample = can_chain, can_mix, can_sample
         self.drawn = 0  # tokens drawn by this engine (decode_greedy_begin's `draws`)
+        self.counts: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tracked slot -> (seen, output counts)
         self.mix_tokens, self.mix_prompts = (mix_tokens, mix_prompts) if can_mix else (0, 0)
         self.step_s, self.fail_after = step_s, fail_after
         self.can_reuse = self.can_reuse_prefix = can_reuse
@@ -134,7 +137,12 @@ class FakeEngine(Engine):
             raise ValueError(f"a slot twice in one step: {slots}")
         if self.fail_after is not None and sum(c[0] != "prefill" for c in self.calls) > self.fail_after:
             raise RuntimeError("fake engine failure")
-        return [self._feed(s, t) for s, t in zip(slots, np.asarray(tokens).reshape(-1).tolist())]
+        tokens = np.asarray(tokens).reshape(-1).tolist()
+        for s, t in zip(slots, tokens):
+            if s in self.counts:  # a tracked slot counts every token fed to it
+                self.counts[s][0][t] = True
+                self.counts[s][1][t] += 1
+        return [self._feed(s, t) for s, t in zip(slots, tokens)]
 
     def _sleep(self) -> None:
         if self.step_s:
@@ -204,13 +212,27 @@ class FakeEngine(Engine):
         if draws is not None:
             if not self.can_sample:
                 raise ValueError("this engine cannot draw tokens")
-            ids[draws.rows] = draw_tokens(logits[draws.rows], draws)
+            rows = logits[draws.rows]
+            if draws.penalties is not None:
+                every = np.concatenate([slots, new_slots])
+                for i, (r, pen) in enumerate(zip(draws.rows, draws.penalties.T)):
+                    if tuple(pen) != (1.0, 0.0, 0.0):  # a penalised row's slot must be tracked
+                        penalize(rows[i], *self.counts[int(every[r])], *pen)
+            ids[draws.rows] = draw_tokens(rows, draws)
             self.drawn += len(draws.rows)
         step = FakeStep(ids, np.concatenate([slots, new_slots]))
         self.steps.append(step)
         return step
 
+    def track(self, slot: int, prompt_ids) -> None:
+        if not self.can_sample:
+            raise ValueError("this engine keeps no token counts")
+        seen = np.zeros(self.vocab_size, dtype=bool)
+        seen[np.asarray(prompt_ids, dtype=np.int64) % self.vocab_size] = True
+        self.counts[int(slot)] = (seen, np.zeros(self.vocab_size, dtype=np.int32))
+
     def release(self, slot: int) -> None:
+        self.counts.pop(slot, None)
         self.lengths[slot] = 0
         self.state[slot] = 0  # its tokens stay: the KV a released slot keeps
 

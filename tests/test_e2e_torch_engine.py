@@ -36,10 +36,13 @@ def test_torch_engine_repository_and_greedy_parity(torch_server):
 
 
 def test_sampled_requests_drawn_by_the_engine_through_the_real_server(torch_server):
-    """Seeded sampled requests (temperature, top_k, top_p), four at once beside a greedy one, through
-    tritonserver with the torch engine, which draws their tokens itself (`sample_on_device`, on by
-    default; on CPU here): each answer equals what the host's sampler gives that request alone over
-    the same engine in-process (`sample_on_device` off), and the greedy one equals transformers'."""
+    """Seeded sampled requests (temperature, top_k, top_p; one with presence and repetition penalties)
+    and a greedy one with repetition and frequency penalties, six at once beside a plain greedy one,
+    through tritonserver with the torch engine, which chooses their tokens itself (`sample_on_device`,
+    on by default; on CPU here; the penalties from its own token counts): each answer equals what the
+    host's sampler gives that request alone over the same engine in-process (`sample_on_device` off),
+    and the plain greedy one equals transformers'. (Penalties exact in float32: the client sends them
+    so.)"""
     import concurrent.futures as cf
 
     from tokenizers import Tokenizer
@@ -52,7 +55,9 @@ def test_sampled_requests_drawn_by_the_engine_through_the_real_server(torch_serv
     assert 'key: "sample_on_device", value: { string_value: "true" }' in (repo / "generator" / "config.pbtxt").read_text()
     jobs = [("Once upon a time", dict(temperature=0.9, seed=1)), ("The cat", dict(temperature=1.2, top_p=0.9, seed=2)),
             ("A big dog", dict(temperature=0.7, top_k=20, seed=3)), ("Lily", {}),
-            ("Mom said", dict(temperature=1.0, top_k=50, top_p=0.95, seed=4))]
+            ("Mom said", dict(temperature=1.0, top_k=50, top_p=0.95, seed=4)),
+            ("Tom and Sue", dict(repetition_penalty=1.25, frequency_penalty=0.5)),
+            ("One day", dict(temperature=0.8, presence_penalty=0.75, repetition_penalty=1.5, seed=5))]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         outs = list(pool.map(lambda job: client.generate(job[0], max_tokens=30, **job[1]), jobs))
     hf_tok = AutoTokenizer.from_pretrained(str(STORIES))
@@ -65,6 +70,7 @@ def test_sampled_requests_drawn_by_the_engine_through_the_real_server(torch_serv
         assert out.output_ids == alone[0][2], prompt
     assert outs[3].output_ids == hf_greedy(STORIES, hf_tok("Lily")["input_ids"], 30)
     assert len({tuple(o.output_ids) for o in outs[:3]} | {tuple(outs[3].output_ids)}) == 4
+    assert outs[5].output_ids != hf_greedy(STORIES, hf_tok("Tom and Sue")["input_ids"], 30)  # the penalties bit
 
 
 def test_a_request_arriving_while_others_decode_rides_in_a_decode_step(torch_server):

@@ -1,7 +1,8 @@
 """Sampled tokens drawn by the torch engine (engines/torch/sample.py) against the host's definition
-(`engines.base.draw_tokens`), on CPU in float32: the draw alone over logits with ties, bans and
-every parameter, then a decode step with drawn rows, prompts it carries and a ban, and the chained
-step after it, against a plain engine's logits drawn on the host."""
+(`engines.base.draw_tokens`, `engines.base.penalize`), on CPU in float32: the draw alone over logits
+with ties, bans and every parameter, penalties from the engine's token counts, then a decode step with
+drawn rows, prompts it carries and a ban, and the chained step after it, against a plain engine's
+logits drawn on the host; then penalised sequences over chained steps against the host's sampler."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from test_engine_torch import _random_model
-from tritonchat.python_backend.engines.base import NONFINITE, Ban, Draws, draw_tokens
+from tritonchat.python_backend.engines.base import NONFINITE, Ban, Draws, draw_tokens, penalize
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.sample import DrawInputs, draw
+from tritonchat.python_backend.engines.torch.sample import DrawInputs, TokenCounts, draw
 
 
 def _draws(rng, n: int, vocab: int) -> Draws:
@@ -46,6 +47,53 @@ def test_draw_on_the_device_equals_the_hosts():
     one = Draws(np.arange(50), np.full(50, 1.0, np.float32), np.zeros(50, np.int64), np.ones(50, np.float32), u)
     got = draw(torch.from_numpy(row), DrawInputs(one, one.rows, torch.device("cpu")))[0].tolist()
     assert got == sorted(got) and len(set(got)) > 5
+
+
+def test_penalties_on_the_device_equal_the_hosts():
+    """Rows with repetition, presence and frequency penalties (alone, together, none), greedy
+    (temperature 0) and sampled, over logits of both signs with ties and bans, their slots' counts
+    made by `track` (the prompt) and `count` (the tokens fed, chained ones read from the last ids):
+    each token equals the host's `penalize` then `draw_tokens`, bitwise on the penalised logits."""
+    rng = np.random.default_rng(3)
+    n, vocab, cpu = 60, 97, torch.device("cpu")
+    counts = TokenCounts(n + 1, vocab, cpu)
+    seen, made = np.zeros((n, vocab), bool), np.zeros((n, vocab), np.int32)
+    last = torch.from_numpy(rng.integers(0, vocab, n + 1))
+    for slot in range(n):  # slot n: the dummy one, never tracked
+        prompt = rng.integers(0, vocab, int(rng.integers(1, 30)))
+        counts.track(slot, prompt)
+        seen[slot, prompt] = True
+    for _ in range(12):  # decode steps over some of the slots, half of them chained
+        slots = np.sort(rng.choice(n, int(rng.integers(1, n)), replace=False))
+        chained = rng.random() < 0.5
+        toks = last.numpy()[slots] if chained else rng.integers(0, vocab, len(slots))
+        counts.count(slots, None if chained else toks, last)
+        np.add.at(made, (slots, toks), 1)
+        seen[slots, toks] = True
+        last = torch.from_numpy(rng.integers(0, vocab, n + 1))
+    assert (counts.counts[:n].numpy() == made).all() and not counts.counts[n].any()
+    logits = (rng.standard_normal((n, vocab)) * 3).astype(np.float32)
+    logits[::4] = np.round(logits[::4])
+    logits[rng.random((n, vocab)) < 0.03] = -np.inf
+    pen = np.stack([rng.choice([1.0, 1.0, 1.3, 0.7, 2.0], n), rng.choice([0.0, 0.4, -1.5], n),
+                    rng.choice([0.0, 0.25, 1.1, -0.6], n)])
+    pen[:, :3] = [[1.3, 1.0, 1.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.8]]  # each penalty alone
+    d = _draws(rng, n, vocab)
+    d = Draws(d.rows, np.where(rng.random(n) < 0.3, 0, d.temperature).astype(np.float32), d.top_k, d.top_p,
+              d.u, pen)
+    host = np.stack([penalize(logits[i].copy(), seen[i], made[i], *pen[:, i]) for i in range(n)])
+    want = draw_tokens(host.copy(), d)
+    order = rng.permutation(n)  # rows in another order than their slots
+    dd = Draws(*(a[order] for a in (d.rows, d.temperature, d.top_k, d.top_p, d.u)), pen[:, order])
+    inputs = DrawInputs(dd, order, cpu, order)
+    assert counts.penalize(torch.from_numpy(logits).index_select(0, inputs.cols), inputs).numpy().tobytes() \
+        == host[order].tobytes()
+    taken, fed = draw(torch.from_numpy(logits), inputs, counts)
+    assert taken.tolist() == want[order].tolist() == fed.tolist()
+    assert (want != np.array([draw_tokens(logits[[i]].copy(), Draws(*(a[[i]] for a in (
+        d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0] for i in range(n)])).sum() > n // 10  # they bite
+    greedy = d.temperature == 0
+    assert (want[greedy] == host[greedy].argmax(-1)).all() and greedy.sum() > 5
 
 
 def test_a_row_with_nothing_to_draw_fails_alone():

@@ -112,16 +112,20 @@ def test_chained_steps_and_prompts_in_steps_equal_transformers_on_the_gpu(tmp_pa
 
 
 def test_sampled_requests_drawn_on_the_gpu_equal_the_hosts_draws(tmp_path):
-    """Seeded sampled requests (temperature, top_k, top_p; some under `min_tokens`) among greedy ones,
-    more than the slots: drawn in the decode graphs' steps on the GPU (chained, prompts riding in
-    steps) they give the answers the host's sampler gives from the same logits (`sample_on_device`
-    off: every step with a sampled row brings its logits to the host)."""
+    """Seeded sampled requests (temperature, top_k, top_p; some under `min_tokens`; one with repetition
+    and frequency penalties) and a greedy one with repetition and presence penalties among greedy ones,
+    more than the slots: chosen in the decode graphs' steps on the GPU (chained, prompts riding in
+    steps; the penalties from the engine's token counts) they give the answers the host's sampler
+    gives from the same logits (`sample_on_device` off: every step with such a row brings its logits
+    to the host)."""
     from tritonchat.python_backend.engines.torch import TorchEngine
 
     model, tok = _model(tmp_path)
     rng = np.random.default_rng(1)
     kinds = [{"temperature": 0.8, "seed": 1}, {"temperature": 1.0, "top_p": 0.9, "seed": 2}, {},
-             {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "seed": 3}, {"temperature": 1.5, "top_k": 5, "seed": 4}]
+             {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "seed": 3}, {"temperature": 1.5, "top_k": 5, "seed": 4},
+             {"temperature": 0.9, "repetition_penalty": 1.3, "frequency_penalty": 0.5, "seed": 5},
+             {"repetition_penalty": 1.2, "presence_penalty": 0.4}]
     jobs = [(rng.integers(3, 32000, n).tolist(), m, k, kinds[i % len(kinds)]) for i, (n, m, k) in
             enumerate([(5, 40, 0), (130, 25, 10), (17, 60, 0), (64, 15, 0), (9, 33, 20), (200, 50, 0), (3, 44, 0),
                        (77, 20, 0), (31, 70, 0), (12, 9, 0)])]

@@ -122,6 +122,18 @@ def test_report_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_report_title_says_how_the_server_sampled():
+    """Greedy, sampled, penalised: the title names what the server's requests carried, and that the
+    peers (greedy, no penalties) did not."""
+    cfg = {"prompt_len": 32, "output_len": 128}
+    assert "greedy)" in report.title({"config": cfg})
+    sampled = report.title({"config": {**cfg, "temperature": 0.8, "top_p": 0.95}, "peers": {"x": {}}})
+    assert "sampling at temperature 0.8, top_p 0.95, the peers greedy without penalties" in sampled
+    both = report.title({"config": {**cfg, "temperature": 0.8, "repetition_penalty": 1.1}})
+    assert "temperature 0.8, the server's repetition penalty 1.1)" in both
+    assert "greedy, the server's repetition penalty 1.2" in report.title({"config": {**cfg, "repetition_penalty": 1.2}})
+
+
 def test_client_processes_per_level(monkeypatch):
     from tritonchat.loadtest.bench import BenchConfig
 

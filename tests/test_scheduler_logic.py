@@ -64,17 +64,21 @@ def test_answers_equal_the_reference_on_every_path(variant, vocab):
 
 @pytest.mark.parametrize("variant", ["plain", "chain+mix", "chain+mix+draw"])
 def test_mix_prefill_off_and_sampled_rows_give_the_same_answers(variant):
-    """Sampled requests (seeded; one with `min_tokens`, whose ban reaches drawn rows) and greedy ones in
-    one batch. Without `can_sample` the steps with sampled rows bring the logits to the host and the
-    others stay greedy (and chain where they can); with it the engine draws them, and their steps chain
+    """Sampled requests (seeded; one with `min_tokens`, whose ban reaches drawn rows), penalised ones
+    (greedy and sampled) and greedy ones in one batch. Without `can_sample` the steps with sampled or
+    penalised rows bring the logits to the host and the others stay greedy (and chain where they can);
+    with it the engine chooses them (its own token counts for the penalties), and their steps chain
     and carry prompts too. Each answer equals the request's answer alone, with `mix_prefill` on or off,
     and equals what the host's sampler gives (`sample_on_device` off): the same uniform numbers in the
-    same order, wherever a token is drawn."""
+    same order and the same penalties, wherever a token is chosen."""
     kind = {**VARIANTS["chain+mix"], "can_sample": True} if variant == "chain+mix+draw" else VARIANTS[variant]
     ends = (2, 5, 9, 11, 17, 23, 31, 40, 47, 58)  # drawn often: the sampled rows' bans matter
     jobs = [("Once upon a time", 30, True, {"temperature": 0.9, "seed": 1, "min_tokens": 25}), ("The cat", 25, False),
             ("A dog", 20, True, {"temperature": 0.7, "top_k": 5, "seed": 2, "min_tokens": 15}), ("Tom", 35, True),
-            ("Lily", 15, False, {"temperature": 1.3, "top_p": 0.8, "seed": 3, "min_tokens": 12})]
+            ("Lily", 15, False, {"temperature": 1.3, "top_p": 0.8, "seed": 3, "min_tokens": 12}),
+            ("Ben and Mia", 40, True, {"frequency_penalty": 1.5, "repetition_penalty": 1.3, "min_tokens": 30}),
+            ("Sue", 30, False, {"temperature": 0.8, "presence_penalty": 1.2, "repetition_penalty": 0.8, "seed": 6,
+                                "min_tokens": 10})]
     stats = []
     ex = fake(max_slots=2, **kind)
     together = _run(ex, jobs, stats=stats, end_ids=ends)[1]
@@ -86,6 +90,7 @@ def test_mix_prefill_off_and_sampled_rows_give_the_same_answers(variant):
     assert together[1] == _words(*ex[0].reference(tok.encode("The cat").ids, 25, ends))
     assert together[0] != _words(*ex[0].reference(tok.encode("Once upon a time").ids, 30, ends, 25))  # it sampled
     assert len(together[0].split()) >= 25  # the ban held while drawn
+    assert together[5] != _words(*ex[0].reference(tok.encode("Ben and Mia").ids, 40, ends, 30))  # the penalty bit
     if variant == "chain+mix+draw":  # every step drawn on the "device": chained, and prompts in decode steps
         assert ex[0].drawn == stats[0].drawn > 0 and stats[0].chained > 0 and stats[0].mixed_steps > 0
         assert not any(c[0] == "decode" for c in ex[0].calls)  # no step brought its logits to the host

@@ -283,6 +283,9 @@ def bench(
                                                                   "(unseeded; 0: greedy). The peers stay greedy."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="With --temperature: nucleus sampling."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="With --temperature: top-k sampling."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty",
+                                                       help="The server's requests carry this repetition penalty "
+                                                            "(greedy or sampled). The peers have none."),
 ):
     """Measure the server: a concurrency sweep with peers (TTFT, ITL, tokens/s), perf_analyzer, or locust;
     --gateway / --openai-url: the OpenAI gateway against direct gRPC (--protocol openai --url: the gateway alone)."""
@@ -298,7 +301,8 @@ def bench(
                                        rounds=rounds, perf_configs=perf_config, perf_analyzer=perf_analyzer,
                                        perf_timeout=perf_timeout, openai_url=openai_url, gateway=gateway,
                                        openai_model=openai_model, peer_concurrency=peer_concurrency,
-                                       temperature=temperature, top_p=top_p, top_k=top_k))
+                                       temperature=temperature, top_p=top_p, top_k=top_k,
+                                       repetition_penalty=repetition_penalty))
 
 
 @app.command("deploy")

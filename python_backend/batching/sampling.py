@@ -1,6 +1,7 @@
 """Per-request sampling parameters and the token sampler (numpy, host side); for steps whose
-tokens the engine chooses itself (the argmax, or on engines that can, a draw: `Draws`), the end ids
-that step must mask (`greedy_ban`) and the draws of its sampled rows (`draws_of`).
+tokens the engine chooses itself (the argmax, or on engines that can, a draw and penalties: `Draws`),
+the end ids that step must mask (`greedy_ban`) and the draws of its sampled and penalised rows
+(`draws_of`).
 
 Semantics follow the libraries users compare against:
 - `temperature` 0 (the default) is greedy; `top_k` 0 and `top_p` 1 are off.
@@ -11,6 +12,7 @@ Semantics follow the libraries users compare against:
 - a sampled token is drawn with one uniform number from the request's generator (seeded by `seed`),
   by `engines.base.draw_tokens` on the host or its equal on a device: the same uniform numbers in
   the same order either way, so a seeded answer does not depend on where its tokens were drawn.
+  Penalties likewise (`engines.base.penalize`: the host's counts here, the engine's on a device).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from ..engines.base import NONFINITE, Ban, Draws, draw_token
+from ..engines.base import NONFINITE, Ban, Draws, draw_token, penalize
 
 
 class InvalidParameter(ValueError):
@@ -57,9 +59,18 @@ class SamplingParams:
     @property
     def stateless(self) -> bool:
         """The next token depends on the logits, `min_tokens` and one uniform number only (no penalty
-        or bad word reads the output so far): an engine that can draw (`can_sample`) chooses it."""
-        return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and not self.bad_words_ids)
+        or bad word reads the output so far)."""
+        return not self.penalized and not self.bad_words_ids
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def drawable(self) -> bool:
+        """An engine that draws (`can_sample`) can choose every token of this request: all but bad
+        words, which read the output's last tokens (its penalties read counts the engine keeps)."""
+        return not self.bad_words_ids
 
     def validate(self, max_seq_len: int) -> "SamplingParams":
         def bad(msg):
@@ -104,6 +115,7 @@ class Sampler:
         self.history: list[int] = []
         # read per token and per step: computed once
         self.greedy, self.argmax_only, self.stateless = params.greedy, params.argmax_only, params.stateless
+        self.drawable, self.penalized = params.drawable, params.penalized
 
     def observe(self, token: int) -> None:
         self.generated += 1
@@ -132,17 +144,14 @@ class Sampler:
             return int(np.argmax(logits))
         return draw_token(logits, *self.draw_params(), self.uniform())
 
+    def penalties(self) -> tuple[float, float, float]:
+        """(repetition, presence, frequency) of its `Draws` rows."""
+        return self.p.repetition_penalty, self.p.presence_penalty, self.p.frequency_penalty
+
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """A float32 copy of `logits` with this request's penalties and bans applied."""
         p = self.p
-        logits = logits.astype(np.float32, copy=True)
-        if p.repetition_penalty != 1.0:
-            sel = logits[self.seen]
-            logits[self.seen] = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
-        if p.frequency_penalty:
-            logits -= p.frequency_penalty * self.output_counts
-        if p.presence_penalty:
-            logits -= p.presence_penalty * (self.output_counts > 0)
+        logits = penalize(logits.astype(np.float32, copy=True), self.seen, self.output_counts, *self.penalties())
         if self.generated < p.min_tokens and len(self.end_ids):
             logits[self.end_ids] = -np.inf
         for word in p.bad_words_ids:
@@ -188,13 +197,13 @@ def choose_safely(sampler: Sampler, row: np.ndarray) -> tuple[int, str | None]:
 
 
 def greedy_ban(samplers: list[Sampler], ahead=0, draw: bool = False):
-    """For a batch whose tokens the engine chooses (the argmax; with `draw`, sampled rows drawn by the
-    engine too: `draws_of`): None (no ban) or the `Ban` of end ids for rows still under their
+    """For a batch whose tokens the engine chooses (the argmax; with `draw`, sampled and penalised rows
+    chosen by the engine too: `draws_of`): None (no ban) or the `Ban` of end ids for rows still under their
     `min_tokens` (`ahead` steps from now: one number, or one per row); False when some row needs the
     logits on the host."""
     rows, key, ids = [], None, None
     for i, s in enumerate(samplers):
-        if not (s.argmax_only or draw and s.stateless):
+        if not (s.argmax_only or draw and s.drawable):
             return False
         a = ahead if isinstance(ahead, int) else ahead[i]
         if s.generated + a < s.p.min_tokens and s.end_key:
@@ -207,15 +216,20 @@ def greedy_ban(samplers: list[Sampler], ahead=0, draw: bool = False):
 
 
 def draws_of(samplers: list[Sampler]) -> Draws | None:
-    """The `Draws` of a step over these rows (each sampled row's next uniform number is taken from
-    its generator now: call once per step launched), None where every row is greedy."""
-    rows = [i for i, s in enumerate(samplers) if not s.greedy]
-    if not rows:
+    """The `Draws` of a step over these rows: the sampled ones, and the greedy ones with penalties
+    (temperature 0). Each sampled row's next uniform number is taken from its generator now: call
+    once per step launched. None where every row takes the plain argmax."""
+    idx = [i for i, s in enumerate(samplers) if not s.argmax_only]
+    if not idx:
         return None
-    temperature, top_k, top_p = zip(*(samplers[i].draw_params() for i in rows))
-    return Draws(np.array(rows, dtype=np.int64), np.array(temperature, dtype=np.float32),
-                 np.array(top_k, dtype=np.int64), np.array(top_p, dtype=np.float32),
-                 np.array([samplers[i].uniform() for i in rows], dtype=np.float64))
+    rows = [samplers[i] for i in idx]
+    params = [(0.0, 0, 1.0, 0.0) if s.greedy else (*s.draw_params(), s.uniform()) for s in rows]
+    temperature, top_k, top_p, u = zip(*params)
+    penalties = np.array([s.penalties() for s in rows], dtype=np.float64).T \
+        if any(s.penalized for s in rows) else None
+    return Draws(np.array(idx, dtype=np.int64),
+                 np.array(temperature, dtype=np.float32), np.array(top_k, dtype=np.int64),
+                 np.array(top_p, dtype=np.float32), np.array(u, dtype=np.float64), penalties)
 
 
 def ban_key(rows: list, ban) -> tuple | None:

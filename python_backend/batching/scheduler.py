@@ -11,8 +11,9 @@ outputs and polls cancellation on a thread of its own, so the decode loop never 
 server process.
 
 Greedy batches take their argmax in the engine (`decode_greedy_begin`); on an engine that can draw
-(`engine.can_sample`, `sample_on_device`), so do sampled rows without penalties or bad words (their
-uniform numbers go with the step: `draws_of`). That allows two more things where the engine can:
+(`engine.can_sample`, `sample_on_device`), so do sampled rows and rows with penalties, all but those
+with bad words (their uniform numbers and penalties go with the step: `draws_of`; the engine keeps
+their token counts: `engine.track`). That allows two more things where the engine can:
 - chaining (`engine.can_chain`): the next step is launched, fed by this step's tokens on the
   device, before the host takes this step's tokens (`_chain`);
 - prompts inside decode steps (`engine.can_mix`, `mix_prefill`): waiting requests of that kind are
@@ -67,7 +68,7 @@ class Scheduler:
         running (0: off). `metrics`: optional hooks `step(running, waiting, new_tokens, steps)`,
         `first_token(seconds)`, `finished(reason, seconds)` (see metrics.GeneratorMetrics), called
         on the courier's thread. `mix_prefill`: where the engine can (`can_mix`) and sequences are
-        decoding, greedy requests (and, with `sample_on_device`, sampled ones without penalties or bad
+        decoding, greedy requests (and, with `sample_on_device`, sampled or penalised ones without bad
         words) are prefilled inside the next decode step (up to the engine's
         `mix_tokens` prompt tokens a step) instead of in a prefill of their own that stops every
         stream. `queue_timeout`: seconds a request may wait for a slot before it is refused (0: no
@@ -79,9 +80,10 @@ class Scheduler:
         the pieces before, which on the ONNX Runtime engines is bitwise a whole prefill's.
         `first_senders`: threads that send first tokens beside the courier (courier.py). `cancel_poll`:
         seconds between two polls of a running request's cancellation (the courier's).
-        `sample_on_device`: where the engine can (`can_sample`), sampled requests without penalties or
-        bad words are drawn by the engine, so their steps chain and carry prompts as greedy ones do;
-        False: every step with a sampled row brings its logits to the host (the sampler there)."""
+        `sample_on_device`: where the engine can (`can_sample`), the tokens of sampled requests and of
+        requests with penalties (all but those with bad words) are chosen by the engine, so their steps
+        chain and carry prompts as greedy ones do; False: every step with such a row brings its logits
+        to the host (the sampler there)."""
         self.engine = engine
         self.max_queue_size = max_queue_size
         self.prefill_token_budget = prefill_token_budget
@@ -178,10 +180,10 @@ class Scheduler:
         takes step t's tokens, so the host's bookkeeping (`_take`) overlaps the device's work. The
         chain goes on while the batch changes: a sequence whose last token is in flight is left out
         of the next step, one that ended on an end id wastes one row of the step already launched,
-        and waiting greedy requests (and sampled ones the engine draws) ride in the next step
-        (`mix_prefill`) and join the chain with their first token. It stops for a request that needs
-        a prefill of its own (penalties or bad words, too long) or a row that needs the logits on the
-        host."""
+        and waiting greedy requests (and sampled or penalised ones the engine draws) ride in the next
+        step (`mix_prefill`) and join the chain with their first token. It stops for a request that
+        needs a prefill of its own (bad words, or penalties or sampling where the engine does not draw;
+        too long) or a row that needs the logits on the host."""
         # sorted: contiguous slots let engines avoid a gather
         rows = sorted((s for s in self.running if s.slot >= 0), key=lambda s: s.slot)
         if not rows:
@@ -440,6 +442,8 @@ class Scheduler:
                 self.stats.slot_gaps += 1
             if seq.sampler is None:
                 seq.sampler = Sampler(seq.params, seq.prompt_ids, self.engine.vocab_size)
+            if self.draw and seq.sampler.penalized and seq.sampler.drawable:
+                self.engine.track(seq.slot, seq.prompt_ids)  # the engine's counts for its penalties
             seq.limit = min(seq.params.max_tokens, self.engine.max_seq_len - len(seq.prompt_ids))
 
     def _copy_prefix(self, seq: Sequence, source: int) -> None:
@@ -484,7 +488,7 @@ class Scheduler:
         if seq.sampler is None:
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.engine.vocab_size)
         s = seq.sampler
-        return ((s.argmax_only or self.draw and s.stateless)
+        return ((s.argmax_only or self.draw and s.drawable)
                 and len(seq.prompt_ids) <= min(self.engine.mix_tokens, self.prefill_token_budget)
                 and (key is None or not s.end_key or s.p.min_tokens <= 0 or s.end_key == key))
 

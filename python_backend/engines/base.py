@@ -48,16 +48,38 @@ def greedy_tokens(logits: np.ndarray, ban: Ban | None = None) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Draws:
-    """Rows of a step whose token is drawn from their distribution rather than taken as the argmax
-    (indices into the step's rows: decode rows, then the prompts it carries), each with its
-    temperature (> 0), `top_k` (0: off), `top_p` (1: off) and the uniform number in [0, 1) its
-    request's random generator gave for this token (`draw_tokens` says what is drawn)."""
+    """Rows of a step whose token the engine chooses from their own distribution rather than as the
+    plain argmax (indices into the step's rows: decode rows, then the prompts it carries), each with
+    its temperature (0: the argmax, after its penalties), `top_k` (0: off), `top_p` (1: off) and the
+    uniform number in [0, 1) its request's random generator gave for this token (0 where greedy;
+    `draw_tokens` says what is drawn). `penalties`, where some row has one: [3, rows] float64, each
+    row's repetition, presence and frequency penalty (1, 0, 0: none), applied first (`penalize`) with
+    the counts of the tokens its slot's sequence holds (`Engine.track`)."""
 
     rows: np.ndarray  # int64
     temperature: np.ndarray  # float32
     top_k: np.ndarray  # int64
     top_p: np.ndarray  # float32
     u: np.ndarray  # float64
+    penalties: np.ndarray | None = None  # float64 [3, rows]: repetition, presence, frequency
+
+
+def penalize(row: np.ndarray, seen: np.ndarray, counts: np.ndarray, repetition: float, presence: float,
+             frequency: float) -> np.ndarray:
+    """A request's penalties on its float32 logits `row` (changed in place, and returned): `seen` marks
+    the ids of its prompt and output, `counts` how often each id is in its output. Repetition as in
+    transformers (over prompt and output: positive logits divided, negative ones multiplied), then
+    frequency and presence as in OpenAI (output only), each subtracted in float64. The engines that
+    apply penalties on their device follow this step by step (engines/torch/sample.py)."""
+    if repetition != 1.0:
+        r = np.float32(repetition)  # divided in float32 (numpy 2 would take a float64 scalar's type)
+        sel = row[seen]
+        row[seen] = np.where(sel > 0, sel / r, sel * r)
+    if frequency:
+        row -= np.float64(frequency) * counts
+    if presence:
+        row -= np.float64(presence) * (counts > 0)
+    return row
 
 
 def draw_tokens(logits: np.ndarray, draws: Draws) -> np.ndarray:
@@ -66,7 +88,8 @@ def draw_tokens(logits: np.ndarray, draws: Draws) -> np.ndarray:
     device follow (engines/torch/sample.py): logits / temperature; where `top_k`, every logit
     below the k-th largest out; softmax; where `top_p`, the smallest prefix of the tokens in order
     of probability (ties: lower id first) whose mass reaches `top_p`; then the first token, in id
-    order, where the cumulative probability passes `u` times the mass kept."""
+    order, where the cumulative probability passes `u` times the mass kept. A row at temperature 0
+    takes the argmax (its penalties, where it has any, applied by the caller first: `penalize`)."""
     out = np.empty(len(logits), dtype=np.int64)
     for i, row in enumerate(logits):
         out[i] = draw_token(row, float(draws.temperature[i]), int(draws.top_k[i]), float(draws.top_p[i]),
@@ -75,7 +98,13 @@ def draw_tokens(logits: np.ndarray, draws: Draws) -> np.ndarray:
 
 
 def draw_token(row: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
-    """One row of `draw_tokens` (float32 logits [vocab], changed in place)."""
+    """One row of `draw_tokens` (float32 logits [vocab], changed in place); temperature 0: the argmax
+    (the lowest id among equals)."""
+    if temperature == 0:
+        best = int(row.argmax())
+        if not np.isfinite(row[best]):
+            raise ValueError("no token can be chosen from these logits")
+        return best
     row /= np.float32(temperature)
     v = len(row)
     ids = None  # every id
@@ -200,10 +229,17 @@ class Engine(abc.ABC):
     mix_tokens = 0
     mix_prompts = 0
 
-    #: True where `decode_greedy_begin(..., draws=...)` draws the tokens of sampled rows itself (on
-    #: its device, where the logits are), so that sampled requests chain and ride in decode steps as
-    #: greedy ones do; elsewhere the scheduler brings the logits of a step with sampled rows to the host
+    #: True where `decode_greedy_begin(..., draws=...)` chooses the tokens of sampled rows, and of rows
+    #: with penalties, itself (on its device, where the logits are), so that such requests chain and
+    #: ride in decode steps as greedy ones do; elsewhere the scheduler brings the logits of a step with
+    #: such rows to the host. Penalties need the tokens of each sequence: `track`
     can_sample = False
+
+    def track(self, slot: int, prompt_ids: np.ndarray) -> None:
+        """Keep the counts of the tokens of the sequence just placed in `slot` (its prompt
+        `prompt_ids`; then every token a decode step feeds it), for the penalties of its `Draws` rows,
+        until `release`. Engines with `can_sample`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no token counts (can_sample is False)")
 
     def decode_greedy_begin(self, slots, tokens=None, ban: Ban | None = None, chain=None, prompts=None,
                             draws: Draws | None = None):

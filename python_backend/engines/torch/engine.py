@@ -39,7 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
-from .sample import DrawInputs, draw
+from .sample import DrawInputs, TokenCounts, draw
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -61,7 +61,7 @@ def _as_dtype(dtype) -> torch.dtype:
 class TorchEngine(Engine):
     prompt_chunks = False  # its prompts ride inside decode steps or run as one captured prefill
     batches_cached_prefills = True
-    can_sample = True  # sampled rows drawn on the device (sample.py)
+    can_sample = True  # sampled rows drawn, penalties applied on the device (sample.py)
 
     def __init__(self, model_path: str | os.PathLike | None = None, max_slots: int = 8,
                  max_seq_len: int = 2048, device: str = "cuda", dtype: str = "bfloat16",
@@ -121,6 +121,7 @@ class TorchEngine(Engine):
         self.config = model.config
         self.blocker = native_blocker(model, self.max_seq_len)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._counts = TokenCounts(self.max_slots + 1, self.vocab_size, self.device)  # for penalties
 
         if self.blocker is not None and weights != "dtype":
             raise ValueError(f"weights={weights!r} needs the native forward, which this model has not: {self.blocker}")
@@ -132,6 +133,7 @@ class TorchEngine(Engine):
             self.kernels = self.attention = "hf"
             self.llama = None
             self._hf = HFSlots(model.to(device=self.device, dtype=self.dtype), self.max_slots, self.device)
+            self._last_ids = None  # its steps never chain: their tokens come from the host
             return
         self.path = "native"
         self._hf = None
@@ -325,8 +327,9 @@ class TorchEngine(Engine):
             ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self.layout.row_cols(ban.rows, n, cols)))
             self._last_ids.index_copy_(0, dev_slots, ids)
         if draws is not None:
-            d = DrawInputs(draws, self.layout.row_cols(draws.rows, n, cols), self.device)
-            taken, fed = draw(logits, d)
+            all_slots = slots if prompts is None else np.concatenate([slots, prompts[0]])
+            d = DrawInputs(draws, self.layout.row_cols(draws.rows, n, cols), self.device, all_slots[draws.rows])
+            taken, fed = draw(logits, d, self._counts)
             ids.index_copy_(0, d.cols, taken)  # a graph's output buffer: the next replay rewrites it
             self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
         return logits, ids, b
@@ -496,12 +499,13 @@ class TorchEngine(Engine):
             raise ValueError("decode_greedy_begin needs tokens or chain")
         all_slots = slots if mix is None else np.concatenate([slots, mix[0]])
         with torch.no_grad():
+            self._counts.count(slots, tokens, self._last_ids)  # before the step writes the next ids
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(np.asarray(tokens)).to(self.device))
                 ids = self._argmax_banned(out, ban)
                 if draws is not None:
-                    d = DrawInputs(draws, draws.rows, self.device)
-                    ids.index_copy_(0, d.cols, draw(out, d)[0])
+                    d = DrawInputs(draws, draws.rows, self.device, slots[draws.rows])
+                    ids.index_copy_(0, d.cols, draw(out, d, self._counts)[0])
                 ids = ids.cpu()
                 step = _Step(ids.numpy(), None, n, slots=slots)
             else:
@@ -574,6 +578,7 @@ class TorchEngine(Engine):
         if n == 0:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
         with torch.no_grad():
+            self._counts.count(slots, tokens, self._last_ids)
             if self._hf is not None:
                 out = self._hf.decode(slots, torch.from_numpy(tokens).to(self.device))
             else:
@@ -583,8 +588,15 @@ class TorchEngine(Engine):
         self._lengths[slots] = pos + 1
         return result
 
+    def track(self, slot: int, prompt_ids) -> None:
+        if not 0 <= int(slot) < self.max_slots:
+            raise ValueError(f"slot {slot} out of range")
+        with torch.no_grad():
+            self._counts.track(int(slot), prompt_ids)
+
     def release(self, slot: int) -> None:
         self._lengths[int(slot)] = 0
+        self._counts.release(int(slot))
         if self._hf is not None:
             self._hf.release(int(slot))
 

@@ -10,6 +10,11 @@ rounding of the probabilities' sums.
 Cost: one sort of the drawn rows' logits (stable, so that ties keep the lower id first, as the host's
 stable order does) and a dozen elementwise passes, launched after the step's graph on the same
 stream; figures in docs/benchmarks-gpu.md.
+
+Penalties (`engines.base.penalize`, the host's definition) read each sequence's token counts, which
+live here on the device (`TokenCounts`), so that a chained step, whose input tokens the host has
+not seen yet, counts them too: the prompt when the sequence is placed, then every token a decode
+step feeds it.
 """
 
 from __future__ import annotations
@@ -20,28 +25,87 @@ import torch
 from ..base import NONFINITE, Draws
 
 
-class DrawInputs:
-    """The device tensors of one step's `Draws`: the logits rows they read, and each row's
-    parameters. Built once per step on the host and copied over in one transfer."""
+class TokenCounts:
+    """Per slot (the dummy slot last): the ids of the prompt (`seen`) and how often each id was fed
+    to the sequence by a decode step (`counts`: its output), for the slots `track`ed. Allocated at
+    the first `track` (int32 + bool per slot and id: 20 MB for 129 slots of 32,000 ids)."""
 
-    def __init__(self, draws: Draws, cols: np.ndarray, device: torch.device):
+    def __init__(self, slots: int, vocab: int, device: torch.device):
+        self.slots, self.vocab, self.device = slots, vocab, device
+        self.tracked = np.zeros(slots, dtype=bool)
+        self.seen = self.counts = None
+
+    def track(self, slot: int, prompt_ids) -> None:
+        if self.counts is None:
+            self.counts = torch.zeros(self.slots, self.vocab, dtype=torch.int32, device=self.device)
+            self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
+        ids = torch.from_numpy(np.asarray(prompt_ids, dtype=np.int64) % self.vocab).to(self.device)
+        self.counts[slot].zero_()
+        self.seen[slot].zero_()
+        self.seen[slot, ids] = True
+        self.tracked[slot] = True
+
+    def release(self, slot: int) -> None:
+        self.tracked[slot] = False
+
+    def count(self, slots: np.ndarray, tokens, last_ids: torch.Tensor) -> None:
+        """Count the tokens a decode step feeds `slots` (host `tokens`, or None for a chained step:
+        the slots' last ids on the device, read before the step writes the next ones)."""
+        mine = self.tracked[slots]
+        if not mine.any():
+            return
+        dev = torch.from_numpy(slots[mine]).to(self.device)
+        tok = last_ids.index_select(0, dev) if tokens is None else \
+            torch.from_numpy(np.asarray(tokens, dtype=np.int64)[mine] % self.vocab).to(self.device)
+        self.counts.index_put_((dev, tok), torch.ones((), dtype=torch.int32, device=self.device), accumulate=True)
+
+    def penalize(self, z: torch.Tensor, d: "DrawInputs") -> torch.Tensor:
+        """`engines.base.penalize` on the float32 logits `z` of the rows of `d` (each row's slot:
+        `d.slots`): the repetition penalty divided in float32, the others subtracted in float64."""
+        c = self.counts.index_select(0, d.slots)
+        out = c > 0
+        seen = self.seen.index_select(0, d.slots) | out
+        r = d.repetition[:, None]
+        z = torch.where(seen & (r != 1), torch.where(z > 0, z / r, z * r), z)
+        z = (z.double() - d.frequency[:, None] * c.double()).float()
+        return (z.double() - d.presence[:, None] * out.double()).float()
+
+
+class DrawInputs:
+    """The device tensors of one step's `Draws`: the logits rows they read, each row's parameters and,
+    where some row has penalties, its slot and penalties. Built once per step on the host and copied
+    over in one transfer."""
+
+    def __init__(self, draws: Draws, cols: np.ndarray, device: torch.device, slots: np.ndarray | None = None):
         n = len(cols)
-        buf = np.empty((5, n), dtype=np.float64)  # one copy: cols, temperature, top_k, top_p, u
+        pen = draws.penalties
+        buf = np.empty((5 if pen is None else 9, n), dtype=np.float64)
         buf[0], buf[1], buf[2], buf[3], buf[4] = cols, draws.temperature, draws.top_k, draws.top_p, draws.u
+        if pen is not None:  # each row's slot, then repetition, presence, frequency
+            buf[5], buf[6:] = slots, pen
         t = torch.from_numpy(buf).to(device, non_blocking=device.type == "cuda")
         self.cols = t[0].long()
         self.temperature = t[1].float()
         self.top_k = t[2].long()
         self.top_p = t[3].float()
         self.u = t[4]
+        self.greedy = bool((draws.temperature == 0).any())  # some row takes its argmax
+        self.penalized = pen is not None
+        if self.penalized:
+            self.slots, self.repetition, self.presence, self.frequency = t[5].long(), t[6].float(), t[7], t[8]
 
 
-def draw(logits: torch.Tensor, d: DrawInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens drawn for rows `d.cols` of `logits` [b, vocab] (bans already applied), int64
-    [len(cols)], twice: as the host takes them (NONFINITE where a row has nothing to draw from: every
-    logit -inf, or a NaN; that request fails alone) and as the next chained step reads them (always
-    a token id: a -1 there would index the embedding out of bounds)."""
-    z = logits.index_select(0, d.cols).float() / d.temperature[:, None]
+def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens drawn for rows `d.cols` of `logits` [b, vocab] (bans already applied; penalties
+    applied here, from `counts`), int64 [len(cols)], twice: as the host takes them (NONFINITE where a
+    row has nothing to draw from: every logit -inf, or a NaN; that request fails alone) and as the
+    next chained step reads them (always a token id: a -1 there would index the embedding out of
+    bounds). A row at temperature 0 takes the argmax of its penalised logits."""
+    z = logits.index_select(0, d.cols).float()
+    if d.penalized:
+        z = counts.penalize(z, d)
+    best = z.argmax(dim=1) if d.greedy else None
+    z = z / torch.where(d.temperature > 0, d.temperature, 1.0)[:, None]  # argmax rows: their draw goes unused
     v = z.shape[1]
     sz, order = torch.sort(z, dim=1, descending=True, stable=True)
     # top_k: every logit below the k-th largest out (its ties stay in, as on the host)
@@ -59,4 +123,8 @@ def draw(logits: torch.Tensor, d: DrawInputs) -> tuple[torch.Tensor, torch.Tenso
     total = cdf[:, -1]
     tokens = torch.searchsorted(cdf, (d.u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)
     ok = torch.isfinite(total) & (total > 0)
+    if best is not None:  # the argmax rows: NONFINITE where the largest logit is not finite, as greedy ones
+        argmax = d.temperature == 0
+        tokens = torch.where(argmax, best, tokens)
+        ok = torch.where(argmax, torch.isfinite(z.gather(1, best[:, None])[:, 0]), ok)
     return torch.where(ok, tokens, NONFINITE), tokens

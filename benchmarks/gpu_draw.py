@@ -5,7 +5,9 @@ float32, then the host sampler row by row), for batches of 1 to 128 rows of a 32
     python3 benchmarks/gpu_draw.py [--vocab 32000] [--rows 1,16,64,128]
 
 Prints ms per step for each (median of --repeats), with temperature 0.8 and top_p 0.95 (flat random
-logits: a wide nucleus, the slow case for the host's partial sort) and temperature 0.8 alone.
+logits: a wide nucleus, the slow case for the host's partial sort), temperature 0.8 alone, and top_p
+0.95 with a repetition penalty of 1.1 (the engine's token counts of 128 prompt and 64 output tokens
+a row on the device; the host's `penalize` over its own counts).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import time
 import numpy as np
 import torch
 
-from tritonchat.python_backend.engines.base import Draws, draw_tokens
-from tritonchat.python_backend.engines.torch.sample import DrawInputs, draw
+from tritonchat.python_backend.engines.base import Draws, draw_tokens, penalize
+from tritonchat.python_backend.engines.torch.sample import DrawInputs, TokenCounts, draw
 
 
-def _draws(rows: int, top_p: float, rng) -> Draws:
+def _draws(rows: int, top_p: float, rng, repetition: float = 1.0) -> Draws:
+    pen = None if repetition == 1.0 else np.array([[repetition, 0.0, 0.0]] * rows).T
     return Draws(np.arange(rows), np.full(rows, 0.8, np.float32), np.zeros(rows, np.int64),
-                 np.full(rows, top_p, np.float32), rng.random(rows))
+                 np.full(rows, top_p, np.float32), rng.random(rows), pen)
 
 
 def main() -> None:
@@ -32,28 +35,45 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,64,128")
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
     rng = np.random.default_rng(0)
-    print(f"{torch.cuda.get_device_name()}, vocab {args.vocab}; ms per step (median of {args.repeats})")
-    print("| rows | top_p | device draw | host: copy + sampler | host ÷ device |")
-    print("|---:|---:|---:|---:|---:|")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
+    print(f"{name}, vocab {args.vocab}; ms per step (median of {args.repeats})")
+    print("| rows | top_p | repetition | device draw | host: copy + sampler | host ÷ device |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for rows in [int(r) for r in args.rows.split(",")]:
         logits = (torch.randn(rows, args.vocab, device=dev) * 3).to(torch.bfloat16)
-        for top_p in (0.95, 1.0):
+        counts = TokenCounts(rows + 1, args.vocab, dev)
+        seen = np.zeros((rows, args.vocab), bool)
+        made = np.zeros((rows, args.vocab), np.int32)
+        for r in range(rows):  # a prompt of 128 tokens and 64 fed ones a row
+            prompt = rng.integers(0, args.vocab, 128)
+            counts.track(r, prompt)
+            seen[r, prompt] = True
+        for _ in range(64):
+            toks = rng.integers(0, args.vocab, rows)
+            counts.count(np.arange(rows), toks, None)
+            made[np.arange(rows), toks] += 1
+        seen |= made > 0
+        for top_p, rep in ((0.95, 1.0), (1.0, 1.0), (0.95, 1.1)):
             dev_ms, host_ms = [], []
             for _ in range(args.repeats + 3):
-                d = _draws(rows, top_p, rng)
-                torch.cuda.synchronize()
+                d = _draws(rows, top_p, rng, rep)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 t = time.perf_counter()
-                taken, _ = draw(logits, DrawInputs(d, d.rows, dev))
+                taken, _ = draw(logits, DrawInputs(d, d.rows, dev, d.rows), counts)
                 taken.cpu()  # the step's ids come back to the host either way
                 dev_ms.append(1e3 * (time.perf_counter() - t))
                 t = time.perf_counter()
                 host = logits.float().cpu().numpy()
+                if rep != 1.0:
+                    for r in range(rows):
+                        penalize(host[r], seen[r], made[r], rep, 0.0, 0.0)
                 draw_tokens(host, d)
                 host_ms.append(1e3 * (time.perf_counter() - t))
             a, b = statistics.median(dev_ms[3:]), statistics.median(host_ms[3:])
-            print(f"| {rows} | {top_p:g} | {a:.3f} | {b:.3f} | ×{b / a:.1f} |")
+            print(f"| {rows} | {top_p:g} | {rep:g} | {a:.3f} | {b:.3f} | ×{b / a:.1f} |")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,10 @@ def test_penalties_on_the_device_equal_the_hosts():
         d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0] for i in range(n)])).sum() > n // 10  # they bite
     greedy = d.temperature == 0
     assert (want[greedy] == host[greedy].argmax(-1)).all() and greedy.sum() > 5
+    # every row greedy: the argmax of the penalised logits alone (no row sorted)
+    zero = Draws(dd.rows, np.zeros(n, np.float32), dd.top_k, dd.top_p, np.zeros(n), dd.penalties)
+    taken, fed = draw(torch.from_numpy(logits), DrawInputs(zero, order, cpu, order), counts)
+    assert taken.tolist() == host[order].argmax(-1).tolist() == fed.tolist()
 
 
 def test_a_row_with_nothing_to_draw_fails_alone():

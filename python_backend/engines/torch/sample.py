@@ -72,40 +72,55 @@ class TokenCounts:
 
 
 class DrawInputs:
-    """The device tensors of one step's `Draws`: the logits rows they read, each row's parameters and,
-    where some row has penalties, its slot and penalties. Built once per step on the host and copied
-    over in one transfer."""
+    """The device tensors of one step's `Draws`: the logits rows they read (`cols`); the rows drawn
+    (temperature > 0: `sampled`, their indices among those, None where every row is) with their
+    parameters; where some row has penalties, every row's slot and penalties. Built once per step on
+    the host and copied over in one transfer."""
 
     def __init__(self, draws: Draws, cols: np.ndarray, device: torch.device, slots: np.ndarray | None = None):
         n = len(cols)
         pen = draws.penalties
-        buf = np.empty((5 if pen is None else 9, n), dtype=np.float64)
-        buf[0], buf[1], buf[2], buf[3], buf[4] = cols, draws.temperature, draws.top_k, draws.top_p, draws.u
+        drawn = np.flatnonzero(draws.temperature > 0)
+        m = self.m = len(drawn)
+        buf = np.zeros((6 if pen is None else 10, n), dtype=np.float64)
+        buf[0], buf[1, :m] = cols, drawn
+        for i, a in enumerate((draws.temperature, draws.top_k, draws.top_p, draws.u), start=2):
+            buf[i, :m] = a[drawn]
         if pen is not None:  # each row's slot, then repetition, presence, frequency
-            buf[5], buf[6:] = slots, pen
+            buf[6], buf[7:] = slots, pen
         t = torch.from_numpy(buf).to(device, non_blocking=device.type == "cuda")
         self.cols = t[0].long()
-        self.temperature = t[1].float()
-        self.top_k = t[2].long()
-        self.top_p = t[3].float()
-        self.u = t[4]
-        self.greedy = bool((draws.temperature == 0).any())  # some row takes its argmax
+        self.sampled = None if m == n else t[1, :m].long()
+        self.temperature, self.top_k, self.top_p, self.u = t[2, :m].float(), t[3, :m].long(), t[4, :m].float(), t[5, :m]
         self.penalized = pen is not None
         if self.penalized:
-            self.slots, self.repetition, self.presence, self.frequency = t[5].long(), t[6].float(), t[7], t[8]
+            self.slots, self.repetition, self.presence, self.frequency = t[6].long(), t[7].float(), t[8], t[9]
 
 
 def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens drawn for rows `d.cols` of `logits` [b, vocab] (bans already applied; penalties
+    """The tokens chosen for rows `d.cols` of `logits` [b, vocab] (bans already applied; penalties
     applied here, from `counts`), int64 [len(cols)], twice: as the host takes them (NONFINITE where a
-    row has nothing to draw from: every logit -inf, or a NaN; that request fails alone) and as the
+    row has nothing to choose from: every logit -inf, or a NaN; that request fails alone) and as the
     next chained step reads them (always a token id: a -1 there would index the embedding out of
-    bounds). A row at temperature 0 takes the argmax of its penalised logits."""
+    bounds). A row at temperature 0 takes the argmax of its penalised logits; only the others go
+    through the sort, most of a draw's cost (docs/benchmarks.md, "Penalties on the device")."""
     z = logits.index_select(0, d.cols).float()
     if d.penalized:
         z = counts.penalize(z, d)
-    best = z.argmax(dim=1) if d.greedy else None
-    z = z / torch.where(d.temperature > 0, d.temperature, 1.0)[:, None]  # argmax rows: their draw goes unused
+    if d.sampled is None:
+        return _draw(z, d)
+    best = z.argmax(dim=1)
+    ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
+    taken, fed = torch.where(ok, best, NONFINITE), best
+    if d.m:
+        t, f = _draw(z.index_select(0, d.sampled), d)
+        taken, fed = taken.index_copy(0, d.sampled, t), fed.index_copy(0, d.sampled, f)
+    return taken, fed
+
+
+def _draw(z: torch.Tensor, d: DrawInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` of the rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it."""
+    z = z / d.temperature[:, None]
     v = z.shape[1]
     sz, order = torch.sort(z, dim=1, descending=True, stable=True)
     # top_k: every logit below the k-th largest out (its ties stay in, as on the host)
@@ -123,8 +138,4 @@ def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None)
     total = cdf[:, -1]
     tokens = torch.searchsorted(cdf, (d.u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)
     ok = torch.isfinite(total) & (total > 0)
-    if best is not None:  # the argmax rows: NONFINITE where the largest logit is not finite, as greedy ones
-        argmax = d.temperature == 0
-        tokens = torch.where(argmax, best, tokens)
-        ok = torch.where(argmax, torch.isfinite(z.gather(1, best[:, None])[:, 0]), ok)
     return torch.where(ok, tokens, NONFINITE), tokens

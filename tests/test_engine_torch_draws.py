@@ -94,6 +94,12 @@ def test_penalties_on_the_device_equal_the_hosts():
         d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0] for i in range(n)])).sum() > n // 10  # they bite
     greedy = d.temperature == 0
     assert (want[greedy] == host[greedy].argmax(-1)).all() and greedy.sum() > 5
+    for k in range(3):  # one kind of penalty alone (the others skipped)
+        only = np.array([p if j == k else np.full(n, q) for j, (p, q) in enumerate(zip(pen, (1.0, 0.0, 0.0)))])
+        one = Draws(dd.rows, dd.temperature, dd.top_k, dd.top_p, dd.u, only[:, order])
+        want_k = [penalize(logits[i].copy(), seen[i], made[i], *only[:, i]) for i in order]
+        assert counts.penalize(torch.from_numpy(logits[order]), DrawInputs(one, order, cpu, order)).numpy().tobytes() \
+            == np.stack(want_k).tobytes(), k
     # every row greedy: the argmax of the penalised logits alone (no row sorted)
     zero = Draws(dd.rows, np.zeros(n, np.float32), dd.top_k, dd.top_p, np.zeros(n), dd.penalties)
     taken, fed = draw(torch.from_numpy(logits), DrawInputs(zero, order, cpu, order), counts)

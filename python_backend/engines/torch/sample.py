@@ -39,7 +39,7 @@ class TokenCounts:
         if self.counts is None:
             self.counts = torch.zeros(self.slots, self.vocab, dtype=torch.int32, device=self.device)
             self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
-        ids = torch.from_numpy(np.asarray(prompt_ids, dtype=np.int64) % self.vocab).to(self.device)
+        ids = self._to_device(np.asarray(prompt_ids, dtype=np.int64) % self.vocab)
         self.counts[slot].zero_()
         self.seen[slot].zero_()
         self.seen[slot, ids] = True
@@ -54,21 +54,30 @@ class TokenCounts:
         mine = self.tracked[slots]
         if not mine.any():
             return
-        dev = torch.from_numpy(slots[mine]).to(self.device)
+        dev = self._to_device(slots[mine])
         tok = last_ids.index_select(0, dev) if tokens is None else \
-            torch.from_numpy(np.asarray(tokens, dtype=np.int64)[mine] % self.vocab).to(self.device)
+            self._to_device(np.asarray(tokens, dtype=np.int64)[mine] % self.vocab)
         self.counts.index_put_((dev, tok), torch.ones((), dtype=torch.int32, device=self.device), accumulate=True)
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        # without non_blocking a copy to the GPU waits for the stream: for the step in flight, which
+        # the next chained step is launched to overlap (from pageable memory it is staged at once)
+        return torch.from_numpy(a).to(self.device, non_blocking=self.device.type == "cuda")
 
     def penalize(self, z: torch.Tensor, d: "DrawInputs") -> torch.Tensor:
         """`engines.base.penalize` on the float32 logits `z` of the rows of `d` (each row's slot:
         `d.slots`): the repetition penalty divided in float32, the others subtracted in float64."""
         c = self.counts.index_select(0, d.slots)
         out = c > 0
-        seen = self.seen.index_select(0, d.slots) | out
-        r = d.repetition[:, None]
-        z = torch.where(seen & (r != 1), torch.where(z > 0, z / r, z * r), z)
-        z = (z.double() - d.frequency[:, None] * c.double()).float()
-        return (z.double() - d.presence[:, None] * out.double()).float()
+        if d.kinds[0]:
+            r = d.repetition[:, None]
+            seen = self.seen.index_select(0, d.slots) | out
+            z = torch.where(seen & (r != 1), torch.where(z > 0, z / r, z * r), z)
+        if d.kinds[2]:  # a row without one subtracts 0: its logits unchanged, as the host skips it
+            z = (z.double() - d.frequency[:, None] * c.double()).float()
+        if d.kinds[1]:
+            z = (z.double() - d.presence[:, None] * out.double()).float()
+        return z
 
 
 class DrawInputs:
@@ -93,7 +102,8 @@ class DrawInputs:
         self.sampled = None if m == n else t[1, :m].long()
         self.temperature, self.top_k, self.top_p, self.u = t[2, :m].float(), t[3, :m].long(), t[4, :m].float(), t[5, :m]
         self.penalized = pen is not None
-        if self.penalized:
+        if self.penalized:  # kinds: some row has a repetition, presence, frequency penalty
+            self.kinds = (bool((pen[0] != 1).any()), bool(pen[1].any()), bool(pen[2].any()))
             self.slots, self.repetition, self.presence, self.frequency = t[6].long(), t[7].float(), t[8], t[9]
 
 

@@ -106,6 +106,28 @@ def test_penalties_on_the_device_equal_the_hosts():
     assert taken.tolist() == host[order].argmax(-1).tolist() == fed.tolist()
 
 
+def test_the_hosts_partial_nucleus_equals_a_full_sort():
+    """`_nucleus` sorts only the largest candidates by a packed key: its mask equals the prefix of a
+    full stable sort by descending logit, over negative and positive logits, ties, +0 and -0, flat
+    and peaked rows."""
+    from tritonchat.python_backend.engines.base import _nucleus
+
+    rng = np.random.default_rng(8)
+    for scale in (0.05, 1.0, 6.0):
+        for _ in range(20):
+            z = (rng.standard_normal(3000) * scale - rng.random()).astype(np.float32)
+            z[:50] = np.round(z[:50], 1)  # ties
+            z[50:53] = [0.0, -0.0, 0.0]
+            probs = np.exp(z.astype(np.float64) - float(z.max()))
+            probs /= probs.sum()
+            top_p = float(rng.choice([0.1, 0.5, 0.9, 0.95, 0.999]))
+            order = np.argsort(-z.astype(np.float64), kind="stable")  # -0 and +0 as equals
+            sp = probs[order]
+            want = np.zeros(3000, bool)
+            want[order[np.cumsum(sp) - sp < top_p]] = True
+            assert (_nucleus(probs, top_p, z) == want).all(), (scale, top_p)
+
+
 def test_a_row_with_nothing_to_draw_fails_alone():
     """Every logit -inf: the host raises (that request fails alone), the device gives NONFINITE for
     the host and a real id for a chained step; the other row is drawn as usual."""

@@ -133,7 +133,8 @@ class Sampler:
     def draw_params(self) -> tuple[float, int, float]:
         """(temperature, top_k, top_p) of its draws: top_k 0 where it keeps the whole vocabulary."""
         p = self.p
-        return p.temperature, p.top_k if 0 < p.top_k < self.vocab_size else 0, p.top_p
+        # top_p as float32, as `Draws` carries it to a device: the same threshold on either side
+        return p.temperature, p.top_k if 0 < p.top_k < self.vocab_size else 0, float(np.float32(p.top_p))
 
     def choose(self, logits: np.ndarray) -> int:
         p = self.p

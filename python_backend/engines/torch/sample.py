@@ -137,13 +137,13 @@ def _draw(z: torch.Tensor, d: DrawInputs) -> tuple[torch.Tensor, torch.Tensor]:
     k = torch.where(d.top_k > 0, d.top_k, v).clamp(max=v)
     kth = sz.gather(1, (k - 1)[:, None])
     sz = torch.where(sz >= kth, sz, float("-inf"))
-    probs = torch.softmax(sz, dim=1)
+    probs = torch.softmax(sz.double(), dim=1)  # float64 from here on, as on the host
     # top_p: the smallest prefix in descending order whose mass reaches top_p (rows at 1: all)
     cum = probs.cumsum(dim=1)
     keep = (cum - probs < d.top_p[:, None]) | (d.top_p[:, None] >= 1.0)
     probs = torch.where(keep, probs, 0.0)
     # back in id order, where the host passes u along the cumulative sum
-    by_id = torch.zeros_like(probs).scatter_(1, order, probs).double()
+    by_id = torch.zeros_like(probs).scatter_(1, order, probs)
     cdf = by_id.cumsum(dim=1)
     total = cdf[:, -1]
     tokens = torch.searchsorted(cdf, (d.u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)

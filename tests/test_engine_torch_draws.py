@@ -13,7 +13,7 @@ import torch
 from test_engine_torch import _random_model
 from tritonchat.python_backend.engines.base import NONFINITE, Ban, Draws, draw_tokens, penalize
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.sample import DrawInputs, TokenCounts, draw
+from tritonchat.python_backend.engines.torch.sample import DRAW_IN, DrawInputs, TokenCounts, draw, draw_packed, pack_draws
 
 
 def _draws(rng, n: int, vocab: int) -> Draws:
@@ -34,6 +34,8 @@ def test_draw_on_the_device_equals_the_hosts():
     want = draw_tokens(logits.copy(), d)
     taken, fed = draw(torch.from_numpy(logits), DrawInputs(d, d.rows, torch.device("cpu")))
     assert taken.tolist() == want.tolist() == fed.tolist()
+    slots = np.arange(n) * 2  # the graphs' form: the same tokens, and each row's slot gets it
+    assert _packed(logits, d, d.rows, slots, None) == (want.tolist(),) * 3
     # top_p 1 keeps the whole tail: one logit holding all but ~1e-9 of the mass, u just below 1
     sharp = np.full((1, vocab), -25.0, np.float32)
     sharp[0, 3] = 0.0
@@ -47,6 +49,22 @@ def test_draw_on_the_device_equals_the_hosts():
     one = Draws(np.arange(50), np.full(50, 1.0, np.float32), np.zeros(50, np.int64), np.ones(50, np.float32), u)
     got = draw(torch.from_numpy(row), DrawInputs(one, one.rows, torch.device("cpu")))[0].tolist()
     assert got == sorted(got) and len(set(got)) > 5
+
+
+def _penalize(counts, z, d):
+    return counts.penalize(z, d.slots, d.repetition, d.presence, d.frequency, d.kinds)
+
+
+def _packed(logits: np.ndarray, d: Draws, cols, slots, counts, pad: int = 5, dummy: int = 999):
+    """`draw_packed` (the CUDA graphs' form) over `d`, padded with `pad` rows: (taken, fed, last ids)
+    of the real rows."""
+    a = np.empty((DRAW_IN, len(cols) + pad), np.int64)
+    pack_draws(a, d, np.asarray(cols), np.asarray(slots), dummy)
+    inp = torch.from_numpy(a)
+    last = torch.full((dummy + 1,), -5, dtype=torch.int64)
+    taken, fed = draw_packed(torch.from_numpy(logits).index_select(0, inp[0]), inp, counts, last)
+    m = len(cols)
+    return taken[:m].tolist(), fed[:m].tolist(), last[torch.from_numpy(np.asarray(slots))].tolist()
 
 
 def test_penalties_on_the_device_equal_the_hosts():
@@ -86,10 +104,11 @@ def test_penalties_on_the_device_equal_the_hosts():
     order = rng.permutation(n)  # rows in another order than their slots
     dd = Draws(*(a[order] for a in (d.rows, d.temperature, d.top_k, d.top_p, d.u)), pen[:, order])
     inputs = DrawInputs(dd, order, cpu, order)
-    assert counts.penalize(torch.from_numpy(logits).index_select(0, inputs.cols), inputs).numpy().tobytes() \
+    assert _penalize(counts, torch.from_numpy(logits).index_select(0, inputs.cols), inputs).numpy().tobytes() \
         == host[order].tobytes()
     taken, fed = draw(torch.from_numpy(logits), inputs, counts)
     assert taken.tolist() == want[order].tolist() == fed.tolist()
+    assert _packed(logits, dd, order, order, counts, dummy=n) == (want[order].tolist(),) * 3  # the graphs' form
     assert (want != np.array([draw_tokens(logits[[i]].copy(), Draws(*(a[[i]] for a in (
         d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0] for i in range(n)])).sum() > n // 10  # they bite
     greedy = d.temperature == 0
@@ -98,12 +117,13 @@ def test_penalties_on_the_device_equal_the_hosts():
         only = np.array([p if j == k else np.full(n, q) for j, (p, q) in enumerate(zip(pen, (1.0, 0.0, 0.0)))])
         one = Draws(dd.rows, dd.temperature, dd.top_k, dd.top_p, dd.u, only[:, order])
         want_k = [penalize(logits[i].copy(), seen[i], made[i], *only[:, i]) for i in order]
-        assert counts.penalize(torch.from_numpy(logits[order]), DrawInputs(one, order, cpu, order)).numpy().tobytes() \
+        assert _penalize(counts, torch.from_numpy(logits[order]), DrawInputs(one, order, cpu, order)).numpy().tobytes() \
             == np.stack(want_k).tobytes(), k
     # every row greedy: the argmax of the penalised logits alone (no row sorted)
     zero = Draws(dd.rows, np.zeros(n, np.float32), dd.top_k, dd.top_p, np.zeros(n), dd.penalties)
     taken, fed = draw(torch.from_numpy(logits), DrawInputs(zero, order, cpu, order), counts)
     assert taken.tolist() == host[order].argmax(-1).tolist() == fed.tolist()
+    assert _packed(logits, zero, order, order, counts, dummy=n)[0] == taken.tolist()
 
 
 def test_the_hosts_partial_nucleus_equals_a_full_sort():
@@ -138,6 +158,11 @@ def test_a_row_with_nothing_to_draw_fails_alone():
         draw_tokens(logits[:1].copy(), Draws(*(a[:1] for a in (d.rows, d.temperature, d.top_k, d.top_p, d.u))))
     taken, fed = draw(torch.from_numpy(logits), DrawInputs(d, d.rows, torch.device("cpu")))
     assert taken.tolist() == [NONFINITE, 8] and 0 <= int(fed[0]) < 16
+    taken, fed, _ = _packed(logits, d, [0, 1], [0, 1], None)  # the graphs' form
+    assert taken == [NONFINITE, 8] and 0 <= fed[0] < 16
+    argmax = Draws(d.rows, np.zeros(2, np.float32), d.top_k, d.top_p, d.u)  # greedy rows alike
+    taken, fed, _ = _packed(logits, argmax, [0, 1], [0, 1], None)
+    assert taken == [NONFINITE, 0] and 0 <= fed[0] < 16
 
 
 def test_a_step_draws_its_sampled_rows_and_the_next_step_chains_on_them(tmp_path):
@@ -186,3 +211,44 @@ def test_the_transformers_fallback_draws_too(tmp_path):
     want[1] = draw_tokens(logits[[1]].copy(), d)[0]
     assert drawn.decode_greedy_begin(slots, toks, draws=d).result().tolist() == want.tolist()
     assert want[1] != logits[1].argmax()
+
+
+def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch):
+    """The CUDA graphs' path (graphs.StepGraphs: decode graphs, then the draw graph of the padded
+    drawn rows, with and without penalties) run on the CPU with a stand-in for the capture (each
+    replay runs the captured body again into the same output tensors): through the scheduler,
+    sampled, penalised and greedy requests get the answers the eager engine gives them."""
+    from fake_engine import FakeTokenizer, run_jobs
+    from tritonchat.python_backend.engines.torch import graphs as g
+
+    class Replay:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            for o, new in zip(self.out, self.fn()):
+                o.copy_(new)
+
+    def record(fn, pool, device):
+        fn()
+        out = fn()
+        return Replay(fn, out), out
+
+    _, path = _random_model(tmp_path, "qwen3")
+    kw = dict(max_slots=3, max_seq_len=96, device="cpu", dtype="float32", cuda_graphs=False)
+    eager, standin = TorchEngine(str(path), **kw), TorchEngine(str(path), **kw)
+    monkeypatch.setattr(g, "record", record)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    standin.graphs = g.StepGraphs(standin.device, standin.layout, standin.graph_batch_sizes,
+                                  last_ids=standin._last_ids, mix_tokens=standin.mix_tokens, buffers=True)
+    standin.cuda_graphs = True
+    jobs = [("Once upon a time", 30, True, {"temperature": 0.9, "top_p": 0.9, "seed": 1}),
+            ("The cat", 14, False, {"repetition_penalty": 1.4, "frequency_penalty": 0.5}),
+            ("A dog", 15, True), ("Tom", 12, False, {"temperature": 1.1, "top_k": 30, "presence_penalty": 1.0, "seed": 2}),
+            ("Lily", 25, True, {"temperature": 0.7, "seed": 3})]
+    tok = FakeTokenizer(512)
+    got = run_jobs((standin, tok), jobs)[1]
+    assert got == run_jobs((eager, tok), jobs)[1]
+    assert {k[1] for k in standin.graphs.draws} == {False, True} and standin.graphs.captures["decode"] > 0
+    assert got[1] != run_jobs((eager, tok), [(p, n, s) for p, n, s, *_ in jobs])[1][1]  # the penalties bit

@@ -39,7 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
-from .sample import DrawInputs, TokenCounts, draw
+from .sample import DrawInputs, TokenCounts, draw, draw_packed
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -328,11 +328,21 @@ class TorchEngine(Engine):
             self._last_ids.index_copy_(0, dev_slots, ids)
         if draws is not None:
             all_slots = slots if prompts is None else np.concatenate([slots, prompts[0]])
-            d = DrawInputs(draws, self.layout.row_cols(draws.rows, n, cols), self.device, all_slots[draws.rows])
-            taken, fed = draw(logits, d, self._counts)
-            ids.index_copy_(0, d.cols, taken)  # a graph's output buffer: the next replay rewrites it
-            self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
+            rows, row_slots = self.layout.row_cols(draws.rows, n, cols), all_slots[draws.rows]
+            if self.cuda_graphs:  # one replay (sample.draw_packed)
+                taken, at = self.graphs.run_draw(logits, draws, rows, row_slots, draws.penalties is not None,
+                                                 self._draw_body)
+            else:
+                d = DrawInputs(draws, rows, self.device, row_slots)
+                taken, fed = draw(logits, d, self._counts)
+                self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
+                at = d.cols
+            ids.index_copy_(0, at, taken)  # a graph's output buffer: the next replay rewrites it
         return logits, ids, b
+
+    def _draw_body(self, z, inp, penalized: bool):
+        """The draw graphs' body (graphs.StepGraphs.run_draw)."""
+        return draw_packed(z, inp, self._counts if penalized else None, self._last_ids)
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length
@@ -510,8 +520,8 @@ class TorchEngine(Engine):
                 step = _Step(ids.numpy(), None, n, slots=slots)
             else:
                 _, ids, cols = self._launch(slots, tokens, pos, chain is not None, ban, mix, draws)
-                if ids.device.type == "cpu":
-                    host = ids[:n] if mix is None else torch.cat([ids[:n], ids[cols:cols + k]])
+                if ids.device.type == "cpu":  # a copy: `ids` may be a graph's buffer, which the next step rewrites
+                    host = ids[:n].clone() if mix is None else torch.cat([ids[:n], ids[cols:cols + k]])
                     step = _Step(host.numpy(), None, n + k, slots=all_slots)
                 else:  # the ids come back through one of _RING pinned buffers, taken in turn
                     r = self._ring

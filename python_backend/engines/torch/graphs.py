@@ -8,6 +8,9 @@ Three kinds, each in its own table:
     bucket); Triton attention only.
   * `prefill`: a prefill padded to a bucket (`Layout.buckets`), keyed by it; None where the capture
     failed (that bucket then runs the same padded forward eagerly).
+  * `draws`: the tokens of a step's sampled and penalised rows chosen from its logits
+    (`sample.draw_packed`), keyed (rows padded to a power of two, with penalties): one replay where
+    the same ops launched one by one cost ~0.4 ms of host time a step (docs/benchmarks-gpu.md).
 A graph reads static device inputs: decode and mixed steps write theirs into one of two pinned
 staging buffers (taken in turn: with a step in flight, the copy out of the previous one may not
 have run yet when the next step's inputs are written) and copy them in one go; a prefill graph
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from .layout import IN_ROWS, MIX_PROMPTS, Layout
+from .sample import DRAW_IN, pack_draws
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -78,10 +82,12 @@ class StepGraphs:
         self.decode: dict = {}  # (batch, length bucket) -> (graph, (logits, ids))
         self.mixed: dict = {}  # (batch, length bucket, prompt key) -> (graph, (logits, ids))
         self.prefill: dict = {}  # prefill key -> (graph, input, logits), or None: it runs eagerly
+        self.draws: dict = {}  # (rows, penalties) -> (graph, (taken, fed))
         self._pool = None  # decode and mixed graphs share one memory pool
         self._prefill_pool = None
         # graphs captured so far and the time it took (a capture on first use stalls every stream)
-        self.captures = {"decode": 0, "decode_s": 0.0, "prefill": 0, "prefill_s": 0.0, "mixed": 0, "mixed_s": 0.0}
+        self.captures = {"decode": 0, "decode_s": 0.0, "prefill": 0, "prefill_s": 0.0, "mixed": 0, "mixed_s": 0.0,
+                         "draw": 0, "draw_s": 0.0}
         if not buffers:
             return
         top = sizes[-1] + MIX_PROMPTS
@@ -96,6 +102,13 @@ class StepGraphs:
         self._mix_in = torch.zeros(m, dtype=torch.int64, device=device)
         self._mix_host = [torch.zeros(m, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._mix_turn = 0
+        # a step's drawn rows: packed inputs (sample.pack_draws), staged in turn as the steps' are,
+        # and the rows of logits they read (allocated with the first draw: the logits' type)
+        self.draw_sizes = sorted({1 << i for i in range(top.bit_length()) if 1 << i < top} | {top})
+        self._draw_in = torch.zeros((DRAW_IN, top), dtype=torch.int64, device=device)
+        self._draw_host = [torch.zeros((DRAW_IN, top), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._draw_turn = 0
+        self._draw_z = None
 
     def batch_size(self, n: int) -> int | None:
         """The padded batch of `n` rows (None: larger than every graph; it runs eagerly)."""
@@ -137,6 +150,28 @@ class StepGraphs:
         graph, (logits, ids) = self.mixed[gkey]
         graph.replay()
         return logits, ids, self._mix_in[cols:2 * cols]
+
+    def run_draw(self, logits: torch.Tensor, draws, cols: np.ndarray, slots: np.ndarray, penalized: bool, draw_body):
+        """Choose the tokens of `draws` (rows `cols` of the step's device `logits`, of sequences in
+        `slots`) with the draw graph of their padded row count (captured on first use):
+        `draw_body(z, inputs, penalized)` is `sample.draw_packed` over the engine's state. Returns
+        the device (tokens as the host takes them, their columns of `logits`)."""
+        m = len(cols)
+        r = next(s for s in self.draw_sizes if s >= m)
+        host = self._draw_host[self._draw_turn]
+        self._draw_turn ^= 1
+        pack_draws(host.numpy()[:, :r], draws, cols, slots, self._last_ids.shape[0] - 1)
+        self._draw_in.copy_(host, non_blocking=True)
+        if self._draw_z is None:
+            self._draw_z = torch.empty((self._draw_in.shape[1], logits.shape[1]), dtype=logits.dtype,
+                                       device=self.device)
+        inp = self._draw_in[:, :r]
+        torch.index_select(logits, 0, inp[0], out=self._draw_z[:r])
+        if (r, penalized) not in self.draws:
+            self.capture_draw(r, penalized, draw_body)
+        graph, (taken, _) = self.draws[(r, penalized)]
+        graph.replay()
+        return taken[:m], inp[0, :m]
 
     def run_prefill(self, key, prefill_body, layout: torch.Tensor) -> torch.Tensor:
         """Logits of the prefill whose inputs (of bucket `key`) are `layout`, as the bucket's graph
@@ -180,6 +215,18 @@ class StepGraphs:
         self._last_ids.copy_(saved)
         self.captures["mixed"] += 1
         self.captures["mixed_s"] += time.perf_counter() - t0
+
+    def capture_draw(self, r: int, penalized: bool, draw_body):
+        """Capture the draw of `r` packed rows (with penalties or not) on the inputs staged now."""
+        t0 = time.perf_counter()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        saved = self._last_ids.clone()
+        z, inp = self._draw_z[:r], self._draw_in[:, :r]
+        self.draws[(r, penalized)] = record(lambda: draw_body(z, inp, penalized), self._pool, self.device)
+        self._last_ids.copy_(saved)
+        self.captures["draw"] += 1
+        self.captures["draw_s"] += time.perf_counter() - t0
 
     def capture_prefill(self, key, prefill_body) -> None:
         """Capture the prefill graph of bucket `key` into `prefill` (None: it runs eagerly)."""

@@ -64,19 +64,22 @@ class TokenCounts:
         # the next chained step is launched to overlap (from pageable memory it is staged at once)
         return torch.from_numpy(a).to(self.device, non_blocking=self.device.type == "cuda")
 
-    def penalize(self, z: torch.Tensor, d: "DrawInputs") -> torch.Tensor:
-        """`engines.base.penalize` on the float32 logits `z` of the rows of `d` (each row's slot:
-        `d.slots`): the repetition penalty divided in float32, the others subtracted in float64."""
-        c = self.counts.index_select(0, d.slots)
+    def penalize(self, z: torch.Tensor, slots: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor,
+                 frequency: torch.Tensor, kinds=(True, True, True)) -> torch.Tensor:
+        """`engines.base.penalize` on the float32 logits `z` of the rows whose slots are `slots`: the
+        `repetition` penalty (float32) divided in float32, `frequency` and `presence` (float64)
+        subtracted in float64; `kinds`: which of the three some row has (a row without one is left
+        as it is either way: divided by 1, 0 subtracted)."""
+        c = self.counts.index_select(0, slots)
         out = c > 0
-        if d.kinds[0]:
-            r = d.repetition[:, None]
-            seen = self.seen.index_select(0, d.slots) | out
+        if kinds[0]:
+            r = repetition[:, None]
+            seen = self.seen.index_select(0, slots) | out
             z = torch.where(seen & (r != 1), torch.where(z > 0, z / r, z * r), z)
-        if d.kinds[2]:  # a row without one subtracts 0: its logits unchanged, as the host skips it
-            z = (z.double() - d.frequency[:, None] * c.double()).float()
-        if d.kinds[1]:
-            z = (z.double() - d.presence[:, None] * out.double()).float()
+        if kinds[2]:
+            z = (z.double() - frequency[:, None] * c.double()).float()
+        if kinds[1]:
+            z = (z.double() - presence[:, None] * out.double()).float()
         return z
 
 
@@ -116,36 +119,76 @@ def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None)
     through the sort, most of a draw's cost (docs/benchmarks.md, "Penalties on the device")."""
     z = logits.index_select(0, d.cols).float()
     if d.penalized:
-        z = counts.penalize(z, d)
+        z = counts.penalize(z, d.slots, d.repetition, d.presence, d.frequency, d.kinds)
     if d.sampled is None:
-        return _draw(z, d)
+        return _draw(z, d.temperature, d.top_k, d.top_p, d.u)
     best = z.argmax(dim=1)
     ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
     taken, fed = torch.where(ok, best, NONFINITE), best
     if d.m:
-        t, f = _draw(z.index_select(0, d.sampled), d)
+        t, f = _draw(z.index_select(0, d.sampled), d.temperature, d.top_k, d.top_p, d.u)
         taken, fed = taken.index_copy(0, d.sampled, t), fed.index_copy(0, d.sampled, f)
     return taken, fed
 
 
-def _draw(z: torch.Tensor, d: DrawInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw` of the rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it."""
-    z = z / d.temperature[:, None]
+def _draw(z: torch.Tensor, temperature, top_k, top_p, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` of rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it."""
+    z = z / temperature[:, None]
     v = z.shape[1]
     sz, order = torch.sort(z, dim=1, descending=True, stable=True)
     # top_k: every logit below the k-th largest out (its ties stay in, as on the host)
-    k = torch.where(d.top_k > 0, d.top_k, v).clamp(max=v)
+    k = torch.where(top_k > 0, top_k, v).clamp(max=v)
     kth = sz.gather(1, (k - 1)[:, None])
     sz = torch.where(sz >= kth, sz, float("-inf"))
     probs = torch.softmax(sz.double(), dim=1)  # float64 from here on, as on the host
     # top_p: the smallest prefix in descending order whose mass reaches top_p (rows at 1: all)
     cum = probs.cumsum(dim=1)
-    keep = (cum - probs < d.top_p[:, None]) | (d.top_p[:, None] >= 1.0)
+    keep = (cum - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
     probs = torch.where(keep, probs, 0.0)
     # back in id order, where the host passes u along the cumulative sum
     by_id = torch.zeros_like(probs).scatter_(1, order, probs)
     cdf = by_id.cumsum(dim=1)
     total = cdf[:, -1]
-    tokens = torch.searchsorted(cdf, (d.u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)
+    tokens = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)
     ok = torch.isfinite(total) & (total > 0)
     return torch.where(ok, tokens, NONFINITE), tokens
+
+
+#: rows of a step's packed draw inputs (`pack_draws`), int64: each drawn row's logits row and slot,
+#: then (as float64 bits) temperature, top_k, top_p, u, repetition, presence, frequency
+DRAW_IN = 9
+_NEUTRAL = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0)  # a padding row: greedy, nothing on
+
+
+def pack_draws(a: np.ndarray, draws: Draws, cols: np.ndarray, slots: np.ndarray, pad_slot: int) -> None:
+    """Write `draws` (rows of logits `cols`, of sequences in `slots`) into `a` [DRAW_IN, R] (int64,
+    R >= len(cols)); the R - len(cols) rows after them are padding: logits row 0, `pad_slot` (the
+    dummy slot), greedy, no penalty (`draw_packed` chooses a token for them that nobody reads)."""
+    m = len(cols)
+    a[0, :m], a[0, m:] = cols, 0
+    a[1, :m], a[1, m:] = slots, pad_slot
+    f = a[2:].view(np.float64)
+    pen = draws.penalties if draws.penalties is not None else np.array([[1.0], [0.0], [0.0]])
+    for i, v in enumerate((draws.temperature, draws.top_k, draws.top_p, draws.u, *pen)):
+        f[i, :m], f[i, m:] = v, _NEUTRAL[i]
+
+
+def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, last_ids: torch.Tensor):
+    """`draw` without a branch on the rows' values, for a CUDA graph (engines/torch/graphs.py): the
+    logits rows `z` [R, vocab] of the packed inputs `inp` [DRAW_IN, R] (`pack_draws`); penalties
+    where `counts` is given. Every row goes through the draw and the argmax, and each keeps the one
+    its temperature asks for; the slots' last ids get the chosen tokens. Returns (taken, fed), as
+    `draw`."""
+    p = inp[2:].view(torch.float64)
+    slots, temperature = inp[1], p[0].float()
+    z = z.float()
+    if counts is not None:
+        z = counts.penalize(z, slots, p[4].float(), p[5], p[6])
+    best = z.argmax(dim=1)
+    ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
+    greedy = temperature == 0
+    t, f = _draw(z, torch.where(greedy, 1.0, temperature), p[1].long(), p[2].float(), p[3])
+    taken = torch.where(greedy, torch.where(ok, best, NONFINITE), t)
+    fed = torch.where(greedy, best, f)
+    last_ids.index_copy_(0, slots, fed)
+    return taken, fed

@@ -329,9 +329,11 @@ class TorchEngine(Engine):
         if draws is not None:
             all_slots = slots if prompts is None else np.concatenate([slots, prompts[0]])
             rows, row_slots = self.layout.row_cols(draws.rows, n, cols), all_slots[draws.rows]
-            if self.cuda_graphs:  # one replay (sample.draw_packed)
-                taken, at = self.graphs.run_draw(logits, draws, rows, row_slots, draws.penalties is not None,
-                                                 self._draw_body)
+            # one replay (sample.draw_packed), or where there is no graph the same ops one by one
+            got = self.graphs.run_draw(logits, draws, rows, row_slots, draws.penalties is not None,
+                                       self._draw_body) if self.cuda_graphs else None
+            if got is not None:
+                taken, at = got
             else:
                 d = DrawInputs(draws, rows, self.device, row_slots)
                 taken, fed = draw(logits, d, self._counts)

@@ -82,7 +82,7 @@ class StepGraphs:
         self.decode: dict = {}  # (batch, length bucket) -> (graph, (logits, ids))
         self.mixed: dict = {}  # (batch, length bucket, prompt key) -> (graph, (logits, ids))
         self.prefill: dict = {}  # prefill key -> (graph, input, logits), or None: it runs eagerly
-        self.draws: dict = {}  # (rows, penalties) -> (graph, (taken, fed))
+        self.draws: dict = {}  # (rows, penalties) -> (graph, (taken, fed)), or None: drawn eagerly
         self._pool = None  # decode and mixed graphs share one memory pool
         self._prefill_pool = None
         # graphs captured so far and the time it took (a capture on first use stalls every stream)
@@ -155,9 +155,12 @@ class StepGraphs:
         """Choose the tokens of `draws` (rows `cols` of the step's device `logits`, of sequences in
         `slots`) with the draw graph of their padded row count (captured on first use):
         `draw_body(z, inputs, penalized)` is `sample.draw_packed` over the engine's state. Returns
-        the device (tokens as the host takes them, their columns of `logits`)."""
+        the device (tokens as the host takes them, their columns of `logits`), or None where that
+        graph could not be captured (the engine then draws eagerly)."""
         m = len(cols)
         r = next(s for s in self.draw_sizes if s >= m)
+        if self.draws.get((r, penalized), True) is None:
+            return None
         host = self._draw_host[self._draw_turn]
         self._draw_turn ^= 1
         pack_draws(host.numpy()[:, :r], draws, cols, slots, self._last_ids.shape[0] - 1)
@@ -169,6 +172,8 @@ class StepGraphs:
         torch.index_select(logits, 0, inp[0], out=self._draw_z[:r])
         if (r, penalized) not in self.draws:
             self.capture_draw(r, penalized, draw_body)
+            if self.draws[(r, penalized)] is None:
+                return None
         graph, (taken, _) = self.draws[(r, penalized)]
         graph.replay()
         return taken[:m], inp[0, :m]
@@ -223,7 +228,12 @@ class StepGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         saved = self._last_ids.clone()
         z, inp = self._draw_z[:r], self._draw_in[:, :r]
-        self.draws[(r, penalized)] = record(lambda: draw_body(z, inp, penalized), self._pool, self.device)
+        try:
+            self.draws[(r, penalized)] = record(lambda: draw_body(z, inp, penalized), self._pool, self.device)
+        except Exception as exc:  # noqa: BLE001 - e.g. a sort that will not be captured: drawn eagerly
+            warnings.warn(f"TorchEngine: draw graph of {r} rows not captured ({exc}); those steps draw eagerly")
+            torch.cuda.synchronize(self.device)
+            self.draws[(r, penalized)] = None
         self._last_ids.copy_(saved)
         self.captures["draw"] += 1
         self.captures["draw_s"] += time.perf_counter() - t0

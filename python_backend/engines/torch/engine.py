@@ -39,7 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
-from .sample import DrawInputs, TokenCounts, draw, draw_packed
+from .sample import DrawInputs, TokenCounts, choose_drawn, draw
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -326,25 +326,11 @@ class TorchEngine(Engine):
         if late:
             ids = self._argmax_banned(logits, dataclasses.replace(ban, rows=self.layout.row_cols(ban.rows, n, cols)))
             self._last_ids.index_copy_(0, dev_slots, ids)
-        if draws is not None:
+        if draws is not None:  # their tokens into `ids`, and into the slots' last ids
             all_slots = slots if prompts is None else np.concatenate([slots, prompts[0]])
-            rows, row_slots = self.layout.row_cols(draws.rows, n, cols), all_slots[draws.rows]
-            # one replay (sample.draw_packed), or where there is no graph the same ops one by one
-            got = self.graphs.run_draw(logits, draws, rows, row_slots, draws.penalties is not None,
-                                       self._draw_body) if self.cuda_graphs else None
-            if got is not None:
-                taken, at = got
-            else:
-                d = DrawInputs(draws, rows, self.device, row_slots)
-                taken, fed = draw(logits, d, self._counts)
-                self._last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
-                at = d.cols
-            ids.index_copy_(0, at, taken)  # a graph's output buffer: the next replay rewrites it
+            choose_drawn(logits, ids, draws, self.layout.row_cols(draws.rows, n, cols), all_slots[draws.rows],
+                         dev_slots, self._counts, self._last_ids, self.graphs if self.cuda_graphs else None)
         return logits, ids, b
-
-    def _draw_body(self, z, inp, penalized: bool):
-        """The draw graphs' body (graphs.StepGraphs.run_draw)."""
-        return draw_packed(z, inp, self._counts if penalized else None, self._last_ids)
 
     def warmup(self) -> None:
         """Capture the decode graphs of every batch size now (SDPA attention: the first length

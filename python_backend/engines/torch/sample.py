@@ -192,3 +192,21 @@ def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, 
     fed = torch.where(greedy, best, f)
     last_ids.index_copy_(0, slots, fed)
     return taken, fed
+
+
+def choose_drawn(logits: torch.Tensor, ids: torch.Tensor, draws: Draws, cols: np.ndarray, slots: np.ndarray,
+                 dev_slots: torch.Tensor, counts: TokenCounts, last_ids: torch.Tensor, graphs=None) -> None:
+    """A decode step's `draws` (rows `cols` of its device `logits`, of sequences in `slots`; `dev_slots`:
+    the slot of each of its columns, on the device): their tokens written into the step's `ids` and
+    the slots' `last_ids`. With `graphs` (graphs.StepGraphs, CUDA graphs on) one replay of a draw
+    graph; without, or where that graph could not be captured, `draw` op by op."""
+    def body(z, inp, penalized):
+        return draw_packed(z, inp, counts if penalized else None, last_ids)
+
+    got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, draws.penalties is not None, body)
+    if got is None:
+        d = DrawInputs(draws, cols, logits.device, slots)
+        taken, fed = draw(logits, d, counts)
+        last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
+        got = taken, d.cols
+    ids.index_copy_(0, got[1], got[0])  # a graph's output buffer: the next replay rewrites it

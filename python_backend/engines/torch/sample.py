@@ -34,6 +34,8 @@ class TokenCounts:
         self.slots, self.vocab, self.device = slots, vocab, device
         self.tracked = np.zeros(slots, dtype=bool)
         self.seen = self.counts = None
+        self._staged: list = []  # GPU: [pinned buffer, event of the copy that last read it], taken in turn
+        self._turn = 0
 
     def track(self, slot: int, prompt_ids) -> None:
         if self.counts is None:
@@ -60,9 +62,24 @@ class TokenCounts:
         self.counts.index_put_((dev, tok), torch.ones((), dtype=torch.int32, device=self.device), accumulate=True)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        # without non_blocking a copy to the GPU waits for the stream: for the step in flight, which
-        # the next chained step is launched to overlap (from pageable memory it is staged at once)
-        return torch.from_numpy(a).to(self.device, non_blocking=self.device.type == "cuda")
+        """`a` (int64) on the device, through pinned buffers taken in turn: a copy from pageable memory
+        may wait for the stream (the driver stages it), i.e. for the step in flight that the next
+        chained step is launched to overlap; without non_blocking every copy waits for it."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(a)
+        if not self._staged:
+            self._staged = [[torch.empty(self.slots, dtype=torch.int64).pin_memory(), torch.cuda.Event()]
+                            for _ in range(8)]
+        entry = self._staged[self._turn]
+        self._turn = (self._turn + 1) % len(self._staged)
+        entry[1].synchronize()  # the copy that last read this buffer has run (at once, but for a burst)
+        if len(entry[0]) < len(a):
+            entry[0] = torch.empty(1 << (len(a) - 1).bit_length(), dtype=torch.int64).pin_memory()
+        host = entry[0][:len(a)]
+        host.numpy()[:] = a
+        out = host.to(self.device, non_blocking=True)
+        entry[1].record(torch.cuda.current_stream(self.device))
+        return out
 
     def penalize(self, z: torch.Tensor, slots: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor,
                  frequency: torch.Tensor, kinds=(True, True, True)) -> torch.Tensor:

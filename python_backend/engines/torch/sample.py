@@ -8,8 +8,9 @@ whichever batch the request shares, and wherever its tokens are drawn (host or d
 rounding of the probabilities' sums.
 
 Cost: one sort of the drawn rows' logits (stable, so that ties keep the lower id first, as the host's
-stable order does) and a dozen elementwise passes, launched after the step's graph on the same
-stream; figures in docs/benchmarks-gpu.md.
+stable order does), a float64 softmax, two scans and a dozen elementwise passes, after the step's
+graph on the same stream: with CUDA graphs as one replay (`draw_packed`, graphs.StepGraphs.run_draw),
+else op by op (`draw`); figures in docs/benchmarks-gpu.md (twenty-ninth session).
 
 Penalties (`engines.base.penalize`, the host's definition) read each sequence's token counts, which
 live here on the device (`TokenCounts`), so that a chained step, whose input tokens the host has

@@ -218,8 +218,9 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
     """The CUDA graphs' path (graphs.StepGraphs: decode graphs, then the draw graph of the padded
     drawn rows, with and without penalties) run on the CPU with a stand-in for the capture (each
     replay runs the captured body again into the same output tensors): through the scheduler,
-    sampled, penalised and greedy requests get the answers the eager engine gives them; where a draw
-    graph cannot be captured, those steps draw eagerly, with the same answers."""
+    sampled, penalised and greedy requests get the answers the eager engine gives them, with the draw
+    graphs captured at warm-up (none while serving); where a draw graph cannot be captured, those
+    steps draw eagerly, with the same answers."""
     from fake_engine import FakeTokenizer, run_jobs
     from tritonchat.python_backend.engines.torch import graphs as g
 
@@ -253,6 +254,13 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
             ("A dog", 15, True), ("Tom", 12, False, {"temperature": 1.1, "top_k": 30, "presence_penalty": 1.0, "seed": 2}),
             ("Lily", 25, True, {"temperature": 0.7, "seed": 3})]
     tok = FakeTokenizer(512)
+    if capture == "works":  # as warm-up does: every row count, both kinds, before serving
+        from tritonchat.python_backend.engines.torch.sample import packed_body
+
+        standin._counts.allocate()
+        standin.graphs.capture_draws(packed_body(standin._counts, standin._last_ids), 512, torch.float32)
+        warm = standin.graphs.captures["draw"]
+        assert warm == 2 * len(standin.graphs.draw_sizes)
     if capture == "fails":
         with pytest.warns(UserWarning, match="draw graph of .* not captured"):
             got = run_jobs((standin, tok), jobs)[1]
@@ -261,4 +269,6 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
     assert got == run_jobs((eager, tok), jobs)[1]
     assert {k[1] for k in standin.graphs.draws} == {False, True} and standin.graphs.captures["decode"] > 0
     assert all((v is None) == (capture == "fails") for v in standin.graphs.draws.values())
+    if capture == "works":
+        assert standin.graphs.captures["draw"] == warm  # nothing captured while serving
     assert got[1] != run_jobs((eager, tok), [(p, n, s) for p, n, s, *_ in jobs])[1][1]  # the penalties bit

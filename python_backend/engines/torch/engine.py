@@ -39,7 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
-from .sample import DrawInputs, TokenCounts, choose_drawn, draw
+from .sample import DrawInputs, TokenCounts, choose_drawn, draw, packed_body
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -359,6 +359,9 @@ class TorchEngine(Engine):
             self.graphs.capture_all(spans,
                                     self._warmup_prefill_keys() if self.prefill_graphs else (), mix_keys,
                                     self._step_body, self._prefill_body)
+            self._counts.allocate()  # the draws' graphs too (the logits' type: a decode graph's)
+            logits = next(iter(self.graphs.decode.values()))[1][0]
+            self.graphs.capture_draws(packed_body(self._counts, self._last_ids), logits.shape[1], logits.dtype)
         torch.cuda.synchronize(self.device)
 
     # -- Engine API ------------------------------------------------------------------------
@@ -589,8 +592,7 @@ class TorchEngine(Engine):
     def track(self, slot: int, prompt_ids) -> None:
         if not 0 <= int(slot) < self.max_slots:
             raise ValueError(f"slot {slot} out of range")
-        with torch.no_grad():
-            self._counts.track(int(slot), prompt_ids)
+        self._counts.track(int(slot), prompt_ids)
 
     def release(self, slot: int) -> None:
         self._lengths[int(slot)] = 0

@@ -238,6 +238,17 @@ class StepGraphs:
         self.captures["draw"] += 1
         self.captures["draw_s"] += time.perf_counter() - t0
 
+    def capture_draws(self, draw_body, vocab: int, dtype: torch.dtype) -> None:
+        """Warm-up: capture the draw graphs of every row count, with and without penalties (on padding
+        rows: logits row 0, slot 0, greedy), so that no capture stalls the steps while serving."""
+        if self._draw_z is None:
+            self._draw_z = torch.zeros((self._draw_in.shape[1], vocab), dtype=dtype, device=self.device)
+        self._draw_in.zero_()
+        for r in self.draw_sizes:
+            for penalized in (False, True):
+                if (r, penalized) not in self.draws:
+                    self.capture_draw(r, penalized, draw_body)
+
     def capture_prefill(self, key, prefill_body) -> None:
         """Capture the prefill graph of bucket `key` into `prefill` (None: it runs eagerly)."""
         t0 = time.perf_counter()

@@ -38,10 +38,14 @@ class TokenCounts:
         self._staged: list = []  # GPU: [pinned buffer, event of the copy that last read it], taken in turn
         self._turn = 0
 
-    def track(self, slot: int, prompt_ids) -> None:
+    def allocate(self) -> None:
+        """The counts, now (the CUDA graphs that penalise read them where they are)."""
         if self.counts is None:
             self.counts = torch.zeros(self.slots, self.vocab, dtype=torch.int32, device=self.device)
             self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
+
+    def track(self, slot: int, prompt_ids) -> None:
+        self.allocate()
         ids = self._to_device(np.asarray(prompt_ids, dtype=np.int64) % self.vocab)
         self.counts[slot].zero_()
         self.seen[slot].zero_()
@@ -218,13 +222,18 @@ def choose_drawn(logits: torch.Tensor, ids: torch.Tensor, draws: Draws, cols: np
     the slot of each of its columns, on the device): their tokens written into the step's `ids` and
     the slots' `last_ids`. With `graphs` (graphs.StepGraphs, CUDA graphs on) one replay of a draw
     graph; without, or where that graph could not be captured, `draw` op by op."""
-    def body(z, inp, penalized):
-        return draw_packed(z, inp, counts if penalized else None, last_ids)
-
-    got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, draws.penalties is not None, body)
+    got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, draws.penalties is not None,
+                                                      packed_body(counts, last_ids))
     if got is None:
         d = DrawInputs(draws, cols, logits.device, slots)
         taken, fed = draw(logits, d, counts)
         last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
         got = taken, d.cols
     ids.index_copy_(0, got[1], got[0])  # a graph's output buffer: the next replay rewrites it
+
+
+def packed_body(counts: TokenCounts, last_ids: torch.Tensor):
+    """The draw graphs' body (graphs.StepGraphs): `draw_packed` over these counts and last ids."""
+    def body(z, inp, penalized):
+        return draw_packed(z, inp, counts if penalized else None, last_ids)
+    return body

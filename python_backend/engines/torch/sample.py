@@ -29,7 +29,8 @@ from ..base import NONFINITE, Draws
 class TokenCounts:
     """Per slot (the dummy slot last): the ids of the prompt (`seen`) and how often each id was fed
     to the sequence by a decode step (`counts`: its output), for the slots `track`ed. Allocated at
-    the first `track` (int32 + bool per slot and id: 20 MB for 129 slots of 32,000 ids)."""
+    warm-up with CUDA graphs, else at the first `track` (int32 + bool per slot and id: 20 MB for 129
+    slots of 32,000 ids)."""
 
     def __init__(self, slots: int, vocab: int, device: torch.device):
         self.slots, self.vocab, self.device = slots, vocab, device

@@ -13,7 +13,8 @@ import torch
 from test_engine_torch import _random_model
 from tritonchat.python_backend.engines.base import NONFINITE, Ban, Draws, draw_tokens, penalize
 from tritonchat.python_backend.engines.torch import TorchEngine
-from tritonchat.python_backend.engines.torch.sample import DRAW_IN, DrawInputs, TokenCounts, draw, draw_packed, pack_draws
+from tritonchat.python_backend.engines.torch.sample import (DRAW_IN, DrawInputs, TokenCounts, draw, draw_packed,
+                                                            pack_draws)
 
 
 def _draws(rng, n: int, vocab: int) -> Draws:
@@ -117,8 +118,8 @@ def test_penalties_on_the_device_equal_the_hosts():
         only = np.array([p if j == k else np.full(n, q) for j, (p, q) in enumerate(zip(pen, (1.0, 0.0, 0.0)))])
         one = Draws(dd.rows, dd.temperature, dd.top_k, dd.top_p, dd.u, only[:, order])
         want_k = [penalize(logits[i].copy(), seen[i], made[i], *only[:, i]) for i in order]
-        assert _penalize(counts, torch.from_numpy(logits[order]), DrawInputs(one, order, cpu, order)).numpy().tobytes() \
-            == np.stack(want_k).tobytes(), k
+        got = _penalize(counts, torch.from_numpy(logits[order]), DrawInputs(one, order, cpu, order))
+        assert got.numpy().tobytes() == np.stack(want_k).tobytes(), k
     # every row greedy: the argmax of the penalised logits alone (no row sorted)
     zero = Draws(dd.rows, np.zeros(n, np.float32), dd.top_k, dd.top_p, np.zeros(n), dd.penalties)
     taken, fed = draw(torch.from_numpy(logits), DrawInputs(zero, order, cpu, order), counts)
@@ -251,7 +252,8 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
     standin.cuda_graphs = True
     jobs = [("Once upon a time", 30, True, {"temperature": 0.9, "top_p": 0.9, "seed": 1}),
             ("The cat", 14, False, {"repetition_penalty": 1.4, "frequency_penalty": 0.5}),
-            ("A dog", 15, True), ("Tom", 12, False, {"temperature": 1.1, "top_k": 30, "presence_penalty": 1.0, "seed": 2}),
+            ("A dog", 15, True),
+            ("Tom", 12, False, {"temperature": 1.1, "top_k": 30, "presence_penalty": 1.0, "seed": 2}),
             ("Lily", 25, True, {"temperature": 0.7, "seed": 3})]
     tok = FakeTokenizer(512)
     if capture == "works":  # as warm-up does: every row count, both kinds, before serving

@@ -153,7 +153,7 @@ class StepGraphs:
 
     def run_draw(self, logits: torch.Tensor, draws, cols: np.ndarray, slots: np.ndarray, penalized: bool, draw_body):
         """Choose the tokens of `draws` (rows `cols` of the step's device `logits`, of sequences in
-        `slots`) with the draw graph of their padded row count (captured on first use):
+        `slots`) with the draw graph of their padded row count (captured at warm-up, else on first use):
         `draw_body(z, inputs, penalized)` is `sample.draw_packed` over the engine's state. Returns
         the device (tokens as the host takes them, their columns of `logits`), or None where that
         graph could not be captured (the engine then draws eagerly)."""

@@ -38,8 +38,10 @@ def test_a_full_server_is_a_503_with_retry_after_and_the_gateway_keeps_serving(g
         except openai.APIStatusError as exc:
             return exc
 
-    with cf.ThreadPoolExecutor(6) as pool:  # 1 slot + 1 waiting + 1 in Triton's queue: some of 6 refused
-        results = list(pool.map(one, range(6)))
+    # 1 slot + 1 waiting + 1 in Triton's queue: some of 12 refused. (Six once all got their answers in a
+    # full-suite run: stories260K's answers are short-lived, so six requests may not overlap on busy cores.)
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
     refused = [r for r in results if isinstance(r, openai.APIStatusError)]
     answered = [r for r in results if isinstance(r, str)]
     # at least one answered in full, not two: six at once can all meet Triton's queue before an entry

@@ -2,12 +2,16 @@
 after the step's graph) against the host path it replaces (the step's logits copied to the host in
 float32, then the host sampler row by row), for batches of 1 to 128 rows of a 32,000-id vocabulary.
 
-    python3 benchmarks/gpu_draw.py [--vocab 32000] [--rows 1,16,64,128]
+    python3 benchmarks/gpu_draw.py [--vocab 32000] [--rows 1,16,64,128] [--profile 64]
 
-Prints ms per step for each (median of --repeats), with temperature 0.8 and top_p 0.95 (flat random
+Prints ms per step for each (median of --repeats): the draw op by op (`sample.draw`, with its copies,
+the tokens back on the host), the GPU time of one replay of its CUDA graph (`sample.draw_packed`, as
+the engine runs it with CUDA graphs on; CUDA events), and the host path; with temperature 0.8 and
+top_p 0.95 (flat random
 logits: a wide nucleus, the slow case for the host's partial sort), temperature 0.8 alone, and top_p
 0.95 with a repetition penalty of 1.1 (the engine's token counts of 128 prompt and 64 output tokens
-a row on the device; the host's `penalize` over its own counts).
+a row on the device; the host's `penalize` over its own counts). `--profile N`: the kernels of the
+N-row graph's replays, by GPU time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 import torch
 
 from tritonchat.python_backend.engines.base import Draws, draw_tokens, penalize
-from tritonchat.python_backend.engines.torch.sample import DrawInputs, TokenCounts, draw
+from tritonchat.python_backend.engines.torch.sample import (DRAW_IN, DrawInputs, TokenCounts, draw, pack_draws,
+                                                            packed_body)
 
 
 def _draws(rows: int, top_p: float, rng, repetition: float = 1.0) -> Draws:
@@ -29,18 +34,70 @@ def _draws(rows: int, top_p: float, rng, repetition: float = 1.0) -> Draws:
                  np.full(rows, top_p, np.float32), rng.random(rows), pen)
 
 
+def _graph(logits, d: Draws, counts: TokenCounts):
+    """The draw graph of these rows (as graphs.StepGraphs captures it), or None off CUDA."""
+    if logits.device.type != "cuda":
+        return None
+    rows = len(d.rows)
+    a = np.empty((DRAW_IN, rows), np.int64)
+    pack_draws(a, d, d.rows, d.rows, rows)
+    inp = torch.from_numpy(a).to(logits.device)
+    z = logits.index_select(0, inp[0])
+    body = packed_body(counts, torch.zeros(rows + 1, dtype=torch.int64, device=logits.device))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body(z, inp, d.penalties is not None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body(z, inp, d.penalties is not None)
+    return graph
+
+
+def _replay_ms(graph, repeats: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _profile(graph) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            print(events.table(sort_by=key, row_limit=15))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--rows", default="1,16,64,128")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--profile", type=int, default=0, help="rows of the graph whose kernels to list (0: none)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"{name}, vocab {args.vocab}; ms per step (median of {args.repeats})")
-    print("| rows | top_p | repetition | device draw | host: copy + sampler | host ÷ device |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| rows | top_p | repetition | device draw, op by op | its graph (GPU time) | host: copy + sampler "
+          "| host ÷ device |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for rows in [int(r) for r in args.rows.split(",")]:
         logits = (torch.randn(rows, args.vocab, device=dev) * 3).to(torch.bfloat16)
         counts = TokenCounts(rows + 1, args.vocab, dev)
@@ -73,7 +130,11 @@ def main() -> None:
                 draw_tokens(host, d)
                 host_ms.append(1e3 * (time.perf_counter() - t))
             a, b = statistics.median(dev_ms[3:]), statistics.median(host_ms[3:])
-            print(f"| {rows} | {top_p:g} | {rep:g} | {a:.3f} | {b:.3f} | ×{b / a:.1f} |")
+            graph = _graph(logits, d, counts)
+            g = "–" if graph is None else f"{_replay_ms(graph, args.repeats):.3f}"
+            print(f"| {rows} | {top_p:g} | {rep:g} | {a:.3f} | {g} | {b:.3f} | ×{b / a:.1f} |")
+            if graph is not None and rows == args.profile and top_p < 1 and rep == 1.0:
+                _profile(graph)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 # which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and without
 # first-token senders or other generator settings, with the request timeline (gpu_first_senders.sh;
 # SENDERS or VARIANTS, ROUNDS there); sampling: the server greedy, sampled with tokens drawn on the
-# device and sampled on the host (gpu_sampling.sh); draw: what drawing costs a step (gpu_draw.py).
+# device and sampled on the host (gpu_sampling.sh); draw: what drawing costs a step (gpu_draw.py;
+# DRAW_ARGS more of its arguments, e.g. "--profile 64": the kernels of the 64-row draw graph).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -48,7 +49,7 @@ for step in ${STEPS:-test step sweep}; do
                  --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;
     senders) (cd "$REPO_ROOT" && bash benchmarks/gpu_first_senders.sh) 2>&1 | tee "$OUT/senders.txt" ;;
     sampling) (cd "$REPO_ROOT" && bash benchmarks/gpu_sampling.sh) 2>&1 | tee "$OUT/sampling.txt" ;;
-    draw) timeout 120 python3 "$REPO_ROOT/benchmarks/gpu_draw.py" 2>&1 | tee "$OUT/draw.txt" ;;
+    draw) timeout 120 python3 "$REPO_ROOT/benchmarks/gpu_draw.py" ${DRAW_ARGS:-} 2>&1 | tee "$OUT/draw.txt" ;;
     sweep-8bit) for p in ${PRECISIONS:-bf16 int8-weight-only}; do  # bf16: the build's own dtype
               (cd "$REPO_ROOT" && PRECISION=${p#bf16} LEVELS=${LEVELS:-1,16,64} PEERS= \
                  bash benchmarks/gpu_triton.sh --requests-per-level 640 --max-seconds-per-level 20) \

@@ -141,9 +141,8 @@ def _pass(probs: np.ndarray, u: float, block: int = 256) -> int:
 def _nucleus(probs: np.ndarray, top_p: float, z: np.ndarray) -> np.ndarray:
     """The mask of the smallest prefix of `probs` (float64) in descending order (that of their float32
     logits `z`; ties: lower index first) whose mass reaches `top_p`: a token is in while the mass
-    before it is below `top_p`. Sorts only the m
-    largest (from 64, then as many as their mass says are needed; a flat distribution at once the
-    whole) until their mass reaches `top_p`; the cumulative sums are sequential, so this is exactly
+    before it is below `top_p`. Sorts only the m largest (from 64, then as many as their mass says
+    are needed; a flat distribution at once the whole) until their mass reaches `top_p`; the cumulative sums are sequential, so this is exactly
     what a sort of every probability gives (a full sort of 32,000 takes ~3 ms a row on a CPU core,
     and a trained model's nucleus is mostly a few dozen tokens)."""
     n, m = len(probs), 64

@@ -44,6 +44,7 @@ class TokenCounts:
         if self.counts is None:
             self.counts = torch.zeros(self.slots, self.vocab, dtype=torch.int32, device=self.device)
             self.seen = torch.zeros(self.slots, self.vocab, dtype=torch.bool, device=self.device)
+            self._one = torch.ones((), dtype=torch.int32, device=self.device)  # what each fed token adds
 
     def track(self, slot: int, prompt_ids) -> None:
         self.allocate()
@@ -65,7 +66,7 @@ class TokenCounts:
         dev = self._to_device(slots[mine])
         tok = last_ids.index_select(0, dev) if tokens is None else \
             self._to_device(np.asarray(tokens, dtype=np.int64)[mine] % self.vocab)
-        self.counts.index_put_((dev, tok), torch.ones((), dtype=torch.int32, device=self.device), accumulate=True)
+        self.counts.index_put_((dev, tok), self._one, accumulate=True)
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         """`a` (int64) on the device, through pinned buffers taken in turn: a copy from pageable memory

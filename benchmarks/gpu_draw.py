@@ -6,7 +6,8 @@ float32, then the host sampler row by row), for batches of 1 to 128 rows of a 32
 
 Prints ms per step for each (median of --repeats): the draw op by op (`sample.draw`, with its copies,
 the tokens back on the host), the GPU time of one replay of its CUDA graph (`sample.draw_packed`, as
-the engine runs it with CUDA graphs on; CUDA events), and the host path; with temperature 0.8 and
+the engine runs it with CUDA graphs on; CUDA events), the same graph with the draw after its sort in
+one Triton kernel (draw_kernel.py, as the engine runs it with its Triton kernels), and the host path; with temperature 0.8 and
 top_p 0.95 (flat random
 logits: a wide nucleus, the slow case for the host's partial sort), temperature 0.8 alone, and top_p
 0.95 with a repetition penalty of 1.1 (the engine's token counts of 128 prompt and 64 output tokens
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from tritonchat.python_backend.engines.base import Draws, draw_tokens, penalize
+from tritonchat.python_backend.engines.torch.draw_kernel import for_engine
 from tritonchat.python_backend.engines.torch.sample import (DRAW_IN, DrawInputs, TokenCounts, draw, pack_draws,
                                                             packed_body)
 
@@ -34,7 +36,7 @@ def _draws(rows: int, top_p: float, rng, repetition: float = 1.0) -> Draws:
                  np.full(rows, top_p, np.float32), rng.random(rows), pen)
 
 
-def _graph(logits, d: Draws, counts: TokenCounts):
+def _graph(logits, d: Draws, counts: TokenCounts, kernel=None):
     """The draw graph of these rows (as graphs.StepGraphs captures it), or None off CUDA."""
     if logits.device.type != "cuda":
         return None
@@ -43,7 +45,7 @@ def _graph(logits, d: Draws, counts: TokenCounts):
     pack_draws(a, d, d.rows, d.rows, rows)
     inp = torch.from_numpy(a).to(logits.device)
     z = logits.index_select(0, inp[0])
-    body = packed_body(counts, torch.zeros(rows + 1, dtype=torch.int64, device=logits.device))
+    body = packed_body(counts, torch.zeros(rows + 1, dtype=torch.int64, device=logits.device), kernel)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -95,9 +97,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"{name}, vocab {args.vocab}; ms per step (median of {args.repeats})")
-    print("| rows | top_p | repetition | device draw, op by op | its graph (GPU time) | host: copy + sampler "
-          "| host ÷ device |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| rows | top_p | repetition | device draw, op by op | its graph (GPU time) | the graph with the draw "
+          "kernel (GPU time) | host: copy + sampler | host ÷ device |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kernel = for_engine(dev.type == "cuda")
     for rows in [int(r) for r in args.rows.split(",")]:
         logits = (torch.randn(rows, args.vocab, device=dev) * 3).to(torch.bfloat16)
         counts = TokenCounts(rows + 1, args.vocab, dev)
@@ -130,11 +133,13 @@ def main() -> None:
                 draw_tokens(host, d)
                 host_ms.append(1e3 * (time.perf_counter() - t))
             a, b = statistics.median(dev_ms[3:]), statistics.median(host_ms[3:])
-            graph = _graph(logits, d, counts)
-            g = "–" if graph is None else f"{_replay_ms(graph, args.repeats):.3f}"
-            print(f"| {rows} | {top_p:g} | {rep:g} | {a:.3f} | {g} | {b:.3f} | ×{b / a:.1f} |")
+            graph, fused = _graph(logits, d, counts), _graph(logits, d, counts, kernel) if kernel else None
+            g, f = ("–" if x is None else f"{_replay_ms(x, args.repeats):.3f}" for x in (graph, fused))
+            print(f"| {rows} | {top_p:g} | {rep:g} | {a:.3f} | {g} | {f} | {b:.3f} | ×{b / a:.1f} |")
             if graph is not None and rows == args.profile and top_p < 1 and rep == 1.0:
-                _profile(graph)
+                for x in (graph, fused):
+                    if x is not None:
+                        _profile(x)
 
 
 if __name__ == "__main__":

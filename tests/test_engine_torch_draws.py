@@ -6,6 +6,10 @@ logits drawn on the host; then penalised sequences over chained steps against th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -129,24 +133,110 @@ def test_penalties_on_the_device_equal_the_hosts():
 
 def test_the_hosts_partial_nucleus_equals_a_full_sort():
     """`_nucleus` sorts only the largest candidates by a packed key: its mask equals the prefix of a
-    full stable sort by descending logit, over negative and positive logits, ties, +0 and -0, flat
-    and peaked rows."""
-    from tritonchat.python_backend.engines.base import _nucleus
+    full stable sort by descending logit whose integer weight before each token is under the mass,
+    over negative and positive logits, ties, +0 and -0, flat and peaked rows."""
+    from tritonchat.python_backend.engines.base import _nucleus, weights
 
     rng = np.random.default_rng(8)
-    for scale in (0.05, 1.0, 6.0):
+    for scale in (0.05, 1.0, 6.0, 30.0):
         for _ in range(20):
             z = (rng.standard_normal(3000) * scale - rng.random()).astype(np.float32)
             z[:50] = np.round(z[:50], 1)  # ties
             z[50:53] = [0.0, -0.0, 0.0]
-            probs = np.exp(z.astype(np.float64) - float(z.max()))
-            probs /= probs.sum()
-            top_p = float(rng.choice([0.1, 0.5, 0.9, 0.95, 0.999]))
+            w = weights(z, z.max(), 3000)
+            mass = float(rng.choice([0.1, 0.5, 0.9, 0.95, 0.999])) * float(w.sum())
             order = np.argsort(-z.astype(np.float64), kind="stable")  # -0 and +0 as equals
-            sp = probs[order]
+            sw = w[order]
             want = np.zeros(3000, bool)
-            want[order[np.cumsum(sp) - sp < top_p]] = True
-            assert (_nucleus(probs, top_p, z) == want).all(), (scale, top_p)
+            want[order[np.cumsum(sw) - sw < mass]] = True
+            assert (_nucleus(w, mass, z) == want).all(), (scale, mass)
+
+
+_KERNEL_RUN = r"""
+import sys
+import numpy as np, torch
+from tritonchat.python_backend.engines.base import NONFINITE, Draws, draw_tokens
+from tritonchat.python_backend.engines.torch import TorchEngine
+from tritonchat.python_backend.engines.torch.draw_kernel import BLOCK, for_engine, launch
+from tritonchat.python_backend.engines.torch.sample import DRAW_IN, DrawInputs, draw, draw_packed, pack_draws
+
+kernel = for_engine(True)
+assert kernel is launch and for_engine(False) is None
+rng = np.random.default_rng(5)
+for n, vocab in ((70, BLOCK + 904), (30, 300)):  # rows of two blocks and of less than one
+    logits = (rng.standard_normal((n, vocab)) * rng.choice([0.2, 1.0, 4.0, 12.0, 40.0], (n, 1))).astype(np.float32)
+    logits[::3] = np.round(logits[::3], 1)  # ties, inside and at the nucleus' edge
+    logits[rng.random((n, vocab)) < 0.05] = -np.inf
+    logits[1:4] = 0.0  # one tie of every id: the kept ones are the lowest ids
+    logits[5, 100:110] = [0.0, -0.0] * 5
+    logits[7] = -np.inf  # nothing to draw
+    logits[8, 3] = np.nan
+    d = Draws(np.arange(n), rng.choice([0.3, 0.7, 1.0, 1.6], n).astype(np.float32),
+              rng.choice([0, 0, 1, 5, 40, vocab - 1, vocab], n).astype(np.int64),
+              rng.choice([1.0, 1.0, 0.5, 0.9, 0.95, 1e-30], n).astype(np.float32), rng.random(n))
+    d.top_p[1:4] = [0.5, 0.31, 0.999]
+    d.u[1] = 0.9999  # the last of the lower half: top_p 0.5 of an even row ends where the weight before is the mass
+    d.top_k[1:4] = 0
+    want = []
+    for i in range(n):
+        try:
+            want.append(int(draw_tokens(logits[[i]].copy(), Draws(*(a[[i]] for a in (
+                d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0]))
+        except ValueError:
+            want.append(NONFINITE)
+    inp = DrawInputs(d, d.rows, torch.device("cpu"))
+    ops = draw(torch.from_numpy(logits), inp)
+    taken, fed = draw(torch.from_numpy(logits), inp, kernel=kernel)
+    assert want == ops[0].tolist() == taken.tolist(), [(i, a, b, c) for i, (a, b, c) in enumerate(
+        zip(want, ops[0].tolist(), taken.tolist())) if not a == b == c]
+    assert fed.tolist() == ops[1].tolist() and want[7] == want[8] == NONFINITE
+    assert len({want[i] for i in range(1, 4)}) == 3 and 0 <= want[2] < 0.31 * vocab + 1
+    a = np.empty((DRAW_IN, n + 3), np.int64)  # the graphs' form, padded
+    pack_draws(a, d, d.rows, d.rows, n)
+    pk = torch.from_numpy(a)
+    last = torch.zeros(n + 1, dtype=torch.int64)
+    assert draw_packed(torch.from_numpy(logits).index_select(0, pk[0]), pk, None, last, kernel)[0][:n].tolist() == want
+dir = sys.argv[1]
+eng = TorchEngine(dir, max_slots=2, max_seq_len=32, device="cpu", dtype="float32", kernels="triton", cuda_graphs=False)
+assert eng._draw_kernel is launch
+assert TorchEngine(dir, max_slots=2, max_seq_len=32, device="cpu", dtype="float32", kernels="torch",
+                   cuda_graphs=False)._draw_kernel is None
+print("kernel draws equal", n)
+"""
+
+
+def test_the_draw_kernel_equals_the_torch_draw_and_the_hosts(tmp_path):
+    """The draw after its sort in one Triton kernel (draw_kernel.py), run by Triton's CPU interpreter:
+    rows of two blocks and of less than one, sharp and flat, ties (a row all one value, +0 and -0, ties
+    at the nucleus' edge), bans, a NaN and an all -inf row, every top_k and top_p: each token equals the
+    torch ops' and the host's draw, op by op and in the graphs' packed form; the engine takes the
+    kernel where it runs its Triton kernels."""
+    pytest.importorskip("triton")
+    _, path = _random_model(tmp_path, "qwen3")
+    r = subprocess.run([sys.executable, "-c", _KERNEL_RUN, str(path)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "kernel draws equal" in r.stdout
+
+
+def test_the_draw_kernel_compiles_for_hopper():
+    """The draw kernel compiled for sm_90 by this Triton, no GPU needed (the interpreter runs the
+    Python, not the compiler): its weights' exp is libdevice's float64 one, not the approximate float32
+    `ex2` Triton uses for float32 (the host's numpy exp is float64)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tritonchat.python_backend.engines.torch.draw_kernel import BLOCK, load_draw_kernel
+
+    fn = load_draw_kernel()
+    const = dict(SCALE=float(1 << 38), BLOCK=BLOCK, NONE=NONFINITE)
+    sig = dict(Z="*fp32", SZ="*fp32", ORDER="*i64", TOP_K="*i64", TOP_P="*fp32", U="*fp64", TAKEN="*i64",
+               FED="*i64", V="i32", **{k: "constexpr" for k in const})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16, num_stages=1))
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"] and "__nv_exp" in ptx and "ex2.approx" not in ptx
 
 
 def test_a_row_with_nothing_to_draw_fails_alone():

@@ -85,16 +85,32 @@ def penalize(row: np.ndarray, seen: np.ndarray, counts: np.ndarray, repetition: 
 def draw_tokens(logits: np.ndarray, draws: Draws) -> np.ndarray:
     """The tokens `draws` draws from the host logits [len(draws.rows), vocab] of its rows (bans
     already applied; changed in place). This is the definition the engines that draw on their
-    device follow (engines/torch/sample.py): logits / temperature; where `top_k`, every logit
-    below the k-th largest out; softmax; where `top_p`, the smallest prefix of the tokens in order
-    of probability (ties: lower id first) whose mass reaches `top_p`; then the first token, in id
-    order, where the cumulative probability passes `u` times the mass kept. A row at temperature 0
-    takes the argmax (its penalties, where it has any, applied by the caller first: `penalize`)."""
+    device follow (engines/torch/sample.py, draw_kernel.py): logits / temperature (float32); where
+    `top_k`, every logit below the k-th largest out; each token's weight an integer (`weights`);
+    where `top_p`, the tokens in order of logit (ties: lower id first) while the weight before them
+    is under `top_p` times the weight of all; then the first token, in id order, where the cumulative
+    weight of the tokens kept passes `u` times their total. A row at temperature 0 takes the argmax
+    (its penalties, where it has any, applied by the caller first: `penalize`)."""
     out = np.empty(len(logits), dtype=np.int64)
     for i, row in enumerate(logits):
         out[i] = draw_token(row, float(draws.temperature[i]), int(draws.top_k[i]), float(draws.top_p[i]),
                             float(draws.u[i]))
     return out
+
+
+def weight_shift(vocab: int) -> int:
+    """The weights' scale, 2**shift: as fine as a sum over the whole vocabulary allows while every
+    partial sum stays exact in float64 (< 2**53), where it is compared with u or top_p times a total."""
+    return 53 - int(vocab).bit_length()
+
+
+def weights(z: np.ndarray, top: np.float32, vocab: int) -> np.ndarray:
+    """Each token's weight, int64: exp(z - top) in float64 times 2**weight_shift(vocab), truncated
+    (a logit ~26 below the top weighs 0 at 32,000 ids). Integers because their sums are exact in any
+    order: a device sums in blocks and trees where numpy sums in a line, and float sums over a flat
+    distribution (a random model's) once drew different tokens from the same logits."""
+    e = np.exp(z.astype(np.float64) - np.float64(top))
+    return (e * float(1 << weight_shift(vocab))).astype(np.int64)
 
 
 def draw_token(row: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
@@ -107,50 +123,39 @@ def draw_token(row: np.ndarray, temperature: float, top_k: int, top_p: float, u:
         return best
     row /= np.float32(temperature)
     v = len(row)
-    ids = None  # every id
-    if 0 < top_k < v:
-        kth = np.partition(row, v - top_k)[v - top_k]
-        ids = np.flatnonzero(row >= kth)  # ties with the k-th stay in, as transformers' top-k keeps them
-        row = row[ids]
     top = row.max()
-    if not np.isfinite(top):  # every logit -inf (all banned), or one overflowed: nothing to draw from
+    if not np.isfinite(top):  # every logit -inf (all banned), or one overflowed or NaN: nothing to draw from
         raise ValueError("no token can be drawn from these logits")
-    # float64 from here on, as on a device: in float32 the sums over a flat distribution (a random
-    # model's: 32,000 ids) differed between numpy and a GPU's scan by more than one id's probability
-    probs = np.exp(row.astype(np.float64) - np.float64(top))
-    probs /= probs.sum()
-    if top_p < 1.0:  # the tokens out get probability 0 and keep their place in id order
-        probs = np.where(_nucleus(probs, top_p, row), probs, 0.0)
-    j = _pass(probs, u)  # u times the kept mass: no renormalising first
-    return j if ids is None else int(ids[j])
+    w = weights(row, top, v)
+    if 0 < top_k < v:  # ties with the k-th stay in, as transformers' top-k keeps them
+        w[row < np.partition(row, v - top_k)[v - top_k]] = 0
+    if top_p < 1.0:  # the tokens out weigh 0 and keep their place in id order
+        w[~_nucleus(w, np.float64(np.float32(top_p)) * float(w.sum()), row)] = 0
+    return _pass(w, u)
 
 
-def _pass(probs: np.ndarray, u: float, block: int = 256) -> int:
-    """The first index where the cumulative sum of `probs` (float64) passes `u` times their sum:
-    blocks' sums first, then the cumulative sum inside one block (a cumulative sum is sequential:
-    over 32,000 probabilities it took 0.11 ms, about what the rest of a draw takes)."""
-    n = len(probs)
-    ends = np.cumsum(np.add.reduceat(probs, np.arange(0, n, block), dtype=np.float64))
-    target = u * ends[-1]
-    b = min(int(np.searchsorted(ends, target, side="right")), len(ends) - 1)
-    before = ends[b - 1] if b else 0.0
-    inside = before + np.cumsum(probs[b * block:(b + 1) * block], dtype=np.float64)
-    return min(b * block + int(np.searchsorted(inside, target, side="right")), n - 1)
+def _pass(w: np.ndarray, u: float) -> int:
+    """The first index where the cumulative sum of the weights `w` passes `u` times their total (there
+    is one: u < 1, and a float64 product of a positive total by a u < 1 rounds below the total)."""
+    cum = np.cumsum(w)
+    if not cum[-1]:  # a top_p that float32 rounds to 0 keeps nothing
+        raise ValueError("no token can be drawn from these logits")
+    return int(np.searchsorted(cum, u * float(cum[-1]), side="right"))  # cum < 2**53: exact as float64
 
 
-def _nucleus(probs: np.ndarray, top_p: float, z: np.ndarray) -> np.ndarray:
-    """The mask of the smallest prefix of `probs` (float64) in descending order (that of their float32
-    logits `z`; ties: lower index first) whose mass reaches `top_p`: a token is in while the mass
-    before it is below `top_p`. Sorts only the m largest (from 64, then as many as their mass says
-    are needed; a flat distribution at once the whole) until their mass reaches `top_p`; the cumulative sums are sequential, so this is exactly
-    what a sort of every probability gives (a full sort of 32,000 takes ~3 ms a row on a CPU core,
-    and a trained model's nucleus is mostly a few dozen tokens)."""
-    n, m = len(probs), 64
+def _nucleus(w: np.ndarray, mass: float, z: np.ndarray) -> np.ndarray:
+    """The tokens, in descending order of their float32 logits `z` (ties: lower index first), while
+    the weight before them (int64 `w`) is below `mass`: a mask. Sorts only the m largest (from 64,
+    then as many as their weight says are needed; a flat distribution at once the whole) until their
+    weight reaches `mass`; every token before a candidate is a candidate (weights follow the logits), so
+    this is exactly what a sort of every logit gives (a full sort of 32,000 takes ~3 ms a row on a CPU
+    core, and a trained model's nucleus is mostly a few dozen tokens)."""
+    n, m = len(w), 64
     while True:
         if m >= n // 4:
             cand = np.arange(n)
         else:
-            cand = np.flatnonzero(probs >= np.partition(probs, n - m)[n - m])  # the m largest, their ties
+            cand = np.flatnonzero(w >= np.partition(w, n - m)[n - m])  # the m largest, their ties
         # descending logit, ties by index: one uint64 key each (a float32's bits, the negative ones'
         # magnitude negated, order as its value does; -0 as +0), whose sort took 1.5 ms over 32,000
         # where a stable argsort took 2.6
@@ -158,13 +163,13 @@ def _nucleus(probs: np.ndarray, top_p: float, z: np.ndarray) -> np.ndarray:
         value = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
         key = ((0x7FFFFFFF - value).astype(np.uint64) << np.uint64(32)) | cand.astype(np.uint64)
         order = (np.sort(key) & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        sp = probs[order]
-        cum = np.cumsum(sp)
-        if len(cand) == n or cum[-1] >= top_p:
+        sw = w[order]
+        cum = np.cumsum(sw)
+        if len(cand) == n or cum[-1] >= mass:
             mask = np.zeros(n, dtype=bool)
-            mask[order[cum - sp < top_p]] = True
+            mask[order[cum - sw < mass]] = True
             return mask
-        m = int(m * max(4.0, 2.0 * top_p / max(float(cum[-1]), 1e-9)))
+        m = int(m * max(4.0, 2.0 * mass / max(float(cum[-1]), 1.0)))
 
 
 class Engine(abc.ABC):

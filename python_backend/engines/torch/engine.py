@@ -1,10 +1,9 @@
 """PyTorch engine: a compact Llama-family forward over a static slot KV cache, with CUDA graphs.
 
-`TorchEngine` is the `Engine` API (`prefill`, `prefill_batch`, `decode`, `decode_greedy`,
-`decode_greedy_begin`, `release`, `length`, `describe`, `warmup`) over a KV cache of `max_slots`
-slots: a sequence of length L occupies positions [0, L) of its slot, as in `engines.ort`. Nothing is
-ever re-packed: prefill writes [slot, :, :n], a decode step writes each new K/V column at
-[slot, :, L] and attends over [0, L] of that slot.
+`TorchEngine` is the `Engine` API (`prefill`, `prefill_batch`, `decode`, `decode_greedy`, `decode_greedy_begin`,
+`release`, `length`, `describe`, `warmup`) over a KV cache of `max_slots` slots: a sequence of length L occupies
+positions [0, L) of its slot, as in `engines.ort`. Nothing is ever re-packed: prefill writes [slot, :, :n], a
+decode step writes each new K/V column at [slot, :, L] and attends over [0, L] of that slot.
 
 Prefill runs every admitted prompt in one forward (packed tokens; attention varlen with the Triton
 attention, else causal SDPA per prompt over the right-padded batch); on CUDA that forward is padded
@@ -19,6 +18,7 @@ The parts, one job each:
   * `layout.py`: the int64 inputs the host writes for a step or a prefill, and the graph buckets;
   * `graphs.py`: CUDA graph capture and replay of the three kinds of step;
   * `hf_fallback.py`: transformers itself, for architectures without a native forward;
+  * `sample.py`, `draw_kernel.py`: sampled tokens drawn on the device (penalties, the draw after its sort);
   * here: the API, argument checks, per-slot lengths, the step body and the ids coming back (`_Step`).
 """
 
@@ -39,6 +39,7 @@ from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
 from .llama import Llama, native_blocker
 from .matmul import TUNE_ROWS, W8A8_ROWS, tune_cache_dir
 from .quant import w8a8_supported
+from .draw_kernel import for_engine as draw_kernel_for
 from .sample import DrawInputs, TokenCounts, choose_drawn, draw, packed_body
 
 _DTYPES = {
@@ -149,6 +150,7 @@ class TorchEngine(Engine):
             raise RuntimeError("kernels='triton' but Triton does not import")
         use_triton = tk is not None and (kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"))
         self.kernels = "triton" if use_triton else "torch"
+        self._draw_kernel = draw_kernel_for(use_triton)
         if attention == "auto":
             attention = "triton" if tk is not None and self.device.type == "cuda" else "sdpa"
         if attention == "triton" and tk is None:
@@ -156,8 +158,7 @@ class TorchEngine(Engine):
         if attention not in ("triton", "sdpa"):
             raise ValueError(f"attention must be auto, triton or sdpa, not {attention!r}")
         self.attention = attention
-        # a prompt on top of a slot's cached KV: the varlen attention reads keys from the cache at
-        # data-given positions, so the prefill graphs serve it as they are (`prefill_cached`)
+        # a prompt on a slot's cached KV: the varlen attention reads keys from the cache at data-given positions
         self.can_reuse_prefix = attention == "triton"
         can_pdl = self.kernels == "triton" and pdl_supported(tk, self.device)
         if pdl is True and not can_pdl:
@@ -178,8 +179,7 @@ class TorchEngine(Engine):
         self.graph_batch_sizes = sizes
         self.prefill_graphs = bool(prefill_graphs) and self.cuda_graphs
         self.prefill_graph_tokens = int(prefill_graph_tokens)
-        # the last greedy id of each slot (the dummy slot last), written by every greedy step: a
-        # chained step reads its rows' tokens from here, whatever rows the previous step had
+        # each slot's last id (the dummy slot last), written by every step: a chained step reads its tokens here
         self._last_ids = torch.zeros(self.max_slots + 1, dtype=torch.int64, device=self.device)
         self._last_step = None
         self.graphs = StepGraphs(self.device, self.layout, sizes, last_ids=self._last_ids,
@@ -329,7 +329,8 @@ class TorchEngine(Engine):
         if draws is not None:  # their tokens into `ids`, and into the slots' last ids
             all_slots = slots if prompts is None else np.concatenate([slots, prompts[0]])
             choose_drawn(logits, ids, draws, self.layout.row_cols(draws.rows, n, cols), all_slots[draws.rows],
-                         dev_slots, self._counts, self._last_ids, self.graphs if self.cuda_graphs else None)
+                         dev_slots, self._counts, self._last_ids, self.graphs if self.cuda_graphs else None,
+                         self._draw_kernel)
         return logits, ids, b
 
     def warmup(self) -> None:
@@ -361,7 +362,8 @@ class TorchEngine(Engine):
                                     self._step_body, self._prefill_body)
             self._counts.allocate()  # the draws' graphs too (the logits' type: a decode graph's)
             logits = next(iter(self.graphs.decode.values()))[1][0]
-            self.graphs.capture_draws(packed_body(self._counts, self._last_ids), logits.shape[1], logits.dtype)
+            body = packed_body(self._counts, self._last_ids, self._draw_kernel)
+            self.graphs.capture_draws(body, logits.shape[1], logits.dtype)
         torch.cuda.synchronize(self.device)
 
     # -- Engine API ------------------------------------------------------------------------

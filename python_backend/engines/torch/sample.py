@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import NONFINITE, Draws
+from ..base import NONFINITE, Draws, weight_shift
 
 
 class TokenCounts:
@@ -134,7 +134,8 @@ class DrawInputs:
             self.slots, self.repetition, self.presence, self.frequency = t[6].long(), t[7].float(), t[8], t[9]
 
 
-def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None,
+         kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens chosen for rows `d.cols` of `logits` [b, vocab] (bans already applied; penalties
     applied here, from `counts`), int64 [len(cols)], twice: as the host takes them (NONFINITE where a
     row has nothing to choose from: every logit -inf, or a NaN; that request fails alone) and as the
@@ -145,37 +146,41 @@ def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None)
     if d.penalized:
         z = counts.penalize(z, d.slots, d.repetition, d.presence, d.frequency, d.kinds)
     if d.sampled is None:
-        return _draw(z, d.temperature, d.top_k, d.top_p, d.u)
+        return _draw(z, d.temperature, d.top_k, d.top_p, d.u, kernel)
     best = z.argmax(dim=1)
     ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
     taken, fed = torch.where(ok, best, NONFINITE), best
     if d.m:
-        t, f = _draw(z.index_select(0, d.sampled), d.temperature, d.top_k, d.top_p, d.u)
+        t, f = _draw(z.index_select(0, d.sampled), d.temperature, d.top_k, d.top_p, d.u, kernel)
         taken, fed = taken.index_copy(0, d.sampled, t), fed.index_copy(0, d.sampled, f)
     return taken, fed
 
 
-def _draw(z: torch.Tensor, temperature, top_k, top_p, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw` of rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it."""
+def _draw(z: torch.Tensor, temperature, top_k, top_p, u, kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` of rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it; after
+    the sort, `kernel` (draw_kernel.launch: one Triton launch) where given, else torch ops."""
     z = z / temperature[:, None]
     v = z.shape[1]
     sz, order = torch.sort(z, dim=1, descending=True, stable=True)
-    # top_k: every logit below the k-th largest out (its ties stay in, as on the host)
+    if kernel is not None:
+        return kernel(z, sz, order, top_k, top_p, u)
+    # top_k: every logit below the k-th largest weighs 0 (its ties stay in, as on the host)
     k = torch.where(top_k > 0, top_k, v).clamp(max=v)
     kth = sz.gather(1, (k - 1)[:, None])
-    sz = torch.where(sz >= kth, sz, float("-inf"))
-    probs = torch.softmax(sz.double(), dim=1)  # float64 from here on, as on the host
-    # top_p: the smallest prefix in descending order whose mass reaches top_p (rows at 1: all)
-    cum = probs.cumsum(dim=1)
-    keep = (cum - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    probs = torch.where(keep, probs, 0.0)
-    # back in id order, where the host passes u along the cumulative sum
-    by_id = torch.zeros_like(probs).scatter_(1, order, probs)
+    top = sz[:, :1]
+    w = (torch.nan_to_num(torch.exp(sz.double() - top.double())) * float(1 << weight_shift(v))).long()
+    w = torch.where(sz >= kth, w, 0)
+    # top_p: in descending order, the tokens while the weight before them is under top_p times the total
+    total = w.sum(dim=1, keepdim=True)
+    mass = torch.where(top_p[:, None] >= 1.0, float("inf"), top_p[:, None].double() * total.double())
+    w = torch.where((w.cumsum(dim=1) - w).double() < mass, w, 0)
+    # back in id order, where the host passes u along the cumulative weight (exact as float64: < 2**53)
+    by_id = torch.zeros_like(w).scatter_(1, order, w)
     cdf = by_id.cumsum(dim=1)
-    total = cdf[:, -1]
-    tokens = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp(0, v - 1)
-    ok = torch.isfinite(total) & (total > 0)
-    return torch.where(ok, tokens, NONFINITE), tokens
+    kept = cdf[:, -1]
+    tokens = torch.searchsorted(cdf.double(), (u * kept.double())[:, None], right=True)[:, 0].clamp(max=v - 1)
+    ok = torch.isfinite(top[:, 0]) & (kept > 0)
+    return torch.where(ok, tokens, NONFINITE), torch.where(ok, tokens, 0)
 
 
 #: rows of a step's packed draw inputs (`pack_draws`), int64: each drawn row's logits row and slot,
@@ -197,7 +202,8 @@ def pack_draws(a: np.ndarray, draws: Draws, cols: np.ndarray, slots: np.ndarray,
         f[i, :m], f[i, m:] = v, _NEUTRAL[i]
 
 
-def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, last_ids: torch.Tensor):
+def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, last_ids: torch.Tensor,
+                kernel=None):
     """`draw` without a branch on the rows' values, for a CUDA graph (engines/torch/graphs.py): the
     logits rows `z` [R, vocab] of the packed inputs `inp` [DRAW_IN, R] (`pack_draws`); penalties
     where `counts` is given. Every row goes through the draw and the argmax, and each keeps the one
@@ -211,7 +217,7 @@ def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, 
     best = z.argmax(dim=1)
     ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
     greedy = temperature == 0
-    t, f = _draw(z, torch.where(greedy, 1.0, temperature), p[1].long(), p[2].float(), p[3])
+    t, f = _draw(z, torch.where(greedy, 1.0, temperature), p[1].long(), p[2].float(), p[3], kernel)
     taken = torch.where(greedy, torch.where(ok, best, NONFINITE), t)
     fed = torch.where(greedy, best, f)
     last_ids.index_copy_(0, slots, fed)
@@ -219,23 +225,25 @@ def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, 
 
 
 def choose_drawn(logits: torch.Tensor, ids: torch.Tensor, draws: Draws, cols: np.ndarray, slots: np.ndarray,
-                 dev_slots: torch.Tensor, counts: TokenCounts, last_ids: torch.Tensor, graphs=None) -> None:
+                 dev_slots: torch.Tensor, counts: TokenCounts, last_ids: torch.Tensor, graphs=None,
+                 kernel=None) -> None:
     """A decode step's `draws` (rows `cols` of its device `logits`, of sequences in `slots`; `dev_slots`:
     the slot of each of its columns, on the device): their tokens written into the step's `ids` and
     the slots' `last_ids`. With `graphs` (graphs.StepGraphs, CUDA graphs on) one replay of a draw
-    graph; without, or where that graph could not be captured, `draw` op by op."""
+    graph; without, or where that graph could not be captured, `draw` op by op. `kernel`: the draw
+    after its sort in one launch (draw_kernel.launch), where the engine runs Triton kernels."""
     got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, draws.penalties is not None,
-                                                      packed_body(counts, last_ids))
+                                                      packed_body(counts, last_ids, kernel))
     if got is None:
         d = DrawInputs(draws, cols, logits.device, slots)
-        taken, fed = draw(logits, d, counts)
+        taken, fed = draw(logits, d, counts, kernel)
         last_ids.index_copy_(0, dev_slots.index_select(0, d.cols), fed)
         got = taken, d.cols
     ids.index_copy_(0, got[1], got[0])  # a graph's output buffer: the next replay rewrites it
 
 
-def packed_body(counts: TokenCounts, last_ids: torch.Tensor):
+def packed_body(counts: TokenCounts, last_ids: torch.Tensor, kernel=None):
     """The draw graphs' body (graphs.StepGraphs): `draw_packed` over these counts and last ids."""
     def body(z, inp, penalized):
-        return draw_packed(z, inp, counts if penalized else None, last_ids)
+        return draw_packed(z, inp, counts if penalized else None, last_ids, kernel)
     return body

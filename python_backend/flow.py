@@ -150,7 +150,9 @@ class Flow:
         self.error_kind = ""
         self.cancelled = False
         self.io = threading.Lock()  # held while this flow's request is asked or sent anything (Watcher)
-        self.polled = 0.0  # when its request was last asked about cancellation (by the flow or the watcher)
+        # when its request was last asked about cancellation (by the flow or the watcher): its arrival,
+        # so that a first token due within `cancel_poll` goes out without a round trip to the server first
+        self.polled = self.started
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -287,6 +289,7 @@ class Flow:
         if self.cancelled or now - self.polled < self.ctx.watcher.interval:
             return False
         self.polled = now
+        timeline.mark("entry_poll", self.gen_id)
         with self.io:
             return _safe(self.sender.is_cancelled)
 

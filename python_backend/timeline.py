@@ -16,6 +16,8 @@ first token. The marks, in a first token's order:
                    already have it)
     entry_got      the entry received the generator's first response
     entry_sent     the entry sent its first response to the client
+    entry_poll     (not on the way) the entry's flow asked the server whether its client went away:
+                   a round trip; a first token due within `cancel_poll_ms` of the start goes out without one
 
 Each mark is one short write; off, it costs a global lookup.
 """

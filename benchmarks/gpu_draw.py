@@ -7,9 +7,9 @@ float32, then the host sampler row by row), for batches of 1 to 128 rows of a 32
 Prints ms per step for each (median of --repeats): the draw op by op (`sample.draw`, with its copies,
 the tokens back on the host), the GPU time of one replay of its CUDA graph (`sample.draw_packed`, as
 the engine runs it with CUDA graphs on; CUDA events), the same graph with the draw after its sort in
-one Triton kernel (draw_kernel.py, as the engine runs it with its Triton kernels), and the host path; with temperature 0.8 and
-top_p 0.95 (flat random
-logits: a wide nucleus, the slow case for the host's partial sort), temperature 0.8 alone, and top_p
+one Triton kernel (draw_kernel.py, as the engine runs it with its Triton kernels), and the host path;
+with temperature 0.8 and top_p 0.95 (flat random logits: a wide nucleus, the slow case for the host's
+partial sort), temperature 0.8 alone (no sort: `Draws.ordered` is False), and top_p
 0.95 with a repetition penalty of 1.1 (the engine's token counts of 128 prompt and 64 output tokens
 a row on the device; the host's `penalize` over its own counts). `--profile N`: the kernels of the
 N-row graph's replays, by GPU time (torch.profiler).
@@ -50,11 +50,11 @@ def _graph(logits, d: Draws, counts: TokenCounts, kernel=None):
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            body(z, inp, d.penalties is not None)
+            body(z, inp, d.penalties is not None, d.ordered)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        body(z, inp, d.penalties is not None)
+        body(z, inp, d.penalties is not None, d.ordered)
     return graph
 
 

@@ -177,25 +177,31 @@ for n, vocab in ((70, BLOCK + 904), (30, 300)):  # rows of two blocks and of les
     d.top_p[1:4] = [0.5, 0.31, 0.999]
     d.u[1] = 0.9999  # the last of the lower half: top_p 0.5 of an even row ends where the weight before is the mass
     d.top_k[1:4] = 0
-    want = []
-    for i in range(n):
-        try:
-            want.append(int(draw_tokens(logits[[i]].copy(), Draws(*(a[[i]] for a in (
-                d.rows, d.temperature, d.top_k, d.top_p, d.u))))[0]))
-        except ValueError:
-            want.append(NONFINITE)
-    inp = DrawInputs(d, d.rows, torch.device("cpu"))
-    ops = draw(torch.from_numpy(logits), inp)
-    taken, fed = draw(torch.from_numpy(logits), inp, kernel=kernel)
-    assert want == ops[0].tolist() == taken.tolist(), [(i, a, b, c) for i, (a, b, c) in enumerate(
-        zip(want, ops[0].tolist(), taken.tolist())) if not a == b == c]
-    assert fed.tolist() == ops[1].tolist() and want[7] == want[8] == NONFINITE
-    assert len({want[i] for i in range(1, 4)}) == 3 and 0 <= want[2] < 0.31 * vocab + 1
-    a = np.empty((DRAW_IN, n + 3), np.int64)  # the graphs' form, padded
-    pack_draws(a, d, d.rows, d.rows, n)
-    pk = torch.from_numpy(a)
-    last = torch.zeros(n + 1, dtype=torch.int64)
-    assert draw_packed(torch.from_numpy(logits).index_select(0, pk[0]), pk, None, last, kernel)[0][:n].tolist() == want
+    plain = Draws(d.rows, d.temperature, np.zeros(n, np.int64), np.ones(n, np.float32), d.u)  # temperature alone
+    assert d.ordered and not plain.ordered
+    for dd in (d, plain):  # sorted rows; nothing sorted
+        want = []
+        for i in range(n):
+            try:
+                want.append(int(draw_tokens(logits[[i]].copy(), Draws(*(a[[i]] for a in (
+                    dd.rows, dd.temperature, dd.top_k, dd.top_p, dd.u))))[0]))
+            except ValueError:
+                want.append(NONFINITE)
+        inp = DrawInputs(dd, dd.rows, torch.device("cpu"))
+        ops = draw(torch.from_numpy(logits), inp)
+        taken, fed = draw(torch.from_numpy(logits), inp, kernel=kernel)
+        assert want == ops[0].tolist() == taken.tolist(), [(i, a, b, c) for i, (a, b, c) in enumerate(
+            zip(want, ops[0].tolist(), taken.tolist())) if not a == b == c]
+        assert fed.tolist() == ops[1].tolist() and want[7] == want[8] == NONFINITE
+        if dd is d:  # a row all one value: its kept tokens are the lowest ids, by top_p
+            assert len({want[i] for i in range(1, 4)}) == 3 and 0 <= want[2] < 0.31 * vocab + 1
+        a = np.empty((DRAW_IN, n + 3), np.int64)  # the graphs' form, padded
+        pack_draws(a, dd, dd.rows, dd.rows, n)
+        pk = torch.from_numpy(a)
+        last = torch.zeros(n + 1, dtype=torch.int64)
+        z = torch.from_numpy(logits).index_select(0, pk[0])
+        assert draw_packed(z, pk, None, last, kernel, dd.ordered)[0][:n].tolist() == want
+        assert draw_packed(z, pk, None, last, None, dd.ordered)[0][:n].tolist() == want
 dir = sys.argv[1]
 eng = TorchEngine(dir, max_slots=2, max_seq_len=32, device="cpu", dtype="float32", kernels="triton", cuda_graphs=False)
 assert eng._draw_kernel is launch
@@ -230,13 +236,14 @@ def test_the_draw_kernel_compiles_for_hopper():
     from tritonchat.python_backend.engines.torch.draw_kernel import BLOCK, load_draw_kernel
 
     fn = load_draw_kernel()
-    const = dict(SCALE=float(1 << 38), BLOCK=BLOCK, NONE=NONFINITE)
-    sig = dict(Z="*fp32", SZ="*fp32", ORDER="*i64", TOP_K="*i64", TOP_P="*fp32", U="*fp64", TAKEN="*i64",
-               FED="*i64", V="i32", **{k: "constexpr" for k in const})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16, num_stages=1))
-    ptx = kernel.asm["ptx"]
-    assert kernel.asm["cubin"] and "__nv_exp" in ptx and "ex2.approx" not in ptx
+    for ordered in (True, False):  # the rows sorted (top_k or top_p), or not
+        const = dict(SCALE=float(1 << 38), BLOCK=BLOCK, NONE=NONFINITE, ORDERED=ordered)
+        sig = dict(Z="*fp32", SZ="*fp32", ORDER="*i64", TOP_K="*i64", TOP_P="*fp32", U="*fp64", TAKEN="*i64",
+                   FED="*i64", V="i32", **{k: "constexpr" for k in const})
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16, num_stages=1))
+        ptx = kernel.asm["ptx"]
+        assert kernel.asm["cubin"] and "__nv_exp" in ptx and "ex2.approx" not in ptx, ordered
 
 
 def test_a_row_with_nothing_to_draw_fails_alone():
@@ -352,14 +359,17 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
         standin._counts.allocate()
         standin.graphs.capture_draws(packed_body(standin._counts, standin._last_ids), 512, torch.float32)
         warm = standin.graphs.captures["draw"]
-        assert warm == 2 * len(standin.graphs.draw_sizes)
+        assert warm == 4 * len(standin.graphs.draw_sizes)  # with and without penalties, and a sort
     if capture == "fails":
         with pytest.warns(UserWarning, match="draw graph of .* not captured"):
             got = run_jobs((standin, tok), jobs)[1]
     else:
         got = run_jobs((standin, tok), jobs)[1]
     assert got == run_jobs((eager, tok), jobs)[1]
-    assert {k[1] for k in standin.graphs.draws} == {False, True} and standin.graphs.captures["decode"] > 0
+    used = set(standin.graphs.draws) if capture == "fails" else set(standin.graphs.draw_runs)
+    # the kinds used: with and without penalties, sorted (top_k or top_p) and not (temperature alone)
+    assert {k[1][0] for k in used} == {k[1][1] for k in used} == {False, True}
+    assert standin.graphs.captures["decode"] > 0
     assert all((v is None) == (capture == "fails") for v in standin.graphs.draws.values())
     if capture == "works":
         assert standin.graphs.captures["draw"] == warm  # nothing captured while serving

@@ -63,6 +63,13 @@ class Draws:
     u: np.ndarray  # float64
     penalties: np.ndarray | None = None  # float64 [3, rows]: repetition, presence, frequency
 
+    @property
+    def ordered(self) -> bool:
+        """Does some drawn row (temperature > 0) keep only its top_k or top_p tokens? Only such rows need
+        the logits in order (a device sorts them); the others draw over every token in id order."""
+        drawn = self.temperature > 0
+        return bool(((self.top_k[drawn] > 0) | (self.top_p[drawn] < 1)).any())
+
 
 def penalize(row: np.ndarray, seen: np.ndarray, counts: np.ndarray, repetition: float, presence: float,
              frequency: float) -> np.ndarray:

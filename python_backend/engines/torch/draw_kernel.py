@@ -46,18 +46,31 @@ def load_draw_kernel():
 
     @triton.jit
     def draw_kernel(Z, SZ, ORDER, TOP_K, TOP_P, U, TAKEN, FED, V, SCALE: tl.constexpr, BLOCK: tl.constexpr,
-                    NONE: tl.constexpr):
+                    NONE: tl.constexpr, ORDERED: tl.constexpr):
         # Z: the rows / temperature [R, V] float32, in id order; SZ, ORDER: the same sorted (descending,
-        # stable) and each one's id; TOP_K int64 (0: off), TOP_P float32, U float64, one each a row
+        # stable) and each one's id; TOP_K int64 (0: off), TOP_P float32, U float64, one each a row.
+        # ORDERED False: no row has a top_k or top_p (each keeps every token), nothing was sorted, and
+        # SZ is Z itself: the walks below that follow the sorted row read the row in id order instead
         r = tl.program_id(0).to(tl.int64)
         z_row, s_row = Z + r * V, SZ + r * V
         lane = tl.arange(0, BLOCK)
-        k = tl.load(TOP_K + r)
-        k = tl.where((k > 0) & (k < V), k, V)
-        top = tl.load(s_row)  # the largest (a NaN sorts first: such a row is not finite)
-        kth = tl.load(s_row + k - 1)
+        if ORDERED:
+            k = tl.load(TOP_K + r)
+            k = tl.where((k > 0) & (k < V), k, V)
+            top = tl.load(s_row)  # the largest (a NaN sorts first: such a row is not finite)
+            kth = tl.load(s_row + k - 1)
+            finite = (top == top) & (tl.abs(top) < float("inf"))
+        else:  # 0. the largest, by a walk (a NaN anywhere: not finite, as numpy's max says)
+            top = tl.full((), float("-inf"), tl.float32)
+            nans = tl.zeros((), tl.int32)
+            for start in range(0, V, BLOCK):
+                offs = start + lane
+                z = tl.load(z_row + offs, mask=offs < V, other=float("-inf"))
+                top = tl.maximum(top, tl.max(z))
+                nans += tl.sum((z != z).to(tl.int32))
+            kth = tl.full((), float("-inf"), tl.float32)
+            finite = (nans == 0) & (top > float("-inf")) & (top < float("inf"))
         top64 = top.to(tl.float64)
-        finite = (top == top) & (tl.abs(top) < float("inf"))
         # 1. the top-k's total weight (its values are a prefix of the sorted row)
         total = tl.zeros((), tl.int64)
         start = 0
@@ -73,10 +86,10 @@ def load_draw_kernel():
         p = tl.load(TOP_P + r)
         mass = tl.where(p >= 1.0, float("inf"), p.to(tl.float64) * total.to(tl.float64))
         carry = tl.zeros((), tl.int64)
-        kept = tl.zeros((), tl.int64)
+        kept = total  # ORDERED False: every token
         end = V
         start = 0
-        go = finite
+        go = finite & ORDERED
         while go:
             offs = start + lane
             valid = offs < V
@@ -90,9 +103,13 @@ def load_draw_kernel():
             end = tl.minimum(end, first)
             start += BLOCK
             go = (first == V) & (start < V)
-        last = tl.maximum(end - 1, 0)
-        z_last = tl.load(s_row + last)  # the last token kept: its logit, and its id among its equals
-        id_last = tl.load(ORDER + r * V + last)
+        if ORDERED:
+            last = tl.maximum(end - 1, 0)
+            z_last = tl.load(s_row + last)  # the last token kept: its logit, and its id among its equals
+            id_last = tl.load(ORDER + r * V + last)
+        else:
+            z_last = tl.full((), float("-inf"), tl.float32)
+            id_last = V
         # 3. in id order, the first kept token whose cumulative weight passes u times the kept total
         target = tl.load(U + r) * kept.to(tl.float64)
         carry = tl.zeros((), tl.int64)
@@ -125,11 +142,13 @@ def for_engine(triton_kernels: bool):
 def launch(z: torch.Tensor, sz: torch.Tensor, order: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The drawn tokens of rows `z` [R, V] (float32, divided by their temperatures; `sz`, `order`: the
-    rows sorted, descending and stable), as `sample._draw` returns them: (taken, NONFINITE where a row
-    has nothing to draw from; fed, a real id always)."""
+    rows sorted, descending and stable, or None where no row has a top_k or top_p), as `sample._draw`
+    returns them: (taken, NONFINITE where a row has nothing to draw from; fed, a real id always)."""
     rows, v = z.shape
     taken = torch.empty(rows, dtype=torch.int64, device=z.device)
     fed = torch.empty_like(taken)
-    load_draw_kernel()[(rows,)](z, sz, order, top_k, top_p, u, taken, fed, v,
-                                SCALE=float(1 << weight_shift(v)), BLOCK=BLOCK, NONE=NONFINITE, num_warps=16)
+    ordered = sz is not None  # None: no row has a top_k or top_p, and nothing was sorted
+    load_draw_kernel()[(rows,)](z, sz if ordered else z, order if ordered else top_k, top_k, top_p, u, taken, fed,
+                                v, SCALE=float(1 << weight_shift(v)), BLOCK=BLOCK, NONE=NONFINITE,
+                                ORDERED=ordered, num_warps=16)
     return taken, fed

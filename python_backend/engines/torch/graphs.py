@@ -9,7 +9,7 @@ Three kinds, each in its own table:
   * `prefill`: a prefill padded to a bucket (`Layout.buckets`), keyed by it; None where the capture
     failed (that bucket then runs the same padded forward eagerly).
   * `draws`: the tokens of a step's sampled and penalised rows chosen from its logits
-    (`sample.draw_packed`), keyed (rows padded to a power of two, with penalties): one replay where
+    (`sample.draw_packed`), keyed (rows padded to a power of two, with penalties, sorted): one replay where
     the same ops launched one by one cost ~0.4 ms of host time a step (docs/benchmarks-gpu.md).
 A graph reads static device inputs: decode and mixed steps write theirs into one of two pinned
 staging buffers (taken in turn: with a step in flight, the copy out of the previous one may not
@@ -21,6 +21,7 @@ the engine, so dropping the engine frees its memory at once).
 
 from __future__ import annotations
 
+import collections
 import time
 import warnings
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .layout import IN_ROWS, MIX_PROMPTS, Layout
-from .sample import DRAW_IN, pack_draws
+from .sample import DRAW_IN, DRAW_KINDS, pack_draws
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -82,7 +83,8 @@ class StepGraphs:
         self.decode: dict = {}  # (batch, length bucket) -> (graph, (logits, ids))
         self.mixed: dict = {}  # (batch, length bucket, prompt key) -> (graph, (logits, ids))
         self.prefill: dict = {}  # prefill key -> (graph, input, logits), or None: it runs eagerly
-        self.draws: dict = {}  # (rows, penalties) -> (graph, (taken, fed)), or None: drawn eagerly
+        self.draws: dict = {}  # (rows, (penalties, ordered)) -> (graph, (taken, fed)), or None: drawn eagerly
+        self.draw_runs: collections.Counter = collections.Counter()  # replays of each
         self._pool = None  # decode and mixed graphs share one memory pool
         self._prefill_pool = None
         # graphs captured so far and the time it took (a capture on first use stalls every stream)
@@ -151,15 +153,16 @@ class StepGraphs:
         graph.replay()
         return logits, ids, self._mix_in[cols:2 * cols]
 
-    def run_draw(self, logits: torch.Tensor, draws, cols: np.ndarray, slots: np.ndarray, penalized: bool, draw_body):
+    def run_draw(self, logits: torch.Tensor, draws, cols: np.ndarray, slots: np.ndarray, kind: tuple, draw_body):
         """Choose the tokens of `draws` (rows `cols` of the step's device `logits`, of sequences in
-        `slots`) with the draw graph of their padded row count (captured at warm-up, else on first use):
-        `draw_body(z, inputs, penalized)` is `sample.draw_packed` over the engine's state. Returns
+        `slots`) with the draw graph of their padded row count and `kind` (penalties, ordered: some row
+        has a top_k or top_p) (captured at warm-up, else on first use): `draw_body(z, inputs, *kind)` is
+        `sample.draw_packed` over the engine's state. Returns
         the device (tokens as the host takes them, their columns of `logits`), or None where that
         graph could not be captured (the engine then draws eagerly)."""
         m = len(cols)
         r = next(s for s in self.draw_sizes if s >= m)
-        if self.draws.get((r, penalized), True) is None:
+        if self.draws.get((r, kind), True) is None:
             return None
         host = self._draw_host[self._draw_turn]
         self._draw_turn ^= 1
@@ -170,12 +173,13 @@ class StepGraphs:
                                        device=self.device)
         inp = self._draw_in[:, :r]
         torch.index_select(logits, 0, inp[0], out=self._draw_z[:r])
-        if (r, penalized) not in self.draws:
-            self.capture_draw(r, penalized, draw_body)
-            if self.draws[(r, penalized)] is None:
+        if (r, kind) not in self.draws:
+            self.capture_draw(r, kind, draw_body)
+            if self.draws[(r, kind)] is None:
                 return None
-        graph, (taken, _) = self.draws[(r, penalized)]
+        graph, (taken, _) = self.draws[(r, kind)]
         graph.replay()
+        self.draw_runs[(r, kind)] += 1
         return taken[:m], inp[0, :m]
 
     def run_prefill(self, key, prefill_body, layout: torch.Tensor) -> torch.Tensor:
@@ -221,33 +225,34 @@ class StepGraphs:
         self.captures["mixed"] += 1
         self.captures["mixed_s"] += time.perf_counter() - t0
 
-    def capture_draw(self, r: int, penalized: bool, draw_body):
-        """Capture the draw of `r` packed rows (with penalties or not) on the inputs staged now."""
+    def capture_draw(self, r: int, kind: tuple, draw_body):
+        """Capture the draw of `r` packed rows of `kind` (penalties, ordered) on the inputs staged now."""
         t0 = time.perf_counter()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         saved = self._last_ids.clone()
         z, inp = self._draw_z[:r], self._draw_in[:, :r]
         try:
-            self.draws[(r, penalized)] = record(lambda: draw_body(z, inp, penalized), self._pool, self.device)
+            self.draws[(r, kind)] = record(lambda: draw_body(z, inp, *kind), self._pool, self.device)
         except Exception as exc:  # noqa: BLE001 - e.g. a sort that will not be captured: drawn eagerly
             warnings.warn(f"TorchEngine: draw graph of {r} rows not captured ({exc}); those steps draw eagerly")
             torch.cuda.synchronize(self.device)
-            self.draws[(r, penalized)] = None
+            self.draws[(r, kind)] = None
         self._last_ids.copy_(saved)
         self.captures["draw"] += 1
         self.captures["draw_s"] += time.perf_counter() - t0
 
     def capture_draws(self, draw_body, vocab: int, dtype: torch.dtype) -> None:
-        """Warm-up: capture the draw graphs of every row count, with and without penalties (on padding
-        rows: logits row 0, slot 0, greedy), so that no capture stalls the steps while serving."""
+        """Warm-up: capture the draw graphs of every row count and kind (with and without penalties, with
+        and without a sort; on padding rows: logits row 0, slot 0, greedy), so that no capture stalls the
+        steps while serving."""
         if self._draw_z is None:
             self._draw_z = torch.zeros((self._draw_in.shape[1], vocab), dtype=dtype, device=self.device)
         self._draw_in.zero_()
         for r in self.draw_sizes:
-            for penalized in (False, True):
-                if (r, penalized) not in self.draws:
-                    self.capture_draw(r, penalized, draw_body)
+            for kind in DRAW_KINDS:
+                if (r, kind) not in self.draws:
+                    self.capture_draw(r, kind, draw_body)
 
     def capture_prefill(self, key, prefill_body) -> None:
         """Capture the prefill graph of bucket `key` into `prefill` (None: it runs eagerly)."""

@@ -129,6 +129,7 @@ class DrawInputs:
         self.sampled = None if m == n else t[1, :m].long()
         self.temperature, self.top_k, self.top_p, self.u = t[2, :m].float(), t[3, :m].long(), t[4, :m].float(), t[5, :m]
         self.penalized = pen is not None
+        self.ordered = draws.ordered
         if self.penalized:  # kinds: some row has a repetition, presence, frequency penalty
             self.kinds = (bool((pen[0] != 1).any()), bool(pen[1].any()), bool(pen[2].any()))
             self.slots, self.repetition, self.presence, self.frequency = t[6].long(), t[7].float(), t[8], t[9]
@@ -146,42 +147,57 @@ def draw(logits: torch.Tensor, d: DrawInputs, counts: TokenCounts | None = None,
     if d.penalized:
         z = counts.penalize(z, d.slots, d.repetition, d.presence, d.frequency, d.kinds)
     if d.sampled is None:
-        return _draw(z, d.temperature, d.top_k, d.top_p, d.u, kernel)
+        return _draw(z, d.temperature, d.top_k, d.top_p, d.u, kernel, d.ordered)
     best = z.argmax(dim=1)
     ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
     taken, fed = torch.where(ok, best, NONFINITE), best
     if d.m:
-        t, f = _draw(z.index_select(0, d.sampled), d.temperature, d.top_k, d.top_p, d.u, kernel)
+        t, f = _draw(z.index_select(0, d.sampled), d.temperature, d.top_k, d.top_p, d.u, kernel, d.ordered)
         taken, fed = taken.index_copy(0, d.sampled, t), fed.index_copy(0, d.sampled, f)
     return taken, fed
 
 
-def _draw(z: torch.Tensor, temperature, top_k, top_p, u, kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(z: torch.Tensor, temperature, top_k, top_p, u, kernel=None,
+          ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`draw` of rows at temperature > 0 (float32 logits `z`, penalised), as `draw` returns it; after
-    the sort, `kernel` (draw_kernel.launch: one Triton launch) where given, else torch ops."""
+    the sort, `kernel` (draw_kernel.launch: one Triton launch) where given, else torch ops. `ordered`
+    False: no row has a top_k or top_p (`Draws.ordered`), so nothing is sorted."""
     z = z / temperature[:, None]
     v = z.shape[1]
-    sz, order = torch.sort(z, dim=1, descending=True, stable=True)
+    sz, order = torch.sort(z, dim=1, descending=True, stable=True) if ordered else (None, None)
     if kernel is not None:
         return kernel(z, sz, order, top_k, top_p, u)
-    # top_k: every logit below the k-th largest weighs 0 (its ties stay in, as on the host)
-    k = torch.where(top_k > 0, top_k, v).clamp(max=v)
-    kth = sz.gather(1, (k - 1)[:, None])
-    top = sz[:, :1]
-    w = (torch.nan_to_num(torch.exp(sz.double() - top.double())) * float(1 << weight_shift(v))).long()
-    w = torch.where(sz >= kth, w, 0)
-    # top_p: in descending order, the tokens while the weight before them is under top_p times the total
-    total = w.sum(dim=1, keepdim=True)
-    mass = torch.where(top_p[:, None] >= 1.0, float("inf"), top_p[:, None].double() * total.double())
-    w = torch.where((w.cumsum(dim=1) - w).double() < mass, w, 0)
-    # back in id order, where the host passes u along the cumulative weight (exact as float64: < 2**53)
-    by_id = torch.zeros_like(w).scatter_(1, order, w)
+    if ordered:
+        # top_k: every logit below the k-th largest weighs 0 (its ties stay in, as on the host)
+        k = torch.where(top_k > 0, top_k, v).clamp(max=v)
+        kth = sz.gather(1, (k - 1)[:, None])
+        top = sz[:, :1]
+        w = torch.where(sz >= kth, _weights(sz, top), 0)
+        # top_p: in descending order, the tokens while the weight before them is under top_p times the total
+        total = w.sum(dim=1, keepdim=True)
+        mass = torch.where(top_p[:, None] >= 1.0, float("inf"), top_p[:, None].double() * total.double())
+        w = torch.where((w.cumsum(dim=1) - w).double() < mass, w, 0)
+        by_id = torch.zeros_like(w).scatter_(1, order, w)  # back in id order
+    else:
+        top = z.max(dim=1, keepdim=True).values  # a NaN anywhere: NaN (not finite), as on the host
+        by_id = _weights(z, top)
+    # in id order the host passes u along the cumulative weight (exact as float64: < 2**53)
     cdf = by_id.cumsum(dim=1)
     kept = cdf[:, -1]
     tokens = torch.searchsorted(cdf.double(), (u * kept.double())[:, None], right=True)[:, 0].clamp(max=v - 1)
     ok = torch.isfinite(top[:, 0]) & (kept > 0)
     return torch.where(ok, tokens, NONFINITE), torch.where(ok, tokens, 0)
 
+
+def _weights(z: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """`engines.base.weights` of float32 logits `z` [R, V] below their rows' `top` [R, 1] (int64; 0 where
+    the top is not finite)."""
+    e = torch.nan_to_num(torch.exp(z.double() - top.double()))
+    return (e * float(1 << weight_shift(z.shape[1]))).long()
+
+
+#: the draw graphs' kinds: (penalties, ordered: some row has a top_k or top_p, so the rows are sorted)
+DRAW_KINDS = ((False, False), (False, True), (True, False), (True, True))
 
 #: rows of a step's packed draw inputs (`pack_draws`), int64: each drawn row's logits row and slot,
 #: then (as float64 bits) temperature, top_k, top_p, u, repetition, presence, frequency
@@ -203,7 +219,7 @@ def pack_draws(a: np.ndarray, draws: Draws, cols: np.ndarray, slots: np.ndarray,
 
 
 def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, last_ids: torch.Tensor,
-                kernel=None):
+                kernel=None, ordered: bool = True):
     """`draw` without a branch on the rows' values, for a CUDA graph (engines/torch/graphs.py): the
     logits rows `z` [R, vocab] of the packed inputs `inp` [DRAW_IN, R] (`pack_draws`); penalties
     where `counts` is given. Every row goes through the draw and the argmax, and each keeps the one
@@ -217,7 +233,7 @@ def draw_packed(z: torch.Tensor, inp: torch.Tensor, counts: TokenCounts | None, 
     best = z.argmax(dim=1)
     ok = torch.isfinite(z.gather(1, best[:, None])[:, 0])
     greedy = temperature == 0
-    t, f = _draw(z, torch.where(greedy, 1.0, temperature), p[1].long(), p[2].float(), p[3], kernel)
+    t, f = _draw(z, torch.where(greedy, 1.0, temperature), p[1].long(), p[2].float(), p[3], kernel, ordered)
     taken = torch.where(greedy, torch.where(ok, best, NONFINITE), t)
     fed = torch.where(greedy, best, f)
     last_ids.index_copy_(0, slots, fed)
@@ -232,7 +248,8 @@ def choose_drawn(logits: torch.Tensor, ids: torch.Tensor, draws: Draws, cols: np
     the slots' `last_ids`. With `graphs` (graphs.StepGraphs, CUDA graphs on) one replay of a draw
     graph; without, or where that graph could not be captured, `draw` op by op. `kernel`: the draw
     after its sort in one launch (draw_kernel.launch), where the engine runs Triton kernels."""
-    got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, draws.penalties is not None,
+    kind = (draws.penalties is not None, draws.ordered)
+    got = None if graphs is None else graphs.run_draw(logits, draws, cols, slots, kind,
                                                       packed_body(counts, last_ids, kernel))
     if got is None:
         d = DrawInputs(draws, cols, logits.device, slots)
@@ -244,6 +261,6 @@ def choose_drawn(logits: torch.Tensor, ids: torch.Tensor, draws: Draws, cols: np
 
 def packed_body(counts: TokenCounts, last_ids: torch.Tensor, kernel=None):
     """The draw graphs' body (graphs.StepGraphs): `draw_packed` over these counts and last ids."""
-    def body(z, inp, penalized):
-        return draw_packed(z, inp, counts if penalized else None, last_ids, kernel)
+    def body(z, inp, penalized: bool, ordered: bool):
+        return draw_packed(z, inp, counts if penalized else None, last_ids, kernel, ordered)
     return body

@@ -18,6 +18,8 @@ stays torch's (stable: ties keep the lower id first).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..base import NONFINITE, weight_shift
@@ -83,27 +85,27 @@ def load_draw_kernel():
             start += BLOCK
             go = (start < V) & (tl.sum(tl.where(inside, 0, 1)) == 0)  # on while the whole block was in
         # 2. the tokens kept: the sorted prefix before the first out (top_p at 1: none out by weight)
-        p = tl.load(TOP_P + r)
-        mass = tl.where(p >= 1.0, float("inf"), p.to(tl.float64) * total.to(tl.float64))
-        carry = tl.zeros((), tl.int64)
         kept = total  # ORDERED False: every token
-        end = V
-        start = 0
-        go = finite & ORDERED
-        while go:
-            offs = start + lane
-            valid = offs < V
-            s = tl.load(s_row + offs, mask=valid, other=float("-inf"))
-            w = tl.where(s >= kth, _weigh(s, top64, SCALE), 0)
-            cum = carry + tl.cumsum(w, 0)
-            out = valid & ((s < kth) | ((cum - w).to(tl.float64) >= mass))
-            first = tl.min(tl.where(out, offs, V))
-            kept = carry + tl.sum(tl.where(offs < first, w, 0))
-            carry += tl.sum(w)
-            end = tl.minimum(end, first)
-            start += BLOCK
-            go = (first == V) & (start < V)
         if ORDERED:
+            p = tl.load(TOP_P + r)
+            mass = tl.where(p >= 1.0, float("inf"), p.to(tl.float64) * total.to(tl.float64))
+            carry = tl.zeros((), tl.int64)
+            end = V
+            start = 0
+            go = finite
+            while go:
+                offs = start + lane
+                valid = offs < V
+                s = tl.load(s_row + offs, mask=valid, other=float("-inf"))
+                w = tl.where(s >= kth, _weigh(s, top64, SCALE), 0)
+                cum = carry + tl.cumsum(w, 0)
+                out = valid & ((s < kth) | ((cum - w).to(tl.float64) >= mass))
+                first = tl.min(tl.where(out, offs, V))
+                kept = carry + tl.sum(tl.where(offs < first, w, 0))
+                carry += tl.sum(w)
+                end = tl.minimum(end, first)
+                start += BLOCK
+                go = (first == V) & (start < V)
             last = tl.maximum(end - 1, 0)
             z_last = tl.load(s_row + last)  # the last token kept: its logit, and its id among its equals
             id_last = tl.load(ORDER + r * V + last)
@@ -134,9 +136,24 @@ def load_draw_kernel():
     return _KERNEL
 
 
-def for_engine(triton_kernels: bool):
-    """`launch` where an engine runs its Triton kernels (and Triton imports), else None (torch ops)."""
-    return launch if triton_kernels and load_draw_kernel() is not None else None
+def for_engine(triton_kernels: bool, device: torch.device | None = None):
+    """`launch` where an engine runs its Triton kernels (and Triton imports), else None (torch ops). On
+    a GPU both forms compile now, on two rows of eight ids: one that will not compile (a Triton that
+    cannot, seen with one form on Triton 3.6 before it was rewritten) leaves the draw to the torch ops,
+    with a warning, instead of failing a serving step."""
+    if not triton_kernels or load_draw_kernel() is None:
+        return None
+    if device is not None and device.type == "cuda":
+        try:
+            z = torch.zeros((2, 8), device=device)
+            args = (torch.zeros(2, dtype=torch.int64, device=device), torch.ones(2, device=device),
+                    torch.zeros(2, dtype=torch.float64, device=device))
+            launch(z, z, torch.zeros((2, 8), dtype=torch.int64, device=device), *args)
+            launch(z, None, None, *args)
+        except Exception as exc:  # noqa: BLE001 - the torch ops draw the same tokens
+            warnings.warn(f"TorchEngine: the draw kernel did not compile ({exc}); the torch ops draw")
+            return None
+    return launch
 
 
 def launch(z: torch.Tensor, sz: torch.Tensor, order: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -374,3 +374,21 @@ def test_the_draw_graphs_on_a_cpu_stand_in(tmp_path, monkeypatch, capture):
     if capture == "works":
         assert standin.graphs.captures["draw"] == warm  # nothing captured while serving
     assert got[1] != run_jobs((eager, tok), [(p, n, s) for p, n, s, *_ in jobs])[1][1]  # the penalties bit
+
+
+def test_a_draw_kernel_that_will_not_run_leaves_the_draw_to_the_torch_ops(monkeypatch):
+    """The engine runs both forms of the draw kernel once when it starts on a GPU; one that raises (a
+    Triton that cannot compile it) gives no kernel, with a warning, and the torch ops draw."""
+    pytest.importorskip("triton")
+    from tritonchat.python_backend.engines.torch import draw_kernel
+
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(draw_kernel, "launch", broken)
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **k: torch.empty(0))  # no GPU here: any tensor
+    monkeypatch.setattr(torch, "ones", lambda *a, device=None, **k: torch.empty(0))
+    with pytest.warns(UserWarning, match="draw kernel did not compile"):
+        assert draw_kernel.for_engine(True, torch.device("cuda")) is None
+    assert draw_kernel.for_engine(True, torch.device("cpu")) is broken  # not tried off a GPU
+    assert draw_kernel.for_engine(False, torch.device("cuda")) is None

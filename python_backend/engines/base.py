@@ -133,21 +133,29 @@ def draw_token(row: np.ndarray, temperature: float, top_k: int, top_p: float, u:
     top = row.max()
     if not np.isfinite(top):  # every logit -inf (all banned), or one overflowed or NaN: nothing to draw from
         raise ValueError("no token can be drawn from these logits")
-    w = weights(row, top, v)
+    ids = None  # every id
     if 0 < top_k < v:  # ties with the k-th stay in, as transformers' top-k keeps them
-        w[row < np.partition(row, v - top_k)[v - top_k]] = 0
+        ids = np.flatnonzero(row >= np.partition(row, v - top_k)[v - top_k])
+        row = row[ids]
+    w = weights(row, top, v)  # the scale is the whole vocabulary's, whatever is kept
     if top_p < 1.0:  # the tokens out weigh 0 and keep their place in id order
         w[~_nucleus(w, np.float64(np.float32(top_p)) * float(w.sum()), row)] = 0
-    return _pass(w, u)
+    j = _pass(w, u)
+    return j if ids is None else int(ids[j])
 
 
-def _pass(w: np.ndarray, u: float) -> int:
+def _pass(w: np.ndarray, u: float, block: int = 256) -> int:
     """The first index where the cumulative sum of the weights `w` passes `u` times their total (there
-    is one: u < 1, and a float64 product of a positive total by a u < 1 rounds below the total)."""
-    cum = np.cumsum(w)
-    if not cum[-1]:  # a top_p that float32 rounds to 0 keeps nothing
+    is one: u < 1, and a float64 product of a positive total by a u < 1 rounds below the total): the
+    blocks' sums first, then the cumulative sum inside one block (integers: exact either way; a whole
+    row's cumulative sum took as long as the rest of a draw)."""
+    ends = np.cumsum(np.add.reduceat(w, np.arange(0, len(w), block)))
+    if not ends[-1]:  # a top_p that float32 rounds to 0 keeps nothing
         raise ValueError("no token can be drawn from these logits")
-    return int(np.searchsorted(cum, u * float(cum[-1]), side="right"))  # cum < 2**53: exact as float64
+    target = u * float(ends[-1])  # sums < 2**53: exact as float64
+    b = int(np.searchsorted(ends, target, side="right"))
+    inside = (ends[b - 1] if b else 0) + np.cumsum(w[b * block:(b + 1) * block])
+    return b * block + int(np.searchsorted(inside, target, side="right"))
 
 
 def _nucleus(w: np.ndarray, mass: float, z: np.ndarray) -> np.ndarray:

@@ -136,19 +136,20 @@ def load_draw_kernel():
     return _KERNEL
 
 
-def for_engine(triton_kernels: bool, device: torch.device | None = None):
+def for_engine(triton_kernels: bool, device: torch.device | None = None, vocab: int = 8):
     """`launch` where an engine runs its Triton kernels (and Triton imports), else None (torch ops). On
-    a GPU both forms compile now, on two rows of eight ids: one that will not compile (a Triton that
-    cannot, seen with one form on Triton 3.6 before it was rewritten) leaves the draw to the torch ops,
-    with a warning, instead of failing a serving step."""
+    a GPU both forms compile now, on two rows of the engine's `vocab` (the vocabulary size and the
+    scale it gives are what the compiled kernel is specialised for, so serving finds these compiled):
+    one that will not compile (a Triton that cannot, seen with one form on Triton 3.6 before it was
+    rewritten) leaves the draw to the torch ops, with a warning, instead of failing a serving step."""
     if not triton_kernels or load_draw_kernel() is None:
         return None
     if device is not None and device.type == "cuda":
         try:
-            z = torch.zeros((2, 8), device=device)
+            z = torch.zeros((2, vocab), device=device)
             args = (torch.zeros(2, dtype=torch.int64, device=device), torch.ones(2, device=device),
                     torch.zeros(2, dtype=torch.float64, device=device))
-            launch(z, z, torch.zeros((2, 8), dtype=torch.int64, device=device), *args)
+            launch(z, z, torch.zeros((2, vocab), dtype=torch.int64, device=device), *args)
             launch(z, None, None, *args)
         except Exception as exc:  # noqa: BLE001 - the torch ops draw the same tokens
             warnings.warn(f"TorchEngine: the draw kernel did not compile ({exc}); the torch ops draw")

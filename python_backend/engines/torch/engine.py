@@ -150,7 +150,7 @@ class TorchEngine(Engine):
             raise RuntimeError("kernels='triton' but Triton does not import")
         use_triton = tk is not None and (kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"))
         self.kernels = "triton" if use_triton else "torch"
-        self._draw_kernel = draw_kernel_for(use_triton, self.device)
+        self._draw_kernel = draw_kernel_for(use_triton, self.device, self.vocab_size)
         if attention == "auto":
             attention = "triton" if tk is not None and self.device.type == "cuda" else "sdpa"
         if attention == "triton" and tk is None:

@@ -4,13 +4,15 @@ with sampled rows needs no logits on the host and can chain and carry prompts li
 
 Each row's randomness is the one uniform number its request's generator gave for this token
 (`Draws.u`, drawn on the host in the request's own order): the same seed gives the same answer
-whichever batch the request shares, and wherever its tokens are drawn (host or device), up to the
-rounding of the probabilities' sums.
+whichever batch the request shares, and wherever its tokens are drawn (host or device): the tokens'
+weights are integers (`engines.base.weights`), whose sums are exact in any order.
 
-Cost: one sort of the drawn rows' logits (stable, so that ties keep the lower id first, as the host's
-stable order does), a float64 softmax, two scans and a dozen elementwise passes, after the step's
-graph on the same stream: with CUDA graphs as one replay (`draw_packed`, graphs.StepGraphs.run_draw),
-else op by op (`draw`); figures in docs/benchmarks-gpu.md (twenty-ninth session).
+Cost: where some row has a top_k or top_p, one sort of the drawn rows' logits (stable, so that ties
+keep the lower id first, as the host's order does); then the Triton kernel of draw_kernel.py (CUDA
+with the engine's Triton kernels), else a scan, a scatter and a dozen elementwise passes; after the
+step's graph on the same stream: with CUDA graphs as one replay (`draw_packed`,
+graphs.StepGraphs.run_draw), else op by op (`draw`); figures in docs/benchmarks-gpu.md (twenty-ninth
+and thirtieth sessions).
 
 Penalties (`engines.base.penalize`, the host's definition) read each sequence's token counts, which
 live here on the device (`TokenCounts`), so that a chained step, whose input tokens the host has

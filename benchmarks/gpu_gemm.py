@@ -81,11 +81,13 @@ def main() -> None:
     ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--formats", default="fp8,int8", help="fp8, int8, and dtype: the 8-bit kernel over the "
-                    "bf16 weights themselves")
+                    "bf16 weights themselves (empty: the bf16 products alone)")
     ap.add_argument("--pdl", action="store_true", help="8-bit configurations also with programmatic dependent "
                     "launch (each of the 22 starts while the one before ends)")
     ap.add_argument("--tma", action="store_true", help="from 16 rows also the kernel's TMA form (`dot-tma`; "
                     "over the bf16 weights too, against cuBLAS)")
+    ap.add_argument("--blas", default="cublas", help="comma list of torch's BLAS libraries to time the bf16 "
+                    "products on (cublas, cublaslt: torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--a8-kernel", action="store_true", help="FP8 W8A8 also on the kernel's FP8 form (`dot-a8`: "
                     "the rounded rows by the FP8 weights, every candidate)")
     args = ap.parse_args()
@@ -103,13 +105,17 @@ def main() -> None:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
         for m in [int(v) for v in args.m.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ms = graph_ms(lambda: [F.linear(x, w) for w in ws])
-            err = rel_err(F.linear(x, ws[0]), x.float() @ ws[0].float().t())
-            total.setdefault((m, "bf16"), 0.0)
-            total[(m, "bf16")] += ms
-            print(f"| {name} | {m} | bf16 cuBLAS | {ms:.3f} | {layers * n * k * 2 / ms / 1e6:.0f} | | {err:.1e} |",
-                  flush=True)
-            for fmt in args.formats.split(","):
+            for i, lib in enumerate(args.blas.split(",")):
+                torch.backends.cuda.preferred_blas_library(lib)
+                ms = graph_ms(lambda: [F.linear(x, w) for w in ws])
+                err = rel_err(F.linear(x, ws[0]), x.float() @ ws[0].float().t())
+                label = "bf16" if i == 0 else f"bf16 {lib}"
+                total.setdefault((m, label), 0.0)
+                total[(m, label)] += ms
+                print(f"| {name} | {m} | bf16 {lib} | {ms:.3f} | {layers * n * k * 2 / ms / 1e6:.0f} | | {err:.1e} |",
+                      flush=True)
+            torch.backends.cuda.preferred_blas_library(args.blas.split(",")[0])
+            for fmt in filter(None, args.formats.split(",")):
                 qs = [DenseWeight(w) if fmt == "dtype" else QuantWeight(w, fmt, torch.bfloat16) for w in ws]
                 nbytes = layers * n * k * qs[0].q.element_size()
                 ref = x.float() @ qs[0].widened().float().t()

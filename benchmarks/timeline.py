@@ -19,8 +19,8 @@ from pathlib import Path
 
 # a first token's way; `send_end` (the generator's send returned: the server process took the response)
 # is reported beside it, since the entry may have the response before the send returns
-ORDER = ["entry_start", "prompt_ready", "gen_execute", "gen_submitted", "posted", "send_start", "entry_got",
-         "entry_sent"]
+ORDER = ["entry_start", "prompt_ready", "gen_execute", "gen_submitted", "admitted", "computed", "posted",
+         "send_start", "entry_got", "entry_sent"]
 
 
 def load(folder: Path) -> dict[str, dict[str, float]]:

@@ -73,7 +73,18 @@ VARIANTS = {
     "triton+graphs longspan": ("triton", "triton", True, 256, {"short_span": False}),
     "triton+graphs fp8 longspan": ("triton", "triton", True, 256, {"weights": "fp8", "short_span": False}),
     "triton+graphs fp8 tma": ("triton", "triton", True, 256, {"weights": "fp8", "tma_kernel": True, "a8_kernel": True}),
+    # the dense products (bf16 cuBLAS ones, the 8-bit ones' widened weights above MAX_SKINNY_M rows) through
+    # cuBLASLt instead of cuBLAS (torch's preferred BLAS library, set while the variant's graphs are captured)
+    "triton+graphs cublaslt": ("triton", "triton", True, 256, {"blas": "cublaslt"}),
+    "triton+graphs fp8 cublaslt": ("triton", "triton", True, 256, {"weights": "fp8", "blas": "cublaslt"}),
 }
+
+
+def use_blas(variant: str) -> None:
+    """torch's preferred BLAS library for `variant` (cuBLAS unless it names another): a process-wide
+    setting, read when a product is launched, so a graph keeps the library it was captured with."""
+    _, _, _, _, *extra = VARIANTS[variant]
+    torch.backends.cuda.preferred_blas_library((extra[0] if extra else {}).get("blas", "cublas"))
 
 
 def copy_bandwidth() -> float:
@@ -90,6 +101,8 @@ def make_engine(model, variant, **kw):
     args = dict(model=model, max_slots=MAX_SLOTS, max_seq_len=MAX_SEQ, device="cuda", dtype="bfloat16",
                 cuda_graphs=graphs, kernels=kernels, attention=attention, length_bucket=bucket)
     opts = {**(extra[0] if extra else {}), **kw}
+    opts.pop("blas", None)
+    use_blas(variant)
     fuse = {name: opts.pop(name, True) for name in ("fuse_fp8", "dense_kernel")}
     forms = {name: opts.pop(name, name == "a16_kernel") for name in ("a8_kernel", "tma_kernel", "a16_kernel")}
     short_span = opts.pop("short_span", True)
@@ -257,6 +270,7 @@ def time_round(ex, variant, res, long_ctx=False):
     """One round of the variant's timings; over several rounds (`--rounds`) each figure keeps its
     smallest value, and the step's per-round values are kept too."""
     out = res["timings"][variant]
+    use_blas(variant)  # graphs captured in this round (each batch's first step) take the variant's library
     rng = np.random.default_rng(1)
     # prefill 128 tokens (eager for every variant): slot 0 gets the same context again
     prompt = bench_prompt()

@@ -10,6 +10,10 @@ first token. The marks, in a first token's order:
     prompt_ready   its prompt is token ids (checked, templated, tokenized)
     gen_execute    the generator's `execute` has the request
     gen_submitted  it is in the scheduler's waiting line
+    admitted       the scheduler took it from the line into a slot (for a prefill of its own, or to
+                   ride in the next decode step)
+    computed       the scheduler has its first token's id (the prefill returned, or the decode step
+                   that carried its prompt was taken)
     posted         the scheduler gave the courier the stream's first output
     send_start     a courier or first-token sender starts sending it (request id `?` where unknown)
     send_end       the send returned (the server process took the response; the entry may

@@ -90,7 +90,7 @@ def test_a_longer_prefix_in_another_slot_is_copied():
     assert cache.take(free, np.concatenate([system, [7, 8]])) == (1, len(system) - USEFUL + 1, None)
 
 
-def _scan_every_slot(held: dict, free_slots: list, prompt: np.ndarray, min_new: int, copy: bool = True):
+def _scan_every_slot(held: dict, free_slots: list, prompt: np.ndarray, min_new: int):
     """The choice as PrefixCache made it before its index: every slot compared with the prompt."""
     cap = len(prompt) - min_new
     found = [common_prefix(held.get(s), prompt, cap) for s in free_slots]
@@ -99,7 +99,7 @@ def _scan_every_slot(held: dict, free_slots: list, prompt: np.ndarray, min_new: 
         best = 0
     slot, reused = free_slots[best], found[best]
     source, longest = None, reused + USEFUL - 1
-    for other, ids in held.items() if copy else ():
+    for other, ids in held.items():
         n = common_prefix(ids, prompt, cap) if other != slot else 0
         if n > longest:
             source, longest = other, n
@@ -123,11 +123,10 @@ def test_the_indexed_choice_is_the_choice_of_a_scan_of_every_slot():
         cache.held = {s: ids() for s in rng.permutation(12)[:rng.integers(0, 12)]}
         for _ in range(4):  # the index follows the held prefixes as prompts are taken and prefilled
             free = [int(s) for s in rng.permutation(12)[:rng.integers(1, 9)]]
-            prompt, copy = ids(), bool(rng.integers(2))
-            best, *want = _scan_every_slot(dict(cache.held), free, prompt, cache.min_new, copy)
+            prompt = ids()
+            best, *want = _scan_every_slot(dict(cache.held), free, prompt, cache.min_new)
             want_slot = free[best]
-            assert cache.peek(free, prompt, copy) == want[0]
-            slot, reused, source = cache.take(free, prompt, copy)
+            slot, reused, source = cache.take(free, prompt)
             assert (slot, reused, source) == (want_slot, *want) and want_slot not in free
             checked += 1
             copies += source is not None
@@ -289,55 +288,6 @@ def test_a_turn_carried_inside_a_decode_step_reuses_the_previous_prompt():
         sched.shutdown()
     assert ex.reused[0][0] == ex.reused[-1][0] and ex.reused[-1][1] == len(turn1), ex.reused
     assert sched.stats.reused_tokens == len(turn1)
-
-
-def test_a_turn_longer_than_a_steps_budget_rides_in_a_step_when_its_history_is_cached():
-    """A step's prompt budget (`mix_tokens`) counts the tokens a prompt's prefill computes, not its
-    length: a later turn longer than the budget whose history its slot holds rides inside a decode
-    step (no prefill of its own stopping the other stream); its answer is unchanged."""
-    rng = np.random.default_rng(12)
-    ex = FakeEngine(max_slots=3, can_chain=True, can_mix=True, mix_tokens=16, can_reuse=True, step_s=0.002)
-    sched = _scheduler(ex)
-    turn1 = _ids(rng, 20)
-    try:
-        answer = _answer(sched, turn1)  # nothing running: a prefill of its own
-        outs, done = _ask(sched, _ids(rng, 8), 200, stream=True)  # keeps a decode step running
-        while not outs:
-            done.wait(0.01)
-        before = len(ex.calls)
-        turn2 = turn1 + answer[0] + _ids(rng, 3)  # 35 tokens, 15 to compute
-        assert len(turn2) > 16 and _answer(sched, turn2) == ex.reference(turn2, 12)
-        assert done.wait(30) and outs[-1].error is None
-    finally:
-        sched.shutdown()
-    assert ("prefill", 1) not in ex.calls[before:] and sched.stats.mixed_steps >= 1, ex.calls[before:]
-    assert ex.reused[-1][1] == len(turn1)
-
-
-def test_a_failed_copy_for_a_step_puts_the_request_back_and_nothing_fails():
-    """A prompt that fits a step's budget only with a copied prefix, whose copy fails, goes back to the
-    head of the line and gets a prefill of its own, whole; the stream decoding meanwhile is not failed
-    by a step carrying more than its budget."""
-    rng = np.random.default_rng(13)
-    ex = FakeEngine(max_slots=3, can_chain=True, can_mix=True, mix_tokens=16, can_reuse=True, step_s=0.002)
-
-    def broken(src, dst, n):
-        raise RuntimeError("copy failed")
-
-    ex.copy_prefix = broken
-    sched = _scheduler(ex)
-    system = _ids(rng, 24)
-    try:
-        outs, done = _ask(sched, system + [3] * 6, 60, stream=True)  # decodes; holds the system prompt
-        while not outs:
-            done.wait(0.01)
-        late = system + [4] * 7  # 7 tokens to compute with the copy, 31 without
-        assert _answer(sched, late) == ex.reference(late, 12)
-        assert done.wait(30) and outs[-1].error is None
-    finally:
-        sched.shutdown()
-    assert ex.reused[-1][1] == 0 and sched.stats.copied_tokens == 0
-    assert sched.stats.mixed_steps == 0 and sched.stats.prefill_calls == 2
 
 
 def test_cached_prompts_admitted_together_run_one_at_a_time_shortest_first():

@@ -50,10 +50,6 @@ class PrefixCache:
         # matter to a prompt, so placing one compares it with them alone (all 128 slots of a server
         # took ~0.45 ms a prompt; with random prompts now ~0.02)
         self._by_start: dict[bytes, set[int]] = {}
-        # the last choice made, (prompt, state, result): the scheduler asks for a prompt's cost (`peek`)
-        # and then places it (`take`) with nothing changed between; holding the prompt keeps its id unique
-        self._version = 0
-        self._last: tuple | None = None
 
     @property
     def held(self) -> dict[int, np.ndarray]:
@@ -63,24 +59,18 @@ class PrefixCache:
     @held.setter
     def held(self, value: dict) -> None:
         self._held, self._by_start = {}, {}
-        self._version += 1
         for slot, ids in value.items():
             self._hold(slot, ids)
 
-    def take(self, free_slots: list[int], prompt: np.ndarray, copy: bool = True) -> tuple[int, int, int | None]:
+    def take(self, free_slots: list[int], prompt: np.ndarray) -> tuple[int, int, int | None]:
         """Remove the slot for `prompt` from `free_slots` (least recently freed first); return
         (slot, prompt tokens whose KV it will hold before the prefill, the slot to copy them from
-        or None; never one where not `copy`)."""
+        or None)."""
         prompt = np.asarray(prompt, dtype=np.int64)
-        best, reused, source = self._choose(free_slots, prompt, copy)
+        best, reused, source = self._choose(free_slots, prompt)
         slot = free_slots.pop(best)
         self._hold(slot, prompt[:reused])
         return slot, reused, source
-
-    def peek(self, free_slots: list[int], prompt: np.ndarray, copy: bool = True) -> int:
-        """The prompt tokens whose KV `take(free_slots, prompt, copy)` would give it now (nothing
-        changes): what its prefill would not compute."""
-        return self._choose(free_slots, np.asarray(prompt, dtype=np.int64), copy)[1]
 
     def prefilled(self, slot: int, prompt: np.ndarray) -> None:
         """`slot` now holds the KV of all of `prompt` (its prefill ran)."""
@@ -88,18 +78,14 @@ class PrefixCache:
 
     def forget(self, slot: int) -> None:
         """`slot`'s KV cannot be trusted (its prefill or a step failed)."""
-        self._version += 1
         old = self._held.pop(slot, None)
         if old is not None:
             self._unindex(slot, old)
 
-    def _choose(self, free_slots: list[int], prompt: np.ndarray, copy: bool = True) -> tuple[int, int, int | None]:
+    def _choose(self, free_slots: list[int], prompt: np.ndarray) -> tuple[int, int, int | None]:
         """(index in `free_slots` of the slot for `prompt`, tokens reused, the slot to copy from or None).
         Only slots whose prefix starts with the prompt's first USEFUL ids can hold USEFUL tokens of it
         or more; where none of the free ones does, the least recently freed is taken with what it holds."""
-        state = (copy, self._version, tuple(free_slots))
-        if self._last is not None and self._last[0] is prompt and self._last[1] == state:
-            return self._last[2]
         cap = len(prompt) - self.min_new
         near = self._by_start.get(prompt[:USEFUL].tobytes(), ()) if cap >= USEFUL else ()
         found = {s: common_prefix(self._held[s], prompt, cap) for s in near}
@@ -111,16 +97,13 @@ class PrefixCache:
             best, reused = 0, common_prefix(self._held.get(free_slots[0]), prompt, cap)
         slot = free_slots[best]
         source, longest = None, reused + USEFUL - 1
-        for other in self._held if copy else ():  # in the order slots were first filled: one source among equals
+        for other in self._held:  # in the order slots were first filled: one source among equals
             n = found.get(other, 0) if other != slot else 0
             if n > longest:
                 source, longest = other, n
-        result = best, (longest if source is not None else reused), source
-        self._last = prompt, state, result
-        return result
+        return best, (longest if source is not None else reused), source
 
     def _hold(self, slot: int, ids) -> None:
-        self._version += 1
         ids = np.asarray(ids, dtype=np.int64)
         old = self._held.get(slot)
         if old is not None:

@@ -279,6 +279,7 @@ class Scheduler:
         batch = self._pop_waiting(len(self.free_slots), self.prefill_token_budget, lambda seq: True, first_always=True)
         if not batch:
             return 0
+        self._place(batch)
         admitted = len(batch)
         if self.prefill_chunk:
             whole = []
@@ -408,46 +409,24 @@ class Scheduler:
 
     def _pop_waiting(self, cap: int, budget: int, fits: Callable[[Sequence], bool],
                      first_always: bool = False) -> list[Sequence]:
-        """Up to `cap` requests from the head of the waiting line, each placed (`_place`) as it is taken,
-        while `fits` them and the tokens their prefills compute (`_cost`) stay within `budget`
-        (`first_always`: the first one whatever its cost); cancelled ones are finished on the way."""
+        """Up to `cap` requests from the head of the waiting line, while `fits` them and their
+        prompts stay within `budget` tokens (`first_always`: the first one whatever its length);
+        cancelled ones are finished on the way."""
         batch = []
-        while len(batch) < cap and self.free_slots:
+        while len(batch) < cap:
             with self._cv:
                 head = self.waiting[0] if self.waiting else None
-            first = first_always and not batch
-            if head is None or not fits(head) or (self._cost(head) > budget and not first):
-                break
-            with self._cv:
-                seq = self.waiting.popleft()  # still `head`: meanwhile the line only grew (`submit`)
+                if head is None or not fits(head) or (
+                        len(head.prompt_ids) > budget and not (first_always and not batch)):
+                    break
+                seq = self.waiting.popleft()
             if seq.cancelled:
                 self.stats.cancelled += 1
                 self._finish(seq, "cancelled")
                 continue
-            self._place([seq])
-            cost = len(seq.prompt_ids) - seq.reused
-            if cost > budget and not first:  # its cached prefix could not be copied (`_copy_prefix`):
-                self._unplace(seq)  # back to the line, to be placed without a copy (its whole cost)
-                break
             batch.append(seq)
-            budget -= cost
+            budget -= len(seq.prompt_ids)
         return batch
-
-    def _unplace(self, seq: Sequence) -> None:
-        """Undo `_place`: `seq` goes back to the head of the line, its slot back to the free ones."""
-        self._free_slot(seq, forget=True)
-        seq.reused = 0  # copy_failed stays: placed again, it takes no copy
-        with self._cv:
-            self.waiting.appendleft(seq)
-
-    def _free_slot(self, seq: Sequence, forget: bool) -> None:
-        """`seq` leaves its slot (`forget`: its KV is not to be reused)."""
-        if forget and self.prefixes is not None:
-            self.prefixes.forget(seq.slot)
-        self.engine.release(seq.slot)
-        self.free_slots.append(seq.slot)
-        self._freed_at[seq.slot] = time.perf_counter()
-        seq.slot = -1
 
     def _place(self, batch: list[Sequence]) -> None:
         """Give admitted sequences their slots (where prefixes are reused: with the KV of their
@@ -458,8 +437,7 @@ class Scheduler:
             if self.prefixes is None:
                 seq.slot = self.free_slots.pop()
             else:
-                seq.slot, seq.reused, source = self.prefixes.take(self.free_slots, seq.prompt_ids,
-                                                                  copy=not seq.copy_failed)
+                seq.slot, seq.reused, source = self.prefixes.take(self.free_slots, seq.prompt_ids)
                 if source is not None:
                     self._copy_prefix(seq, source)
             self.stats.queue_s += t - seq.arrived
@@ -482,7 +460,7 @@ class Scheduler:
         except Exception:  # noqa: BLE001
             log.exception("copying %d cached tokens from slot %d to slot %d failed", seq.reused, source, seq.slot)
             self.prefixes.forget(seq.slot)
-            seq.reused, seq.copy_failed = 0, True
+            seq.reused = 0
 
     def _count_reuse(self, batch: list[Sequence]) -> None:
         """The prefilled `batch`'s slots hold their prompts' KV now; count the tokens reused."""
@@ -508,34 +486,26 @@ class Scheduler:
             return False
         with self._cv:
             head = self.waiting[0] if self.waiting else None
-        return head is not None and self._mixable(head, key) and self._cost(head) <= self._mix_budget()
-
-    def _mix_budget(self) -> int:  # prompt tokens one decode step may compute for the prompts it carries
-        return min(self.engine.mix_tokens, self.prefill_token_budget)
+        return head is not None and self._mixable(head, key)
 
     def _mixable(self, seq: Sequence, key) -> bool:
-        """Can `seq` be prefilled inside a decode step whose banned rows ban `key` (its kind; cost: `_cost`)?"""
+        """Can `seq` be prefilled inside a decode step whose banned rows ban `key`?"""
         if seq.sampler is None:
             seq.sampler = Sampler(seq.params, seq.prompt_ids, self.engine.vocab_size)
         s = seq.sampler
         return ((s.argmax_only or self.draw and s.drawable)
+                and len(seq.prompt_ids) <= min(self.engine.mix_tokens, self.prefill_token_budget)
                 and (key is None or not s.end_key or s.p.min_tokens <= 0 or s.end_key == key))
-
-    def _cost(self, seq: Sequence) -> int:
-        """Prompt tokens `seq`'s prefill would compute if placed now: those after the prefix whose KV its
-        slot would hold (prefix.py). The budgets count these: a long turn with its history cached rides in a step."""
-        n = len(seq.prompt_ids)
-        if self.prefixes is None or not self.free_slots:
-            return n
-        return n - self.prefixes.peek(self.free_slots, seq.prompt_ids, copy=not seq.copy_failed)
 
     def _pop_mix(self, key=None) -> list[Sequence]:
         """Take the waiting requests a decode step will carry (free slots, the engine's prompt
         and token caps, greedy or drawn by the engine, bans compatible with `key`); they join `running`
         now and get their first token from that step."""
-        batch = self._pop_waiting(min(len(self.free_slots), self.engine.mix_prompts), self._mix_budget(),
+        batch = self._pop_waiting(min(len(self.free_slots), self.engine.mix_prompts),
+                                  min(self.engine.mix_tokens, self.prefill_token_budget),
                                   lambda seq: self._mixable(seq, key))
-        if batch:  # placed on the KV of its longest cached prefix, as for a prefill of its own
+        if batch:
+            self._place(batch)  # on the KV of its longest cached prefix, as a prefill of its own
             if self.prefixes is not None:  # by the prefill kernels, in the step: reusable as a prefill's
                 self._count_reuse(batch)
             self.running.extend(batch)
@@ -607,7 +577,12 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.slot >= 0:
-            self._free_slot(seq, forget=bool(error))  # a failed prefill or step may have left bad KV
+            if error and self.prefixes is not None:
+                self.prefixes.forget(seq.slot)  # a failed prefill or step may have left bad KV
+            self.engine.release(seq.slot)
+            self.free_slots.append(seq.slot)
+            self._freed_at[seq.slot] = time.perf_counter()
+            seq.slot = -1
         self.stats.finished += 1
         if self.metrics:
             e2e = time.perf_counter() - seq.arrived
@@ -637,8 +612,9 @@ class Scheduler:
             self._report(0, 0)
 
     def _report(self, new_tokens: int, steps: int) -> None:
-        """Metrics since the last report, sent at most every `METRICS_INTERVAL` while sequences run (each
-        update is a message to the server process: one per step would cost more than the step)."""
+        """Metrics since the last report, sent at most every `METRICS_INTERVAL` while sequences run
+        (each metric update is a message to the server process: one per step would cost more than
+        the step)."""
         self._unreported[0] += new_tokens
         self._unreported[1] += steps
         now = time.perf_counter()

@@ -47,7 +47,6 @@ class Sequence:
     sampler: Sampler | None = None
     limit: int = 0  # tokens it may generate: max_tokens, or fewer where the context ends first
     reused: int = 0  # prompt tokens whose KV its slot held before its prefill (prefix reuse)
-    copy_failed: bool = False  # copying a cached prefix into its slot failed: it is placed without one
     generated: int = 0
     last_token: int = -1
     arrived: float = dataclasses.field(default_factory=time.perf_counter)

@@ -89,7 +89,7 @@ class PrefixCache:
         cap = len(prompt) - self.min_new
         near = self._by_start.get(prompt[:USEFUL].tobytes(), ()) if cap >= USEFUL else ()
         found = {s: common_prefix(self._held[s], prompt, cap) for s in near}
-        free = [(found[s], -i) for i, s in enumerate(free_slots) if s in found]
+        free = [(found[s], -i) for i, s in enumerate(free_slots) if s in found] if found else ()
         top = max(free) if free else (0, 0)  # the longest; the oldest among ties
         if top[0] >= USEFUL:
             best, reused = -top[1], top[0]

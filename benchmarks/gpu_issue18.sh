@@ -14,7 +14,9 @@
 # first-token senders or other generator settings, with the request timeline (gpu_first_senders.sh;
 # SENDERS or VARIANTS, ROUNDS there); sampling: the server greedy, sampled with tokens drawn on the
 # device and sampled on the host (gpu_sampling.sh); draw: what drawing costs a step (gpu_draw.py;
-# DRAW_ARGS more of its arguments, e.g. "--profile 64": the kernels of the 64-row draw graph).
+# DRAW_ARGS more of its arguments, e.g. "--profile 64": the kernels of the 64-row draw graph);
+# megakernel: the one-kernel decode step against the engine's (gpu_megakernel.py; MK_CONFIGS its
+# --configs).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -27,6 +29,9 @@ for step in ${STEPS:-test step sweep}; do
     test) timeout 420 python3 -m pytest -q -rs -s -p no:cacheprovider "$REPO_ROOT/tests/test_engine_8bit.py" \
             "$REPO_ROOT/tests/test_gpu_chain.py" -k gpu \
             2>&1 | tee "$OUT/test-8bit.txt" ;;
+    megakernel) timeout 480 python3 "$REPO_ROOT/benchmarks/gpu_megakernel.py" --out "$OUT" \
+            --configs "${MK_CONFIGS:-0:32:256:128:3:8,0:32:256:128:3:8:2,0:32:256:128:3:8:2:1}" 2>&1 \
+            | tee "$OUT/megakernel.txt" ;;
     gemm) timeout 300 python3 "$REPO_ROOT/benchmarks/gpu_gemm.py" --m "${GEMM_M:-1,16,64}" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.txt" ;;
     step) timeout "${STEP_TIMEOUT:-300}" python3 "$REPO_ROOT/benchmarks/torch_engine_gpu.py" --out "$OUT/step" --skip-correctness \
             --skip-long --skip-hf --variants "${VARIANTS:-triton+graphs,triton+graphs int8,triton+graphs fp8}" \

@@ -19,6 +19,10 @@ then the final norm and the LM head. 1 + 5 × layers barriers. Activations stay 
 (the engine rounds them to bf16 between kernels), and atomics make the sums' order vary, so its
 logits are compared with an fp32 reference, not bitwise.
 
+Measured on an H200 (docs/benchmarks-gpu.md, "Thirty-second session"): 1.42× slower than the
+engine's graph of ~190 kernels (1.415 against 0.994 ms): a phase still costs ~5 µs beyond its bytes
+(every program's copies refill after each barrier) and the attention phase 13.7 µs a layer.
+
 `ONLY >= 0` runs a single phase (one launch per phase, no barrier): the form the Triton interpreter
 can run on a CPU (its programs run one after another, so a barrier there would never open).
 """
@@ -266,7 +270,7 @@ def _layer_phase(P: tl.constexpr, layer, pid, G, pos,
         _gemv(WD + layer.to(tl.int64) * H * I, H, I, ACC_GU, 1.0, LN2, WS, CNT, X, pid, G, 1, BN, BK, STAGES, DET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["only_layer"])
 def mega_step(TOK, POS, EMB, WQKV, WO, WGU, WD, LN1, LN2, NORM, HEAD, KC, VC, COS, SIN,
               X, ACC_QKV, ACC_GU, PM, PL, PA, LOGITS, WS, CNT, CTR, ERR, TIMES, eps, scale, only_layer,
               NL, H: tl.constexpr, HP: tl.constexpr, I: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,

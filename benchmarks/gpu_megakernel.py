@@ -2,16 +2,19 @@
 """The one-kernel decode step (benchmarks/megakernel.py) against the engine's graph-captured step.
 
   1. check: the kernel's logits for one new token against transformers in float32 over the whole
-     sequence (the context's K/V taken from transformers' own cache), and the engine's bf16 step's
-     logits beside them;
-  2. time: the kernel (one launch, captured in a CUDA graph with the two memsets before it) against
-     the engine's one-row step graph (`triton+graphs`, the same seeded model and context), and the
-     copy bandwidth's bound, in one process.
+     sequence (the context's K/V taken from transformers' own cache), the per-phase launches first,
+     then each fused configuration (its barrier counter, and whether a second step repeats the logits);
+  2. time: the kernel (one launch, captured in a CUDA graph with the counter's memset before it)
+     against the engine's one-row step graph (`triton+graphs`, the same seeded model and context),
+     the copy bandwidth's bound, and each phase's share (program 0's global timer at the barriers).
+Measured on an H200: docs/benchmarks-gpu.md, "Thirty-second session".
 
 On a GPU (TinyLlama-1.1B's shape, bf16, context 128):
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_megakernel.py --out $OUT
-On a CPU, the math alone under the Triton interpreter (a tiny model, one launch per phase):
+On a CPU, the math alone under the Triton interpreter (a tiny model, one launch per phase), and the
+fused kernel compiled for sm_90 with what its SASS says (tests/test_megakernel.py runs both):
     TRITON_INTERPRET=1 python3 benchmarks/gpu_megakernel.py --tiny
+    python3 benchmarks/gpu_megakernel.py --compile-hopper 0:32:256:128:3:8:2
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ fused kernel compiled for sm_90 with what its SASS says (tests/test_megakernel.p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megakernel import mega_step
+from tritonchat.python_backend.engines.torch.kernels import next_pow2
 
 LIMIT = 1 << 16  # spins before a barrier gives up (a program that never comes must not hang the GPU)
 
@@ -96,13 +98,13 @@ class MegaStep:
             self.kc[i, :, :n] = k[0, :, :n]
             self.vc[i, :, :n] = v[0, :, :n]
 
-    def _launch(self, only: int, layer: int = 0, grid: int | None = None, timed: bool = False) -> None:
-        mega_step[(grid or self.G,)](
+    def _launch(self, only: int, layer: int = 0, timed: bool = False) -> None:
+        mega_step[(self.G,)](
             self.tok, self.pos, self.emb, self.wqkv, self.wo, self.wgu, self.wd, self.ln1, self.ln2, self.norm,
             self.head, self.kc, self.vc, self.cos, self.sin, self.x, self.acc_qkv, self.acc_gu, self.pm,
             self.pl, self.pa, self.logits, self.ws, self.cnt, self.ctr, self.err, self.times, self.eps,
             self.HD ** -0.5, layer, self.NL,
-            H=self.H, HP=triton_next_pow2(self.H), I=self.I, HQ=self.HQ, HKV=self.HKV, HD=self.HD, V=self.V,
+            H=self.H, HP=next_pow2(self.H), I=self.I, HQ=self.HQ, HKV=self.HKV, HD=self.HD, V=self.V,
             MAXLEN=self.max_len, S=self.S, BLK=self.blk, BN=self.bn, BK=self.bk, BN_O=self.bn_o, ZB=256,
             STAGES=self.stages, ONLY=only, LIMIT=LIMIT, TIMED=timed, PF=self.pf, DET=self.det, num_warps=self.warps)
 
@@ -186,10 +188,6 @@ def compile_hopper(spec: str) -> dict:
             "async_copies": sum(op.startswith("LDGSTS") or " LDGSTS" in op for op in ops)}
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def tiny_model(device="cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -201,23 +199,19 @@ def tiny_model(device="cpu"):
 
 
 def reference(model, ids: torch.Tensor):
-    """transformers in float32 over the whole sequence: the last position's logits, and the cache of
-    all but the last token (what the kernel starts from)."""
+    """transformers over the whole sequence: the last position's logits in float32, and the model's
+    own cache (the kernel starts from all but its last position, whose key it must write)."""
     ref = model if model.dtype == torch.float32 else _float_copy(model)
     with torch.no_grad():
         logits = ref(ids).logits[0, -1].float()
-        past = model(ids[:, :-1], use_cache=True).past_key_values
+        past = model(ids, use_cache=True).past_key_values
     return logits, past
 
 
-_FLOAT = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _float_copy(model):
     import copy
-    if id(model) not in _FLOAT:
-        _FLOAT[id(model)] = copy.deepcopy(model).float()
-    return _FLOAT[id(model)]
+    return copy.deepcopy(model).float()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -240,9 +234,7 @@ def check(model, ms: MegaStep, ctx: int, phases: bool, res: dict, label: str) ->
            "barrier_timeouts": int(ms.err.item()), "counter": int(ms.ctr.item()),
            "counter_expected": 0 if phases else (1 + 5 * ms.NL) * ms.G, "repeat_bitwise": same}
     # the new token's K/V must be in the cache now, as transformers has them
-    with torch.no_grad():
-        full = model(ids, use_cache=True).past_key_values
-    out["new_k_rel"] = rel(ms.kc[:, :, ctx].float(), torch.stack([full.layers[i].keys[0, :, ctx] for i in
+    out["new_k_rel"] = rel(ms.kc[:, :, ctx].float(), torch.stack([past.layers[i].keys[0, :, ctx] for i in
                                                                   range(ms.NL)]).float())
     res.setdefault("check", {})[label] = out
     print(f"[check {label}] {out}", flush=True)
@@ -272,6 +264,7 @@ def main():
         print(json.dumps(res))
         return
     out_dir = Path(args.out or os.environ.get("OUT", "."))
+    import torch_engine_gpu as te
     from common import build_model, cuda_median_ms
 
     model = build_model()
@@ -282,12 +275,7 @@ def main():
     def save():
         (out_dir / "megakernel.json").write_text(json.dumps(res, indent=1))
 
-    # the copy bandwidth (read + write) the bound is stated against
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms_copy = cuda_median_ms(lambda: b.copy_(a), 20)
-    res["copy_GBps"] = 2 * a.numel() / ms_copy / 1e6
-    del a, b
+    res["copy_GBps"] = te.copy_bandwidth() / 1e9  # read + written: what the bound is stated against
     for spec in args.configs.split(","):
         g, bn, bk, bn_o, stages, warps, pf, det = ([int(v) for v in spec.split(":")] + [0, 0])[:8]
         g = g or sms
@@ -329,7 +317,6 @@ def main():
     # the engine's own one-row step on the same model and context
     try:
         import numpy as np
-        import torch_engine_gpu as te
         te_res: dict = {}
         ex = te.prepare(model, "triton+graphs", te_res)
         ex._lengths[:] = args.ctx

@@ -37,6 +37,6 @@ for v in $order; do
     python3 "$REPO_ROOT/benchmarks/timeline.py" $tl --since $a --until $b | tee -a "$OUT/timeline-senders-$n.txt"
   done
   kill -- -$(cat /tmp/serve-senders.pid); sleep 3
-  grep -ao "send_ms_mean=[0-9.]*\|send_lag_ms_mean=[0-9.]*\|metric_ms_mean=[0-9.]*\|sends=[0-9]*" \
+  grep -ao "send_ms_mean=[0-9.]*\|send_lag_ms_mean=[0-9.]*\|metric_ms_mean=[0-9.]*\|sends=[0-9]*\|[a-z_]*wait_ms_mean=[0-9.]*\|launch_ms_mean=[0-9.]*\|avg_batch=[0-9.]*" \
     /tmp/serve-senders.log | tr '\n' ' '; echo
 done

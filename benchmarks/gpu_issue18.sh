@@ -48,7 +48,7 @@ for step in ${STEPS:-test step sweep}; do
                timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn-$n \
                  --config /tmp/mt-$n.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \
                  ${MT_ARGS:-}) 2>&1 \
-              | tail -30 \
+              | tail -70 \
               | tee "$OUT/multiturn-$n.txt"; done ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" ${TUNE_STARTS:+--starts $TUNE_STARTS} \
                  --cache /tmp/tune-cache 2>&1 | tail -12 | tee "$OUT/tune-cache.txt" ;;

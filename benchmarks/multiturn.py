@@ -98,8 +98,9 @@ class Turn:
         return self.ttft, self.n_in, self.ids, None
 
 
-async def run_workload(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> dict:
-    """{(conversation, turn): (ttft s, prompt tokens, output ids, error)} of one pass."""
+async def run_workload(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> tuple[dict, float]:
+    """{(conversation, turn): (ttft s, prompt tokens, output ids, error)} of one pass, and when its
+    warm-up ended (`time.perf_counter`)."""
     from tritonchat.client import AsyncChatClient
 
     results, todo = {}, list(range(len(users)))
@@ -123,11 +124,12 @@ async def run_workload(url: str, system: str, users: list, concurrency: int, max
 
         # warm-up: one request per client (not measured; other text than the workload's)
         await asyncio.gather(*(client.generate("warm up " * 8, max_tokens=4) for _ in range(concurrency)))
+        since = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
-    return results
+    return results, since
 
 
-def run_workload_threads(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> dict:
+def run_workload_threads(url: str, system: str, users: list, concurrency: int, max_tokens: int) -> tuple:
     """`run_workload` with a thread per client and the blocking `ChatClient` (a gRPC stream per
     request from a pool of tritonclient connections): the same requests, without the asyncio gRPC
     stack, which on a 2-core VM now and then delivered an answer's responses all at once at its end
@@ -165,25 +167,37 @@ def run_workload_threads(url: str, system: str, users: list, concurrency: int, m
             t.start()
         for t in warm:
             t.join()
+        since = time.perf_counter()
         threads = [threading.Thread(target=one_client, args=(client,)) for _ in range(concurrency)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    return results
+    return results, since
 
 
-def run_pass(repo: Path, system: str, users: list, args) -> tuple[dict, dict, float]:
+def run_pass(repo: Path, system: str, users: list, args, timeline: Path | None = None) -> tuple[dict, dict, float]:
+    """One pass on a fresh server; `timeline`: the folder its request timeline goes to
+    (python_backend/timeline.py), whose first-token breakdown of the pass's requests is printed."""
+    from tritonchat.install import server_env
     from tritonchat.server import TritonServer
 
-    with TritonServer(repo) as srv:
+    env = server_env()
+    if timeline is not None:
+        env["TRITONCHAT_TIMELINE"] = str(timeline)
+    with TritonServer(repo, env=env) as srv:
         t = time.perf_counter()
         if args.client == "threads":
-            results = run_workload_threads(srv.grpc_url, system, users, args.concurrency, args.max_tokens)
+            results, since = run_workload_threads(srv.grpc_url, system, users, args.concurrency, args.max_tokens)
         else:
-            results = asyncio.run(run_workload(srv.grpc_url, system, users, args.concurrency, args.max_tokens))
+            results, since = asyncio.run(run_workload(srv.grpc_url, system, users, args.concurrency, args.max_tokens))
         wall = time.perf_counter() - t
-        return results, generator_metrics(srv.metrics_url), wall
+        gen = generator_metrics(srv.metrics_url)
+    if timeline is not None:
+        from timeline import load, report  # benchmarks/timeline.py, beside this script
+
+        print("  where the first tokens' time went (every turn; ms):\n  " + "\n  ".join(report(load(timeline), since)))
+    return results, gen, wall
 
 
 def ms(v) -> str:
@@ -205,6 +219,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, help="a build config file for both repositories (e.g. engine: torch, "
                     "device: cuda, dtype: bfloat16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeline", type=Path, help="a folder: each pass's servers write their request timeline there "
+                    "and the pass prints where its first tokens' time went (benchmarks/timeline.py)")
     ap.add_argument("--client", choices=("asyncio", "threads"), default="asyncio",
                     help="asyncio: AsyncChatClient in one event loop; threads: a thread and blocking ChatClient per client")
     args = ap.parse_args()
@@ -219,7 +235,8 @@ def main() -> None:
     runs = {True: [], False: []}
     for r in range(args.rounds):
         for reuse in ((True, False) if r % 2 == 0 else (False, True)):
-            results, gen, wall = run_pass(repos[reuse], system, users, args)
+            tl = args.timeline / f"round{r + 1}-{'on' if reuse else 'off'}" if args.timeline else None
+            results, gen, wall = run_pass(repos[reuse], system, users, args, tl)
             runs[reuse].append(results)
             errors = [v[3] for v in results.values() if v[3]]
             prompt = sum(v[1] or 0 for v in results.values())

@@ -79,6 +79,7 @@ def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_p
     ({"models": {"generator": {"mix_prefill": "yes"}}}, r"mix_prefill must be true or false, got 'yes'"),
     ({"models": {"generator": {"sample_on_device": 1}}}, r"sample_on_device must be true or false, got 1"),
     ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
+    ({"models": {"generator": {"chain_at": 1.5}}}, r"chain_at must be a number from 0 to 1, got 1.5"),
     ({"models": {"generator": {"pdl": "yes"}}}, r"models.generator.pdl must be auto, true or false, got 'yes'"),
     ({"models": {"generator": {"pdl": True}}}, r"pdl true is the torch engine's on a CUDA device"),
     ({"models": {"generator": {"w8a8": True}}}, r"models.generator.w8a8 must be auto or false, got True"),

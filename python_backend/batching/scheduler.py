@@ -197,7 +197,13 @@ class Scheduler:
         new = self._pop_mix(key) if self._mix_due(key) else []
         step = self._launch(rows, new, ban, tokens=np.array([s.last_token for s in rows], dtype=np.int64))
         while True:
-            ahead = self._chain(rows + new, step) if self.engine.can_chain and not self._stop else None
+            ahead = None
+            if self.engine.can_chain and not self._stop:
+                # chosen as late as the engine says (`chain_at`): requests that arrive meanwhile ride in it
+                t = time.perf_counter()
+                self.engine.chain_point(step)
+                self.stats.chain_wait_s += time.perf_counter() - t
+                ahead = self._chain(rows + new, step)
             self._take(rows, self._tokens(step), new)
             if ahead is None:
                 return

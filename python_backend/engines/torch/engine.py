@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..base import Engine
-from .graphs import StepGraphs, batch_sizes
+from .graphs import StepGraphs, batch_sizes, step_mark
 from .hf_fallback import HFSlots
 from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
@@ -70,7 +70,7 @@ class TorchEngine(Engine):
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
                  mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto",
-                 dense_kernel: bool = True, tune_cache="auto", **_unused):
+                 dense_kernel: bool = True, tune_cache="auto", chain_at: float = 0.0, **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -79,23 +79,21 @@ class TorchEngine(Engine):
         `graph_batch_sizes`: the padded batch sizes of the decode graphs (`graphs.batch_sizes`).
         `prefill_graphs` (with `cuda_graphs`): run prefills of up to `prefill_graph_tokens` prompt
         tokens as CUDA graphs, one per bucket (`Layout.buckets`; with the Triton attention all
-        captured by `warmup()`). A prefill is launch-bound (~330 kernel launches from Python), so
-        graphs pay most for a few prompts (figures: docs/benchmarks-gpu.md, "Figures behind settings
-        in the code"; benchmarks/gpu_prefill.py, which also checks both agree in float32).
+        captured by `warmup()`; why: docs/benchmarks-gpu.md, "Figures behind settings in the code").
         `mix_tokens`: prompt tokens (of at most MIX_PROMPTS prompts) that one decode step can carry
         (`decode_greedy_begin(prompts=...)`); 0: none (`can_mix` False). `weights`: "dtype" | "int8" |
         "fp8" (the products' weights in 8 bits with a scale per output channel: `quant.py`; native
         path only). `pdl`: "auto" | True | False: launch the decode step's Triton kernels with
         programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
         where it runs (Hopper on, a Triton with grid dependency control). `w8a8_rows` (FP8 weights):
-        products of more rows than this round their activations to FP8 too and run on the FP8 tensor
-        cores (`matmul.py`); "auto" (the default): `matmul.W8A8_ROWS` where the device can
-        (`w8a8_supported`: Hopper on), else never; None: never (every product W8A16); a number forces
-        it (tests, benchmarks). `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
+        products of more rows than this also round their activations to FP8 (`matmul.py`); "auto":
+        `matmul.W8A8_ROWS` where the device can (Hopper on); None: never; a number forces it. `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
         `matmul.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
         than cuBLAS (`quant.DenseWeight`); False: cuBLAS always. `tune_cache`: the folder where
         `warmup()` keeps the kernel's tuning for the next start ("auto": `matmul.tune_cache_dir()`,
-        ~/.cache/tritonchat or $TRITONCHAT_TUNE_CACHE; None: time it on every start)."""
+        ~/.cache/tritonchat or $TRITONCHAT_TUNE_CACHE; None: time it on every start). `chain_at`: the
+        fraction of a running step's layers after which `chain_point` lets the scheduler launch the next
+        (CUDA; 0: at once, the step before barely started)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -110,6 +108,7 @@ class TorchEngine(Engine):
         self.short_span = True
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
+        self._mark = None  # the event a step records `chain_at` through its layers (graphs.step_mark)
 
         owned = model is None
         if model is None:
@@ -173,6 +172,7 @@ class TorchEngine(Engine):
                            dense_kernel=bool(dense_kernel))
         if owned:
             del model
+        self.chain_at, self._mark = chain_at, step_mark(self.llama, chain_at, self.device)  # before any capture
 
         self.layout = Layout(attention == "triton", self.max_slots, self.max_seq_len, self.length_bucket)
         sizes = batch_sizes(graph_batch_sizes, self.max_slots)
@@ -394,12 +394,7 @@ class TorchEngine(Engine):
         first = np.asarray(cached, dtype=np.int64).reshape(-1)
         if len(first) != len(full):
             raise ValueError("prefill_cached needs one cached count per prompt")
-        for p, c in zip(full, first.tolist()):
-            if not 0 <= c <= len(p) - self.reuse_min_new:
-                raise ValueError(f"{c} cached tokens of a {len(p)}-token prompt "
-                                 f"(at most {len(p) - self.reuse_min_new})")
-            if len(p) + 1 > self.max_seq_len:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
+        self._check_cached([len(p) for p in full], first.tolist())
         return self._prefill(slots, [p[c:] for p, c in zip(full, first.tolist())], first)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
@@ -441,9 +436,6 @@ class TorchEngine(Engine):
             cols = torch.from_numpy(np.asarray(ban.ids, dtype=np.int64)).to(self.device)
             logits[rows[:, None], cols[None, :]] = float("-inf")
         return logits.argmax(dim=-1)
-
-    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        return self._decode(slots, tokens)
 
     def decode_greedy(self, slots: np.ndarray, tokens: np.ndarray, ban=None) -> np.ndarray:
         """Argmax on the device: copies len(slots) ids back instead of len(slots) x vocab logits."""
@@ -524,7 +516,7 @@ class TorchEngine(Engine):
                     if k:
                         host[n:n + k].copy_(ids[cols:cols + k], non_blocking=True)
                     self._events[r].record(torch.cuda.current_stream(self.device))
-                    step = _Step(host.numpy(), self._events[r], n + k, (self._ids_owner, r), all_slots)
+                    step = _Step(host.numpy(), self._events[r], n + k, (self._ids_owner, r), all_slots, self._mark)
                     self._ids_owner[r] = step
         self._last_step = step
         self._lengths[slots] = pos + 1
@@ -550,6 +542,13 @@ class TorchEngine(Engine):
                 raise ValueError(f"prompt of {len(p)} tokens does not fit the context of {self.max_seq_len}")
         return slots, ids, np.array([len(p) for p in ids])
 
+    def _check_cached(self, lens, cached) -> None:
+        for n, c in zip(lens, cached):
+            if not 0 <= c <= n - self.reuse_min_new:
+                raise ValueError(f"{c} cached tokens of a {n}-token prompt (at most {n - self.reuse_min_new})")
+            if n + 1 > self.max_seq_len:
+                raise ValueError(f"prompt of {n} tokens does not fit the context of {self.max_seq_len}")
+
     def _check_prompts(self, slots, pslots, prompts, cached=None):
         """(slots, id arrays and lengths of the tokens to compute, positions of their first) of
         prompts a step may carry, or ValueError."""
@@ -564,16 +563,14 @@ class TorchEngine(Engine):
         if first.any():
             if not self.can_reuse_prefix:
                 raise ValueError("this engine cannot reuse a cached prefix")
-            for n, c in zip(lens.tolist(), first.tolist()):
-                if not 0 <= c <= n - self.reuse_min_new:
-                    raise ValueError(f"{c} cached tokens of a {n}-token prompt (at most {n - self.reuse_min_new})")
+            self._check_cached(lens.tolist(), first.tolist())
             ids = [p[c:] for p, c in zip(ids, first.tolist())]
             lens = lens - first
         if lens.sum() > self.mix_tokens:
             raise ValueError(f"prompts of {lens.sum()} tokens: a step carries at most {self.mix_tokens}")
         return pslots, ids, lens, first
 
-    def _decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def decode(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         pos = self._check(slots, tokens)
@@ -590,6 +587,10 @@ class TorchEngine(Engine):
             result = self._to_host(out, n)
         self._lengths[slots] = pos + 1
         return result
+
+    def chain_point(self, step) -> None:
+        if step is self._last_step and step.mark is not None:  # else the event holds a later step's record
+            step.mark.synchronize()
 
     def track(self, slot: int, prompt_ids) -> None:
         if not 0 <= int(slot) < self.max_slots:
@@ -608,7 +609,7 @@ class TorchEngine(Engine):
     def describe(self) -> dict:
         d = {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
              "path": self.path, "kernels": self.kernels, "attention": self.attention,
-             "cuda_graphs": self.cuda_graphs, "pdl": self.pdl}
+             "cuda_graphs": self.cuda_graphs, "pdl": self.pdl, "chain_at": self._mark is not None and self.chain_at}
         if self.path == "native":
             d["weights"] = self.llama.weights
             if self.llama.mm.w8a8_rows is not None:
@@ -627,15 +628,14 @@ class TorchEngine(Engine):
 
 
 class _Step:
-    """A greedy decode step in flight: its ids (one per slot of `slots`) land in `host` once `done`
-    has passed. `ring`:
-    (owners, k) when `host` is the k-th of the engine's pinned buffers taken in turn: reading it
-    after _RING later steps reused it is an error, not a wrong answer."""
+    """A greedy decode step in flight: its ids (one per slot of `slots`) land in `host` once `done` has
+    passed; `mark`: the event it records `chain_at` through its layers. `ring`: (owners, k) when `host` is
+    the k-th of the engine's pinned buffers taken in turn: read after _RING later steps reused it, an error."""
 
-    __slots__ = ("host", "done", "n", "ring", "slots")
+    __slots__ = ("host", "done", "n", "ring", "slots", "mark")
 
-    def __init__(self, host, done, n, ring=None, slots=None):
-        self.host, self.done, self.n, self.ring = host, done, n, ring
+    def __init__(self, host, done, n, ring=None, slots=None, mark=None):
+        self.host, self.done, self.n, self.ring, self.mark = host, done, n, ring, mark
         self.slots = np.zeros(0, np.int64) if slots is None else slots  # the slot of each id
 
     def result(self) -> np.ndarray:

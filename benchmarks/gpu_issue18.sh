@@ -9,7 +9,7 @@
 # rounds (torch_engine_gpu.py --rounds), STEP_TIMEOUT its limit in s, PROFILE the variants it profiles
 # (empty: none); GEMM_ARGS more gpu_gemm.py arguments; MT_CONCURRENCY, MT_ROUNDS the multi-turn clients,
 # rounds, MT_ARGS more multiturn.py arguments, MT_VARIANTS generator settings (as gpu_first_senders.sh's
-# VARIANTS, one multi-turn run each); TUNE_WEIGHTS the tune-cache starts' weights (fp8), TUNE_STARTS
+# VARIANTS, one multi-turn run each), MT_TIMELINE=1 each pass's request timeline (multiturn.py --timeline); TUNE_WEIGHTS the tune-cache starts' weights (fp8), TUNE_STARTS
 # which starts (gpu_tune_cache.py --starts; default all five); senders: the server with and without
 # first-token senders or other generator settings, with the request timeline (gpu_first_senders.sh;
 # SENDERS or VARIANTS, ROUNDS there); sampling: the server greedy, sampled with tokens drawn on the
@@ -47,7 +47,7 @@ for step in ${STEPS:-test step sweep}; do
                # from /tmp, as the servers it starts: the checkout's tritonchat/ would hide the package
                timeout 500 python3 "$REPO_ROOT/benchmarks/multiturn.py" --model $MODEL --work /tmp/multiturn-$n \
                  --config /tmp/mt-$n.yaml --concurrency "${MT_CONCURRENCY:-8}" --rounds "${MT_ROUNDS:-1}" \
-                 ${MT_ARGS:-}) 2>&1 \
+                 ${MT_TIMELINE:+--timeline /tmp/mt-timeline-$n-$SECONDS} ${MT_ARGS:-}) 2>&1 \
               | tail -70 \
               | tee "$OUT/multiturn-$n.txt"; done ;;
     tunecache) timeout 400 python3 "$REPO_ROOT/benchmarks/gpu_tune_cache.py" --weights "${TUNE_WEIGHTS:-fp8}" ${TUNE_STARTS:+--starts $TUNE_STARTS} \

@@ -48,7 +48,7 @@ example: docs/build-config.md).
                       #   chosen on the device, so their steps chain and carry prompts as greedy ones do;
                       #   false: their logits come to the host
                       # prefix_reuse: a prompt reuses the KV of its longest prefix a slot still holds
-                      #   (multi-turn chat, shared system prompts); ONNX Runtime engine; false: off
+                      #   (multi-turn chat, shared system prompts); ONNX Runtime and torch engines; false: off
                       # prefill_chunk: ONNX Runtime engine: a longer prompt is prefilled this many
                       #   tokens at a time, one piece between two decode steps (0: whole)
                       # pdl: torch engine: the decode step's kernels launched with programmatic

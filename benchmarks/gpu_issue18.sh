@@ -16,7 +16,7 @@
 # device and sampled on the host (gpu_sampling.sh); draw: what drawing costs a step (gpu_draw.py;
 # DRAW_ARGS more of its arguments, e.g. "--profile 64": the kernels of the 64-row draw graph);
 # megakernel: the one-kernel decode step against the engine's (gpu_megakernel.py; MK_CONFIGS its
-# --configs); TESTS the test step's files (default: test_engine_8bit test_gpu_chain).
+# --configs); TESTS the test step's files (default: test_engine_8bit test_gpu_chain), TEST_K its -k (gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # the tokenizer gpu_carry.sh puts in .carry (the sweeps build the TinyLlama-shaped model with it)
@@ -27,7 +27,7 @@ for step in ${STEPS:-test step sweep}; do
   echo "=== $step at $(date +%T)"
   case $step in
     test) timeout 420 python3 -m pytest -q -rs -s -p no:cacheprovider \
-            $(for t in ${TESTS:-test_engine_8bit test_gpu_chain}; do echo "$REPO_ROOT/tests/$t.py"; done) -k gpu \
+            $(for t in ${TESTS:-test_engine_8bit test_gpu_chain}; do echo "$REPO_ROOT/tests/$t.py"; done) -k "${TEST_K:-gpu}" \
             2>&1 | tee "$OUT/test-8bit.txt" ;;
     megakernel) timeout 480 python3 "$REPO_ROOT/benchmarks/gpu_megakernel.py" --out "$OUT" \
             --configs "${MK_CONFIGS:-0:32:256:128:3:8,0:32:256:128:3:8:2,0:32:256:128:3:8:2:1}" 2>&1 \

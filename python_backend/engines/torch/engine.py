@@ -87,13 +87,13 @@ class TorchEngine(Engine):
         programmatic dependent launch (each starts while the one before ends: kernels.py); "auto":
         where it runs (Hopper on, a Triton with grid dependency control). `w8a8_rows` (FP8 weights):
         products of more rows than this also round their activations to FP8 (`matmul.py`); "auto":
-        `matmul.W8A8_ROWS` where the device can (Hopper on); None: never; a number forces it. `dense_kernel` (weights in `dtype`, Triton kernels): products of up to
-        `matmul.DENSE_KERNEL_ROWS` rows run the 8-bit products' kernel where `warmup()` times it faster
-        than cuBLAS (`quant.DenseWeight`); False: cuBLAS always. `tune_cache`: the folder where
-        `warmup()` keeps the kernel's tuning for the next start ("auto": `matmul.tune_cache_dir()`,
-        ~/.cache/tritonchat or $TRITONCHAT_TUNE_CACHE; None: time it on every start). `chain_at`: the
-        fraction of a running step's layers after which `chain_point` lets the scheduler launch the next
-        (CUDA; 0: at once, the step before barely started)."""
+        `matmul.W8A8_ROWS` where the device can (Hopper on); None: never; a number forces it.
+        `dense_kernel` (weights in `dtype`, Triton kernels): products of up to `matmul.DENSE_KERNEL_ROWS`
+        rows run the 8-bit products' kernel where `warmup()` times it faster than cuBLAS; False: cuBLAS
+        always. `tune_cache`: the folder where `warmup()` keeps the kernel's tuning for the next start
+        ("auto": `matmul.tune_cache_dir()`; None: time it on every start). `chain_at`: the fraction of
+        a running step's layers after which `chain_point` lets the scheduler launch the next (CUDA; 0:
+        at once, the step before barely started)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")

@@ -513,6 +513,35 @@ def test_a_request_arriving_at_the_chain_point_rides_in_the_next_step():
         assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
 
 
+def test_a_stream_cancelled_at_the_chain_point_is_left_out_of_the_next_step():
+    """The rows going on are chosen before the wait at the chain point (less host work after it);
+    a stream the courier flags as cancelled during that wait is still left out of the very next step,
+    gets no more tokens, and the other stream runs to its end."""
+    from tritonchat.python_backend.batching.scheduler import Scheduler
+
+    ex, tok = fake(max_slots=3, can_chain=True, can_mix=True, step_s=0.001)
+    sched = Scheduler(ex)
+    outs, finals, sink_of = _collect(2)
+    seqs = [_seq(tok, "Tom", 40, sink_of(0)), _seq(tok, "Lily", 40, sink_of(1))]
+    flagged = []
+
+    def cancel(step):  # once both run: the courier flags the second during the wait
+        if not flagged and ex.calls[-2][:2] == ("greedy", 2):
+            flagged.append(len(ex.calls))
+            seqs[1].cancelled = True
+    ex.on_chain_point = cancel
+    for s in seqs:
+        sched.submit(s)
+    for _ in range(2):
+        assert finals.acquire(timeout=10)
+    sched.shutdown()
+    assert flagged and ex.calls[flagged[0]] == ("greedy", 1, 0, True), ex.calls[flagged[0] - 2:flagged[0] + 2]
+    assert outs[1][-1].finish_reason == "cancelled" and outs[0][-1].error is None
+    text = "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
+                   for o in outs[0] if o.release)
+    assert text == _words(*ex.reference(tok.encode("Tom").ids, 40, (2,)))
+
+
 # -- failures, shutdown, a full line -------------------------------------------------------------------
 
 def _collect(n):

@@ -475,8 +475,7 @@ def test_a_long_prompt_gets_a_prefill_of_its_own_and_the_chain_resumes():
     chained_after = [c for c in ex.calls[ex.calls.index(("prefill", 2)):] if c[0] == "greedy" and c[3]]
     assert chained_after  # the chain went on after the prefill
     for i, (prompt, n) in enumerate(jobs):
-        text = "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
-                       for o in outs[i] if o.release)
+        text = _streamed_text(outs[i])
         assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
 
 
@@ -508,8 +507,7 @@ def test_a_request_arriving_at_the_chain_point_rides_in_the_next_step():
     assert len(last) > 5 and all(last), last
     assert ex.calls[arrived[0]] == ("greedy", 1, 1, True), ex.calls[arrived[0] - 1:arrived[0] + 2]
     for i, (prompt, n) in enumerate(jobs):
-        text = "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
-                       for o in outs[i] if o.release)
+        text = _streamed_text(outs[i])
         assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
 
 
@@ -537,8 +535,7 @@ def test_a_stream_cancelled_at_the_chain_point_is_left_out_of_the_next_step():
     sched.shutdown()
     assert flagged and ex.calls[flagged[0]] == ("greedy", 1, 0, True), ex.calls[flagged[0] - 2:flagged[0] + 2]
     assert outs[1][-1].finish_reason == "cancelled" and outs[0][-1].error is None
-    text = "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
-                   for o in outs[0] if o.release)
+    text = _streamed_text(outs[0])
     assert text == _words(*ex.reference(tok.encode("Tom").ids, 40, (2,)))
 
 
@@ -555,6 +552,12 @@ def _collect(n):
                 finals.release()
         return sink
     return outs, finals, sink_of
+
+
+def _streamed_text(outs) -> str:
+    """The text a stream's outputs carried (each release's new window, decoded)."""
+    return "".join(o.release.window and FakeTokenizer().decode(o.release.window[o.release.read_offset:]) or ""
+                   for o in outs if o.release)
 
 
 def _seq(tok, prompt, n, sink, **params):

@@ -279,6 +279,21 @@ def fake(**kw) -> tuple[FakeEngine, FakeTokenizer]:
     return ex, FakeTokenizer(ex.vocab_size)
 
 
+#: the engine's paths the scheduler tests run each request through
+VARIANTS = {"plain": {}, "chain": {"can_chain": True}, "mix": {"can_mix": True},
+            "chain+mix": {"can_chain": True, "can_mix": True},
+            # prefix reuse (tests/test_prefix_reuse.py): slots taken by prefix, else least recently freed
+            "reuse": {"can_reuse": True}}
+
+PROMPTS = ["Once upon a time", "The cat", "A dog", "Tom", "Lily", "The sun", "Ben and Mia", "A big red ball",
+           "Sue", "The little bird", "Max", "One day"]
+
+
+def answer_text(tokens, reason="length") -> str:
+    """The text of an answer (an end id that stopped it is not part of it)."""
+    return FakeTokenizer().decode(tokens[:-1] if reason == "stop" else tokens)
+
+
 def run_jobs(engine, jobs, sink_delay=0.0, cancel_after=None, stream_interval=0.0, stats=None, mix_prefill=True,
              first_senders=0, sample_on_device=True, **params):
     """Submit `jobs` ((prompt text, max_tokens, stream) each, and optionally a dict of this job's

@@ -1,7 +1,7 @@
 """The continuous-batching scheduler on real engines, without Triton: answers equal to a real model's
 (ONNX Runtime on an exported stories260K; the torch engine on CPU for chained steps and prompts inside
-decode steps). The scheduler's and the courier's logic alone: tests/test_scheduler_logic.py, on the
-deterministic fake engine."""
+decode steps). The scheduler's and the courier's logic alone, on the deterministic fake engine:
+tests/test_scheduler_logic.py and tests/test_courier.py."""
 
 from __future__ import annotations
 

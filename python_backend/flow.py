@@ -42,7 +42,8 @@ PRE_INPUTS = ("text_input", "apply_chat_template", "stop_words", "bad_words")
 PRE_OUTPUTS = ["input_ids", "input_length", "bad_words_ids"]
 GEN_INPUTS = ("max_tokens", "stop_words", "stream", "temperature", "top_k", "top_p", "repetition_penalty",
               "presence_penalty", "frequency_penalty", "seed", "min_tokens", "end_id", "pad_id",
-              "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens")
+              "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens",
+              "apply_chat_template")  # the generator: where a prompt was a chat, its answer's text starts alone
 GEN_OUTPUTS = ["tokens", "read_offset", "trim_chars", "num_input_tokens", "num_output_tokens", "finish_reason"]
 OUTPUTS = ["text_output", "output_ids", "num_input_tokens", "num_output_tokens", "finish_reason"]
 

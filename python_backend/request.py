@@ -79,7 +79,11 @@ def sequence_of(inputs: dict, sender, *, request_id: str, outputs: set, tokenize
         bad_words_ids=split_words(bad_words),
     ).validate(max_seq_len)
     include_prompt = not s(inputs, "exclude_input_in_output", bool, True)
-    tracker = TextTracker(tokenizer, prompt if include_prompt else (), lim.words(inputs, "stop_words", limits))
+    # a raw prompt's output continues its text (prompt + output = the text of both, as vLLM and TGI
+    # give it); a chat's answer is a message of its own, decoded alone as transformers' chat examples do
+    continues = not include_prompt and not s(inputs, "apply_chat_template", bool, False)
+    tracker = TextTracker(tokenizer, prompt if include_prompt else (), lim.words(inputs, "stop_words", limits),
+                          context_ids=prompt if continues else ())
     wanted = frozenset(outputs) & OUTPUT_NAMES
 
     def sink(out: Output) -> None:

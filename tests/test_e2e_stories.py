@@ -160,6 +160,19 @@ def test_exclude_input_in_output_false_returns_prompt(grpc):
     assert out.text.startswith("Once upon a time,")
 
 
+def test_a_raw_prompts_answer_continues_its_text_and_a_chats_starts_alone(grpc, tokenizer):
+    """"Tom" goes on with "▁and": raw, the answer keeps the word's space (prompt + answer is the text
+    of both); as a chat (the template-less model's default renders the message as it is: the same
+    ids) it is the message "and ...", decoded alone as transformers' chat examples decode it."""
+    raw = grpc.generate("Tom", max_tokens=12)
+    chat = grpc.generate("Tom", max_tokens=12, apply_chat_template=True)
+    assert raw.output_ids == chat.output_ids and tokenizer.convert_ids_to_tokens(raw.output_ids[0]) == "▁and"
+    assert raw.text == " " + chat.text and chat.text == tokenizer.decode(chat.output_ids)
+    assert "Tom" + raw.text == grpc.generate("Tom", max_tokens=12, exclude_input_in_output=False).text
+    streamed = grpc.stream("Tom", max_tokens=12, apply_chat_template=True)
+    assert "".join(d.text for d in streamed) == chat.text
+
+
 def test_context_limit_ends_with_length(grpc, tokenizer):
     prompt = "Once upon a time " * 120  # ~ 481 tokens of a 512-token context
     n = len(tokenizer(prompt)["input_ids"])

@@ -76,6 +76,9 @@ def test_greedy_answers_and_usage_equal_the_entry_models(client, grpc):
         ref = grpc.generate(prompt, max_tokens=40)
         whole = client.completions.create(model="ensemble", prompt=prompt, max_tokens=40, extra_headers=FRESH)
         assert whole.choices[0].text == ref.text and whole.choices[0].finish_reason == ref.finish_reason
+        echoed = client.completions.create(model="ensemble", prompt=prompt, max_tokens=40, echo=True,
+                                           extra_headers=FRESH)
+        assert echoed.choices[0].text == prompt + ref.text  # the text continues the prompt's
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (ref.num_input_tokens,
                                                                               ref.num_output_tokens)
         chunks = list(client.completions.create(model="stories260K", prompt=prompt, max_tokens=40, stream=True,

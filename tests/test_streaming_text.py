@@ -74,6 +74,52 @@ def test_stop_string_inside_multibyte_text(name):
     assert stopped and "".join(pieces) == "你好，世界！我们"
 
 
+def _released(tok, tracker, ids) -> str:
+    """The text the tracker releases for `ids`, token by token, as the scheduler drives it (it stops
+    at a matched stop string)."""
+    from tritonchat.python_backend.batching.detokenize import delta
+
+    pieces = []
+    for t in ids:
+        if tracker.append(t):
+            break
+        rel = tracker.ready()
+        if rel:
+            pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
+    rel = tracker.final()
+    pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
+    return "".join(pieces)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama2"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_an_output_continues_its_raw_prompt_and_a_chat_answer_starts_alone(name, text):
+    """Split at every token: the output after a raw prompt (`context_ids`) is the text that follows
+    the prompt's (SentencePiece keeps the space before its first word: "Once" + " upon"), a chat's
+    answer (no context) is its tokens decoded alone ("upon"); and a stop string never matches inside
+    the prompt's text."""
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+
+    hf = _tokenizer(name)
+    tok = hf.backend_tokenizer
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    spaces = 0
+    for k in range(1, len(ids)):
+        prompt, out = tok.decode(ids[:k]), ids[k:]
+        whole = tok.decode(ids)
+        if not whole.startswith(prompt) or "\ufffd" in prompt:  # the prompt ends inside a character
+            continue
+        got = _released(tok, TextTracker(tok, context_ids=ids[:k]), out)
+        assert prompt + got == whole, k
+        assert _released(tok, TextTracker(tok), out) == tok.decode(out), k
+        spaces += got.startswith(" ") and not tok.decode(out).startswith(" ")
+        only_before = [w for w in prompt.split() if w not in whole[len(prompt):]][-1:]
+        if only_before:
+            assert _released(tok, TextTracker(tok, stop_words=only_before, context_ids=ids[:k]), out) == got, k
+    if name == "llama2" and text.startswith("Once"):
+        assert spaces >= 5  # the decoder's stripped first space, kept by the context
+
+
 # -- through the real server ---------------------------------------------------------------------
 
 def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessing", generate="generator"):
@@ -127,6 +173,17 @@ def test_streamed_deltas_are_the_whole_answer_without_replacement_chars(served, 
         # token-by-token release is pinned down by the tests at the top of this file)
         assert any("\u4e00" <= c <= "\u9fff" for c in whole.text)
 
+
+
+def test_an_answer_continues_its_prompt_text(served):
+    """A raw prompt's answer is the text after the prompt's: prompt + answer = the answer with the
+    prompt included (SentencePiece's first word keeps its space), streamed or not."""
+    _, client = served
+    for prompt in ["English words only", "你好，", "Hello 👋🏽"]:
+        answer = client.generate(prompt, max_tokens=16)
+        echoed = client.generate(prompt, max_tokens=16, exclude_input_in_output=False)
+        assert echoed.text == prompt + answer.text, prompt
+        assert "".join(d.text for d in client.stream(prompt, max_tokens=16)) == answer.text, prompt
 
 def test_byte_fallback_run_is_never_split_between_releases():
     """SentencePiece renders a run of byte tokens all at once: valid UTF-8 as text, else one

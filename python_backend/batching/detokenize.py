@@ -81,11 +81,16 @@ class Release:
 class TextTracker:
     """Per-sequence release bookkeeping and stop-string detection (generator side)."""
 
-    def __init__(self, tokenizer, prefix_ids=(), stop_words=()):
+    def __init__(self, tokenizer, prefix_ids=(), stop_words=(), context_ids=()):
+        """`prefix_ids`: ids whose text is sent first (the prompt, where the output includes it).
+        `context_ids`: ids the text continues but never sends (the prompt's last tokens, where the
+        output continues a raw prompt: its first word keeps the space before it, so that prompt +
+        output is the text of both, as SentencePiece's decoder strips a space only at the start)."""
         self.tok = tokenizer
         self.byte_ids = byte_token_ids(tokenizer)
-        self.ids: list[int] = list(map(int, prefix_ids))
-        self.released = 0  # ids whose text was sent
+        context = list(map(int, context_ids))[-WINDOW_BACK:]  # all a release looks back at
+        self.ids: list[int] = context + list(map(int, prefix_ids))
+        self.released = len(context)  # ids whose text was sent (or is never sent)
         self.stop_words = [s for s in stop_words if s]
         self.max_stop = max((len(s) for s in self.stop_words), default=0)
         # text bookkeeping only needed for stop strings

@@ -120,6 +120,27 @@ def test_an_output_continues_its_raw_prompt_and_a_chat_answer_starts_alone(name,
         assert spaces >= 5  # the decoder's stripped first space, kept by the context
 
 
+
+def test_a_prompt_ending_in_byte_tokens_is_continued_without_replacement_chars():
+    """A prompt whose last characters are byte tokens (你好，, 3 bytes each) and an answer that goes
+    on in byte tokens (世界): one byte run across the two. The context must not start inside a
+    character (4 tokens back is inside 好): that run would be invalid as a whole and turn the answer
+    into U+FFFD (seen through the real server before the fix)."""
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+
+    hf = _tokenizer("llama2")
+    tok = hf.backend_tokenizer
+    byte = lambda b: tok.token_to_id(f"<0x{b:02X}>")  # noqa: E731
+    prompt = [tok.token_to_id("▁Hello")] + [byte(b) for b in "你好，".encode()]
+    for tail in (["世界"], ["世界", "▁world"], ["界", "▁", "🙂"]):
+        out = []
+        for piece in tail:
+            out += [tok.token_to_id(piece)] if piece.startswith("▁") else [byte(b) for b in piece.encode()]
+        got = _released(tok, TextTracker(tok, context_ids=prompt), out)
+        whole = tok.decode(prompt + out)
+        assert got == whole[len(tok.decode(prompt)):] and "\ufffd" not in got, (tail, got)
+        assert _released(tok, TextTracker(tok), out) == tok.decode(out)
+
 # -- through the real server ---------------------------------------------------------------------
 
 def _memorized_repo(tmp_path_factory, arch, tokenizer, detokenize="postprocessing", generate="generator"):

@@ -10,7 +10,9 @@ and turns a Chinese character split over several byte-level tokens into U+FFFD p
   a run must never be split between two releases (a later byte could turn text already sent
   into U+FFFD). Until then the tokens wait.
 - Each release is described by a token window `ids[p:n]` and `read_offset = released - p`
-  (p a few tokens before the previous release). `delta(window, read_offset)` is then
+  (p a few tokens before the previous release, never on a byte token that continues a character:
+  a run cut there is invalid UTF-8 as a whole, and would turn the next bytes, the new text, into
+  U+FFFD too). `delta(window, read_offset)` is then
   `decode(window)[len(decode(window[:read_offset])):]`: both decodes start at the same token, so
   start-of-text effects (the stripped leading space, a character cut at `p`) cancel, and the
   deltas concatenate to exactly `decode(ids)`.
@@ -29,17 +31,27 @@ WINDOW_BACK = 4  # tokens of context kept before the previous release point
 TAIL_CHECK = 8  # tokens decoded to decide whether the text ends mid-character
 
 
-_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-_byte_ids_cache: dict[int, frozenset] = {}
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_byte_ids_cache: dict[int, tuple[frozenset, frozenset]] = {}
+
+
+def _byte_ids(tokenizer) -> tuple[frozenset, frozenset]:
+    key = id(tokenizer)
+    if key not in _byte_ids_cache:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        found = {i: int(m.group(1), 16) for t, i in vocab.items() if (m := _BYTE_TOKEN.match(t))}
+        _byte_ids_cache[key] = (frozenset(found), frozenset(i for i, b in found.items() if 0x80 <= b < 0xC0))
+    return _byte_ids_cache[key]
 
 
 def byte_token_ids(tokenizer) -> frozenset:
     """Ids of SentencePiece byte-fallback tokens (`<0x00>` ... `<0xFF>`); empty for byte-level BPE."""
-    key = id(tokenizer)
-    if key not in _byte_ids_cache:
-        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-        _byte_ids_cache[key] = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.match(t))
-    return _byte_ids_cache[key]
+    return _byte_ids(tokenizer)[0]
+
+
+def continuation_byte_ids(tokenizer) -> frozenset:
+    """The byte-fallback tokens of UTF-8 continuation bytes (`<0x80>` ... `<0xBF>`): never a window's first."""
+    return _byte_ids(tokenizer)[1]
 
 
 def decode(tokenizer, ids) -> str:
@@ -88,7 +100,9 @@ class TextTracker:
         output is the text of both, as SentencePiece's decoder strips a space only at the start)."""
         self.tok = tokenizer
         self.byte_ids = byte_token_ids(tokenizer)
-        context = list(map(int, context_ids))[-WINDOW_BACK:]  # all a release looks back at
+        self.mid_char_ids = continuation_byte_ids(tokenizer)
+        context = list(map(int, context_ids))
+        context = context[self._window_start(context, len(context)):]  # all a release looks back at
         self.ids: list[int] = context + list(map(int, prefix_ids))
         self.released = len(context)  # ids whose text was sent (or is never sent)
         self.stop_words = [s for s in stop_words if s]
@@ -107,7 +121,7 @@ class TextTracker:
         self.ids.append(int(token))
         if not self.stop_words or not self._is_clean(len(self.ids)):
             return False
-        p = max(0, self.clean - WINDOW_BACK)
+        p = self._window_start(self.ids, self.clean)
         self.text += delta(self.tok, self.ids[p:], self.clean - p)
         self.clean = len(self.ids)
         start = max(self.floor, self.released_chars - self.max_stop)
@@ -116,6 +130,16 @@ class TextTracker:
             self.trim = len(self.text) - min(hits)
             return True
         return False
+
+    def _window_start(self, ids: list[int], k: int) -> int:
+        """Where a window reaching back from position k starts: WINDOW_BACK tokens before it, or up to
+        3 more where that is inside a character's byte tokens (module docstring)."""
+        p = max(0, k - WINDOW_BACK)
+        for _ in range(3):  # a character's lead byte is at most 3 before any of its bytes
+            if p == 0 or ids[p] not in self.mid_char_ids:
+                break
+            p -= 1
+        return p
 
     def _is_clean(self, n: int) -> bool:
         if n and self.ids[n - 1] in self.byte_ids:
@@ -143,7 +167,7 @@ class TextTracker:
         return self._release(len(self.ids), self.trim)
 
     def _release(self, n: int, trim: int) -> Release:
-        p = max(0, self.released - WINDOW_BACK)
+        p = self._window_start(self.ids, self.released)
         rel = Release(self.ids[p:n], self.released - p, trim, p)
         self.released = n
         self.released_chars = len(self.text)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import triton_io as io
-from .flow import Context, Flow, Watcher
+from .flow import GEN_INPUTS, Context, Flow, Watcher
 from .limits import Limits
 from .manifest import verify_model_dir
 from .metrics import EntryMetrics
@@ -63,9 +63,17 @@ class TritonPythonModel:
                            metrics=metrics, known_inputs={i["name"] for i in config["input"]},
                            log_requests=float(params.get("log_requests", "0") or 0),
                            text_from_generator=params.get("detokenize", "postprocessing") == "generator",
-                           generator=self._own_generator(args, params) if params.get("generate") == "entry" else None)
+                           generator=self._own_generator(args, params) if params.get("generate") == "entry" else None,
+                           gen_inputs=self._generator_inputs(args))
         # one thread per request in flight: each waits on its BLS calls (which release the GIL)
         self.pool = ThreadPoolExecutor(max_workers=self.capacity.limit, thread_name_prefix="tritonchat-flow")
+
+    @staticmethod
+    def _generator_inputs(args) -> tuple:
+        """The client inputs a generator call carries: GEN_INPUTS less those the generator's config does
+        not declare (a repository built before `apply_chat_template` reached the generator)."""
+        declared = io.config_inputs(Path(args["model_repository"]).parent / "generator")
+        return tuple(n for n in GEN_INPUTS if n in declared)
 
     def _own_generator(self, args, params: dict):
         """`generate: entry`: the generator model's engine, built here from its folder and settings

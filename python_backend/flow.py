@@ -136,6 +136,10 @@ class Context:
     prompter: Prompter | None = None
     # `generate: entry`: the engine in this process (generator.Generator), no generator BLS call
     generator: object | None = None
+    # what a generator call carries of the client's inputs: those of GEN_INPUTS its config declares (a
+    # repository built before an input was added still serves under newer code; Triton refuses an
+    # input a model does not declare)
+    gen_inputs: tuple = GEN_INPUTS
 
 
 class Flow:
@@ -208,7 +212,7 @@ class Flow:
     def _generate(self, inputs: dict, pre: list):
         """Stream the generator's responses through postprocessing to the client; return the
         last response's tensors (sent with the FINAL flag by `run`), or None when it was sent."""
-        gen_in = pre + [inputs[n] for n in GEN_INPUTS if n in inputs]
+        gen_in = pre + [inputs[n] for n in self.ctx.gen_inputs if n in inputs]
         direct = self.ctx.text_from_generator
         stream = pb_utils.InferenceRequest(model_name="generator", requested_output_names=OUTPUTS if direct
                                            else GEN_OUTPUTS, inputs=gen_in, request_id=self.gen_id).exec(decoupled=True)

@@ -35,14 +35,22 @@ def model_setup(args: dict) -> tuple[dict, dict, Path]:
     return config, params, model_dir / str(args["model_version"])
 
 
-def config_params(model_dir: Path) -> dict:
-    """Another model's string parameters, from its config.pbtxt: the entry with `generate: entry` runs
-    the generator's engine with the generator's own settings."""
+def _config(model_dir: Path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    config = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    return {k: v.string_value for k, v in config.parameters.items()}
+    return text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def config_params(model_dir: Path) -> dict:
+    """Another model's string parameters, from its config.pbtxt: the entry with `generate: entry` runs
+    the generator's engine with the generator's own settings."""
+    return {k: v.string_value for k, v in _config(model_dir).parameters.items()}
+
+
+def config_inputs(model_dir: Path) -> set[str]:
+    """The names of another model's inputs, from its config.pbtxt."""
+    return {i.name for i in _config(model_dir).input}
 
 
 def inputs(request) -> dict:

@@ -173,6 +173,30 @@ def test_a_raw_prompts_answer_continues_its_text_and_a_chats_starts_alone(grpc, 
     assert "".join(d.text for d in streamed) == chat.text
 
 
+
+def test_a_repository_built_before_the_generator_took_apply_chat_template_still_chats(repo, grpc, tmp_path):
+    """Newer code over an older repository (its generator config without the input, its manifest
+    written so): the entry leaves the input out of the generator call instead of Triton refusing the
+    chat ("unexpected inference input"), and raw prompts still continue their text."""
+    from tritonchat.client import ChatClient
+    from tritonchat.python_backend.manifest import read_manifest, write_manifest
+    from tritonchat.server import TritonServer
+
+    old = tmp_path / "repo"
+    shutil.copytree(repo, old)
+    config = old / "generator" / "config.pbtxt"
+    lines = config.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if '"apply_chat_template"' not in line]
+    assert len(kept) == len(lines) - 1
+    config.write_text("".join(kept))
+    info = {k: v for k, v in read_manifest(old).items() if k != "files"}
+    write_manifest(old, info)
+    with TritonServer(old) as srv, ChatClient(srv.grpc_url) as client:
+        chat = client.generate("Tom", max_tokens=12, apply_chat_template=True)
+        assert chat.output_ids == grpc.generate("Tom", max_tokens=12, apply_chat_template=True).output_ids
+        assert chat.text.lstrip() == grpc.generate("Tom", max_tokens=12, apply_chat_template=True).text
+        assert client.generate("Tom", max_tokens=12).text == grpc.generate("Tom", max_tokens=12).text
+
 def test_context_limit_ends_with_length(grpc, tokenizer):
     prompt = "Once upon a time " * 120  # ~ 481 tokens of a 512-token context
     n = len(tokenizer(prompt)["input_ids"])

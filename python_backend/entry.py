@@ -72,7 +72,10 @@ class TritonPythonModel:
     def _generator_inputs(args) -> tuple:
         """The client inputs a generator call carries: GEN_INPUTS less those the generator's config does
         not declare (a repository built before `apply_chat_template` reached the generator)."""
-        declared = io.config_inputs(Path(args["model_repository"]).parent / "generator")
+        try:
+            declared = io.config_inputs(Path(args["model_repository"]).parent / "generator")
+        except OSError:  # no generator folder beside this model: its calls fail on their own, saying so
+            return GEN_INPUTS
         return tuple(n for n in GEN_INPUTS if n in declared)
 
     def _own_generator(self, args, params: dict):

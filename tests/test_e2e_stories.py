@@ -193,8 +193,9 @@ def test_a_repository_built_before_the_generator_took_apply_chat_template_still_
     write_manifest(old, info)
     with TritonServer(old) as srv, ChatClient(srv.grpc_url) as client:
         chat = client.generate("Tom", max_tokens=12, apply_chat_template=True)
-        assert chat.output_ids == grpc.generate("Tom", max_tokens=12, apply_chat_template=True).output_ids
-        assert chat.text.lstrip() == grpc.generate("Tom", max_tokens=12, apply_chat_template=True).text
+        rebuilt = grpc.generate("Tom", max_tokens=12, apply_chat_template=True)
+        assert chat.output_ids == rebuilt.output_ids
+        assert chat.text.lstrip() == rebuilt.text
         assert client.generate("Tom", max_tokens=12).text == grpc.generate("Tom", max_tokens=12).text
 
 def test_context_limit_ends_with_length(grpc, tokenizer):

@@ -28,23 +28,38 @@ def _tokenizer(name):
     return load_tokenizer(name)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama2"])
-@pytest.mark.parametrize("text", TEXTS)
-def test_token_by_token_release_never_splits_a_character(name, text):
-    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
+def _pieces(tok, tracker, ids) -> tuple[list[str], bool]:
+    """The texts the tracker releases for `ids`, token by token, as the scheduler drives it, and
+    whether a stop string ended them (the scheduler stops there)."""
+    from tritonchat.python_backend.batching.detokenize import delta
 
-    hf = _tokenizer(name)
-    tok = hf.backend_tokenizer
-    ids = hf(text, add_special_tokens=False)["input_ids"]
-    whole = tok.decode(ids, skip_special_tokens=True)
-    tracker, pieces = TextTracker(tok), []
+    pieces, stopped = [], False
     for t in ids:
-        tracker.append(t)
+        if tracker.append(t):
+            stopped = True
+            break
         rel = tracker.ready()
         if rel:
             pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
     rel = tracker.final()
     pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
+    return pieces, stopped
+
+
+def _released(tok, tracker, ids) -> str:
+    return "".join(_pieces(tok, tracker, ids)[0])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama2"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_by_token_release_never_splits_a_character(name, text):
+    from tritonchat.python_backend.batching.detokenize import TextTracker
+
+    hf = _tokenizer(name)
+    tok = hf.backend_tokenizer
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    whole = tok.decode(ids, skip_special_tokens=True)
+    pieces, _ = _pieces(tok, TextTracker(tok), ids)
     assert "".join(pieces) == whole
     assert not any("\ufffd" in p for p in pieces)
     # and the naive per-chunk decode this replaces really is broken on these texts
@@ -55,40 +70,14 @@ def test_token_by_token_release_never_splits_a_character(name, text):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama2"])
 def test_stop_string_inside_multibyte_text(name):
-    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.detokenize import TextTracker
 
     hf = _tokenizer(name)
     tok = hf.backend_tokenizer
     text = "你好，世界！我们一起学习中文。"
     ids = hf(text, add_special_tokens=False)["input_ids"]
-    tracker, pieces, stopped = TextTracker(tok, stop_words=["一起"]), [], False
-    for t in ids:
-        if tracker.append(t):
-            stopped = True
-            break
-        rel = tracker.ready()
-        if rel:
-            pieces.append(delta(tok, rel.window, rel.read_offset))
-    rel = tracker.final()
-    pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
+    pieces, stopped = _pieces(tok, TextTracker(tok, stop_words=["一起"]), ids)
     assert stopped and "".join(pieces) == "你好，世界！我们"
-
-
-def _released(tok, tracker, ids) -> str:
-    """The text the tracker releases for `ids`, token by token, as the scheduler drives it (it stops
-    at a matched stop string)."""
-    from tritonchat.python_backend.batching.detokenize import delta
-
-    pieces = []
-    for t in ids:
-        if tracker.append(t):
-            break
-        rel = tracker.ready()
-        if rel:
-            pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
-    rel = tracker.final()
-    pieces.append(delta(tok, rel.window, rel.read_offset, rel.trim_chars))
-    return "".join(pieces)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama2"])
@@ -118,7 +107,6 @@ def test_an_output_continues_its_raw_prompt_and_a_chat_answer_starts_alone(name,
             assert _released(tok, TextTracker(tok, stop_words=only_before, context_ids=ids[:k]), out) == got, k
     if name == "llama2" and text.startswith("Once"):
         assert spaces >= 5  # the decoder's stripped first space, kept by the context
-
 
 
 def test_a_prompt_ending_in_byte_tokens_is_continued_without_replacement_chars():
@@ -195,7 +183,6 @@ def test_streamed_deltas_are_the_whole_answer_without_replacement_chars(served, 
         assert any("\u4e00" <= c <= "\u9fff" for c in whole.text)
 
 
-
 def test_an_answer_continues_its_prompt_text(served):
     """A raw prompt's answer is the text after the prompt's: prompt + answer = the answer with the
     prompt included (SentencePiece's first word keeps its space), streamed or not."""
@@ -206,11 +193,12 @@ def test_an_answer_continues_its_prompt_text(served):
         assert echoed.text == prompt + answer.text, prompt
         assert "".join(d.text for d in client.stream(prompt, max_tokens=16)) == answer.text, prompt
 
+
 def test_byte_fallback_run_is_never_split_between_releases():
     """SentencePiece renders a run of byte tokens all at once: valid UTF-8 as text, else one
     U+FFFD per byte. A run that is valid so far ("你") can turn invalid with its next byte, so
     the tracker must hold it until a non-byte token closes it."""
-    from tritonchat.python_backend.batching.detokenize import TextTracker, delta
+    from tritonchat.python_backend.batching.detokenize import TextTracker
 
     hf = _tokenizer("llama2")
     tok = hf.backend_tokenizer
@@ -219,12 +207,4 @@ def test_byte_fallback_run_is_never_split_between_releases():
     ids += [tok.token_to_id("▁world")]
     whole = tok.decode(ids, skip_special_tokens=True)
     assert "你" not in whole and "\ufffd" in whole  # the decoder's all-or-nothing run
-    tracker, pieces = TextTracker(tok), []
-    for t in ids:
-        tracker.append(t)
-        rel = tracker.ready()
-        if rel:
-            pieces.append(delta(tok, rel.window, rel.read_offset))
-    rel = tracker.final()
-    pieces.append(delta(tok, rel.window, rel.read_offset))
-    assert "".join(pieces) == whole
+    assert _released(tok, TextTracker(tok), ids) == whole

@@ -30,7 +30,7 @@ example: docs/build-config.md).
                        stream_interval_ms: 10, stream_responses_per_s: auto, prefill_token_budget: 2048,
                        prefill_wait_ms: 0, mix_prefill: true, mix_tokens: 1024, queue_timeout_ms: 0,
                        prefix_reuse: true, prefill_chunk: 128, pdl: auto, w8a8: auto, dense_kernel: auto,
-                       first_token_senders: 0, gil_switch_ms: 5, sample_on_device: true, chain_at: 0}
+                       first_token_senders: 0, gil_switch_ms: 5, sample_on_device: true}
                       # no Triton dynamic batcher (the generator batches continuously itself):
                       #   max_queue_size is the length of its own waiting line (full: UNAVAILABLE)
                       # stream_interval_ms: a stream's tokens after the first are sent at most this
@@ -67,8 +67,6 @@ example: docs/build-config.md).
                       # dense_kernel: torch engine, bf16/fp16/fp32 weights on CUDA: products of up to 16
                       #   rows (decode steps of few streams) run tritonchat's kernel where the load
                       #   times it faster than cuBLAS (auto); false: cuBLAS always
-                      # chain_at: torch engine on CUDA: the next decode step is chosen and launched once
-                      #   the running one is this far through its layers (0: as soon as it starts)
       postprocessing: {instances: 2, max_queue_delay_microseconds: 200, max_queue_size: 4096}
       ensemble:       {instances: 2, max_queue_size: 256, max_prompt_bytes: 0, max_words: 16, max_word_bytes: 256,
                        cancel_poll_ms: 20, log_requests: 0, detokenize: generator, tokenize: entry,
@@ -121,7 +119,7 @@ DEFAULTS: dict = {
                       "stream_interval_ms": 10, "stream_responses_per_s": "auto", "prefill_token_budget": 2048,
                       "prefill_wait_ms": 0, "mix_prefill": True, "mix_tokens": 1024, "queue_timeout_ms": 0,
                       "prefix_reuse": True, "prefill_chunk": 128, "pdl": "auto", "first_token_senders": 0,
-                      "gil_switch_ms": 5, "sample_on_device": True, "chain_at": 0,
+                      "gil_switch_ms": 5, "sample_on_device": True,
                       "w8a8": "auto", "dense_kernel": "auto"},
         "postprocessing": {"instances": 2, "max_queue_delay_microseconds": 200, "max_queue_size": 4096},
         "ensemble": {"instances": 2, "max_queue_size": 256, "max_prompt_bytes": 0, "max_words": 16, "max_word_bytes": 256,
@@ -149,6 +147,10 @@ RETIRED = {
     "models.generator.max_queue_delay_microseconds":
         "the generator has no Triton dynamic batcher: it batches continuously itself, and Triton's batcher "
         "in front of it delayed requests by a missed wake-up (see model_repository/generator/config.pbtxt)",
+    "models.generator.chain_at":
+        "choosing the next decode step later in the running one gave no steady gain on an H100 (TTFT p50 at "
+        "16 streams within the run-to-run spread over three alternating pairs, worse at 64 streams; "
+        "docs/benchmarks-gpu.md, thirty-sixth session)",
 }
 
 
@@ -231,8 +233,6 @@ def load_settings(path: Path | None = None, **overrides) -> dict:
     if not _number(g["gil_switch_ms"], 0.01) or float(g["gil_switch_ms"]) > 100:
         raise SettingsError("models.generator.gil_switch_ms must be a number from 0.01 to 100, "
                             f"got {g['gil_switch_ms']!r}")
-    if not _number(g["chain_at"], 0) or float(g["chain_at"]) > 1:
-        raise SettingsError(f"models.generator.chain_at must be a number from 0 to 1, got {g['chain_at']!r}")
     if not _number(g["prefill_token_budget"], 1):
         raise SettingsError(f"models.generator.prefill_token_budget must be >= 1, got {g['prefill_token_budget']!r}")
     e = s["models"]["ensemble"]

@@ -76,7 +76,6 @@ class FakeEngine(Engine):
         self.copies: list[tuple[int, int, int]] = []  # (src, dst, n) of every copy_prefix
         self.calls: list[tuple] = []  # ("prefill", n) | ("decode", rows) | ("greedy", rows, prompts, chained)
         self.steps: list[FakeStep] = []
-        self.on_chain_point = None
 
     # -- the model ---------------------------------------------------------------------------
     def target(self, state: int) -> int:
@@ -224,13 +223,6 @@ class FakeEngine(Engine):
         step = FakeStep(ids, np.concatenate([slots, new_slots]))
         self.steps.append(step)
         return step
-
-    def chain_point(self, step) -> None:
-        """Logged; `on_chain_point(step)` runs here where a test set it (a request arriving while the
-        scheduler waits for the running step to get that far)."""
-        self.calls.append(("chain_point", len(self.steps)))
-        if self.on_chain_point is not None:
-            self.on_chain_point(step)
 
     def track(self, slot: int, prompt_ids) -> None:
         if not self.can_sample:

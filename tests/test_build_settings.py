@@ -79,7 +79,6 @@ def test_generate_in_entry_one_instance_and_no_gpu_for_the_generator_model(tmp_p
     ({"models": {"generator": {"mix_prefill": "yes"}}}, r"mix_prefill must be true or false, got 'yes'"),
     ({"models": {"generator": {"sample_on_device": 1}}}, r"sample_on_device must be true or false, got 1"),
     ({"models": {"generator": {"mix_tokens": 1.5}}}, r"mix_tokens must be a whole number >= 0, got 1.5"),
-    ({"models": {"generator": {"chain_at": 1.5}}}, r"chain_at must be a number from 0 to 1, got 1.5"),
     ({"models": {"generator": {"pdl": "yes"}}}, r"models.generator.pdl must be auto, true or false, got 'yes'"),
     ({"models": {"generator": {"pdl": True}}}, r"pdl true is the torch engine's on a CUDA device"),
     ({"models": {"generator": {"w8a8": True}}}, r"models.generator.w8a8 must be auto or false, got True"),
@@ -100,11 +99,14 @@ def test_bad_values_are_refused(bad, message):
         load_settings(**bad)
 
 
-def test_retired_generator_queue_delay_says_why(tmp_path):
+@pytest.mark.parametrize("key, value, why", [
+    ("max_queue_delay_microseconds", 100, "the generator has no Triton dynamic batcher"),
+    ("chain_at", 0.75, "choosing the next decode step later in the running one gave no steady gain"),
+])
+def test_retired_generator_settings_say_why(tmp_path, key, value, why):
     cfg = tmp_path / "build.yaml"
-    cfg.write_text("models:\n  generator: {max_queue_delay_microseconds: 100}\n")
-    with pytest.raises(SettingsError, match="'models.generator.max_queue_delay_microseconds' was removed: "
-                                            "the generator has no Triton dynamic batcher"):
+    cfg.write_text(f"models:\n  generator: {{{key}: {value}}}\n")
+    with pytest.raises(SettingsError, match=f"'models.generator.{key}' was removed: {why}"):
         load_settings(cfg)
 
 

@@ -225,66 +225,6 @@ def test_a_long_prompt_gets_a_prefill_of_its_own_and_the_chain_resumes():
         assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
 
 
-def test_a_request_arriving_at_the_chain_point_rides_in_the_next_step():
-    """The scheduler chooses a chained step's prompts after the engine's `chain_point` on the step
-    running (the torch engine's `chain_at`: that far through its layers), not before: a request that
-    arrives while it waits there is carried by the very next step launched, and its answer and the
-    running stream's are each their own."""
-    from tritonchat.python_backend.batching.scheduler import Scheduler
-
-    ex, tok = fake(max_slots=3, can_chain=True, can_mix=True, step_s=0.001)
-    sched = Scheduler(ex)
-    jobs = [("Tom", 40), ("Lily", 10)]
-    outs, finals, sink_of = _collect(2)
-    arrived, last = [], []
-
-    def arrive(step):  # the 5th wait at the point: the second request comes then
-        last.append(step is ex.steps[-1])  # no step launched behind the one it waits on
-        if sum(c[0] == "chain_point" for c in ex.calls) == 5:
-            arrived.append(len(ex.calls))
-            sched.submit(_seq(tok, *jobs[1], sink_of(1)))
-    ex.on_chain_point = arrive
-    sched.submit(_seq(tok, *jobs[0], sink_of(0)))
-    for _ in range(2):
-        assert finals.acquire(timeout=10)
-    sched.shutdown()
-    # every wait is on the step launched last, and the engine call right after the arrival launches the
-    # chained step (one decode row) carrying the new prompt
-    assert len(last) > 5 and all(last), last
-    assert ex.calls[arrived[0]] == ("greedy", 1, 1, True), ex.calls[arrived[0] - 1:arrived[0] + 2]
-    for i, (prompt, n) in enumerate(jobs):
-        text = _streamed_text(outs[i])
-        assert text == _words(*ex.reference(tok.encode(prompt).ids, n, (2,)))
-
-
-def test_a_stream_cancelled_at_the_chain_point_is_left_out_of_the_next_step():
-    """The rows going on are chosen before the wait at the chain point (less host work after it);
-    a stream the courier flags as cancelled during that wait is still left out of the very next step,
-    gets no more tokens, and the other stream runs to its end."""
-    from tritonchat.python_backend.batching.scheduler import Scheduler
-
-    ex, tok = fake(max_slots=3, can_chain=True, can_mix=True, step_s=0.001)
-    sched = Scheduler(ex)
-    outs, finals, sink_of = _collect(2)
-    seqs = [_seq(tok, "Tom", 40, sink_of(0)), _seq(tok, "Lily", 40, sink_of(1))]
-    flagged = []
-
-    def cancel(step):  # once both run: the courier flags the second during the wait
-        if not flagged and ex.calls[-2][:2] == ("greedy", 2):
-            flagged.append(len(ex.calls))
-            seqs[1].cancelled = True
-    ex.on_chain_point = cancel
-    for s in seqs:
-        sched.submit(s)
-    for _ in range(2):
-        assert finals.acquire(timeout=10)
-    sched.shutdown()
-    assert flagged and ex.calls[flagged[0]] == ("greedy", 1, 0, True), ex.calls[flagged[0] - 2:flagged[0] + 2]
-    assert outs[1][-1].finish_reason == "cancelled" and outs[0][-1].error is None
-    text = _streamed_text(outs[0])
-    assert text == _words(*ex.reference(tok.encode("Tom").ids, 40, (2,)))
-
-
 # -- failures, shutdown, a full line -------------------------------------------------------------------
 
 def _collect(n):

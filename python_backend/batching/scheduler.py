@@ -197,16 +197,7 @@ class Scheduler:
         new = self._pop_mix(key) if self._mix_due(key) else []
         step = self._launch(rows, new, ban, tokens=np.array([s.last_token for s in rows], dtype=np.int64))
         while True:
-            ahead = None
-            going = self._going_on(rows + new) if self.engine.can_chain and not self._stop else None
-            if going is not None:
-                # the prompts chosen as late as the engine says (`chain_at`): requests that arrive
-                # meanwhile ride in the next step; the rows going on were chosen before the wait, so
-                # that less host work stands between the point and the launch
-                t = time.perf_counter()
-                self.engine.chain_point(step)
-                self.stats.chain_wait_s += time.perf_counter() - t
-                ahead = self._chain(*going, step)
+            ahead = self._chain(rows + new, step) if self.engine.can_chain and not self._stop else None
             self._take(rows, self._tokens(step), new)
             if ahead is None:
                 return
@@ -225,24 +216,15 @@ class Scheduler:
             rows[i].failure = message
         return tokens
 
-    def _going_on(self, seqs: list[Sequence]):
-        """The rows of the step after the one in flight, of `seqs` (the sequences it runs), and their
-        ban: (rows, ban), or None where some row needs its logits on the host (no chain). Nothing the
-        wait at the chain point changes, but a cancellation, which `_chain` checks again."""
+    def _chain(self, seqs: list[Sequence], step):
+        """Launch the step after `step` (in flight) over the sequences of `seqs` that go on (their
+        tokens: `step`'s ids on the device) plus the waiting requests it can carry; (rows, new, step),
+        or None to end the chain (a row needs its logits on the host, or a prefill of its own is due)."""
         rows = sorted((s for s in seqs if s.slot >= 0 and not s.cancelled and s.generated + 1 < s.limit),
                       key=lambda s: s.slot)
         ban = greedy_ban([s.sampler for s in rows], 1, draw=self.draw)
-        return None if ban is False else (rows, ban)
-
-    def _chain(self, rows: list[Sequence], ban, step):
-        """Launch the step after `step` (in flight) over the `rows` that go on (`_going_on`; their
-        tokens: `step`'s ids on the device) plus the waiting requests it can carry; (rows, new, step),
-        or None to end the chain."""
-        if any(s.cancelled for s in rows):  # the courier flagged one during the wait
-            going = self._going_on(rows)
-            if going is None:
-                return None
-            rows, ban = going
+        if ban is False:
+            return None
         key = ban_key(rows, ban)
         new = []
         if self._admission_due():

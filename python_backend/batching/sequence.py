@@ -85,7 +85,6 @@ class Stats:
     prefill_exec_s: float = 0.0
     launch_s: float = 0.0
     decode_wait_s: float = 0.0
-    chain_wait_s: float = 0.0  # for the running step to reach the point where the next is launched
     bookkeeping_s: float = 0.0
     idle_s: float = 0.0
     # time admitted requests waited in the queue (arrival to the start of their prefill), and time
@@ -114,8 +113,8 @@ class Stats:
         out["avg_batch"] = round(self.batch_size_sum / self.steps, 2) if self.steps else 0.0
         calls = self.prefill_calls + self.mixed_steps
         out["prompts_per_prefill"] = round(self.prefills / calls, 2) if calls else 0.0
-        # per decode step: its launch on the host, the wait for its tokens, the wait at the chain point
-        for key in ("launch", "decode_wait", "chain_wait"):
+        # per decode step: its launch on the host, the wait for its tokens
+        for key in ("launch", "decode_wait"):
             out[f"{key}_ms_mean"] = round(1e3 * getattr(self, f"{key}_s") / self.steps, 3) if self.steps else 0.0
         out["queue_ms_mean"] = round(1e3 * self.queue_s / self.prefills, 2) if self.prefills else 0.0
         out["slot_gap_ms_mean"] = round(1e3 * self.slot_gap_s / self.slot_gaps, 2) if self.slot_gaps else 0.0

@@ -57,8 +57,6 @@ def engine_options(params: dict) -> dict:
         opts["dense_kernel"] = False  # models.generator.dense_kernel: false, cuBLAS for every product
     if params.get("mix_tokens"):
         opts["mix_tokens"] = int(params["mix_tokens"])
-    if params.get("engine") == "torch" and float(params.get("chain_at") or 0):
-        opts["chain_at"] = float(params["chain_at"])  # models.generator.chain_at: the next step launched later
     if params.get("engine") == "torch" and params.get("precision") in TORCH_WEIGHTS:
         opts["weights"] = TORCH_WEIGHTS[params["precision"]]  # a build with --precision fp8 / int8-weight-only
         if params.get("w8a8") == "false":

@@ -282,11 +282,6 @@ class Engine(abc.ABC):
             tokens = chain.result()
         return Done(self.decode_greedy(slots, tokens, ban))
 
-    def chain_point(self, step) -> None:
-        """Return when the scheduler should choose and launch the step after `step` (launched last,
-        running): requests that arrive before then ride in it. Here at once; the torch engine with
-        `chain_at` waits until the running step is that far through its layers."""
-
     def warmup(self) -> None:
         """Prepare for the first request (the torch engine captures its CUDA graphs); called at load."""
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..base import Engine
-from .graphs import StepGraphs, batch_sizes, step_mark
+from .graphs import StepGraphs, batch_sizes
 from .hf_fallback import HFSlots
 from .kernels import load_kernels, pdl_supported
 from .layout import BAN_IDS, IN_ROWS, MIX_PROMPTS, Layout
@@ -70,7 +70,7 @@ class TorchEngine(Engine):
                  model=None, kernels: str = "auto", attention: str = "auto",
                  length_bucket: int = 256, prefill_graphs: bool = True, prefill_graph_tokens: int = 2048,
                  mix_tokens: int = 1024, weights: str = "dtype", pdl="auto", w8a8_rows="auto",
-                 dense_kernel: bool = True, tune_cache="auto", chain_at: float = 0.0, **_unused):
+                 dense_kernel: bool = True, tune_cache="auto", **_unused):
         """`model_path`: a Hugging Face model folder; or pass an already built transformers
         `model=` (its weights are read, fused and cast; unfused ones already on `device` in `dtype`
         are shared, not copied). `kernels`: "auto" | "triton" | "torch"; `attention`: "auto" |
@@ -91,9 +91,7 @@ class TorchEngine(Engine):
         `dense_kernel` (weights in `dtype`, Triton kernels): products of up to `matmul.DENSE_KERNEL_ROWS`
         rows run the 8-bit products' kernel where `warmup()` times it faster than cuBLAS; False: cuBLAS
         always. `tune_cache`: the folder where `warmup()` keeps the kernel's tuning for the next start
-        ("auto": `matmul.tune_cache_dir()`; None: time it on every start). `chain_at`: the fraction of
-        a running step's layers after which `chain_point` lets the scheduler launch the next (CUDA; 0:
-        at once, the step before barely started)."""
+        ("auto": `matmul.tune_cache_dir()`; None: time it on every start)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("TorchEngine(device='cuda') but torch sees no CUDA device")
@@ -108,7 +106,6 @@ class TorchEngine(Engine):
         self.short_span = True
         self.length_bucket = max(1, int(length_bucket))
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)
-        self._mark = None  # the event a step records `chain_at` through its layers (graphs.step_mark)
 
         owned = model is None
         if model is None:
@@ -172,7 +169,6 @@ class TorchEngine(Engine):
                            dense_kernel=bool(dense_kernel))
         if owned:
             del model
-        self.chain_at, self._mark = chain_at, step_mark(self.llama, chain_at, self.device)  # before any capture
 
         self.layout = Layout(attention == "triton", self.max_slots, self.max_seq_len, self.length_bucket)
         sizes = batch_sizes(graph_batch_sizes, self.max_slots)
@@ -516,7 +512,7 @@ class TorchEngine(Engine):
                     if k:
                         host[n:n + k].copy_(ids[cols:cols + k], non_blocking=True)
                     self._events[r].record(torch.cuda.current_stream(self.device))
-                    step = _Step(host.numpy(), self._events[r], n + k, (self._ids_owner, r), all_slots, self._mark)
+                    step = _Step(host.numpy(), self._events[r], n + k, (self._ids_owner, r), all_slots)
                     self._ids_owner[r] = step
         self._last_step = step
         self._lengths[slots] = pos + 1
@@ -588,10 +584,6 @@ class TorchEngine(Engine):
         self._lengths[slots] = pos + 1
         return result
 
-    def chain_point(self, step) -> None:
-        if step is self._last_step and step.mark is not None:  # else the event holds a later step's record
-            step.mark.synchronize()
-
     def track(self, slot: int, prompt_ids) -> None:
         if not 0 <= int(slot) < self.max_slots:
             raise ValueError(f"slot {slot} out of range")
@@ -609,7 +601,7 @@ class TorchEngine(Engine):
     def describe(self) -> dict:
         d = {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
              "path": self.path, "kernels": self.kernels, "attention": self.attention,
-             "cuda_graphs": self.cuda_graphs, "pdl": self.pdl, "chain_at": self._mark is not None and self.chain_at}
+             "cuda_graphs": self.cuda_graphs, "pdl": self.pdl}
         if self.path == "native":
             d["weights"] = self.llama.weights
             if self.llama.mm.w8a8_rows is not None:
@@ -629,13 +621,13 @@ class TorchEngine(Engine):
 
 class _Step:
     """A greedy decode step in flight: its ids (one per slot of `slots`) land in `host` once `done` has
-    passed; `mark`: the event it records `chain_at` through its layers. `ring`: (owners, k) when `host` is
-    the k-th of the engine's pinned buffers taken in turn: read after _RING later steps reused it, an error."""
+    passed. `ring`: (owners, k) when `host` is the k-th of the engine's pinned buffers taken in turn:
+    read after _RING later steps reused it, an error."""
 
-    __slots__ = ("host", "done", "n", "ring", "slots", "mark")
+    __slots__ = ("host", "done", "n", "ring", "slots")
 
-    def __init__(self, host, done, n, ring=None, slots=None, mark=None):
-        self.host, self.done, self.n, self.ring, self.mark = host, done, n, ring, mark
+    def __init__(self, host, done, n, ring=None, slots=None):
+        self.host, self.done, self.n, self.ring = host, done, n, ring
         self.slots = np.zeros(0, np.int64) if slots is None else slots  # the slot of each id
 
     def result(self) -> np.ndarray:

@@ -22,7 +22,6 @@ the engine, so dropping the engine frees its memory at once).
 from __future__ import annotations
 
 import collections
-import math
 import time
 import warnings
 
@@ -40,25 +39,6 @@ def batch_sizes(requested, max_slots: int) -> list[int]:
     `max_slots` plus `max_slots` itself."""
     return sorted({int(s) for s in (requested or [s for s in DEFAULT_BATCH_SIZES if s < max_slots] + [max_slots])
                    if int(s) > 0})
-
-
-def step_mark(llama, chain_at: float, device: torch.device):
-    """The CUDA event each step records once `chain_at` (0 to 1) of its layers are done (`Llama.mark`),
-    or None: off (0) or not on CUDA. The event is external, so that a graph captured with it
-    records it at that point of every replay (a capture would otherwise keep it as an internal
-    dependency); a torch without such events leaves it off, with a warning."""
-    chain_at = float(chain_at)
-    if not 0 <= chain_at <= 1:
-        raise ValueError(f"chain_at must be from 0 to 1 (a fraction of a step's layers), not {chain_at}")
-    if not chain_at or device.type != "cuda":
-        return None
-    try:
-        event = torch.cuda.Event(external=True)
-    except TypeError:
-        warnings.warn("TorchEngine: this torch cannot record events inside CUDA graphs; chain_at is off")
-        return None
-    llama.mark = (max(0, math.ceil(chain_at * llama.num_layers) - 1), event)
-    return event
 
 
 def record(fn, pool, device):

@@ -124,9 +124,6 @@ class Llama:
         self.device, self.dtype = device, dtype
         self.kernels, self.attention, self._tk = kernels, attention, tk
         self._pdl = pdl_launch(pdl)  # the decode step's Triton launches (kernels.py, "PDL")
-        # (layer index, CUDA event): recorded once that layer is done, in every step and in the graphs
-        # captured after it is set, so the host can tell how far a running step has got (`chain_at`)
-        self.mark: tuple | None = None
         cfg, dev, dt = model.config, device, dtype
         inner = model.model
         self.num_layers = len(inner.layers)
@@ -394,16 +391,13 @@ class Llama:
         q/k/v rows (RoPE and the cache write included)."""
         x = F.embedding(tok, self.embed)
         res = None
-        mark, event = self.mark or (-1, None)
-        for i, L in enumerate(self.layers):
+        for L in self.layers:
             h, res = self.add_norm(x, res, L.in_norm, fp8=self.fp8_input(x, L.wqkv))
             qkv = self.linear(h, L.wqkv, L.bqkv)
             o = self.linear(attn(qkv, L), L.wo, L.bo)
             h, res = self.add_norm(o, res, L.post_norm, fp8=self.fp8_input(o, L.wgu))
             gu = self.linear(h, L.wgu, L.bgu)
             x = self.linear(self.silu_mul(gu, fp8=self.fp8_input(gu, L.wd)), L.wd, L.bd)
-            if i == mark:
-                event.record()
         if last is not None:  # prefill: only the last row of each prompt goes on to the head
             x, res = x[last], res[last]
         h, _ = self.add_norm(x, res, self.norm, fp8=self.fp8_input(x, self.lm_head))

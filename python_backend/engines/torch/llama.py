@@ -126,7 +126,6 @@ class Llama:
         self._pdl = pdl_launch(pdl)  # the decode step's Triton launches (kernels.py, "PDL")
         cfg, dev, dt = model.config, device, dtype
         inner = model.model
-        self.num_layers = len(inner.layers)
         attn0 = inner.layers[0].self_attn
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)

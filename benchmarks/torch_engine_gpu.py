@@ -68,11 +68,14 @@ VARIANTS = {
     # the products of 16 rows and more may take the kernel's TMA form where tuned faster (bf16: up to
     # 64 rows, against cuBLAS)
     "triton+graphs tma": ("triton", "triton", True, 256, {"tma_kernel": True}),
+    "triton+graphs int8 tma": ("triton", "triton", True, 256, {"weights": "int8", "tma_kernel": True}),
     # the decode attention split for the whole cache every step (by default steps whose sequences all
     # fit in split_min positions take graphs without a split: TorchEngine._attn_span)
     "triton+graphs longspan": ("triton", "triton", True, 256, {"short_span": False}),
     "triton+graphs fp8 longspan": ("triton", "triton", True, 256, {"weights": "fp8", "short_span": False}),
     "triton+graphs fp8 tma": ("triton", "triton", True, 256, {"weights": "fp8", "tma_kernel": True, "a8_kernel": True}),
+    # the TMA form (warp-specialised too at 64 rows) among the FP8 W8A16 forms, without the A8 form
+    "triton+graphs fp8 tma-w8a16": ("triton", "triton", True, 256, {"weights": "fp8", "tma_kernel": True}),
     # the dense products (bf16 cuBLAS ones, the 8-bit ones' widened weights above MAX_SKINNY_M rows) through
     # cuBLASLt instead of cuBLAS (torch's preferred BLAS library, set while the variant's graphs are captured)
     "triton+graphs cublaslt": ("triton", "triton", True, 256, {"blas": "cublaslt"}),
@@ -451,7 +454,8 @@ def table(res):
                              f"({fmt} {q[f'b{b}']['step_ms']:.3f} ms = {q[f'b{b}']['step_ms'] / own:.2f} x its own "
                              f"bound {own:.3f} ms, {q['weight_bytes'] / 1e9:.2f} GB of weights)")
     for name, other in (("fp8", "fp8 w8a16"), ("fp8 w8a8", "fp8 w8a16"), ("fp8", "fp8 unfused"),
-                        ("fp8 a8from33", "fp8"), ("fp8 a8kernel", "fp8"), ("tma", ""), ("fp8 tma", "fp8 a8kernel"),
+                        ("fp8 a8from33", "fp8"), ("fp8 a8kernel", "fp8"), ("tma", ""), ("int8 tma", "int8"),
+                        ("fp8 tma", "fp8 a8kernel"), ("fp8 tma-w8a16", "fp8"),
                         ("fp8", "fp8 a8only")):
         q, o = timings.get(f"triton+graphs {name}", {}), timings.get(f"triton+graphs {other}".strip(), {})
         for b in BATCHES:  # W8A8 against W8A16, and its input rounded in the op before against on its own

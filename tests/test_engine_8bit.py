@@ -249,6 +249,10 @@ for (m, n, k), fmt in zip([(17, 40, 200), (64, 48, 136), (16, 70, 264)], ["int8"
     wide = torch.randn(m, k + 3)
     worst = max(worst, (mm.launch(wide[:, :k], w, configs[0]) - wide[:, :k] @ w.widened().t()).abs().max().item())
 assert {c["FORM"] for c in candidate_configs(64, 48, 136, 4, fmt="dtype", tma=True)} == {TMA_FORM}
+# in the 64-row bucket each TMA tile also warp-specialised (run above; the interpreter ignores the partitioning)
+from tritonchat.python_backend.engines.torch.matmul import WS_ROWS
+assert any(c.get("WS") for c in candidate_configs(WS_ROWS, 48, 136, 4, fmt="fp8", tma=True))
+assert not any(c.get("WS") for b in (32, 128) for c in candidate_configs(b, 48, 136, 4, fmt="int8", tma=True))
 assert TMA_FORM not in {c["FORM"] for c in candidate_configs(64, 48, 136, 4, fmt="int8")}
 path, = sys.argv[1:]
 def engines(**over):
@@ -344,7 +348,7 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
     # the TMA form (w8_matmul_tma): tensor descriptors in, the copy engine's loads and wgmma out
     tma = load_kernels().w8_matmul_tma
     for wdt, bn, bk in (("bf16", 128, 128), ("fp8e4nv", 128, 128), ("i8", 64, 256)):
-        const = dict(BM=64, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16")
+        const = dict(BM=64, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16", WS=False)
         sig = dict(XD=f"tensordesc<bf16[64, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32", Y="*bf16",
                    P="*fp32", C="*i32", **{a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_ym", "stride_p")},
                    **{k: "constexpr" for k in const})
@@ -353,6 +357,19 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"] and "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx, wdt
         assert kernel.metadata.shared <= 227 * 1024, (wdt, kernel.metadata.shared)  # an H100's shared memory
+    # warp-specialised (WS) in the 64-row bucket, with the stages `ws_stages` gives the tile: partitioned, and it fits
+    from tritonchat.python_backend.engines.torch.matmul import WS_ROWS, ws_stages
+    for wdt, fmt, bn, bk in (("bf16", "dtype", 128, 128), ("fp8e4nv", "fp8", 64, 256), ("i8", "int8", 128, 64)):
+        const = dict(BM=WS_ROWS, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16", WS=True)
+        sig = dict(XD=f"tensordesc<bf16[{WS_ROWS}, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32",
+                   Y="*bf16", P="*fp32", C="*i32",
+                   **{a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_ym", "stride_p")},
+                   **{k: "constexpr" for k in const})
+        src = ASTSource(fn=tma, signature=sig, constexprs={(tma.arg_names.index(k),): v for k, v in const.items()})
+        stages = ws_stages(WS_ROWS, bn, bk, fmt)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+        assert "ttg.warp_specialize" in kernel.asm["ttgir"] and kernel.metadata.shared <= 227 * 1024, \
+            (wdt, stages, kernel.metadata.shared)
 
 
 def test_the_8bit_product_kernel_interpreted(tmp_path):
@@ -451,7 +468,7 @@ def test_fp8_settings_are_refused_where_they_cannot_run():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the opt-in forms' GPU run)")
 def test_the_opt_in_forms_give_the_products_on_the_gpu():
     """The TMA form (each candidate tile at 16 and 64 rows, int8 / FP8 / bf16 weights, whole K and its
-    largest split, with PDL) against the float32 product of the widened weights; the FP8 form (W8A8,
+    largest split, with PDL; at 64 rows warp-specialised too) against the float32 product of the widened weights; the FP8 form (W8A8,
     64 and 128 rows, the same choice) against the float32 product of the rounded rows; on Hopper only
     (TMA, FP8 tensor cores). bf16 products: within 2 % of the largest output. (Each tile is a Triton
     compile: the choice keeps the GPU test step's time down.)"""
@@ -467,12 +484,12 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
     torch.manual_seed(0)
     from triton.runtime.errors import OutOfResources
 
-    ran = {TMA_FORM: 0, A8_FORM: 0, "too large": 0}
+    ran = {TMA_FORM: 0, "ws": 0, A8_FORM: 0, "too large": 0}
     def some(configs):  # per tile: whole K and the largest split, with PDL
         tiles = {}
         for c in configs:
             if c["PDL"]:
-                tiles.setdefault((c["FORM"], c["BN"], c["BK"]), []).append(c)
+                tiles.setdefault((c["FORM"], c["BN"], c["BK"], c.get("WS", False)), []).append(c)
         return [c for cs in tiles.values() for c in {id(cs[0]): cs[0], id(cs[-1]): cs[-1]}.values()]
 
     for n, k in ((2560, 2048),):
@@ -491,7 +508,7 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
                             continue
                         err = (y.float() - ref).abs().max() / ref.abs().max()
                         assert err < 0.02, (fmt, m, cfg, float(err))
-                        ran[TMA_FORM] += 1
+                        ran["ws" if cfg.get("WS") else TMA_FORM] += 1
             if fmt == "fp8":
                 for m in (64, 128):
                     xq, sx = mm.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
@@ -506,7 +523,7 @@ def test_the_opt_in_forms_give_the_products_on_the_gpu():
                         assert err < 0.02, (m, cfg, float(err))
                         ran[A8_FORM] += 1
     print("checked", ran)
-    assert ran[TMA_FORM] and ran[A8_FORM]
+    assert ran[TMA_FORM] and ran["ws"] and ran[A8_FORM]
     assert int(mm._count.abs().sum()) == 0  # every split's tile counters back at 0
 
 

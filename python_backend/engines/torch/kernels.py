@@ -418,10 +418,13 @@ def load_kernels():
     @triton.jit
     def w8_matmul_tma_kernel(XD, WD, S, Y, P, C, M, N, K, KS, SPLIT, stride_ym, stride_p,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FIXUP: tl.constexpr,
-                             IEEE: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = True):
+                             IEEE: tl.constexpr, PDL: tl.constexpr = False, SCALED: tl.constexpr = True,
+                             WS: tl.constexpr = False):
         # w8_matmul's FORM 1 (tl.dot(X, W^T), at least 16 rows) over tensor descriptors: Hopper's copy
         # engine (TMA) streams the rows' and the weights' tiles into shared memory, where tl.dot reads
         # them; past K and past M the descriptors read zeros. 8-bit weights are widened after the load.
+        # WS: the loop warp-specialised (Triton's Hopper pass, 64 rows or more): a producer warpgroup
+        # issues the copies, the consumer the MMAs, so a wait on one MMA does not stall the next copy.
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         pm = tl.program_id(2)
@@ -431,7 +434,7 @@ def load_kernels():
         if PDL:
             _gdc_wait()
             _gdc_launch()
-        for k0 in range(pk * KS, pk * KS + KS, BK):
+        for k0 in tl.range(pk * KS, pk * KS + KS, BK, warp_specialize=WS):
             x = XD.load([pm * BM, k0])
             w = WD.load([pn * BN, k0])
             if IEEE:

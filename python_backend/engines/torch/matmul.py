@@ -30,7 +30,9 @@ With `W8Matmul.tma_kernel` the products of 16 rows and more also time the TMA fo
 `tl.dot` form with its tiles streamed into shared memory by Hopper's copy engine, tensor
 descriptors), for dense weights up to `TMA_DENSE_ROWS` rows against cuBLAS: at 32-64 rows neither
 cuBLAS nor the plain-load forms passed ~2.2 TB/s. Off: it lost to cuBLAS on every bf16 product at
-32-64 rows on an H100 and moved neither step by more than 2.4 % (docs/benchmarks-gpu.md).
+32-64 rows on an H100 and moved neither step by more than 2.4 % (docs/benchmarks-gpu.md). At 33-64 rows
+each TMA tile is timed warp-specialised too (`WS`: Triton's Hopper partitioning gives the copies warps
+of their own, so the weights keep streaming while the MMAs wait; thirty-seventh session).
 Weights kept in the engine's dtype (`DenseWeight`) go through the same kernel at up to
 `DENSE_KERNEL_ROWS` rows where `tune` timed it faster than the dense product (cuBLAS), else that: at
 one row cuBLAS's bf16 products ran at 1.3-2.5 TB/s on an H100 and added a split-K reduce kernel
@@ -228,7 +230,7 @@ class W8Matmul:
                 TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w.q, [bn, bk]),
                 y if w.dense else w.scale, y, ws, cnt, m, n, k, ks, split, y.stride(0), grid[2] * bm * n,
                 BM=bm, BN=bn, BK=bk, FIXUP=split > 1, IEEE=x.dtype == torch.float32, SCALED=not w.dense,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl)
+                WS=cfg.get("WS", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl)
             return y
         _launcher(self._tk.w8_matmul, grid, warmup)(
             x, w.q, y if w.dense else w.scale, y if sx is None else sx, y, ws, cnt, m, n, k, ks, split, x.stride(0),
@@ -456,6 +458,11 @@ A8_FORM = 5  # W8A8: FP8 rows by FP8 weights, nothing widened
 TMA_FORM = 6  # form 1 with the tiles streamed by Hopper's TMA (kernels.py, w8_matmul_tma)
 # weights in the engine's dtype try the TMA form up to this many rows (the other forms: DENSE_KERNEL_ROWS)
 TMA_DENSE_ROWS = 64
+# the TMA form is also timed warp-specialised (`WS`: producer warps keep the copies going while the
+# consumer warps run the MMAs) in this row bucket alone: Triton 3.6 partitions the loop only where the
+# tile's rows fill a warpgroup's MMA (64; at 16 and 32 it compiles the plain pipelined loop), and
+# Triton 3.9's partitioning pass fails on 128-row tiles
+WS_ROWS = 64
 GEMV_FORMS = (0, 3, 4)  # one row on the CUDA cores
 
 
@@ -479,8 +486,8 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     programmatic dependent launch and without (`PDL`); `fmt` (the weights': "int8", "fp8", or "dtype"
     for a `DenseWeight`; None: every form) drops the forms that lost or cannot run; `a8`: the FP8
     form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16 rows the TMA form's
-    too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows, only those). Each
-    distinct tile, whole K or split, with PDL or without, is a Triton compile when the engine loads
+    too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows, only those), at
+    WS_ROWS rows each also warp-specialised (`WS`, `ws_stages`). Each distinct tile, whole K or split, with PDL or without, is a Triton compile when the engine loads
     (`precompile`), shared by the shapes whose integer arguments Triton specializes alike (K and the
     split are not compile-time constants, but a split of 1 or divisible by 16 is specialized)."""
     tiles = []
@@ -502,9 +509,22 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
         tma_tiles = [(TMA_FORM, bn, bk) for bn in (64, 128) for bk in (64, 128, 256)
                      if (2 * rows + wb * bn) * bk <= 49152]
         tiles = tma_tiles if fmt == "dtype" and bm > DENSE_KERNEL_ROWS else tiles + tma_tiles
-    return [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
-            for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)
-            for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
+    configs = [dict(FORM=form, BN=bn, BK=bk, SPLIT=split, PDL=p, num_warps=4, num_stages=4)
+               for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)
+               for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
+    if bm == WS_ROWS:  # each TMA tile also warp-specialised, with the most stages that fit beside it
+        configs += [{**c, "WS": True, "num_stages": ws_stages(bm, c["BN"], c["BK"], fmt)} for c in configs
+                    if c["FORM"] == TMA_FORM and ws_stages(bm, c["BN"], c["BK"], fmt)]
+    return configs
+
+
+def ws_stages(bm: int, bn: int, bk: int, fmt: str | None) -> int:
+    """The stages of a warp-specialised TMA tile of `bm` rows: Triton's Hopper
+    partitioning keeps about one stage more in shared memory than it is given (compiled for sm_90 by
+    Triton 3.6: 64 x 128 x 128 bf16 tiles took 213 KB at 3 stages, 262 KB at 4), so the most of 4, 3
+    or 2 with that stage and the epilogue's ~16 KB within an H100's 227 KB; 0: none fits."""
+    stage = (2 * bm + (2 if fmt == "dtype" else 1) * bn) * bk
+    return next((s for s in (4, 3, 2) if (s + 1) * stage + 16384 <= 227 * 1024), 0)
 
 
 def _splits(bm: int, n: int, k: int, bn: int, bk: int, sms: int) -> list[int]:

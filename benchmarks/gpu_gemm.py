@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--pdl", action="store_true", help="8-bit configurations also with programmatic dependent "
                     "launch (each of the 22 starts while the one before ends)")
     ap.add_argument("--tma", action="store_true", help="from 16 rows also the kernel's TMA form (`dot-tma`; "
-                    "over the bf16 weights too, against cuBLAS; from 64 rows also warp-specialised, `dot-tma/ws`)")
+                    "over the bf16 weights too, against cuBLAS; at 64 rows also warp-specialised, `dot-tma/ws`)")
     ap.add_argument("--blas", default="cublas", help="comma list of torch's BLAS libraries to time the bf16 "
                     "products on (cublas, cublaslt: torch.backends.cuda.preferred_blas_library)")
     ap.add_argument("--a8-kernel", action="store_true", help="FP8 W8A8 also on the kernel's FP8 form (`dot-a8`: "

@@ -347,27 +347,25 @@ def test_the_8bit_product_kernel_compiles_for_hopper():
             assert kernel.asm["cubin"], (wdt, case)
     # the TMA form (w8_matmul_tma): tensor descriptors in, the copy engine's loads and wgmma out
     tma = load_kernels().w8_matmul_tma
-    for wdt, bn, bk in (("bf16", 128, 128), ("fp8e4nv", 128, 128), ("i8", 64, 256)):
-        const = dict(BM=64, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16", WS=False)
-        sig = dict(XD=f"tensordesc<bf16[64, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32", Y="*bf16",
+
+    def compile_tma(wdt, bm, bn, bk, ws, stages):
+        const = dict(BM=bm, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16", WS=ws)
+        sig = dict(XD=f"tensordesc<bf16[{bm}, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32", Y="*bf16",
                    P="*fp32", C="*i32", **{a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_ym", "stride_p")},
                    **{k: "constexpr" for k in const})
         src = ASTSource(fn=tma, signature=sig, constexprs={(tma.arg_names.index(k),): v for k, v in const.items()})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=4))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+
+    for wdt, bn, bk in (("bf16", 128, 128), ("fp8e4nv", 128, 128), ("i8", 64, 256)):
+        kernel = compile_tma(wdt, 64, bn, bk, False, 4)
         ptx = kernel.asm["ptx"]
         assert kernel.asm["cubin"] and "cp.async.bulk.tensor" in ptx and "wgmma.mma_async" in ptx, wdt
         assert kernel.metadata.shared <= 227 * 1024, (wdt, kernel.metadata.shared)  # an H100's shared memory
     # warp-specialised (WS) in the 64-row bucket, with the stages `ws_stages` gives the tile: partitioned, and it fits
     from tritonchat.python_backend.engines.torch.matmul import WS_ROWS, ws_stages
     for wdt, fmt, bn, bk in (("bf16", "dtype", 128, 128), ("fp8e4nv", "fp8", 64, 256), ("i8", "int8", 128, 64)):
-        const = dict(BM=WS_ROWS, BN=bn, BK=bk, FIXUP=True, IEEE=False, PDL=True, SCALED=wdt != "bf16", WS=True)
-        sig = dict(XD=f"tensordesc<bf16[{WS_ROWS}, {bk}]>", WD=f"tensordesc<{wdt}[{bn}, {bk}]>", S="*fp32",
-                   Y="*bf16", P="*fp32", C="*i32",
-                   **{a: "i32" for a in ("M", "N", "K", "KS", "SPLIT", "stride_ym", "stride_p")},
-                   **{k: "constexpr" for k in const})
-        src = ASTSource(fn=tma, signature=sig, constexprs={(tma.arg_names.index(k),): v for k, v in const.items()})
         stages = ws_stages(WS_ROWS, bn, bk, fmt)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+        kernel = compile_tma(wdt, WS_ROWS, bn, bk, True, stages)
         assert "ttg.warp_specialize" in kernel.asm["ttgir"] and kernel.metadata.shared <= 227 * 1024, \
             (wdt, stages, kernel.metadata.shared)
 

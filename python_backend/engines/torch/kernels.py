@@ -423,7 +423,7 @@ def load_kernels():
         # w8_matmul's FORM 1 (tl.dot(X, W^T), at least 16 rows) over tensor descriptors: Hopper's copy
         # engine (TMA) streams the rows' and the weights' tiles into shared memory, where tl.dot reads
         # them; past K and past M the descriptors read zeros. 8-bit weights are widened after the load.
-        # WS: the loop warp-specialised (Triton's Hopper pass, 64 rows or more): a producer warpgroup
+        # WS: the loop warp-specialised (Triton's Hopper pass; tuned in the 64-row bucket): a producer warpgroup
         # issues the copies, the consumer the MMAs, so a wait on one MMA does not stall the next copy.
         pn = tl.program_id(0)
         pk = tl.program_id(1)

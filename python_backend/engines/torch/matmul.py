@@ -487,8 +487,8 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
     for a `DenseWeight`; None: every form) drops the forms that lost or cannot run; `a8`: the FP8
     form's (A8_FORM) only, for a W8A8 product of at least 16 rows; `tma`: from 16 rows the TMA form's
     too (TMA_FORM; for weights in the engine's dtype beyond DENSE_KERNEL_ROWS rows, only those), at
-    WS_ROWS rows each also warp-specialised (`WS`, `ws_stages`). Each distinct tile, whole K or split, with PDL or without, is a Triton compile when the engine loads
-    (`precompile`), shared by the shapes whose integer arguments Triton specializes alike (K and the
+    WS_ROWS rows each also warp-specialised (`WS`, `ws_stages`). Each distinct tile, whole K or split,
+    with PDL or without, is a Triton compile when the engine loads (`precompile`), shared by the shapes whose integer arguments Triton specializes alike (K and the
     split are not compile-time constants, but a split of 1 or divisible by 16 is specialized)."""
     tiles = []
     if a8:  # FP8 tiles of rows and weights, staged in shared memory (num_stages 4: ~200 KB at most)
@@ -513,8 +513,8 @@ def candidate_configs(bm: int, n: int, k: int, sms: int, pdl: bool = False, fmt:
                for form, bn, bk in tiles for split in _splits(bm, n, k, bn, bk, sms)
                for p in ((True, False) if pdl and bm <= PDL_MAX_ROWS else (False,))]
     if bm == WS_ROWS:  # each TMA tile also warp-specialised, with the most stages that fit beside it
-        configs += [{**c, "WS": True, "num_stages": ws_stages(bm, c["BN"], c["BK"], fmt)} for c in configs
-                    if c["FORM"] == TMA_FORM and ws_stages(bm, c["BN"], c["BK"], fmt)]
+        configs += [{**c, "WS": True, "num_stages": stages} for c in configs
+                    if c["FORM"] == TMA_FORM and (stages := ws_stages(bm, c["BN"], c["BK"], fmt))]
     return configs
 
 
